@@ -1,0 +1,21 @@
+//! Domain types of llm-gateway, free of IO.
+//!
+//! # Layout
+//! - [`error`]: the one [`GatewayError`] and its table of OpenAI `type`/`code` strings.
+//! - [`request`]: [`RequestFeatures`], what routing and admission read from a request body.
+//! - [`prefix`]: chained hashes of a prompt's fixed-size chunks, for prefix affinity.
+//! - [`worker`]: [`WorkerId`] and [`WorkerView`], the load snapshot a routing policy sees.
+//! - [`outcome`]: [`Outcome`], what a finished request tells the policies and breakers.
+//!
+//! Everything here is pure so it can be unit-tested and shared by `routing`, `guard` and `gateway`.
+
+pub mod error;
+pub mod outcome;
+pub mod prefix;
+pub mod request;
+pub mod worker;
+
+pub use error::{ErrorKind, GatewayError, Side};
+pub use outcome::{Outcome, OutcomeKind};
+pub use request::{Priority, RequestFeatures};
+pub use worker::{WorkerId, WorkerView};

@@ -1,0 +1,26 @@
+//! The one trait every routing strategy implements.
+
+use gateway_core::{Outcome, RequestFeatures, WorkerId, WorkerView};
+use rand::RngCore;
+
+/// A routing strategy.
+///
+/// `select` must be cheap (it runs once per request and again per retry) and must not do IO.
+/// Retries call `select` again over the candidates that remain, so a retry sees fresh load rather
+/// than an order fixed before the first attempt failed.
+pub trait Policy: Send + Sync {
+    /// The strategy's config name, for metrics and `/api/routing/stats`.
+    fn name(&self) -> &'static str;
+
+    /// Picks one of `candidates` (index into the slice) for `req`; `None` only when it is empty.
+    fn select(&self, req: &RequestFeatures, candidates: &[WorkerView], rng: &mut dyn RngCore) -> Option<usize>;
+
+    /// Told once the request was sent to `worker` (feeds prefix indexes and similar memories).
+    fn on_dispatch(&self, _req: &RequestFeatures, _worker: WorkerId) {}
+
+    /// Told when a request finished on a worker (feeds learned estimates).
+    fn observe(&self, _outcome: &Outcome) {}
+
+    /// Told when a worker left the fleet, so per-worker state can be dropped.
+    fn forget(&self, _worker: WorkerId) {}
+}
