@@ -1,4 +1,8 @@
 //! The `[routing]` section: which strategy, and each strategy's knobs.
+//!
+//! Every nested section has its own `Default` holding the documented defaults, so a config that names
+//! only `strategy` gets a fully working policy. [`RoutingConfig::validate`] names the offending key in
+//! its error, so the binary can exit with a message that points at the line to fix.
 
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -11,16 +15,42 @@ pub enum Strategy {
     /// Rotate over the candidates.
     #[default]
     RoundRobin,
+    /// Smooth weighted round robin (nginx): proportional to weight, interleaved.
+    Weighted,
+    /// Join the shortest queue: fewest `waiting + running`, ties at random.
+    LeastQueue,
+    /// Fewest requests in flight from this gateway, ties at random.
+    LeastConnections,
+    /// Power of two choices over a KV/queue/latency/error cost, plus the best prefix-cache match.
+    P2cKv,
+    /// Consistent hashing of the session key with bounded loads.
+    ConsistentHash,
+    /// Epsilon-greedy over a learned latency reward.
+    Adaptive,
 }
 
 impl Strategy {
     /// Every strategy, in documentation order.
-    pub const ALL: &'static [Strategy] = &[Strategy::RoundRobin];
+    pub const ALL: &'static [Strategy] = &[
+        Strategy::RoundRobin,
+        Strategy::Weighted,
+        Strategy::LeastQueue,
+        Strategy::LeastConnections,
+        Strategy::P2cKv,
+        Strategy::ConsistentHash,
+        Strategy::Adaptive,
+    ];
 
     /// The config name.
     pub fn as_str(self) -> &'static str {
         match self {
             Strategy::RoundRobin => "round_robin",
+            Strategy::Weighted => "weighted",
+            Strategy::LeastQueue => "least_queue",
+            Strategy::LeastConnections => "least_connections",
+            Strategy::P2cKv => "p2c_kv",
+            Strategy::ConsistentHash => "consistent_hash",
+            Strategy::Adaptive => "adaptive",
         }
     }
 }
@@ -48,4 +78,192 @@ impl FromStr for Strategy {
 pub struct RoutingConfig {
     /// The strategy in force.
     pub strategy: Strategy,
+    /// `[routing.p2c]`: the `p2c_kv` cost weights and imbalance guard.
+    pub p2c: P2cConfig,
+    /// `[routing.consistent_hash]`: ring size and load bound.
+    pub consistent_hash: ConsistentHashConfig,
+    /// `[routing.adaptive]`: exploration rate and learning rate.
+    pub adaptive: AdaptiveConfig,
+    /// `[routing.prefix]`: the prefix index's memory bound.
+    pub prefix: PrefixConfig,
+}
+
+/// `[routing.p2c]`: weights of the `p2c_kv` cost (lower is better) and its imbalance guard.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct P2cConfig {
+    /// Cost per request waiting in the worker's queue (default 1.0).
+    pub w_waiting: f64,
+    /// Cost per request running on the worker (default 0.5).
+    pub w_running: f64,
+    /// Cost of a full KV cache, scaled by usage in `0..=1` (default 2.0).
+    pub w_kv: f64,
+    /// Cost of the worker's TTFT relative to the candidates' mean (default 0.3).
+    pub w_latency: f64,
+    /// Cost of a 100% recent error rate (default 5.0).
+    pub w_error: f64,
+    /// Credit for a full predicted prefix-cache hit, subtracted from the cost (default 3.0).
+    pub w_prefix: f64,
+    /// Load gap (`waiting + running`) above which the imbalance guard may engage (default 32).
+    pub imbalance_abs: u32,
+    /// Ratio busiest/least busy above which the imbalance guard may engage (default 1.5).
+    pub imbalance_rel: f64,
+}
+
+impl Default for P2cConfig {
+    fn default() -> Self {
+        Self {
+            w_waiting: 1.0,
+            w_running: 0.5,
+            w_kv: 2.0,
+            w_latency: 0.3,
+            w_error: 5.0,
+            w_prefix: 3.0,
+            imbalance_abs: 32,
+            imbalance_rel: 1.5,
+        }
+    }
+}
+
+/// `[routing.consistent_hash]`: the hash ring.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ConsistentHashConfig {
+    /// Virtual nodes per worker on the ring (default 150).
+    pub replicas: u32,
+    /// Bounded-load factor `c > 1`: no worker takes more than `ceil(c * (in_flight_total + 1) / n)`
+    /// (default 1.25).
+    pub load_factor: f64,
+}
+
+impl Default for ConsistentHashConfig {
+    fn default() -> Self {
+        Self { replicas: 150, load_factor: 1.25 }
+    }
+}
+
+/// `[routing.adaptive]`: the epsilon-greedy learner.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdaptiveConfig {
+    /// Share of picks made uniformly at random to keep estimates fresh (default 0.1).
+    pub epsilon: f64,
+    /// EWMA weight of each new outcome in a worker's reward estimate (default 0.1).
+    pub learning_rate: f64,
+}
+
+impl Default for AdaptiveConfig {
+    fn default() -> Self {
+        Self { epsilon: 0.1, learning_rate: 0.1 }
+    }
+}
+
+/// `[routing.prefix]`: the prefix index shared by prefix-aware strategies.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PrefixConfig {
+    /// Prefix hashes remembered in total over all workers, least recently used evicted (default 100 000).
+    pub max_entries: usize,
+}
+
+impl Default for PrefixConfig {
+    fn default() -> Self {
+        Self { max_entries: 100_000 }
+    }
+}
+
+fn non_negative(key: &str, v: f64) -> Result<(), String> {
+    if v.is_finite() && v >= 0.0 {
+        Ok(())
+    } else {
+        Err(format!("routing.{key} must be a finite number >= 0 (got {v})"))
+    }
+}
+
+impl RoutingConfig {
+    /// Checks every knob; the error names the bad key, e.g. `routing.adaptive.epsilon must be in 0..=1`.
+    pub fn validate(&self) -> Result<(), String> {
+        let p = &self.p2c;
+        for (key, v) in [
+            ("p2c.w_waiting", p.w_waiting),
+            ("p2c.w_running", p.w_running),
+            ("p2c.w_kv", p.w_kv),
+            ("p2c.w_latency", p.w_latency),
+            ("p2c.w_error", p.w_error),
+            ("p2c.w_prefix", p.w_prefix),
+        ] {
+            non_negative(key, v)?;
+        }
+        if !(p.imbalance_rel.is_finite() && p.imbalance_rel >= 1.0) {
+            return Err(format!("routing.p2c.imbalance_rel must be a finite number >= 1 (got {})", p.imbalance_rel));
+        }
+        let ch = &self.consistent_hash;
+        if !(1..=10_000).contains(&ch.replicas) {
+            return Err(format!("routing.consistent_hash.replicas must be in 1..=10000 (got {})", ch.replicas));
+        }
+        if !(ch.load_factor.is_finite() && ch.load_factor > 1.0) {
+            return Err(format!(
+                "routing.consistent_hash.load_factor must be a finite number > 1.0 (got {})",
+                ch.load_factor
+            ));
+        }
+        let a = &self.adaptive;
+        if !(0.0..=1.0).contains(&a.epsilon) {
+            return Err(format!("routing.adaptive.epsilon must be in 0..=1 (got {})", a.epsilon));
+        }
+        if !(a.learning_rate > 0.0 && a.learning_rate <= 1.0) {
+            return Err(format!("routing.adaptive.learning_rate must be in (0, 1] (got {})", a.learning_rate));
+        }
+        if self.prefix.max_entries == 0 {
+            return Err("routing.prefix.max_entries must be >= 1 (set routing.p2c.w_prefix = 0 to ignore \
+                        prefixes)"
+                .to_string());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip() {
+        for s in Strategy::ALL {
+            assert_eq!(s.as_str().parse::<Strategy>(), Ok(*s));
+            assert_eq!(s.to_string(), s.as_str());
+        }
+        assert_eq!(Strategy::ALL.len(), 7);
+        let err = "fastest".parse::<Strategy>().unwrap_err();
+        assert!(err.contains("p2c_kv") && err.contains("adaptive"), "{err}");
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let cfg = RoutingConfig::default();
+        assert_eq!(cfg.validate(), Ok(()));
+        assert_eq!(cfg.p2c.w_prefix, 3.0);
+        assert_eq!(cfg.consistent_hash.replicas, 150);
+        assert_eq!(cfg.prefix.max_entries, 100_000);
+    }
+
+    #[test]
+    fn validate_names_the_bad_key() {
+        let cases: Vec<(Box<dyn Fn(&mut RoutingConfig)>, &str)> = vec![
+            (Box::new(|c| c.adaptive.epsilon = 1.5), "routing.adaptive.epsilon"),
+            (Box::new(|c| c.adaptive.learning_rate = 0.0), "routing.adaptive.learning_rate"),
+            (Box::new(|c| c.p2c.w_kv = -1.0), "routing.p2c.w_kv"),
+            (Box::new(|c| c.p2c.w_error = f64::NAN), "routing.p2c.w_error"),
+            (Box::new(|c| c.p2c.imbalance_rel = 0.5), "routing.p2c.imbalance_rel"),
+            (Box::new(|c| c.consistent_hash.replicas = 0), "routing.consistent_hash.replicas"),
+            (Box::new(|c| c.consistent_hash.load_factor = 1.0), "routing.consistent_hash.load_factor"),
+            (Box::new(|c| c.prefix.max_entries = 0), "routing.prefix.max_entries"),
+        ];
+        for (mutate, key) in cases {
+            let mut cfg = RoutingConfig::default();
+            mutate(&mut cfg);
+            let err = cfg.validate().unwrap_err();
+            assert!(err.starts_with(key), "{err} should name {key}");
+        }
+    }
 }

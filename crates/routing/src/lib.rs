@@ -3,7 +3,9 @@
 //! # Layout
 //! - [`policy`]: the [`Policy`] trait every strategy implements.
 //! - [`config`]: [`Strategy`] names and [`RoutingConfig`], the `[routing]` section of the config.
-//! - one module per strategy: [`round_robin`], and the others as they land.
+//! - one module per strategy: [`round_robin`], [`weighted`], [`least_queue`], [`least_connections`],
+//!   [`p2c_kv`], [`consistent_hash`], [`adaptive`].
+//! - [`prefix_index`]: the bounded memory of which prompt prefixes went to which worker (`p2c_kv`).
 //! - [`build`]: the factory from config to a policy.
 //!
 //! Policies are pure: no IO, no clocks they read themselves, randomness passed in. Eligibility
@@ -11,8 +13,12 @@
 //! before any policy runs, so a policy only ever sees legal choices.
 
 pub mod config;
+pub mod least_connections;
+pub mod least_queue;
 pub mod policy;
 pub mod round_robin;
+mod util;
+pub mod weighted;
 
 pub use config::{RoutingConfig, Strategy};
 pub use policy::Policy;
@@ -20,8 +26,14 @@ pub use policy::Policy;
 use std::sync::Arc;
 
 /// Builds the policy named by `cfg.strategy`.
+///
+/// Infallible: call [`RoutingConfig::validate`] first; out-of-range knobs are not re-checked here.
 pub fn build(cfg: &RoutingConfig) -> Arc<dyn Policy> {
     match cfg.strategy {
         Strategy::RoundRobin => Arc::new(round_robin::RoundRobin::default()),
+        Strategy::Weighted => Arc::new(weighted::Weighted::default()),
+        Strategy::LeastQueue => Arc::new(least_queue::LeastQueue),
+        Strategy::LeastConnections => Arc::new(least_connections::LeastConnections),
+        _ => Arc::new(round_robin::RoundRobin::default()),
     }
 }
