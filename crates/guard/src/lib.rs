@@ -1,1 +1,20 @@
-//! placeholder
+//! Pure state machines of llm-gateway's admission path: rate limits, circuit breakers, queue ordering
+//! and the rate estimators behind `Retry-After`.
+//!
+//! # Layout
+//! - [`token_bucket`]: [`TokenBucket`] (requests and tokens per second/minute) and [`WindowCounter`]
+//!   (requests per day).
+//! - [`circuit_breaker`]: [`CircuitBreaker`], one per worker, Closed / Open / HalfOpen.
+//! - [`queue`]: [`AdmissionQueue`], which waiting request a freed worker serves next (priority classes,
+//!   aging, per-tenant round robin).
+//! - [`rate`]: [`RateEstimator`] (dispatches per second, estimated waits), [`SlidingErrorRate`] and
+//!   [`AvgWait`], all fixed-memory ring buffers.
+//!
+//! # Architecture Invariant
+//! Nothing here reads a clock, sleeps, locks or does IO: every method takes `now` from the caller and
+//! works on `&mut self`. The gateway decides how to share them (a `parking_lot::Mutex` per key or per
+//! worker) and tests drive time by hand.
+
+pub mod token_bucket;
+
+pub use token_bucket::{Denied, TokenBucket, WindowCounter, MAX_RETRY_AFTER};
