@@ -249,7 +249,8 @@ mod tests {
 
     #[test]
     fn validate_names_the_bad_key() {
-        let cases: Vec<(Box<dyn Fn(&mut RoutingConfig)>, &str)> = vec![
+        type Mutate = Box<dyn Fn(&mut RoutingConfig)>;
+        let cases: Vec<(Mutate, &str)> = vec![
             (Box::new(|c| c.adaptive.epsilon = 1.5), "routing.adaptive.epsilon"),
             (Box::new(|c| c.adaptive.learning_rate = 0.0), "routing.adaptive.learning_rate"),
             (Box::new(|c| c.p2c.w_kv = -1.0), "routing.p2c.w_kv"),

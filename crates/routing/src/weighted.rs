@@ -43,7 +43,7 @@ impl Policy for Weighted {
             total += weight;
             let score = current.entry(w.id).or_insert(0);
             *score += weight;
-            if best.map_or(true, |(_, b)| *score > b) {
+            if !matches!(best, Some((_, b)) if *score <= b) {
                 best = Some((i, *score));
             }
         }
@@ -137,7 +137,7 @@ mod tests {
                 ws.dedup_by_key(|w| w.id);
                 let pick = p.select(&req, &ws, &mut rng);
                 prop_assert_eq!(pick.is_none(), ws.is_empty());
-                prop_assert!(pick.map_or(true, |i| i < ws.len()));
+                prop_assert!(pick.iter().all(|&i| i < ws.len()));
             }
         }
 
