@@ -15,6 +15,11 @@
 //! works on `&mut self`. The gateway decides how to share them (a `parking_lot::Mutex` per key or per
 //! worker) and tests drive time by hand.
 
+pub mod circuit_breaker;
 pub mod token_bucket;
 
+pub use circuit_breaker::{
+    BreakerConfig, BreakerCounters, BreakerSnapshot, BreakerState, CircuitBreaker, Permit, Rejected, StateName,
+    Transition,
+};
 pub use token_bucket::{Denied, TokenBucket, WindowCounter, MAX_RETRY_AFTER};
