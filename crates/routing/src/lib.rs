@@ -15,7 +15,9 @@
 pub mod config;
 pub mod least_connections;
 pub mod least_queue;
+pub mod p2c_kv;
 pub mod policy;
+pub mod prefix_index;
 pub mod round_robin;
 mod util;
 pub mod weighted;
@@ -34,6 +36,7 @@ pub fn build(cfg: &RoutingConfig) -> Arc<dyn Policy> {
         Strategy::Weighted => Arc::new(weighted::Weighted::default()),
         Strategy::LeastQueue => Arc::new(least_queue::LeastQueue),
         Strategy::LeastConnections => Arc::new(least_connections::LeastConnections),
+        Strategy::P2cKv => Arc::new(p2c_kv::P2cKv::new(cfg.p2c.clone(), &cfg.prefix)),
         _ => Arc::new(round_robin::RoundRobin::default()),
     }
 }
