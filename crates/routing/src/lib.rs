@@ -13,6 +13,7 @@
 //! before any policy runs, so a policy only ever sees legal choices.
 
 pub mod config;
+pub mod consistent_hash;
 pub mod least_connections;
 pub mod least_queue;
 pub mod p2c_kv;
@@ -37,6 +38,7 @@ pub fn build(cfg: &RoutingConfig) -> Arc<dyn Policy> {
         Strategy::LeastQueue => Arc::new(least_queue::LeastQueue),
         Strategy::LeastConnections => Arc::new(least_connections::LeastConnections),
         Strategy::P2cKv => Arc::new(p2c_kv::P2cKv::new(cfg.p2c.clone(), &cfg.prefix)),
+        Strategy::ConsistentHash => Arc::new(consistent_hash::ConsistentHash::new(cfg.consistent_hash.clone())),
         _ => Arc::new(round_robin::RoundRobin::default()),
     }
 }
