@@ -16,10 +16,12 @@
 //! worker) and tests drive time by hand.
 
 pub mod circuit_breaker;
+pub mod queue;
 pub mod token_bucket;
 
 pub use circuit_breaker::{
     BreakerConfig, BreakerCounters, BreakerSnapshot, BreakerState, CircuitBreaker, Permit, Rejected, StateName,
     Transition,
 };
+pub use queue::{AdmissionQueue, Full, QueueConfig, Ticket};
 pub use token_bucket::{Denied, TokenBucket, WindowCounter, MAX_RETRY_AFTER};

@@ -1,0 +1,521 @@
+//! The admission queue's ordering: which waiting request a freed worker serves next.
+//!
+//! # Why
+//! When every worker serving a model is at capacity, requests wait here instead of being refused.
+//! The order must honour priority classes, yet never starve the low class, and must keep one tenant
+//! flooding the queue from delaying everyone else by the length of its backlog.
+//!
+//! # Algorithm
+//! Each item has a base class ([`Priority`]), a tenant (e.g. a hash of the API key) and an arrival
+//! time. The next item is the minimum of the key `(effective class, tenant's last-served stamp,
+//! arrival sequence)`:
+//! 1. *Effective class*: the base class raised one step per full `aging` waited (so a low request
+//!    waiting `3 * aging` competes as urgent). Urgent is the top. `aging = 0` disables aging.
+//! 2. *Fairness* (when on): among items of the best effective class, the tenant served least
+//!    recently goes first. Every pop stamps its tenant with an increasing serve counter, so tenants
+//!    with waiting work take turns (round robin) whatever their backlogs. With fairness off this
+//!    component is constant: pure arrival order within the class.
+//! 3. *Arrival order*: the tenant's oldest item; ties between tenants go to the older item.
+//!
+//! Tenant records exist only while a tenant has something queued, so they never outnumber the items
+//! (at most `max_size`). A tenant that arrives, or comes back after its queue emptied, is stamped with
+//! the current serve counter: it joins the *back* of the round, behind every tenant that was served
+//! before it, as a new flow joins the tail of the active list in deficit round robin. Emptying one's
+//! queue and re-queueing therefore never jumps ahead of anyone, and forgetting the old stamp loses
+//! nothing that the round robin needs.
+//!
+//! `pop` and [`AdmissionQueue::position`] scan the items: O(n) and O(n log n), with n at most
+//! `max_size` (100 by default). `remove` is O(log n). Arrival times are clamped to be non-decreasing,
+//! so a caller's clock going backwards cannot make a new item look older than earlier ones.
+
+use gateway_core::Priority;
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+/// Bounds and ordering switches of one queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueConfig {
+    /// Most items waiting at once; 0 refuses every push.
+    pub max_size: usize,
+    /// Waiting this long raises an item's class by one step (`aging_secs` in the config); zero disables aging.
+    pub aging: Duration,
+    /// Round robin between tenants within a class (else pure arrival order).
+    pub fairness: bool,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        Self { max_size: 100, aging: Duration::from_secs(10), fairness: true }
+    }
+}
+
+/// Names one queued item, to remove it or ask its position.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Ticket(u64);
+
+/// The queue was full; the item is handed back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Full<T>(pub T);
+
+impl<T> Full<T> {
+    /// The refused item.
+    pub fn into_inner(self) -> T {
+        self.0
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Entry<T> {
+    item: T,
+    class: Priority,
+    tenant: u64,
+    at: Instant,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct TenantRec {
+    queued: usize,
+    stamp: u64,
+}
+
+/// Waiting requests for one model, in dispatch order; see the module docs.
+#[derive(Debug, Clone)]
+pub struct AdmissionQueue<T> {
+    cfg: QueueConfig,
+    /// By arrival sequence (= ticket).
+    entries: BTreeMap<u64, Entry<T>>,
+    tenants: HashMap<u64, TenantRec>,
+    next_seq: u64,
+    serves: u64,
+    counts: [usize; 4],
+    last_at: Option<Instant>,
+}
+
+impl<T> Default for AdmissionQueue<T> {
+    fn default() -> Self {
+        Self::new(QueueConfig::default())
+    }
+}
+
+impl<T> AdmissionQueue<T> {
+    /// An empty queue.
+    pub fn new(cfg: QueueConfig) -> Self {
+        Self {
+            cfg,
+            entries: BTreeMap::new(),
+            tenants: HashMap::new(),
+            next_seq: 0,
+            serves: 0,
+            counts: [0; 4],
+            last_at: None,
+        }
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> QueueConfig {
+        self.cfg
+    }
+
+    /// Changes the configuration (a reload). Items already queued stay even if `max_size` shrank below
+    /// their number; pushes are refused until the queue is back under the new bound.
+    pub fn set_config(&mut self, cfg: QueueConfig) {
+        self.cfg = cfg;
+    }
+
+    /// Items waiting.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether nothing waits.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Tenants with something queued (the size of the fairness bookkeeping).
+    pub fn tenant_count(&self) -> usize {
+        self.tenants.len()
+    }
+
+    /// Items waiting per base class, indexed by [`Priority::rank`].
+    pub fn counts_by_class(&self) -> [usize; 4] {
+        self.counts
+    }
+
+    /// How long the oldest item has waited, if any.
+    pub fn oldest_wait(&self, now: Instant) -> Option<Duration> {
+        self.entries.values().next().map(|e| now.saturating_duration_since(e.at))
+    }
+
+    /// Queues `item` of class `class` for `tenant`, or hands it back when the queue is full.
+    pub fn push(&mut self, item: T, class: Priority, tenant: u64, now: Instant) -> Result<Ticket, Full<T>> {
+        if self.entries.len() >= self.cfg.max_size {
+            return Err(Full(item));
+        }
+        let at = self.last_at.map_or(now, |last| last.max(now));
+        self.last_at = Some(at);
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let serves = self.serves;
+        self.tenants.entry(tenant).or_insert(TenantRec { queued: 0, stamp: serves }).queued += 1;
+        self.counts[class.rank()] += 1;
+        self.entries.insert(seq, Entry { item, class, tenant, at });
+        Ok(Ticket(seq))
+    }
+
+    /// Takes the next item in dispatch order.
+    pub fn pop(&mut self, now: Instant) -> Option<(Ticket, T)> {
+        self.pop_where(now, |_| true)
+    }
+
+    /// Takes the next item in dispatch order among those `accept` approves (a freed worker that
+    /// serves only some of the queued items' models).
+    pub fn pop_where(&mut self, now: Instant, mut accept: impl FnMut(&T) -> bool) -> Option<(Ticket, T)> {
+        let mut best: Option<((usize, u64, u64), u64)> = None;
+        for (&seq, e) in &self.entries {
+            if !accept(&e.item) {
+                continue;
+            }
+            let key = (self.effective_rank(e, now), self.stamp(e.tenant), seq);
+            if best.map_or(true, |(k, _)| key < k) {
+                best = Some((key, seq));
+            }
+        }
+        let (_, seq) = best?;
+        let e = self.take(seq)?;
+        self.serves += 1;
+        if let Some(rec) = self.tenants.get_mut(&e.tenant) {
+            rec.stamp = self.serves;
+        }
+        Some((Ticket(seq), e.item))
+    }
+
+    /// Removes an item (its client timed out or went away).
+    pub fn remove(&mut self, ticket: Ticket) -> Option<T> {
+        self.take(ticket.0).map(|e| e.item)
+    }
+
+    /// The item's 1-based position in the dispatch order as of `now` (1 = served next), if queued.
+    pub fn position(&self, ticket: Ticket, now: Instant) -> Option<usize> {
+        if !self.entries.contains_key(&ticket.0) {
+            return None;
+        }
+        self.dispatch_order(now).iter().position(|&t| t == ticket).map(|i| i + 1)
+    }
+
+    /// Every queued ticket in the order successive `pop(now)`s would return them (for positions and
+    /// the admin API's queue view).
+    pub fn dispatch_order(&self, now: Instant) -> Vec<Ticket> {
+        let mut groups: [Vec<(u64, u64)>; 4] = Default::default();
+        for (&seq, e) in &self.entries {
+            groups[self.effective_rank(e, now)].push((seq, e.tenant));
+        }
+        let mut order = Vec::with_capacity(self.entries.len());
+        if !self.cfg.fairness {
+            for group in groups {
+                order.extend(group.into_iter().map(|(seq, _)| Ticket(seq)));
+            }
+            return order;
+        }
+        // Replays the round robin: per class, tenants by (stamp, oldest seq); each serve restamps.
+        let mut stamps: HashMap<u64, u64> = self.tenants.iter().map(|(&t, r)| (t, r.stamp)).collect();
+        let mut serves = self.serves;
+        for group in groups {
+            let mut per_tenant: HashMap<u64, VecDeque<u64>> = HashMap::new();
+            for (seq, tenant) in group {
+                per_tenant.entry(tenant).or_default().push_back(seq);
+            }
+            let mut heap: BinaryHeap<Reverse<(u64, u64, u64)>> = per_tenant
+                .iter()
+                .filter_map(|(&t, q)| Some(Reverse((stamps.get(&t).copied().unwrap_or(0), *q.front()?, t))))
+                .collect();
+            while let Some(Reverse((_, seq, tenant))) = heap.pop() {
+                order.push(Ticket(seq));
+                serves += 1;
+                stamps.insert(tenant, serves);
+                if let Some(q) = per_tenant.get_mut(&tenant) {
+                    q.pop_front();
+                    if let Some(&next) = q.front() {
+                        heap.push(Reverse((serves, next, tenant)));
+                    }
+                }
+            }
+        }
+        order
+    }
+
+    fn effective_rank(&self, e: &Entry<T>, now: Instant) -> usize {
+        let rank = e.class.rank();
+        let aging = self.cfg.aging.as_nanos();
+        if aging == 0 || rank == 0 {
+            return rank;
+        }
+        let steps = now.saturating_duration_since(e.at).as_nanos() / aging;
+        rank.saturating_sub(usize::try_from(steps).unwrap_or(usize::MAX))
+    }
+
+    fn stamp(&self, tenant: u64) -> u64 {
+        if !self.cfg.fairness {
+            return 0;
+        }
+        self.tenants.get(&tenant).map_or(0, |r| r.stamp)
+    }
+
+    fn take(&mut self, seq: u64) -> Option<Entry<T>> {
+        let e = self.entries.remove(&seq)?;
+        self.counts[e.class.rank()] -= 1;
+        if let Some(rec) = self.tenants.get_mut(&e.tenant) {
+            rec.queued -= 1;
+            if rec.queued == 0 {
+                self.tenants.remove(&e.tenant);
+            }
+        }
+        Some(e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use Priority::*;
+
+    fn secs(n: u64) -> Duration {
+        Duration::from_secs(n)
+    }
+
+    fn queue(max_size: usize, aging: u64, fairness: bool) -> AdmissionQueue<u32> {
+        AdmissionQueue::new(QueueConfig { max_size, aging: secs(aging), fairness })
+    }
+
+    fn drain(q: &mut AdmissionQueue<u32>, now: Instant) -> Vec<u32> {
+        std::iter::from_fn(|| q.pop(now).map(|(_, v)| v)).collect()
+    }
+
+    #[test]
+    fn classes_first_then_arrival() {
+        let t0 = Instant::now();
+        let mut q = queue(10, 10, true);
+        for (i, c) in [Low, Normal, High, Urgent, Normal, Low].into_iter().enumerate() {
+            q.push(i as u32, c, 7, t0).unwrap();
+        }
+        assert_eq!(q.counts_by_class(), [1, 1, 2, 2]);
+        assert_eq!(drain(&mut q, t0 + secs(1)), vec![3, 2, 1, 4, 0, 5]);
+        assert_eq!(q.counts_by_class(), [0; 4]);
+        assert_eq!(q.tenant_count(), 0);
+    }
+
+    #[test]
+    fn aging_lifts_a_starving_low_request() {
+        let t0 = Instant::now();
+        for fairness in [true, false] {
+            // Two normal arrivals per second, one dispatch per second: normal alone would starve low.
+            let mut q = queue(1_000, 10, fairness);
+            q.push(0, Low, 1, t0).unwrap();
+            let mut served_low_at = None;
+            for s in 1..100u32 {
+                let now = t0 + secs(u64::from(s));
+                q.push(s, Normal, 2, now).unwrap();
+                q.push(s + 1_000, Normal, 2, now).unwrap();
+                if q.pop(now).map(|(_, v)| v) == Some(0) {
+                    served_low_at = Some(s);
+                    break;
+                }
+            }
+            // At 10 s it competes as normal and is the oldest.
+            assert_eq!(served_low_at, Some(10), "fairness {fairness}");
+        }
+        let mut q = queue(100, 10, true);
+        let low = q.push(0, Low, 1, t0).unwrap();
+        q.push(1, Normal, 1, t0 + secs(5)).unwrap();
+        assert_eq!(q.position(low, t0 + secs(5)), Some(2));
+        assert_eq!(q.pop(t0 + secs(5)).map(|(_, v)| v), Some(1));
+        // After 15 s: normal-equivalent, ahead of fresh normals, behind a fresh high.
+        q.push(2, Normal, 1, t0 + secs(15)).unwrap();
+        q.push(9, High, 1, t0 + secs(15)).unwrap();
+        assert_eq!(q.dispatch_order(t0 + secs(15)), vec![Ticket(3), low, Ticket(2)]);
+        // After 30 s it is urgent: first whatever arrives.
+        q.push(10, Urgent, 1, t0 + secs(30)).unwrap();
+        assert_eq!(q.position(low, t0 + secs(30)), Some(1));
+        // Aging disabled: low stays last forever.
+        let mut q = queue(100, 0, true);
+        q.push(0, Low, 1, t0).unwrap();
+        q.push(1, Normal, 1, t0 + secs(1_000)).unwrap();
+        assert_eq!(drain(&mut q, t0 + secs(100_000)), vec![1, 0]);
+    }
+
+    #[test]
+    fn a_light_tenant_is_not_stuck_behind_a_flood() {
+        let t0 = Instant::now();
+        let mut q = queue(200, 10, true);
+        for i in 0..100 {
+            q.push(i, Normal, 1, t0).unwrap();
+        }
+        let light = q.push(1_000, Normal, 2, t0).unwrap();
+        assert_eq!(q.position(light, t0), Some(2));
+        let first_two: Vec<u32> = (0..2).filter_map(|_| q.pop(t0).map(|(_, v)| v)).collect();
+        assert!(first_two.contains(&1_000), "{first_two:?}");
+        // After the flood was being served, a newcomer still waits at most one round.
+        let late = q.push(2_000, Normal, 3, t0).unwrap();
+        assert!(q.position(late, t0).is_some_and(|p| p <= 2));
+        assert_eq!(q.tenant_count(), 2);
+        // Fairness off: arrival order, the light request waits behind the flood.
+        let mut q = queue(200, 10, false);
+        for i in 0..100 {
+            q.push(i, Normal, 1, t0).unwrap();
+        }
+        let light = q.push(1_000, Normal, 2, t0).unwrap();
+        assert_eq!(q.position(light, t0), Some(101));
+        assert_eq!(drain(&mut q, t0).last(), Some(&1_000));
+    }
+
+    #[test]
+    fn tenants_take_turns_within_a_class_but_not_across() {
+        let t0 = Instant::now();
+        let mut q = queue(100, 1_000, true);
+        for i in 0..3 {
+            q.push(10 + i, Normal, 1, t0).unwrap();
+        }
+        for i in 0..3 {
+            q.push(20 + i, Normal, 2, t0).unwrap();
+        }
+        q.push(30, High, 1, t0).unwrap();
+        assert_eq!(drain(&mut q, t0), vec![30, 20, 10, 21, 11, 22, 12]);
+    }
+
+    #[test]
+    fn pop_where_skips_what_the_worker_cannot_serve() {
+        let t0 = Instant::now();
+        let mut q = queue(10, 10, true);
+        q.push(1, Urgent, 1, t0).unwrap();
+        q.push(2, Low, 1, t0).unwrap();
+        q.push(4, Normal, 2, t0).unwrap();
+        assert_eq!(q.pop_where(t0, |v| v % 2 == 0).map(|(_, v)| v), Some(4));
+        assert_eq!(q.pop_where(t0, |v| v % 2 == 0).map(|(_, v)| v), Some(2));
+        assert_eq!(q.pop_where(t0, |v| v % 2 == 0), None);
+        assert_eq!(q.len(), 1);
+    }
+
+    #[test]
+    fn remove_forgets_the_item_and_empty_tenants() {
+        let t0 = Instant::now();
+        let mut q = queue(10, 10, true);
+        let a = q.push(1, Normal, 1, t0).unwrap();
+        let b = q.push(2, High, 2, t0 + secs(1)).unwrap();
+        assert_eq!(q.oldest_wait(t0 + secs(3)), Some(secs(3)));
+        assert_eq!(q.remove(a), Some(1));
+        assert_eq!(q.remove(a), None);
+        assert_eq!(q.position(a, t0), None);
+        assert_eq!((q.len(), q.tenant_count(), q.counts_by_class()), (1, 1, [0, 1, 0, 0]));
+        assert_eq!(q.oldest_wait(t0 + secs(3)), Some(secs(2)));
+        assert_eq!(q.pop(t0), Some((b, 2)));
+        assert_eq!((q.oldest_wait(t0), q.tenant_count(), q.is_empty()), (None, 0, true));
+    }
+
+    #[test]
+    fn positions_match_pop_order() {
+        let t0 = Instant::now();
+        for fairness in [true, false] {
+            let mut q = queue(100, 10, fairness);
+            let classes = [Low, Normal, High, Urgent];
+            for i in 0..60u32 {
+                let at = t0 + Duration::from_millis(u64::from(i) * 500);
+                q.push(i, classes[(i * 7 % 4) as usize], u64::from(i % 5 + i % 3), at).unwrap();
+            }
+            // Serve a few so that stamps differ, then compare.
+            let now = t0 + secs(35);
+            for _ in 0..7 {
+                q.pop(now).unwrap();
+            }
+            let order = q.dispatch_order(now);
+            for (i, &t) in order.iter().enumerate() {
+                assert_eq!(q.position(t, now), Some(i + 1));
+            }
+            let popped: Vec<Ticket> = std::iter::from_fn(|| q.pop(now).map(|(t, _)| t)).collect();
+            assert_eq!(popped, order, "fairness {fairness}");
+        }
+    }
+
+    #[test]
+    fn full_hands_the_item_back() {
+        let t0 = Instant::now();
+        let mut q = queue(2, 10, true);
+        q.push(1, Normal, 1, t0).unwrap();
+        q.push(2, Normal, 1, t0).unwrap();
+        assert_eq!(q.push(3, Urgent, 2, t0), Err(Full(3)));
+        assert_eq!((q.len(), q.tenant_count()), (2, 1));
+        let mut zero = queue(0, 10, true);
+        assert_eq!(zero.push(5, Urgent, 1, t0).map_err(Full::into_inner), Err(5));
+        assert!(zero.is_empty());
+        // Shrinking the bound keeps what is queued and refuses pushes until under it.
+        q.set_config(QueueConfig { max_size: 1, ..q.config() });
+        assert!(q.push(4, Normal, 1, t0).is_err());
+        q.pop(t0).unwrap();
+        assert!(q.push(4, Normal, 1, t0).is_err());
+        q.pop(t0).unwrap();
+        assert!(q.push(4, Normal, 1, t0).is_ok());
+    }
+
+    #[test]
+    fn clock_backwards_does_not_reorder_arrivals() {
+        let t0 = Instant::now() + secs(100);
+        let mut q = queue(10, 10, false);
+        q.push(1, Low, 1, t0).unwrap();
+        q.push(2, Low, 1, t0 - secs(50)).unwrap(); // clamped to t0
+        assert_eq!(q.oldest_wait(t0 - secs(60)), Some(Duration::ZERO));
+        assert_eq!(drain(&mut q, t0 + secs(25)), vec![1, 2]);
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Push(usize, u64),
+        Pop,
+        Remove(usize),
+    }
+
+    proptest! {
+        /// Never more than `max_size` items; with aging out of reach, every pop returns an item of the
+        /// best base class queued.
+        #[test]
+        fn bounded_and_class_ordered(
+            max_size in 0usize..20,
+            fairness in any::<bool>(),
+            ops in proptest::collection::vec(prop_oneof![
+                3 => (0usize..4, 0u64..4).prop_map(|(c, t)| Op::Push(c, t)),
+                2 => Just(Op::Pop),
+                1 => (0usize..30).prop_map(Op::Remove),
+            ], 1..200),
+        ) {
+            let t0 = Instant::now();
+            let mut q: AdmissionQueue<usize> =
+                AdmissionQueue::new(QueueConfig { max_size, aging: secs(1_000_000), fairness });
+            let mut live: BTreeMap<Ticket, usize> = BTreeMap::new();
+            let mut issued = Vec::new();
+            for (i, op) in ops.into_iter().enumerate() {
+                let now = t0 + Duration::from_millis(i as u64);
+                match op {
+                    Op::Push(c, tenant) => match q.push(c, Priority::ALL[c], tenant, now) {
+                        Ok(t) => { live.insert(t, c); issued.push(t); }
+                        Err(Full(back)) => { prop_assert_eq!(back, c); prop_assert_eq!(live.len(), max_size); }
+                    },
+                    Op::Pop => {
+                        let best = live.values().min().copied();
+                        let got = q.pop(now);
+                        prop_assert_eq!(got.as_ref().map(|(_, c)| *c), best);
+                        if let Some((t, _)) = got { live.remove(&t); }
+                    }
+                    Op::Remove(k) => if let Some(&t) = issued.get(k) {
+                        prop_assert_eq!(q.remove(t), live.remove(&t));
+                    },
+                }
+                prop_assert!(q.len() <= max_size);
+                prop_assert_eq!(q.len(), live.len());
+                prop_assert!(q.tenant_count() <= q.len());
+                let mut counts = [0; 4];
+                for &c in live.values() { counts[c] += 1; }
+                prop_assert_eq!(q.counts_by_class(), counts);
+            }
+        }
+    }
+}
