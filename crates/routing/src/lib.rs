@@ -12,6 +12,7 @@
 //! (healthy, not draining, breaker closed, serves the model, has capacity) is filtered by the caller
 //! before any policy runs, so a policy only ever sees legal choices.
 
+pub mod adaptive;
 pub mod config;
 pub mod consistent_hash;
 pub mod least_connections;
@@ -39,6 +40,19 @@ pub fn build(cfg: &RoutingConfig) -> Arc<dyn Policy> {
         Strategy::LeastConnections => Arc::new(least_connections::LeastConnections),
         Strategy::P2cKv => Arc::new(p2c_kv::P2cKv::new(cfg.p2c.clone(), &cfg.prefix)),
         Strategy::ConsistentHash => Arc::new(consistent_hash::ConsistentHash::new(cfg.consistent_hash.clone())),
-        _ => Arc::new(round_robin::RoundRobin::default()),
+        Strategy::Adaptive => Arc::new(adaptive::Adaptive::new(cfg.adaptive.clone())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn build_names_match_config_names() {
+        for &strategy in Strategy::ALL {
+            let policy = build(&RoutingConfig { strategy, ..Default::default() });
+            assert_eq!(policy.name(), strategy.as_str());
+        }
     }
 }
