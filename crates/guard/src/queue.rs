@@ -178,8 +178,9 @@ impl<T> AdmissionQueue<T> {
                 continue;
             }
             let key = (self.effective_rank(e, now), self.stamp(e.tenant), seq);
-            if best.map_or(true, |(k, _)| key < k) {
-                best = Some((key, seq));
+            match best {
+                Some((k, _)) if k <= key => {}
+                _ => best = Some((key, seq)),
             }
         }
         let (_, seq) = best?;
