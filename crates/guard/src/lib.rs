@@ -17,6 +17,7 @@
 
 pub mod circuit_breaker;
 pub mod queue;
+pub mod rate;
 pub mod token_bucket;
 
 pub use circuit_breaker::{
@@ -24,4 +25,5 @@ pub use circuit_breaker::{
     Transition,
 };
 pub use queue::{AdmissionQueue, Full, QueueConfig, Ticket};
+pub use rate::{AvgWait, RateEstimator, SlidingErrorRate};
 pub use token_bucket::{Denied, TokenBucket, WindowCounter, MAX_RETRY_AFTER};
