@@ -1,1 +1,40 @@
-//! placeholder
+//! llm-gateway: an OpenAI-compatible load-balancing gateway for self-hosted vLLM workers.
+//!
+//! # Layout
+//! - [`config`]: figment layering and validation.
+//! - [`state`]: the [`state::Snapshot`] behind `ArcSwap` and the shared [`state::AppState`].
+//! - [`fleet`], [`worker`]: the workers in force and their live counters; [`worker::LoadGuard`].
+//! - [`probe`], [`scrape`]: active health probes and vLLM `/metrics` parsing.
+//! - [`upstream`]: the pooled client towards workers.
+//! - [`proxy`]: the inference endpoints (parse, pick, forward, retry).
+//! - [`relay`], [`usage`]: the relayed response body that releases load when it ends.
+//! - [`metrics`]: every metric name.
+//! - [`server`]: the router (`app`) and the server lifecycle ([`server::Gateway`]).
+//! - [`demo`], [`cli`]: `--demo` workers and the command line.
+
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod error;
+pub mod fleet;
+pub mod metrics;
+pub mod probe;
+pub mod proxy;
+pub mod relay;
+pub mod scrape;
+pub mod server;
+pub mod state;
+pub mod upstream;
+pub mod usage;
+pub mod worker;
+
+pub use config::Config;
+pub use server::{app, Gateway};
+
+/// Installs the tracing subscriber: human-readable or JSON, filtered by `RUST_LOG` or `log.level`.
+pub fn init_logging(cfg: &config::LogConfig) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&cfg.level));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = if cfg.format == "json" { builder.json().try_init() } else { builder.try_init() };
+}

@@ -1,0 +1,389 @@
+//! Configuration: figment layering of defaults < TOML file < `LLM_*` environment < command-line flags,
+//! then validation that names the bad key.
+//!
+//! Environment keys: `LLM_HOST`, `LLM_PORT`, `LLM_WORKER_URLS` (comma-separated), and `LLM_<SECTION>_<KEY>`
+//! for any key of a section (`LLM_ROUTING_STRATEGY`, `LLM_HEALTH_INTERVAL_MS`, ...); `__` nests deeper
+//! (`LLM_ROUTING__P2C__W_KV`). `LLM_CONFIG` names the config file.
+
+use figment::providers::{Format, Serialized, Toml};
+use figment::Figment;
+use routing::RoutingConfig;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// The whole gateway configuration.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Listening address, body limit, shutdown.
+    pub server: ServerConfig,
+    /// Timeouts towards workers.
+    pub upstream: UpstreamConfig,
+    /// The fleet.
+    pub workers: Vec<WorkerConfig>,
+    /// Which strategy picks a worker, and its knobs.
+    pub routing: RoutingConfig,
+    /// Active health probes.
+    pub health: HealthConfig,
+    /// Log format and level.
+    pub log: LogConfig,
+}
+
+/// `[server]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address to listen on.
+    pub host: String,
+    /// Port to listen on.
+    pub port: u16,
+    /// Largest request body accepted; larger is 413.
+    pub max_body_bytes: usize,
+    /// How long in-flight requests may take to finish after SIGTERM.
+    pub shutdown_grace_secs: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self { host: "0.0.0.0".into(), port: 9000, max_body_bytes: 32 * 1024 * 1024, shutdown_grace_secs: 30 }
+    }
+}
+
+/// `[upstream]`: how the gateway talks to workers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// TCP connect timeout.
+    pub connect_timeout_ms: u64,
+    /// Time until the worker's response headers arrive (a non-streaming answer arrives whole).
+    pub first_byte_timeout_ms: u64,
+    /// Longest silence between two chunks of a streamed answer.
+    pub idle_timeout_ms: u64,
+    /// Longest a whole request may take, streams included.
+    pub total_timeout_ms: u64,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        Self {
+            connect_timeout_ms: 3_000,
+            first_byte_timeout_ms: 300_000,
+            idle_timeout_ms: 120_000,
+            total_timeout_ms: 600_000,
+        }
+    }
+}
+
+/// One `[[workers]]` entry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerConfig {
+    /// Base URL, `http://host:port`.
+    pub url: String,
+    /// Display name (default: `host:port`).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Relative weight for `weighted` routing.
+    #[serde(default = "one")]
+    pub weight: u32,
+    /// Models served; empty means learn them from the worker's `/v1/models`.
+    #[serde(default)]
+    pub models: Vec<String>,
+    /// Most requests in flight at once; 0 means unlimited (or learned, once the queue exists).
+    #[serde(default)]
+    pub max_concurrency: u32,
+    /// Sent upstream as `Authorization: Bearer`.
+    #[serde(default)]
+    pub api_key: Option<String>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+impl WorkerConfig {
+    /// A worker with defaults for everything but the URL.
+    pub fn from_url(url: impl Into<String>) -> Self {
+        Self { url: url.into(), name: None, weight: 1, models: Vec::new(), max_concurrency: 0, api_key: None }
+    }
+
+    /// The configured name, else `host:port` of the URL.
+    pub fn display_name(&self) -> String {
+        if let Some(name) = &self.name {
+            return name.clone();
+        }
+        match url::Url::parse(&self.url) {
+            Ok(u) => format!("{}:{}", u.host_str().unwrap_or("?"), u.port_or_known_default().unwrap_or(80)),
+            Err(_) => self.url.clone(),
+        }
+    }
+}
+
+/// `[health]`: active probes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HealthConfig {
+    /// Time between probes of one worker.
+    pub interval_ms: u64,
+    /// Timeout of one probe request.
+    pub timeout_ms: u64,
+    /// Consecutive failed probes that mark a worker unhealthy.
+    pub unhealthy_threshold: u32,
+    /// Consecutive good probes that bring it back.
+    pub healthy_threshold: u32,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        Self { interval_ms: 1000, timeout_ms: 1000, unhealthy_threshold: 2, healthy_threshold: 1 }
+    }
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `text` (human-readable) or `json`.
+    pub format: String,
+    /// A tracing filter such as `info` or `llm_gateway=debug` (`RUST_LOG` overrides it).
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self { format: "text".into(), level: "info".into() }
+    }
+}
+
+/// Sections whose keys `LLM_<SECTION>_<KEY>` reaches.
+const SECTIONS: &[&str] = &["server", "upstream", "routing", "health", "log"];
+
+/// Command-line values that outrank every other layer.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// `--host`.
+    pub host: Option<String>,
+    /// `--port`.
+    pub port: Option<u16>,
+    /// `--workers`.
+    pub workers: Option<Vec<String>>,
+    /// `--strategy`.
+    pub strategy: Option<String>,
+}
+
+impl Config {
+    /// Loads defaults < `file` (or `LLM_CONFIG`, or `config/gateway.toml` when present) < env < `overrides`,
+    /// and validates the result. The error is one line naming the key and the reason.
+    pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Config, String> {
+        Self::load_from(file, overrides, std::env::vars())
+    }
+
+    /// [`Config::load`] with the environment given (tests pass their own).
+    pub fn load_from(
+        file: Option<&Path>,
+        overrides: &Overrides,
+        env: impl Iterator<Item = (String, String)>,
+    ) -> Result<Config, String> {
+        let env: Vec<(String, String)> = env.filter(|(k, _)| k.starts_with("LLM_")).collect();
+        let var = |name: &str| env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+        let path: Option<PathBuf> =
+            file.map(Path::to_path_buf).or_else(|| var("LLM_CONFIG").map(PathBuf::from)).or_else(|| {
+                let default = PathBuf::from("config/gateway.toml");
+                default.exists().then_some(default)
+            });
+        let mut fig = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = &path {
+            if !path.exists() {
+                return Err(format!("config file {}: not found", path.display()));
+            }
+            fig = fig.merge(Toml::file(path));
+        }
+        fig = fig.merge(env_provider(&env));
+        if let Some(urls) = var("LLM_WORKER_URLS") {
+            fig = fig.merge(Serialized::default("workers", split_urls(&urls)));
+        }
+        if let Some(host) = &overrides.host {
+            fig = fig.merge(Serialized::default("server.host", host));
+        }
+        if let Some(port) = overrides.port {
+            fig = fig.merge(Serialized::default("server.port", port));
+        }
+        if let Some(urls) = &overrides.workers {
+            let workers: Vec<WorkerConfig> = urls.iter().map(WorkerConfig::from_url).collect();
+            fig = fig.merge(Serialized::default("workers", workers));
+        }
+        if let Some(strategy) = &overrides.strategy {
+            fig = fig.merge(Serialized::default("routing.strategy", strategy));
+        }
+        let config: Config = fig.extract().map_err(|e| one_line(&e))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks what serde cannot: URLs, ranges, cross-field rules. Names the bad key.
+    pub fn validate(&self) -> Result<(), String> {
+        let mut names = std::collections::HashSet::new();
+        for (i, w) in self.workers.iter().enumerate() {
+            let url =
+                url::Url::parse(&w.url).map_err(|e| format!("workers[{i}].url: {:?} is not a URL: {e}", w.url))?;
+            if url.scheme() != "http" {
+                return Err(format!("workers[{i}].url: {:?}: only http:// workers are supported", w.url));
+            }
+            if url.host_str().is_none() {
+                return Err(format!("workers[{i}].url: {:?} has no host", w.url));
+            }
+            if w.weight == 0 {
+                return Err(format!("workers[{i}].weight: must be at least 1"));
+            }
+            if !names.insert(w.display_name()) {
+                return Err(format!("workers[{i}].name: {:?} is used twice", w.display_name()));
+            }
+        }
+        if self.server.max_body_bytes == 0 {
+            return Err("server.max_body_bytes: must be at least 1".into());
+        }
+        for (key, v) in [
+            ("upstream.connect_timeout_ms", self.upstream.connect_timeout_ms),
+            ("upstream.first_byte_timeout_ms", self.upstream.first_byte_timeout_ms),
+            ("upstream.idle_timeout_ms", self.upstream.idle_timeout_ms),
+            ("upstream.total_timeout_ms", self.upstream.total_timeout_ms),
+            ("health.interval_ms", self.health.interval_ms),
+            ("health.timeout_ms", self.health.timeout_ms),
+        ] {
+            if v == 0 {
+                return Err(format!("{key}: must be greater than 0"));
+            }
+        }
+        if self.health.unhealthy_threshold == 0 || self.health.healthy_threshold == 0 {
+            return Err("health.unhealthy_threshold and health.healthy_threshold: must be at least 1".into());
+        }
+        if !matches!(self.log.format.as_str(), "text" | "json") {
+            return Err(format!("log.format: {:?}: expected \"text\" or \"json\"", self.log.format));
+        }
+        self.routing.validate()?;
+        Ok(())
+    }
+}
+
+/// Worker URLs from a comma-separated list.
+pub fn split_urls(list: &str) -> Vec<WorkerConfig> {
+    list.split(',').map(str::trim).filter(|s| !s.is_empty()).map(WorkerConfig::from_url).collect()
+}
+
+/// `LLM_<SECTION>_<KEY>` to `section.key`; `__` nests deeper; `LLM_HOST`/`LLM_PORT` are shortcuts.
+fn env_provider(env: &[(String, String)]) -> figment::providers::Serialized<serde_json::Value> {
+    let mut root = serde_json::Map::new();
+    for (key, value) in env {
+        let Some(rest) = key.strip_prefix("LLM_") else { continue };
+        let rest = rest.to_ascii_lowercase();
+        let path: Vec<String> = match rest.as_str() {
+            "host" => vec!["server".into(), "host".into()],
+            "port" => vec!["server".into(), "port".into()],
+            _ => {
+                let Some(section) = SECTIONS.iter().find(|s| rest.starts_with(&format!("{s}_"))) else { continue };
+                let tail = rest[section.len() + 1..].trim_start_matches('_');
+                std::iter::once(section.to_string()).chain(tail.split("__").map(str::to_string)).collect()
+            }
+        };
+        insert(&mut root, &path, parse_env_value(value));
+    }
+    Serialized::defaults(serde_json::Value::Object(root))
+}
+
+fn insert(map: &mut serde_json::Map<String, serde_json::Value>, path: &[String], value: serde_json::Value) {
+    match path {
+        [] => {}
+        [last] => {
+            map.insert(last.clone(), value);
+        }
+        [head, rest @ ..] => {
+            let child = map.entry(head.clone()).or_insert_with(|| serde_json::Value::Object(Default::default()));
+            if let serde_json::Value::Object(m) = child {
+                insert(m, rest, value);
+            }
+        }
+    }
+}
+
+/// Env values are strings; numbers and booleans are read as such so typed keys accept them.
+fn parse_env_value(v: &str) -> serde_json::Value {
+    match v.trim() {
+        "true" => serde_json::Value::Bool(true),
+        "false" => serde_json::Value::Bool(false),
+        t => t
+            .parse::<i64>()
+            .map(Into::into)
+            .or_else(|_| t.parse::<f64>().map(Into::into))
+            .unwrap_or_else(|_| serde_json::Value::String(v.to_string())),
+    }
+}
+
+fn one_line(e: &figment::Error) -> String {
+    let first = e.clone().into_iter().next().unwrap_or_else(|| e.clone());
+    let key = if first.path.is_empty() { String::new() } else { format!("{}: ", first.path.join(".")) };
+    let source = match &first.metadata {
+        Some(md) => format!(" (from {})", md.name),
+        None => String::new(),
+    };
+    format!("{key}{}{source}", first.kind).replace('\n', " ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(env: &[(&str, &str)], o: &Overrides) -> Result<Config, String> {
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<Vec<_>>();
+        Config::load_from(None, o, env.into_iter())
+    }
+
+    #[test]
+    fn defaults_then_env_then_flags() {
+        let c = load(&[], &Overrides::default()).expect("defaults load");
+        assert_eq!(c.server.port, 9000);
+        assert_eq!(c.server.host, "0.0.0.0");
+        let env =
+            [("LLM_PORT", "9100"), ("LLM_WORKER_URLS", "http://a:1, http://b:2"), ("LLM_HEALTH_INTERVAL_MS", "250")];
+        let c = load(&env, &Overrides::default()).expect("env loads");
+        assert_eq!(c.server.port, 9100);
+        assert_eq!(c.workers.len(), 2);
+        assert_eq!(c.workers[1].display_name(), "b:2");
+        assert_eq!(c.health.interval_ms, 250);
+        let o = Overrides { port: Some(9200), workers: Some(vec!["http://c:3".into()]), ..Default::default() };
+        let c = load(&env, &o).expect("flags load");
+        assert_eq!(c.server.port, 9200);
+        assert_eq!(c.workers.len(), 1);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = load(&[("LLM_ROUTING_STRATEGY", "fastest")], &Overrides::default()).unwrap_err();
+        assert!(e.contains("routing.strategy") && e.contains("fastest"), "{e}");
+        let e = load(&[("LLM_WORKER_URLS", "not a url")], &Overrides::default()).unwrap_err();
+        assert!(e.starts_with("workers[0].url"), "{e}");
+        let e = load(&[("LLM_PORT", "http")], &Overrides::default()).unwrap_err();
+        assert!(e.contains("server.port"), "{e}");
+        let e = load(&[("LLM_HEALTH_INTERVAL_MS", "0")], &Overrides::default()).unwrap_err();
+        assert!(e.contains("health.interval_ms"), "{e}");
+        assert!(!e.contains('\n'));
+    }
+
+    #[test]
+    fn unrelated_llm_variables_are_ignored() {
+        let c = load(&[("LLM_API_KEY", "x"), ("LLM_CONFIG_DIR", "y")], &Overrides::default()).expect("loads");
+        assert_eq!(c, Config::default());
+    }
+}
+
+#[cfg(test)]
+mod reference_file {
+    use super::*;
+
+    /// `config/gateway.toml` documents every key with its default: it must load to exactly the defaults.
+    #[test]
+    fn reference_config_is_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/gateway.toml");
+        let c = Config::load_from(Some(&path), &Overrides::default(), std::iter::empty()).expect("reference loads");
+        assert_eq!(c, Config::default());
+    }
+}

@@ -1,0 +1,25 @@
+//! Renders a [`GatewayError`] as an HTTP response, in one place.
+
+use axum::response::{IntoResponse, Response};
+use gateway_core::GatewayError;
+
+/// A gateway error on its way to the client.
+#[derive(Debug)]
+pub struct ApiError(pub GatewayError);
+
+impl From<GatewayError> for ApiError {
+    fn from(e: GatewayError) -> Self {
+        Self(e)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = http::StatusCode::from_u16(self.0.status()).unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
+        let mut resp = (status, axum::Json(self.0.body())).into_response();
+        if let Some(secs) = self.0.retry_after_secs {
+            resp.headers_mut().insert(http::header::RETRY_AFTER, http::HeaderValue::from(secs));
+        }
+        resp
+    }
+}

@@ -1,0 +1,384 @@
+//! The inference endpoints: read and parse the body, pick a worker, forward the original bytes, relay
+//! the answer. Failures before the first byte reaches the client are retried on another worker.
+
+use crate::error::ApiError;
+use crate::relay::{status_label, InFlight, RelayBody};
+use crate::state::{AppState, Snapshot};
+use crate::worker::Worker;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use gateway_core::request::PrefixOptions;
+use gateway_core::{ErrorKind, GatewayError, OutcomeKind, Priority, RequestFeatures};
+use http::header::{HeaderName, HeaderValue, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE};
+use http::{HeaderMap, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// `X-Request-Id`.
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+/// `X-Gateway-Worker`: the worker that served the request.
+pub static X_GATEWAY_WORKER: HeaderName = HeaderName::from_static("x-gateway-worker");
+/// `X-Priority`: the client's priority class.
+pub static X_PRIORITY: HeaderName = HeaderName::from_static("x-priority");
+/// `X-Session-Id`: the session key for consistent hashing.
+pub static X_SESSION_ID: HeaderName = HeaderName::from_static("x-session-id");
+
+/// Longest client-supplied request id accepted; longer ones are replaced.
+const MAX_REQUEST_ID: usize = 128;
+
+/// `POST /v1/chat/completions`, `/v1/completions`, `/v1/embeddings`.
+pub async fn forward(State(app): State<Arc<AppState>>, req: Request) -> Response {
+    let received = Instant::now();
+    let request_id = request_id(req.headers());
+    app.metrics.active_requests.inc();
+    let _active = scopeguard(&app);
+    let mut resp = match handle(&app, req, &request_id, received).await {
+        Ok(resp) => resp,
+        Err((err, model)) => {
+            let status = err.status();
+            app.metrics
+                .requests
+                .with_label_values(&[model.as_deref().unwrap_or("unknown"), status_label(status)])
+                .inc();
+            tracing::info!(request_id = %request_id, model = model.as_deref().unwrap_or("-"), status, error = %err, "request");
+            ApiError(err).into_response()
+        }
+    };
+    if let Ok(v) = HeaderValue::from_str(&request_id) {
+        resp.headers_mut().insert(X_REQUEST_ID.clone(), v);
+    }
+    resp
+}
+
+/// Decrements the active-requests gauge when the handler returns (streams hold their own slot in the
+/// body's [`InFlight`]; the gauge counts handler time plus open bodies via the relay).
+fn scopeguard(app: &Arc<AppState>) -> impl Drop + '_ {
+    struct Active<'a>(&'a AppState);
+    impl Drop for Active<'_> {
+        fn drop(&mut self) {
+            self.0.metrics.active_requests.dec();
+        }
+    }
+    Active(app)
+}
+
+/// The client's `X-Request-Id` when it is a sane header value, else a new UUID.
+fn request_id(headers: &HeaderMap) -> Arc<str> {
+    headers
+        .get(&X_REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|s| !s.is_empty() && s.len() <= MAX_REQUEST_ID)
+        .map(Arc::from)
+        .unwrap_or_else(|| Arc::from(uuid::Uuid::new_v4().to_string()))
+}
+
+type Failure = (GatewayError, Option<Arc<str>>);
+
+async fn handle(
+    app: &Arc<AppState>,
+    req: Request,
+    request_id: &Arc<str>,
+    received: Instant,
+) -> Result<Response, Failure> {
+    let snap = app.snapshot.load_full();
+    let (parts, body) = req.into_parts();
+    check_content_type(&parts.headers).map_err(|e| (e, None))?;
+    let bytes = read_body(body, &parts.headers, snap.config.server.max_body_bytes).await.map_err(|e| (e, None))?;
+    let mut features = RequestFeatures::parse(&bytes, PrefixOptions::default())
+        .map_err(|e| (GatewayError::new(ErrorKind::InvalidJson, format!("invalid JSON body: {e}")), None))?;
+    apply_headers(&mut features, &parts.headers);
+    let model = resolve_model(&snap, &features).map_err(|e| (e, None))?;
+    dispatch(app, &snap, &parts, bytes, &features, model.clone(), request_id, received)
+        .await
+        .map_err(|e| (e, Some(model)))
+}
+
+fn check_content_type(headers: &HeaderMap) -> Result<(), GatewayError> {
+    let Some(ct) = headers.get(CONTENT_TYPE) else { return Ok(()) };
+    let ct = ct.to_str().unwrap_or("");
+    let essence = ct.split(';').next().unwrap_or("").trim();
+    if essence.eq_ignore_ascii_case("application/json") || essence.to_ascii_lowercase().ends_with("+json") {
+        Ok(())
+    } else {
+        Err(GatewayError::new(
+            ErrorKind::UnsupportedContentType,
+            format!("Content-Type must be application/json, got {ct:?}"),
+        ))
+    }
+}
+
+async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Bytes, GatewayError> {
+    let too_large = || {
+        GatewayError::new(ErrorKind::BodyTooLarge, format!("request body is larger than the limit of {limit} bytes"))
+    };
+    let declared = headers.get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large());
+    }
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(too_large()),
+        Err(e) => Err(GatewayError::new(ErrorKind::InvalidJson, format!("could not read the request body: {e}"))),
+    }
+}
+
+fn apply_headers(features: &mut RequestFeatures, headers: &HeaderMap) {
+    if let Some(p) = headers.get(&X_PRIORITY).and_then(|v| v.to_str().ok()).and_then(Priority::parse) {
+        features.priority = p;
+    }
+    if let Some(s) = headers.get(&X_SESSION_ID).and_then(|v| v.to_str().ok()).filter(|s| !s.is_empty()) {
+        features.set_session_header(s);
+    }
+}
+
+/// The model to route by: the one named, or the one served when none is named.
+fn resolve_model(snap: &Snapshot, features: &RequestFeatures) -> Result<Arc<str>, GatewayError> {
+    match features.model.as_deref() {
+        Some(model) if snap.fleet.knows_model(model) => Ok(Arc::from(model)),
+        Some(model) => Err(GatewayError::new(ErrorKind::ModelNotFound, format!("The model `{model}` does not exist."))
+            .with_param("model")),
+        None => {
+            let models = snap.fleet.healthy_models();
+            let mut it = models.into_iter();
+            match (it.next(), it.next()) {
+                (Some(only), None) => Ok(Arc::from(only)),
+                (None, _) => Err(GatewayError::new(ErrorKind::NoHealthyWorker, "no healthy worker is available")),
+                (Some(_), Some(_)) => Err(GatewayError::new(
+                    ErrorKind::ModelRequired,
+                    "`model` is required: this gateway serves several models",
+                )
+                .with_param("model")),
+            }
+        }
+    }
+}
+
+/// Picks a worker, sends, and retries on another worker while nothing has reached the client.
+#[allow(clippy::too_many_arguments)]
+async fn dispatch(
+    app: &Arc<AppState>,
+    snap: &Arc<Snapshot>,
+    parts: &http::request::Parts,
+    bytes: Bytes,
+    features: &RequestFeatures,
+    model: Arc<str>,
+    request_id: &Arc<str>,
+    received: Instant,
+) -> Result<Response, GatewayError> {
+    let cfg = &snap.config;
+    let deadline = received + Duration::from_millis(cfg.upstream.total_timeout_ms);
+    let max_attempts = 2u32;
+    let mut tried: Vec<u64> = Vec::new();
+    let mut last_error: Option<GatewayError> = None;
+    for attempt in 0..max_attempts {
+        let candidates: Vec<&Arc<Worker>> = snap
+            .fleet
+            .workers
+            .iter()
+            .filter(|w| w.is_available() && w.serves(&model) && !tried.contains(&w.id))
+            .collect();
+        let views: Vec<_> = candidates.iter().map(|w| w.view()).collect();
+        let Some(pick) = snap.policy.select(features, &views, &mut rand::rng()) else {
+            return Err(last_error.unwrap_or_else(|| {
+                GatewayError::new(ErrorKind::NoHealthyWorker, format!("no healthy worker serves model `{model}`"))
+            }));
+        };
+        let worker = candidates[pick];
+        tried.push(worker.id);
+        app.metrics.routing_decisions.with_label_values(&[snap.policy.name(), &worker.name]).inc();
+        let load = worker.acquire();
+        snap.policy.on_dispatch(features, worker.id);
+        let dispatched = Instant::now();
+        let upstream_req = build_upstream_request(worker, parts, bytes.clone(), request_id)?;
+        let first_byte_by = (dispatched + Duration::from_millis(cfg.upstream.first_byte_timeout_ms)).min(deadline);
+        // Retry only where another worker could take it; otherwise the worker's own answer stands.
+        let last = attempt + 1 == max_attempts || candidates.len() < 2;
+        let record = |kind: OutcomeKind, status: u16, load| {
+            let mut f = InFlight::new(
+                Arc::clone(app),
+                Arc::clone(&snap.policy),
+                load,
+                Arc::clone(&model),
+                Arc::clone(request_id),
+                status,
+                received,
+                dispatched,
+                features.stream,
+                attempt,
+            );
+            f.finish(kind);
+        };
+        match tokio::time::timeout_at(first_byte_by, app.client.request(upstream_req)).await {
+            Ok(Ok(resp)) => {
+                let status = resp.status();
+                let retryable = status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS;
+                if retryable && !last {
+                    let kind = if matches!(status.as_u16(), 429 | 503) {
+                        OutcomeKind::Overloaded
+                    } else {
+                        OutcomeKind::ServerError
+                    };
+                    record(kind, status.as_u16(), load);
+                    app.metrics.retries.inc();
+                    last_error = Some(GatewayError::new(
+                        ErrorKind::UpstreamUnavailable,
+                        format!("worker {} answered {status}", worker.name),
+                    ));
+                    continue;
+                }
+                let inflight = InFlight::new(
+                    Arc::clone(app),
+                    Arc::clone(&snap.policy),
+                    load,
+                    Arc::clone(&model),
+                    Arc::clone(request_id),
+                    status.as_u16(),
+                    received,
+                    dispatched,
+                    features.stream,
+                    attempt,
+                );
+                return Ok(relay(resp, inflight, cfg.upstream.idle_timeout_ms, deadline, &worker.name));
+            }
+            Ok(Err(e)) => {
+                let connect = e.is_connect();
+                record(if connect { OutcomeKind::ConnectError } else { OutcomeKind::ServerError }, 502, load);
+                last_error = Some(GatewayError::new(
+                    ErrorKind::UpstreamUnavailable,
+                    format!("worker {} failed: {}", worker.name, error_chain(&e)),
+                ));
+            }
+            Err(_) => {
+                record(OutcomeKind::Timeout, 504, load);
+                last_error = Some(GatewayError::new(
+                    ErrorKind::UpstreamTimeout,
+                    format!("worker {} did not answer in time", worker.name),
+                ));
+            }
+        }
+        if Instant::now() >= deadline {
+            break;
+        }
+        if !last {
+            app.metrics.retries.inc();
+        }
+    }
+    Err(last_error
+        .unwrap_or_else(|| GatewayError::new(ErrorKind::NoHealthyWorker, "no worker could serve the request")))
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        src = s.source();
+    }
+    msg
+}
+
+/// Headers that describe one connection, not the message; never forwarded.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "host"
+            | "content-length"
+    )
+}
+
+fn build_upstream_request(
+    worker: &Worker,
+    parts: &http::request::Parts,
+    body: Bytes,
+    request_id: &str,
+) -> Result<http::Request<Full<Bytes>>, GatewayError> {
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let uri: http::Uri = format!("{}{}", worker.base_url, path)
+        .parse()
+        .map_err(|e| GatewayError::new(ErrorKind::Internal, format!("bad upstream URI: {e}")))?;
+    let mut req = http::Request::new(Full::new(body));
+    *req.method_mut() = parts.method.clone();
+    *req.uri_mut() = uri;
+    let headers = req.headers_mut();
+    for (name, value) in &parts.headers {
+        if !is_hop_by_hop(name) && name != X_REQUEST_ID {
+            headers.append(name.clone(), value.clone());
+        }
+    }
+    if let Some(auth) = &worker.auth_header {
+        headers.insert(AUTHORIZATION, auth.clone());
+    }
+    if let Ok(v) = HeaderValue::from_str(request_id) {
+        headers.insert(X_REQUEST_ID.clone(), v);
+    }
+    Ok(req)
+}
+
+fn relay(
+    resp: http::Response<hyper::body::Incoming>,
+    inflight: InFlight,
+    idle_timeout_ms: u64,
+    deadline: Instant,
+    worker_name: &str,
+) -> Response {
+    let (parts, body) = resp.into_parts();
+    let sse = parts
+        .headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("text/event-stream"));
+    let mut out =
+        Response::new(Body::new(RelayBody::new(body, sse, inflight, Duration::from_millis(idle_timeout_ms), deadline)));
+    *out.status_mut() = parts.status;
+    let headers = out.headers_mut();
+    for (name, value) in &parts.headers {
+        // An event stream may gain a final error event, so it must not keep a fixed length.
+        if !is_hop_by_hop(name) || (name == CONTENT_LENGTH && !sse) {
+            headers.append(name.clone(), value.clone());
+        }
+    }
+    if let Ok(v) = HeaderValue::from_str(worker_name) {
+        headers.insert(X_GATEWAY_WORKER.clone(), v);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_type_rules() {
+        let mut h = HeaderMap::new();
+        assert!(check_content_type(&h).is_ok(), "absent is accepted");
+        h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json; charset=utf-8"));
+        assert!(check_content_type(&h).is_ok());
+        h.insert(CONTENT_TYPE, HeaderValue::from_static("application/x-www-form-urlencoded"));
+        assert_eq!(check_content_type(&h).unwrap_err().status(), 400);
+    }
+
+    #[test]
+    fn request_ids() {
+        let mut h = HeaderMap::new();
+        let generated = request_id(&h);
+        assert!(uuid::Uuid::parse_str(&generated).is_ok());
+        h.insert(&X_REQUEST_ID, HeaderValue::from_static("abc-1"));
+        assert_eq!(&*request_id(&h), "abc-1");
+        h.insert(&X_REQUEST_ID, HeaderValue::from_str(&"x".repeat(500)).unwrap());
+        assert_ne!(request_id(&h).len(), 500);
+    }
+}

@@ -1,0 +1,329 @@
+//! The response body relayed from a worker to the client, chunk by chunk, without buffering.
+//!
+//! It owns the request's [`InFlight`] record, so the worker's load slot is released and the outcome
+//! recorded exactly when the body ends: at the last chunk, on an upstream failure, or when the client
+//! goes away and hyper drops the body (which also drops the upstream body and so cancels the worker's
+//! request at once). A streamed (SSE) answer never ends silently: if the worker dies, stalls or closes
+//! early, the client gets one `data: {"error":...}` event and `data: [DONE]`.
+
+use crate::state::AppState;
+use crate::usage::UsageScanner;
+use crate::worker::LoadGuard;
+use bytes::Bytes;
+use gateway_core::{ErrorKind, GatewayError, Outcome, OutcomeKind};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use routing::Policy;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::time::{Instant, Sleep};
+
+/// Everything needed to account for one request once its response ends.
+pub struct InFlight {
+    /// Shared state (metrics).
+    pub app: Arc<AppState>,
+    /// The policy that picked the worker, told of the outcome.
+    pub policy: Arc<dyn Policy>,
+    /// The worker's load slot.
+    pub load: LoadGuard,
+    /// Model label (a served model name).
+    pub model: Arc<str>,
+    /// The request id, for the log line.
+    pub request_id: Arc<str>,
+    /// Status the worker answered.
+    pub status: u16,
+    /// When the client's request arrived.
+    pub received: Instant,
+    /// When it was sent to this worker.
+    pub dispatched: Instant,
+    /// Whether the client asked for a stream.
+    pub stream: bool,
+    /// Attempts before this one that failed over.
+    pub retries: u32,
+    /// Token counts seen in the body.
+    pub usage: UsageScanner,
+    first_byte: Option<Instant>,
+    finished: bool,
+}
+
+impl InFlight {
+    /// A record for a request just answered by `load`'s worker.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        app: Arc<AppState>,
+        policy: Arc<dyn Policy>,
+        load: LoadGuard,
+        model: Arc<str>,
+        request_id: Arc<str>,
+        status: u16,
+        received: Instant,
+        dispatched: Instant,
+        stream: bool,
+        retries: u32,
+    ) -> Self {
+        Self {
+            app,
+            policy,
+            load,
+            model,
+            request_id,
+            status,
+            received,
+            dispatched,
+            stream,
+            retries,
+            usage: UsageScanner::default(),
+            first_byte: None,
+            finished: false,
+        }
+    }
+
+    fn on_data(&mut self, data: &[u8]) {
+        if self.first_byte.is_none() && !data.is_empty() {
+            let now = Instant::now();
+            self.first_byte = Some(now);
+            if self.stream {
+                let ttft = now.duration_since(self.received).as_secs_f64();
+                self.app.metrics.ttft.with_label_values(&[&self.model]).observe(ttft);
+            }
+        }
+        self.usage.scan(data);
+    }
+
+    /// The outcome of a body that was delivered whole, by the worker's status.
+    fn kind_by_status(&self) -> OutcomeKind {
+        match self.status {
+            200..=399 => OutcomeKind::Success,
+            429 | 503 => OutcomeKind::Overloaded,
+            400..=499 => OutcomeKind::ClientError,
+            _ => OutcomeKind::ServerError,
+        }
+    }
+
+    /// Records the outcome once: worker estimates, policy feedback, metrics, the request's log line.
+    pub fn finish(&mut self, kind: OutcomeKind) {
+        if std::mem::replace(&mut self.finished, true) {
+            return;
+        }
+        let now = Instant::now();
+        let worker = self.load.worker();
+        let output_tokens = self.usage.completion_tokens.unwrap_or(self.usage.events.saturating_sub(1)) as u32;
+        let outcome = Outcome {
+            worker: worker.id,
+            kind,
+            ttft: self.first_byte.filter(|_| self.stream).map(|t| t.duration_since(self.dispatched)),
+            latency: now.duration_since(self.dispatched),
+            output_tokens,
+        };
+        worker.record(&outcome);
+        self.policy.observe(&outcome);
+        let m = &self.app.metrics;
+        let latency = now.duration_since(self.received);
+        let status = if kind == OutcomeKind::Cancelled { 499 } else { self.status };
+        m.requests.with_label_values(&[&self.model, status_label(status)]).inc();
+        m.latency.with_label_values(&[&self.model]).observe(latency.as_secs_f64());
+        m.upstream_outcomes.with_label_values(&[&worker.name, kind.as_str()]).inc();
+        if let Some(p) = self.usage.prompt_tokens {
+            m.tokens.with_label_values(&[&self.model, "prompt"]).inc_by(p);
+        }
+        if let Some(c) = self.usage.completion_tokens {
+            m.tokens.with_label_values(&[&self.model, "completion"]).inc_by(c);
+        }
+        tracing::info!(
+            request_id = %self.request_id,
+            model = %self.model,
+            worker = %worker.name,
+            status,
+            outcome = kind.as_str(),
+            stream = self.stream,
+            retries = self.retries,
+            ttft_ms = self.first_byte.filter(|_| self.stream).map(|t| t.duration_since(self.received).as_millis() as u64),
+            latency_ms = latency.as_millis() as u64,
+            prompt_tokens = self.usage.prompt_tokens,
+            completion_tokens = self.usage.completion_tokens,
+            "request"
+        );
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        // Dropped before the body ended: the client went away.
+        self.finish(OutcomeKind::Cancelled);
+    }
+}
+
+/// A bounded label for a status code.
+pub fn status_label(status: u16) -> &'static str {
+    const LABELS: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "other"];
+    match status {
+        200 => "200",
+        400 => "400",
+        401 => "401",
+        404 => "404",
+        413 => "413",
+        429 => "429",
+        499 => "499",
+        500 => "500",
+        502 => "502",
+        503 => "503",
+        504 => "504",
+        s => LABELS[usize::from(s / 100).saturating_sub(1).min(5)],
+    }
+}
+
+enum State {
+    Relaying,
+    Done,
+}
+
+/// Bytes kept from the end of the stream to tell whether `data: [DONE]` arrived.
+const TAIL: usize = 32;
+
+/// The relayed response body.
+pub struct RelayBody {
+    upstream: Incoming,
+    sse: bool,
+    state: State,
+    tail: Vec<u8>,
+    idle_timeout: Duration,
+    idle: Pin<Box<Sleep>>,
+    deadline: Pin<Box<Sleep>>,
+    inflight: Option<InFlight>,
+}
+
+impl RelayBody {
+    /// Relays `upstream`; `sse` turns on the never-end-silently guarantees of event streams.
+    pub fn new(upstream: Incoming, sse: bool, inflight: InFlight, idle_timeout: Duration, deadline: Instant) -> Self {
+        Self {
+            upstream,
+            sse,
+            state: State::Relaying,
+            tail: Vec::with_capacity(TAIL * 2),
+            idle_timeout,
+            idle: Box::pin(tokio::time::sleep(idle_timeout)),
+            deadline: Box::pin(tokio::time::sleep_until(deadline)),
+            inflight: Some(inflight),
+        }
+    }
+
+    fn finish(&mut self, kind: OutcomeKind) {
+        if let Some(mut inflight) = self.inflight.take() {
+            inflight.finish(kind);
+        }
+    }
+
+    /// Ends the body after a failure: an SSE error event and `[DONE]`, or an error that makes hyper abort
+    /// the connection (a truncated JSON body must not look complete).
+    fn fail(&mut self, kind: OutcomeKind, reason: String) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let worker = self.inflight.as_ref().map(|f| f.load.worker().name.clone()).unwrap_or_default();
+        self.finish(kind);
+        if !self.sse {
+            self.state = State::Done;
+            return Poll::Ready(Some(Err(format!("worker {worker}: {reason}").into())));
+        }
+        let error =
+            GatewayError::new(ErrorKind::UpstreamUnavailable, format!("worker {worker} failed mid-stream: {reason}"))
+                .with_code("upstream_stream_error");
+        // Close any half-written event first so the error is an event of its own.
+        let sep = if self.tail.is_empty() || self.tail.ends_with(b"\n\n") {
+            ""
+        } else if self.tail.ends_with(b"\n") {
+            "\n"
+        } else {
+            "\n\n"
+        };
+        let event = format!("{sep}data: {}\n\ndata: [DONE]\n\n", error.body());
+        self.state = State::Done;
+        Poll::Ready(Some(Ok(Frame::data(Bytes::from(event)))))
+    }
+
+    /// The body was delivered whole: the outcome follows the worker's status.
+    fn end_ok(&mut self) {
+        let kind = self.inflight.as_ref().map_or(OutcomeKind::Success, InFlight::kind_by_status);
+        self.finish(kind);
+        self.state = State::Done;
+    }
+
+    fn remember_tail(&mut self, data: &[u8]) {
+        if data.len() >= TAIL {
+            self.tail.clear();
+            self.tail.extend_from_slice(&data[data.len() - TAIL..]);
+        } else {
+            self.tail.extend_from_slice(data);
+            let excess = self.tail.len().saturating_sub(TAIL);
+            self.tail.drain(..excess);
+        }
+    }
+
+    fn saw_done(&self) -> bool {
+        let trimmed = self.tail.trim_ascii_end();
+        trimmed.ends_with(b"data: [DONE]") || trimmed.ends_with(b"data:[DONE]")
+    }
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl Body for RelayBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        if let State::Done = this.state {
+            return Poll::Ready(None);
+        }
+        match Pin::new(&mut this.upstream).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    if let Some(inflight) = this.inflight.as_mut() {
+                        inflight.on_data(data);
+                    }
+                    if this.sse {
+                        let data = data.clone();
+                        this.remember_tail(&data);
+                    }
+                    let next = Instant::now() + this.idle_timeout;
+                    this.idle.as_mut().reset(next);
+                }
+                // A body with a known length is complete at its last byte; hyper may never poll again.
+                if this.upstream.is_end_stream() && !(this.sse && !this.saw_done()) {
+                    this.end_ok();
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => this.fail(OutcomeKind::ServerError, format!("connection broke: {e}")),
+            Poll::Ready(None) => {
+                if this.sse && !this.saw_done() {
+                    return this.fail(OutcomeKind::ServerError, "the stream ended before [DONE]".into());
+                }
+                this.end_ok();
+                Poll::Ready(None)
+            }
+            Poll::Pending => {
+                if this.deadline.as_mut().poll(cx).is_ready() {
+                    return this.fail(OutcomeKind::Timeout, "the request exceeded upstream.total_timeout_ms".into());
+                }
+                if this.idle.as_mut().poll(cx).is_ready() {
+                    return this.fail(OutcomeKind::Timeout, "no data within upstream.idle_timeout_ms".into());
+                }
+                Poll::Pending
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self.state, State::Done)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        if self.sse {
+            SizeHint::default()
+        } else {
+            self.upstream.size_hint()
+        }
+    }
+}

@@ -1,0 +1,130 @@
+//! The HTTP surface (`app`) and the server's lifecycle (`Gateway::start`, graceful shutdown).
+
+use crate::config::Config;
+use crate::error::ApiError;
+use crate::proxy;
+use crate::state::AppState;
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use gateway_core::{ErrorKind, GatewayError};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+/// The gateway's routes over `state`. Tests can call it without a socket.
+pub fn app(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(proxy::forward))
+        .route("/v1/completions", post(proxy::forward))
+        .route("/v1/embeddings", post(proxy::forward))
+        .route("/v1/models", get(models))
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
+}
+
+async fn models(State(app): State<Arc<AppState>>) -> Json<serde_json::Value> {
+    let snap = app.snapshot.load();
+    let data: Vec<_> = snap
+        .fleet
+        .healthy_models()
+        .into_iter()
+        .map(|id| serde_json::json!({"id": id, "object": "model", "created": 0, "owned_by": "llm-gateway"}))
+        .collect();
+    Json(serde_json::json!({"object": "list", "data": data}))
+}
+
+async fn health(State(app): State<Arc<AppState>>) -> Response {
+    let snap = app.snapshot.load();
+    let healthy = snap.fleet.healthy_count();
+    let body = serde_json::json!({
+        "status": if healthy > 0 { "ok" } else { "unavailable" },
+        "healthy_workers": healthy,
+        "total_workers": snap.fleet.workers.len(),
+    });
+    let status = if healthy > 0 { http::StatusCode::OK } else { http::StatusCode::SERVICE_UNAVAILABLE };
+    (status, Json(body)).into_response()
+}
+
+async fn metrics(State(app): State<Arc<AppState>>) -> Response {
+    app.refresh_gauges();
+    ([(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], app.metrics.render()).into_response()
+}
+
+async fn not_found(uri: http::Uri) -> ApiError {
+    ApiError(GatewayError::new(ErrorKind::NotFound, format!("no route for {}", uri.path())))
+}
+
+async fn method_not_allowed(method: http::Method, uri: http::Uri) -> Response {
+    let err = GatewayError::new(ErrorKind::InvalidJson, format!("method {method} is not allowed on {}", uri.path()))
+        .with_code("method_not_allowed");
+    let mut resp = ApiError(err).into_response();
+    *resp.status_mut() = http::StatusCode::METHOD_NOT_ALLOWED;
+    resp
+}
+
+/// A running gateway.
+pub struct Gateway {
+    /// Shared state (tests and the admin API read it).
+    pub state: Arc<AppState>,
+    addr: SocketAddr,
+    server: JoinHandle<std::io::Result<()>>,
+}
+
+impl Gateway {
+    /// Binds `server.host:server.port`, probes the workers once, and serves in the background.
+    pub async fn start(config: Config) -> anyhow::Result<Gateway> {
+        let addr = format!("{}:{}", config.server.host, config.server.port);
+        let listener = TcpListener::bind(&addr).await.map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+        Self::serve(listener, config).await
+    }
+
+    /// Serves on a listener the caller bound (tests bind `127.0.0.1:0` first: no port race).
+    pub async fn serve(listener: TcpListener, config: Config) -> anyhow::Result<Gateway> {
+        let addr = listener.local_addr()?;
+        let state = AppState::new(config)?;
+        state.start_probes().await;
+        let router = app(Arc::clone(&state));
+        let stop = state.shutdown.clone();
+        // TCP_NODELAY on accepted sockets: streamed chunks must leave at once, not wait for Nagle.
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
+        let server = tokio::spawn(async move {
+            axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await
+        });
+        tracing::info!(%addr, "llm-gateway listening");
+        Ok(Gateway { state, addr, server })
+    }
+
+    /// The address it listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://ADDR`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Stops accepting, lets in-flight requests finish within `grace`, then returns. `true` when
+    /// everything finished in time.
+    pub async fn shutdown(self, grace: Duration) -> bool {
+        self.state.shutdown.cancel();
+        match tokio::time::timeout(grace, self.server).await {
+            Ok(_) => true,
+            Err(_) => {
+                tracing::warn!(?grace, "shutdown grace period over; dropping remaining connections");
+                false
+            }
+        }
+    }
+}

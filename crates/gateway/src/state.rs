@@ -1,0 +1,116 @@
+//! The gateway's shared state: one immutable [`Snapshot`] of config, fleet and policy behind `ArcSwap`,
+//! loaded once per request, plus the long-lived parts (client, metrics, probe tasks).
+
+use crate::config::Config;
+use crate::fleet::Fleet;
+use crate::metrics::Metrics;
+use crate::upstream::{self, Client};
+use crate::worker::Worker;
+use arc_swap::ArcSwap;
+use gateway_core::WorkerId;
+use parking_lot::Mutex;
+use routing::Policy;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// What one request sees, consistent with itself: config, workers and policy from the same moment.
+pub struct Snapshot {
+    /// The configuration in force.
+    pub config: Arc<Config>,
+    /// The workers in force.
+    pub fleet: Arc<Fleet>,
+    /// The routing policy in force.
+    pub policy: Arc<dyn Policy>,
+}
+
+/// State shared by every request and background task.
+pub struct AppState {
+    /// The snapshot in force; swapped whole on change.
+    pub snapshot: ArcSwap<Snapshot>,
+    /// Pooled client towards workers.
+    pub client: Client,
+    /// Every exported metric.
+    pub metrics: Metrics,
+    /// When the gateway started.
+    pub started: Instant,
+    /// Cancelled when the gateway shuts down.
+    pub shutdown: CancellationToken,
+    next_worker_id: AtomicU64,
+    probes: Mutex<HashMap<WorkerId, CancellationToken>>,
+}
+
+impl AppState {
+    /// State for `config`, with no probes started yet.
+    pub fn new(config: Config) -> anyhow::Result<Arc<Self>> {
+        let next_worker_id = AtomicU64::new(1);
+        let fleet =
+            Fleet::rebuild(&Fleet::default(), &config.workers, || next_worker_id.fetch_add(1, Ordering::Relaxed));
+        let policy = routing::build(&config.routing);
+        Ok(Arc::new(Self {
+            client: upstream::client(&config.upstream),
+            snapshot: ArcSwap::from_pointee(Snapshot { config: Arc::new(config), fleet: Arc::new(fleet), policy }),
+            metrics: Metrics::new()?,
+            started: Instant::now(),
+            shutdown: CancellationToken::new(),
+            next_worker_id,
+            probes: Mutex::new(HashMap::new()),
+        }))
+    }
+
+    /// Probes every worker once (so health and models are known before serving), then starts one probe
+    /// task per worker that has none.
+    pub async fn start_probes(self: &Arc<Self>) {
+        let snap = self.snapshot.load_full();
+        let health = snap.config.health.clone();
+        let fresh: Vec<Arc<Worker>> = {
+            let probes = self.probes.lock();
+            snap.fleet.workers.iter().filter(|w| !probes.contains_key(&w.id)).cloned().collect()
+        };
+        futures_util::future::join_all(fresh.iter().map(|w| crate::probe::probe_once(&self.client, w, &health, true)))
+            .await;
+        let mut probes = self.probes.lock();
+        for w in fresh {
+            let stop = self.shutdown.child_token();
+            probes.insert(w.id, stop.clone());
+            tokio::spawn(crate::probe::run(self.client.clone(), w, health.clone(), stop));
+        }
+    }
+
+    /// Stops the probes of workers that left the fleet.
+    pub fn stop_stale_probes(&self) {
+        let snap = self.snapshot.load();
+        self.probes.lock().retain(|id, stop| {
+            let keep = snap.fleet.workers.iter().any(|w| w.id == *id);
+            if !keep {
+                stop.cancel();
+            }
+            keep
+        });
+    }
+
+    /// Mints an id for a new worker.
+    pub fn next_worker_id(&self) -> WorkerId {
+        self.next_worker_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Refreshes the gauges that mirror live state (called when `/metrics` is scraped, so they are
+    /// always consistent with the atomics they mirror).
+    pub fn refresh_gauges(&self) {
+        let snap = self.snapshot.load();
+        let m = &self.metrics;
+        m.healthy_workers.set(snap.fleet.healthy_count() as i64);
+        m.uptime.set(self.started.elapsed().as_secs_f64());
+        for w in &snap.fleet.workers {
+            let url = w.spec.url.as_str();
+            let s = &w.stats;
+            m.worker_in_flight.with_label_values(&[url]).set(i64::from(s.in_flight.load(Ordering::Relaxed)));
+            m.worker_running.with_label_values(&[url]).set(i64::from(s.scraped_running.load(Ordering::Relaxed)));
+            m.worker_waiting.with_label_values(&[url]).set(i64::from(s.scraped_waiting.load(Ordering::Relaxed)));
+            m.worker_kv_usage.with_label_values(&[url]).set(s.kv_usage.get());
+            m.worker_healthy.with_label_values(&[url]).set(i64::from(s.healthy.load(Ordering::Relaxed)));
+        }
+    }
+}

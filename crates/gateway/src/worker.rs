@@ -1,0 +1,216 @@
+//! A worker of the fleet: its fixed identity, what it serves, and its live state in atomics.
+//!
+//! Live state is written by probes and by request guards and read lock-free when a request is routed.
+//! It lives in [`Worker`] (shared by `Arc`) so a config reload that keeps a worker keeps its counters.
+
+use crate::config::WorkerConfig;
+use arc_swap::ArcSwap;
+use gateway_core::{Outcome, WorkerId, WorkerView};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// An `f64` stored in an `AtomicU64`.
+#[derive(Debug, Default)]
+pub struct AtomicF64(AtomicU64);
+
+impl AtomicF64 {
+    /// Reads the value.
+    pub fn get(&self) -> f64 {
+        f64::from_bits(self.0.load(Ordering::Relaxed))
+    }
+
+    /// Writes the value.
+    pub fn set(&self, v: f64) {
+        self.0.store(v.to_bits(), Ordering::Relaxed);
+    }
+
+    /// Moves the value towards `sample` by `alpha` (an EWMA step); the first sample is taken as is.
+    /// Races between two updaters lose one sample at worst, which an average tolerates.
+    pub fn ewma(&self, sample: f64, alpha: f64) {
+        let old = self.get();
+        self.set(if old == 0.0 { sample } else { old + alpha * (sample - old) });
+    }
+}
+
+/// Live counters of one worker.
+#[derive(Debug, Default)]
+pub struct WorkerStats {
+    /// Requests the gateway has in flight on it (guard-counted: moves on every path, never reset).
+    pub in_flight: AtomicU32,
+    /// Passed its health probes.
+    pub healthy: AtomicBool,
+    /// An operator drained it: no new requests.
+    pub draining: AtomicBool,
+    /// `vllm:num_requests_running` at the last scrape.
+    pub scraped_running: AtomicU32,
+    /// `vllm:num_requests_waiting` at the last scrape.
+    pub scraped_waiting: AtomicU32,
+    /// Requests dispatched since the last scrape (corrects the scraped counts between scrapes).
+    pub sent_since_scrape: AtomicU32,
+    /// KV-cache usage at the last scrape, 0..1.
+    pub kv_usage: AtomicF64,
+    /// EWMA of time to first token, ms.
+    pub ttft_ms: AtomicF64,
+    /// EWMA of time per output token, ms.
+    pub tpot_ms: AtomicF64,
+    /// EWMA of failures (1.0) and successes (0.0): the recent error rate.
+    pub error_rate: AtomicF64,
+    /// Requests dispatched to it, ever.
+    pub requests_total: AtomicU64,
+    /// Consecutive failed probes.
+    pub probe_failures: AtomicU32,
+    /// Consecutive good probes.
+    pub probe_successes: AtomicU32,
+}
+
+/// One worker: identity, models, live stats.
+#[derive(Debug)]
+pub struct Worker {
+    /// Stable id.
+    pub id: WorkerId,
+    /// Display name (config `name`, else `host:port`).
+    pub name: String,
+    /// The config entry it was built from.
+    pub spec: WorkerConfig,
+    /// Base URL without a trailing slash.
+    pub base_url: String,
+    /// `Authorization` header value sent upstream, when the worker has an API key.
+    pub auth_header: Option<http::HeaderValue>,
+    /// Models it serves: configured, or learned from `/v1/models`.
+    pub models: ArcSwap<Vec<String>>,
+    /// Live counters.
+    pub stats: WorkerStats,
+}
+
+/// Weight of a new sample in the latency and error EWMAs.
+const EWMA_ALPHA: f64 = 0.2;
+
+impl Worker {
+    /// A worker from its config entry. It starts unhealthy until its first probe passes.
+    pub fn new(id: WorkerId, spec: WorkerConfig) -> Self {
+        let auth_header =
+            spec.api_key.as_ref().and_then(|k| http::HeaderValue::from_str(&format!("Bearer {k}")).ok()).map(
+                |mut v| {
+                    v.set_sensitive(true);
+                    v
+                },
+            );
+        Self {
+            id,
+            name: spec.display_name(),
+            base_url: spec.url.trim_end_matches('/').to_string(),
+            auth_header,
+            models: ArcSwap::from_pointee(spec.models.clone()),
+            spec,
+            stats: WorkerStats::default(),
+        }
+    }
+
+    /// Whether it serves `model`.
+    pub fn serves(&self, model: &str) -> bool {
+        self.models.load().iter().any(|m| m == model)
+    }
+
+    /// Healthy and not draining.
+    pub fn is_available(&self) -> bool {
+        self.stats.healthy.load(Ordering::Relaxed) && !self.stats.draining.load(Ordering::Relaxed)
+    }
+
+    /// The load snapshot a routing policy sees.
+    pub fn view(&self) -> WorkerView {
+        let s = &self.stats;
+        let sent = s.sent_since_scrape.load(Ordering::Relaxed);
+        WorkerView {
+            id: self.id,
+            weight: self.spec.weight,
+            in_flight: s.in_flight.load(Ordering::Relaxed),
+            running: s.scraped_running.load(Ordering::Relaxed).saturating_add(sent),
+            waiting: s.scraped_waiting.load(Ordering::Relaxed),
+            kv_usage: s.kv_usage.get(),
+            ttft_ms: s.ttft_ms.get(),
+            tpot_ms: s.tpot_ms.get(),
+            error_rate: s.error_rate.get(),
+        }
+    }
+
+    /// Counts a dispatch and returns the guard that holds the in-flight slot until dropped.
+    pub fn acquire(self: &Arc<Self>) -> LoadGuard {
+        self.stats.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.stats.sent_since_scrape.fetch_add(1, Ordering::Relaxed);
+        self.stats.requests_total.fetch_add(1, Ordering::Relaxed);
+        LoadGuard { worker: Arc::clone(self) }
+    }
+
+    /// Feeds a finished request into the latency and error estimates.
+    pub fn record(&self, outcome: &Outcome) {
+        let s = &self.stats;
+        let failed = outcome.kind.is_failure();
+        if failed || outcome.kind == gateway_core::OutcomeKind::Success {
+            // Plain EWMA from 0: one failure among many successes must not read as a 100% error rate.
+            let old = s.error_rate.get();
+            s.error_rate.set(old + EWMA_ALPHA * (f64::from(u8::from(failed)) - old));
+        }
+        if outcome.kind == gateway_core::OutcomeKind::Success {
+            if let Some(ttft) = outcome.ttft {
+                s.ttft_ms.ewma(ttft.as_secs_f64() * 1000.0, EWMA_ALPHA);
+            }
+            if let Some(tpot) = outcome.tpot_ms() {
+                s.tpot_ms.ewma(tpot, EWMA_ALPHA);
+            }
+        }
+    }
+}
+
+/// Holds one in-flight slot on a worker; releases it when dropped, on every path (success, error,
+/// client disconnect, stream end), so the count can never drift.
+#[derive(Debug)]
+pub struct LoadGuard {
+    worker: Arc<Worker>,
+}
+
+impl LoadGuard {
+    /// The worker this slot is on.
+    pub fn worker(&self) -> &Arc<Worker> {
+        &self.worker
+    }
+}
+
+impl Drop for LoadGuard {
+    fn drop(&mut self) {
+        self.worker.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guard_counts_and_releases() {
+        let w = Arc::new(Worker::new(1, WorkerConfig::from_url("http://127.0.0.1:1")));
+        let g1 = w.acquire();
+        let g2 = w.acquire();
+        assert_eq!(w.view().in_flight, 2);
+        assert_eq!(w.view().running, 2, "sent since scrape corrects running");
+        drop(g1);
+        assert_eq!(w.view().in_flight, 1);
+        drop(g2);
+        assert_eq!(w.view().in_flight, 0);
+        assert_eq!(w.name, "127.0.0.1:1");
+    }
+
+    #[test]
+    fn error_rate_rises_and_decays() {
+        let w = Worker::new(1, WorkerConfig::from_url("http://h:1"));
+        let out = |kind| Outcome { worker: 1, kind, ttft: None, latency: Default::default(), output_tokens: 0 };
+        for _ in 0..5 {
+            w.record(&out(gateway_core::OutcomeKind::ServerError));
+        }
+        let high = w.stats.error_rate.get();
+        assert!(high > 0.5, "{high}");
+        for _ in 0..20 {
+            w.record(&out(gateway_core::OutcomeKind::Success));
+        }
+        assert!(w.stats.error_rate.get() < 0.05);
+    }
+}

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The whole test suite, as README's second command: installs what it needs, then runs the Rust tests and
+# the official-SDK compatibility test. Safe to run again; exits non-zero on any failure.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Python venv with the official openai SDK, for the compatibility test.
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import openai" 2>/dev/null; then
+  python3 -m venv .venv
+  .venv/bin/pip install --quiet "openai>=1.40"
+fi
+
+cargo build --release -p llm-gateway --bins
+cargo test --workspace --release
+
+echo "== openai SDK compatibility"
+.venv/bin/python tests/sdk/test_openai_sdk.py target/release/llm-gateway
