@@ -242,6 +242,9 @@ fn sse_response(gen: Generation, fmt: Formatter, endpoint: Endpoint, include_usa
                         Ok(fmt.finish_chunk(reason))
                     }
                     Step::Died => {
+                        // Let hyper flush the chunks already written (it flushes when the body is pending),
+                        // so the client sees exactly N tokens before the cut, even with zero latencies.
+                        tokio::task::yield_now().await;
                         phase = Phase::End;
                         Err(died())
                     }
