@@ -25,7 +25,9 @@
 //! nothing that the round robin needs.
 //!
 //! `pop` and [`AdmissionQueue::position`] scan the items: O(n) and O(n log n), with n at most
-//! `max_size` (100 by default). `remove` is O(log n). Arrival times are clamped to be non-decreasing,
+//! `max_size` (100 by default); items point at their tenant's record by index (a small slab reused
+//! through a free list), so a scan hashes nothing and compares arrival instants against three aging
+//! cutoffs computed once per scan. `remove` is O(log n). Arrival times are clamped to be non-decreasing,
 //! so a caller's clock going backwards cannot make a new item look older than earlier ones.
 
 use gateway_core::Priority;
@@ -69,14 +71,38 @@ impl<T> Full<T> {
 struct Entry<T> {
     item: T,
     class: Priority,
-    tenant: u64,
+    /// Index of the tenant's record in `slots`.
+    slot: usize,
     at: Instant,
 }
 
 #[derive(Debug, Clone, Copy)]
 struct TenantRec {
+    id: u64,
     queued: usize,
     stamp: u64,
+}
+
+/// Thresholds of one scan: an item that arrived at or before `cutoffs[k]` has aged `k + 1` steps.
+struct Aging {
+    cutoffs: [Option<Instant>; 3],
+}
+
+impl Aging {
+    fn new(aging: Duration, now: Instant) -> Self {
+        let mut cutoffs = [None; 3];
+        if !aging.is_zero() {
+            for (k, c) in cutoffs.iter_mut().enumerate() {
+                *c = aging.checked_mul(k as u32 + 1).and_then(|d| now.checked_sub(d));
+            }
+        }
+        Self { cutoffs }
+    }
+
+    fn rank<T>(&self, e: &Entry<T>) -> usize {
+        let steps = self.cutoffs.iter().take_while(|c| c.is_some_and(|c| e.at <= c)).count();
+        e.class.rank().saturating_sub(steps)
+    }
 }
 
 /// Waiting requests for one model, in dispatch order; see the module docs.
@@ -85,7 +111,11 @@ pub struct AdmissionQueue<T> {
     cfg: QueueConfig,
     /// By arrival sequence (= ticket).
     entries: BTreeMap<u64, Entry<T>>,
-    tenants: HashMap<u64, TenantRec>,
+    /// Tenant id to its record's index in `slots` (only tenants with something queued).
+    tenants: HashMap<u64, usize>,
+    /// Tenant records, reused through `free`; entries point here so scans need no hashing.
+    slots: Vec<TenantRec>,
+    free: Vec<usize>,
     next_seq: u64,
     serves: u64,
     counts: [usize; 4],
@@ -105,6 +135,8 @@ impl<T> AdmissionQueue<T> {
             cfg,
             entries: BTreeMap::new(),
             tenants: HashMap::new(),
+            slots: Vec::new(),
+            free: Vec::new(),
             next_seq: 0,
             serves: 0,
             counts: [0; 4],
@@ -158,9 +190,27 @@ impl<T> AdmissionQueue<T> {
         let seq = self.next_seq;
         self.next_seq += 1;
         let serves = self.serves;
-        self.tenants.entry(tenant).or_insert(TenantRec { queued: 0, stamp: serves }).queued += 1;
+        let slot = match self.tenants.get(&tenant) {
+            Some(&slot) => slot,
+            None => {
+                let rec = TenantRec { id: tenant, queued: 0, stamp: serves };
+                let slot = match self.free.pop() {
+                    Some(slot) => {
+                        self.slots[slot] = rec;
+                        slot
+                    }
+                    None => {
+                        self.slots.push(rec);
+                        self.slots.len() - 1
+                    }
+                };
+                self.tenants.insert(tenant, slot);
+                slot
+            }
+        };
+        self.slots[slot].queued += 1;
         self.counts[class.rank()] += 1;
-        self.entries.insert(seq, Entry { item, class, tenant, at });
+        self.entries.insert(seq, Entry { item, class, slot, at });
         Ok(Ticket(seq))
     }
 
@@ -172,12 +222,14 @@ impl<T> AdmissionQueue<T> {
     /// Takes the next item in dispatch order among those `accept` approves (a freed worker that
     /// serves only some of the queued items' models).
     pub fn pop_where(&mut self, now: Instant, mut accept: impl FnMut(&T) -> bool) -> Option<(Ticket, T)> {
+        let aging = Aging::new(self.cfg.aging, now);
         let mut best: Option<((usize, u64, u64), u64)> = None;
         for (&seq, e) in &self.entries {
             if !accept(&e.item) {
                 continue;
             }
-            let key = (self.effective_rank(e, now), self.stamp(e.tenant), seq);
+            let stamp = if self.cfg.fairness { self.slots[e.slot].stamp } else { 0 };
+            let key = (aging.rank(e), stamp, seq);
             match best {
                 Some((k, _)) if k <= key => {}
                 _ => best = Some((key, seq)),
@@ -186,7 +238,7 @@ impl<T> AdmissionQueue<T> {
         let (_, seq) = best?;
         let e = self.take(seq)?;
         self.serves += 1;
-        if let Some(rec) = self.tenants.get_mut(&e.tenant) {
+        if let Some(rec) = self.slots.get_mut(e.slot).filter(|r| r.queued > 0) {
             rec.stamp = self.serves;
         }
         Some((Ticket(seq), e.item))
@@ -208,9 +260,10 @@ impl<T> AdmissionQueue<T> {
     /// Every queued ticket in the order successive `pop(now)`s would return them (for positions and
     /// the admin API's queue view).
     pub fn dispatch_order(&self, now: Instant) -> Vec<Ticket> {
-        let mut groups: [Vec<(u64, u64)>; 4] = Default::default();
+        let aging = Aging::new(self.cfg.aging, now);
+        let mut groups: [Vec<(u64, usize)>; 4] = Default::default();
         for (&seq, e) in &self.entries {
-            groups[self.effective_rank(e, now)].push((seq, e.tenant));
+            groups[aging.rank(e)].push((seq, e.slot));
         }
         let mut order = Vec::with_capacity(self.entries.len());
         if !self.cfg.fairness {
@@ -220,56 +273,38 @@ impl<T> AdmissionQueue<T> {
             return order;
         }
         // Replays the round robin: per class, tenants by (stamp, oldest seq); each serve restamps.
-        let mut stamps: HashMap<u64, u64> = self.tenants.iter().map(|(&t, r)| (t, r.stamp)).collect();
+        let mut stamps: Vec<u64> = self.slots.iter().map(|r| r.stamp).collect();
+        let mut per_tenant: Vec<VecDeque<u64>> = vec![VecDeque::new(); self.slots.len()];
         let mut serves = self.serves;
         for group in groups {
-            let mut per_tenant: HashMap<u64, VecDeque<u64>> = HashMap::new();
-            for (seq, tenant) in group {
-                per_tenant.entry(tenant).or_default().push_back(seq);
+            let mut heap = BinaryHeap::new();
+            for (seq, slot) in group {
+                if per_tenant[slot].is_empty() {
+                    heap.push(Reverse((stamps[slot], seq, slot)));
+                }
+                per_tenant[slot].push_back(seq);
             }
-            let mut heap: BinaryHeap<Reverse<(u64, u64, u64)>> = per_tenant
-                .iter()
-                .filter_map(|(&t, q)| Some(Reverse((stamps.get(&t).copied().unwrap_or(0), *q.front()?, t))))
-                .collect();
-            while let Some(Reverse((_, seq, tenant))) = heap.pop() {
+            while let Some(Reverse((_, seq, slot))) = heap.pop() {
                 order.push(Ticket(seq));
                 serves += 1;
-                stamps.insert(tenant, serves);
-                if let Some(q) = per_tenant.get_mut(&tenant) {
-                    q.pop_front();
-                    if let Some(&next) = q.front() {
-                        heap.push(Reverse((serves, next, tenant)));
-                    }
+                stamps[slot] = serves;
+                per_tenant[slot].pop_front();
+                if let Some(&next) = per_tenant[slot].front() {
+                    heap.push(Reverse((serves, next, slot)));
                 }
             }
         }
         order
     }
 
-    fn effective_rank(&self, e: &Entry<T>, now: Instant) -> usize {
-        let rank = e.class.rank();
-        let aging = self.cfg.aging.as_nanos();
-        if aging == 0 || rank == 0 {
-            return rank;
-        }
-        let steps = now.saturating_duration_since(e.at).as_nanos() / aging;
-        rank.saturating_sub(usize::try_from(steps).unwrap_or(usize::MAX))
-    }
-
-    fn stamp(&self, tenant: u64) -> u64 {
-        if !self.cfg.fairness {
-            return 0;
-        }
-        self.tenants.get(&tenant).map_or(0, |r| r.stamp)
-    }
-
     fn take(&mut self, seq: u64) -> Option<Entry<T>> {
         let e = self.entries.remove(&seq)?;
         self.counts[e.class.rank()] -= 1;
-        if let Some(rec) = self.tenants.get_mut(&e.tenant) {
+        if let Some(rec) = self.slots.get_mut(e.slot) {
             rec.queued -= 1;
             if rec.queued == 0 {
-                self.tenants.remove(&e.tenant);
+                self.tenants.remove(&rec.id);
+                self.free.push(e.slot);
             }
         }
         Some(e)
@@ -513,6 +548,7 @@ mod tests {
                 prop_assert!(q.len() <= max_size);
                 prop_assert_eq!(q.len(), live.len());
                 prop_assert!(q.tenant_count() <= q.len());
+                prop_assert!(q.slots.len() <= max_size);
                 let mut counts = [0; 4];
                 for &c in live.values() { counts[c] += 1; }
                 prop_assert_eq!(q.counts_by_class(), counts);
