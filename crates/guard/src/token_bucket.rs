@@ -47,7 +47,7 @@ pub struct Denied {
 }
 
 impl Denied {
-    fn never() -> Self {
+    fn forever() -> Self {
         Self { retry_after: MAX_RETRY_AFTER, never: true }
     }
 }
@@ -123,14 +123,14 @@ impl TokenBucket {
         }
         self.refill(now);
         if n > self.burst {
-            return Err(Denied::never());
+            return Err(Denied::forever());
         }
         if self.level >= n {
             self.level -= n;
             return Ok(());
         }
         if self.rate_per_sec == 0.0 {
-            return Err(Denied::never());
+            return Err(Denied::forever());
         }
         Err(Denied { retry_after: wait_for(n - self.level, self.rate_per_sec), never: false })
     }
@@ -230,7 +230,7 @@ impl WindowCounter {
     pub fn try_take(&mut self, n: u64, unix_secs: u64) -> Result<(), Denied> {
         self.roll(unix_secs);
         if n > self.limit {
-            return Err(Denied::never());
+            return Err(Denied::forever());
         }
         if self.used.saturating_add(n) <= self.limit {
             self.used += n;
