@@ -6,6 +6,9 @@
 //! - **ITL** = `itl_ms * (1 + running / max_num_seqs)`, read afresh before each token: a full batch
 //!   decodes at half the speed of an empty one, so piling load on one worker shows up in its latency.
 //!
+//! Token deadlines are absolute (`previous deadline + ITL`), so a reader slower than the ITL gets the
+//! backlog in a burst, as from a real engine that does not wait for slow clients.
+//!
 //! With every latency zero no timer is touched: tokens are produced back to back. A [`Generation`] owns the
 //! engine [`Ticket`], so whoever owns the generation (the response body, or the handler future for
 //! non-streaming requests) holds the request's load; dropping it mid-way counts an abort.
@@ -151,5 +154,59 @@ impl Drop for Generation {
             let m = &self.ticket.engine().metrics;
             m.on_finished(FinishReason::Abort, self.arrival.elapsed().as_secs_f64());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use rand::SeedableRng;
+
+    use super::*;
+    use crate::engine::Engine;
+    use crate::tokenizer::tokenize;
+
+    fn gen(engine: &Arc<Engine>, prompt: &[u8], timing: Timing, planned: u32) -> Generation {
+        let p = tokenize("m", prompt, 16);
+        let ticket = engine.submit(&p, planned).unwrap();
+        let rng = SmallRng::seed_from_u64(0);
+        Generation::new(ticket, timing, rng, Instant::now(), p.tokens, planned, FinishReason::Length, None)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ttft_pays_for_uncached_prompt_and_itl_grows_with_batch() {
+        let engine = Arc::new(Engine::new(2, 10, 1000, 16));
+        let timing = Timing { ttft_ms: 100.0, prefill_ms_per_1k_tokens: 1000.0, itl_ms: 10.0, extra_latency_ms: 5 };
+        let prompt = vec![b'p'; 4000]; // 1000 tokens
+        let mut a = gen(&engine, &prompt, timing, 3);
+        let t0 = Instant::now();
+        a.begin().await;
+        // 100 + 1000 * 1000/1000 + 5 ms.
+        assert_eq!(t0.elapsed(), Duration::from_millis(1105));
+        assert!(matches!(a.next().await, Step::Token(_)));
+        assert_eq!(t0.elapsed(), Duration::from_millis(1105), "first token right after TTFT");
+        // A second request joins the batch (its prefill is not awaited here).
+        let b = gen(&engine, b"short", timing, 1);
+        assert_eq!(engine.running(), 2);
+        let t1 = Instant::now();
+        assert!(matches!(a.next().await, Step::Token(_)));
+        // Full 2-slot batch: 10 * (1 + 2/2) = 20 ms.
+        assert_eq!(t1.elapsed(), Duration::from_millis(20));
+        drop(b);
+        let t2 = Instant::now();
+        assert!(matches!(a.next().await, Step::Token(_)));
+        // Alone: 10 * (1 + 1/2) = 15 ms.
+        assert_eq!(t2.elapsed(), Duration::from_millis(15));
+        assert_eq!(a.next().await, Step::Done(FinishReason::Length));
+        assert_eq!(a.usage().completion_tokens, 3);
+        drop(a);
+        // Same prompt again: 992 of 1000 tokens hit (whole blocks; the last token is always computed),
+        // so prefill costs 8 ms.
+        let mut c = gen(&engine, &prompt, timing, 1);
+        let t3 = Instant::now();
+        c.begin().await;
+        assert_eq!(t3.elapsed(), Duration::from_millis(113));
+        assert_eq!(c.usage().cached_tokens, 992);
     }
 }

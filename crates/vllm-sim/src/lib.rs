@@ -15,6 +15,15 @@
 //! - `server`: the axum router ([`app`]) and its handlers, [`SimState`].
 //! - `serve`: the accept loop, [`spawn`], [`start`], [`SimHandle`].
 //! - `cli`: the `vllm-sim` binary's flags.
+//!
+//! # Invariants
+//! - **Architecture Invariant:** a request's engine membership (slot, queue place, KV blocks) is owned by
+//!   one `Ticket`, held by whoever produces its response: the SSE body for streams, the handler future
+//!   otherwise. Dropping it (client gone, connection cut, server shut down) releases everything at once.
+//! - **Architecture Invariant:** the engine lock is never held across `.await`; waiting happens on a
+//!   oneshot that the scheduler fills when the request is admitted.
+//! - **Architecture Invariant:** `kv`, `tokenizer` and `openai` do no IO and keep no clock.
+//! - With all latencies at zero no timer is armed, so the sim measures the gateway, not itself.
 
 pub mod cli;
 pub mod config;
