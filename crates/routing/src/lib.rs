@@ -12,6 +12,8 @@
 //! (healthy, not draining, breaker closed, serves the model, has capacity) is filtered by the caller
 //! before any policy runs, so a policy only ever sees legal choices.
 
+#![warn(missing_docs)]
+
 pub mod adaptive;
 pub mod config;
 pub mod consistent_hash;
