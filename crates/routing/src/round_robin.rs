@@ -1,4 +1,10 @@
 //! `round_robin`: rotate over the eligible candidates.
+//!
+//! The simplest fair policy: request `k` goes to candidate `k mod n`, so over any `n` consecutive picks
+//! on an unchanged set every worker gets exactly one. It needs no load signal at all, which makes it the
+//! right default for identical workers behind one gateway and the baseline the other strategies are
+//! measured against. It is blind to speed and queue length, so a slow worker gets the same share as a
+//! fast one; `least_queue` and `p2c_kv` fix that.
 
 use crate::policy::Policy;
 use gateway_core::{RequestFeatures, WorkerView};
@@ -49,5 +55,18 @@ mod tests {
         assert_eq!(counts, [100, 100, 100]);
         assert_eq!(rr.select(&req, &[], &mut rng), None);
         assert_eq!(rr.select(&req, &views(1), &mut rng), Some(0));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn never_out_of_range(sizes in proptest::collection::vec(0u64..20, 1..40)) {
+            let rr = RoundRobin::default();
+            let mut rng = rand::rngs::SmallRng::seed_from_u64(2);
+            for n in sizes {
+                let pick = rr.select(&RequestFeatures::default(), &views(n), &mut rng);
+                proptest::prop_assert_eq!(pick.is_none(), n == 0);
+                proptest::prop_assert!(pick.iter().all(|&i| (i as u64) < n));
+            }
+        }
     }
 }
