@@ -144,7 +144,7 @@ async fn generate(
     // Always draw, so the output of request `i` does not depend on the error rate.
     let error_draw: f64 = rng.random();
     let (lo, hi) = (cfg.output_tokens.0.min(cfg.output_tokens.1), cfg.output_tokens.0.max(cfg.output_tokens.1));
-    let drawn = rng.random_range(lo..=hi.max(1));
+    let drawn = rng.random_range(lo..=hi);
     if error_draw < faults.error_rate {
         return Err(ApiError::internal("Simulated engine failure (error_rate fault)."));
     }

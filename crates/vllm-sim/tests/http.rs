@@ -236,8 +236,12 @@ async fn client_disconnect_releases_the_request() {
     let mut body = resp.bytes_stream();
     body.next().await.unwrap().unwrap();
     assert_eq!(sim.running(), 1);
+    let text = metrics(&sim).await;
+    assert_eq!(metric_value(&text, "vllm:num_requests_running"), 1.0);
+    assert!(metric_value(&text, "vllm:kv_cache_usage_perc") > 0.0);
     drop(body);
     wait_for(5, "running back to 0 after a stream disconnect", || sim.running() == 0).await;
+    assert_eq!(metric_value(&metrics(&sim).await, "vllm:kv_cache_usage_perc"), 0.0, "blocks released");
 
     // Non-streaming: the client gives up before the answer.
     let client = reqwest::Client::builder().timeout(Duration::from_millis(200)).build().unwrap();
