@@ -3,6 +3,7 @@
 //! bytes in, bytes out. Chunks are written from pre-rendered prefixes so a token costs one small copy.
 
 use bytes::Bytes;
+use serde::Serialize;
 use serde_json::{json, Value};
 
 use crate::error::ApiError;
@@ -150,15 +151,42 @@ pub struct Usage {
     pub cached_tokens: u32,
 }
 
+/// `usage` in vLLM's field order.
+#[derive(Serialize)]
+struct UsageJson {
+    prompt_tokens: u32,
+    total_tokens: u32,
+    completion_tokens: u32,
+    prompt_tokens_details: CachedJson,
+}
+
+#[derive(Serialize)]
+struct CachedJson {
+    cached_tokens: u32,
+}
+
 impl Usage {
-    fn to_json(self) -> Value {
-        json!({
-            "prompt_tokens": self.prompt_tokens,
-            "total_tokens": self.prompt_tokens + self.completion_tokens,
-            "completion_tokens": self.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
-        })
+    fn to_json(self) -> UsageJson {
+        UsageJson {
+            prompt_tokens: self.prompt_tokens,
+            total_tokens: self.prompt_tokens + self.completion_tokens,
+            completion_tokens: self.completion_tokens,
+            prompt_tokens_details: CachedJson { cached_tokens: self.cached_tokens },
+        }
     }
+}
+
+/// A response or usage-chunk envelope in vLLM's field order.
+#[derive(Serialize)]
+struct Envelope<'a> {
+    id: &'a str,
+    object: &'static str,
+    created: u64,
+    model: &'a str,
+    choices: Vec<Value>,
+    usage: UsageJson,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    prompt_logprobs: Option<()>,
 }
 
 /// Writes one request's bodies and chunks with its id, creation time and model.
@@ -180,9 +208,12 @@ impl Formatter {
             Endpoint::Completions => ("cmpl", "text_completion"),
         };
         let id = format!("{prefix}-{id_hex}");
-        let head = json!({"id": id, "object": object, "created": created, "model": model}).to_string();
-        // `head` is `{...}`: drop the closing brace to append the choices.
-        let chunk_head = format!("data: {},\"choices\":[{{\"index\":0,", &head[..head.len() - 1]);
+        // Field order as vLLM writes it: id, object, created, model, choices.
+        let chunk_head = format!(
+            "data: {{\"id\":{},\"object\":\"{object}\",\"created\":{created},\"model\":{},\"choices\":[{{\"index\":0,",
+            Value::String(id.clone()),
+            Value::String(model.to_owned())
+        );
         Self { endpoint, id, created, model: model.to_owned(), chunk_head }
     }
 
@@ -222,8 +253,8 @@ impl Formatter {
             Endpoint::Chat => "chat.completion.chunk",
             Endpoint::Completions => "text_completion",
         };
-        let v = json!({"id": self.id, "object": object, "created": self.created, "model": self.model,
-            "choices": [], "usage": usage.to_json()});
+        let env = self.envelope(object, Vec::new(), usage, false);
+        let v = serde_json::to_string(&env).unwrap_or_default();
         Bytes::from(format!("data: {v}\n\n"))
     }
 
@@ -232,8 +263,20 @@ impl Formatter {
         Bytes::from_static(b"data: [DONE]\n\n")
     }
 
-    /// A whole non-streaming response body.
-    pub fn full_body(&self, text: &str, reason: FinishReason, usage: Usage) -> Value {
+    fn envelope(&self, object: &'static str, choices: Vec<Value>, usage: Usage, full: bool) -> Envelope<'_> {
+        Envelope {
+            id: &self.id,
+            object,
+            created: self.created,
+            model: &self.model,
+            choices,
+            usage: usage.to_json(),
+            prompt_logprobs: full.then_some(()),
+        }
+    }
+
+    /// A whole non-streaming response body (serialized JSON).
+    pub fn full_body(&self, text: &str, reason: FinishReason, usage: Usage) -> String {
         let (object, choice) = match self.endpoint {
             Endpoint::Chat => (
                 "chat.completion",
@@ -246,8 +289,7 @@ impl Formatter {
                     "stop_reason": null}),
             ),
         };
-        json!({"id": self.id, "object": object, "created": self.created, "model": self.model,
-            "choices": [choice], "usage": usage.to_json(), "prompt_logprobs": null})
+        serde_json::to_string(&self.envelope(object, vec![choice], usage, true)).unwrap_or_default()
     }
 }
 

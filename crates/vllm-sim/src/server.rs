@@ -194,7 +194,10 @@ async fn generate(
     loop {
         match gen.next().await {
             Step::Token(t) => text.push_str(t),
-            Step::Done(reason) => return Ok(Json(fmt.full_body(&text, reason, gen.usage())).into_response()),
+            Step::Done(reason) => {
+                let body = fmt.full_body(&text, reason, gen.usage());
+                return Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response());
+            }
             Step::Died => {
                 if let Some(k) = killer {
                     k.kill();
