@@ -1,1 +1,32 @@
-fn main() {}
+//! End-to-end benchmarks of llm-gateway against vllm-sim, each printing one table.
+//!
+//! `cargo run --release -p bench -- overhead`: the gateway's added latency and CPU cost per request,
+//! measured as direct-to-worker versus through-the-gateway in one run.
+
+mod load;
+mod overhead;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "bench", about = "End-to-end benchmarks of llm-gateway")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Direct vs through-the-gateway against a zero-latency vllm-sim: rps, p50, p99 and their ratio.
+    Overhead(overhead::Args),
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async {
+        match cli.cmd {
+            Cmd::Overhead(args) => overhead::run(args).await,
+        }
+    })
+}

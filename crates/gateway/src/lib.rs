@@ -10,10 +10,13 @@
 //! - [`relay`], [`usage`]: the relayed response body that releases load when it ends.
 //! - [`metrics`]: every metric name.
 //! - [`server`]: the router (`app`) and the server lifecycle ([`server::Gateway`]).
-//! - [`demo`], [`cli`]: `--demo` workers and the command line.
+//! - [`admin`], [`dashboard`]: the admin API and the live dashboard.
+//! - [`demo`], [`cli`]: `--demo` workers and the command line (server flags and subcommands).
 
+pub mod admin;
 pub mod cli;
 pub mod config;
+pub mod dashboard;
 pub mod demo;
 pub mod error;
 pub mod fleet;
@@ -36,5 +39,7 @@ pub fn init_logging(cfg: &config::LogConfig) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&cfg.level));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = builder.with_ansi(ansi);
     let _ = if cfg.format == "json" { builder.json().try_init() } else { builder.try_init() };
 }

@@ -1,7 +1,7 @@
 //! `llm-gateway`: read config, exit with one clear line on bad config, run until SIGTERM or Ctrl-C.
 
 use clap::Parser;
-use llm_gateway::cli::Cli;
+use llm_gateway::cli::{Cli, ServeArgs};
 use llm_gateway::{demo, Config, Gateway};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -9,6 +9,13 @@ use std::time::Duration;
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    match cli.command {
+        Some(cmd) => llm_gateway::cli::run(cmd).await,
+        None => serve(cli.serve).await,
+    }
+}
+
+async fn serve(cli: ServeArgs) -> ExitCode {
     let mut config = match Config::load(cli.config.as_deref(), &cli.overrides()) {
         Ok(c) => c,
         Err(e) => {

@@ -1,0 +1,86 @@
+//! A closed-loop load generator: `concurrency` tasks each send requests back to back for a duration and
+//! record each request's latency (to the end of the body, streams included).
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::TokioExecutor;
+use std::time::{Duration, Instant};
+
+/// What a load run measured.
+pub struct Report {
+    /// Requests that completed with 2xx.
+    pub ok: u64,
+    /// Requests that failed (status or transport).
+    pub errors: u64,
+    /// Wall time of the run.
+    pub elapsed: Duration,
+    /// Sorted latencies of the successful requests.
+    pub latencies: Vec<Duration>,
+}
+
+impl Report {
+    /// Successful requests per second.
+    pub fn rps(&self) -> f64 {
+        self.ok as f64 / self.elapsed.as_secs_f64()
+    }
+
+    /// The `q` quantile of latency (0..1).
+    pub fn quantile(&self, q: f64) -> Duration {
+        if self.latencies.is_empty() {
+            return Duration::ZERO;
+        }
+        let idx = ((self.latencies.len() as f64 - 1.0) * q).round() as usize;
+        self.latencies[idx.min(self.latencies.len() - 1)]
+    }
+}
+
+/// A pooled client with TCP_NODELAY, like the gateway's own.
+pub fn client() -> Client<HttpConnector, Full<Bytes>> {
+    let mut http = HttpConnector::new();
+    http.set_nodelay(true);
+    Client::builder(TokioExecutor::new()).pool_max_idle_per_host(1024).build(http)
+}
+
+/// Runs `concurrency` closed loops of POST `url` with `body` for `duration`.
+pub async fn run(url: &str, body: Bytes, concurrency: usize, duration: Duration) -> anyhow::Result<Report> {
+    let client = client();
+    let uri: http::Uri = url.parse()?;
+    let start = Instant::now();
+    let end = start + duration;
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let client = client.clone();
+        let uri = uri.clone();
+        let body = body.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let mut errors = 0u64;
+            while Instant::now() < end {
+                let t0 = Instant::now();
+                let req = http::Request::post(uri.clone())
+                    .header("content-type", "application/json")
+                    .body(Full::new(body.clone()))
+                    .expect("static request parts are valid");
+                match client.request(req).await {
+                    Ok(resp) if resp.status().is_success() => match resp.into_body().collect().await {
+                        Ok(_) => lat.push(t0.elapsed()),
+                        Err(_) => errors += 1,
+                    },
+                    _ => errors += 1,
+                }
+            }
+            (lat, errors)
+        }));
+    }
+    let mut latencies = Vec::new();
+    let mut errors = 0;
+    for t in tasks {
+        let (lat, err) = t.await?;
+        latencies.extend(lat);
+        errors += err;
+    }
+    let elapsed = start.elapsed();
+    latencies.sort_unstable();
+    Ok(Report { ok: latencies.len() as u64, errors, elapsed, latencies })
+}
