@@ -27,6 +27,16 @@ pub struct Config {
     pub health: HealthConfig,
     /// Log format and level.
     pub log: LogConfig,
+    /// Admin API protection.
+    pub admin: AdminConfig,
+}
+
+/// `[admin]`.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    /// When set, admin mutations need `Authorization: Bearer <token>` (or `X-Admin-Token`).
+    pub token: Option<String>,
 }
 
 /// `[server]`.
@@ -156,7 +166,7 @@ impl Default for LogConfig {
 }
 
 /// Sections whose keys `LLM_<SECTION>_<KEY>` reaches.
-const SECTIONS: &[&str] = &["server", "upstream", "routing", "health", "log"];
+const SECTIONS: &[&str] = &["server", "upstream", "routing", "health", "log", "admin"];
 
 /// Command-line values that outrank every other layer.
 #[derive(Debug, Clone, Default)]
