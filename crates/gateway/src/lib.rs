@@ -11,6 +11,7 @@
 //! - [`metrics`]: every metric name.
 //! - [`server`]: the router (`app`) and the server lifecycle ([`server::Gateway`]).
 //! - [`admin`], [`dashboard`]: the admin API and the live dashboard.
+//! - [`reload`]: hot reload of the config (admin API, file change, `SIGHUP`).
 //! - [`demo`], [`cli`]: `--demo` workers and the command line (server flags and subcommands).
 
 pub mod admin;
@@ -24,6 +25,7 @@ pub mod metrics;
 pub mod probe;
 pub mod proxy;
 pub mod relay;
+pub mod reload;
 pub mod scrape;
 pub mod server;
 pub mod state;

@@ -1,7 +1,9 @@
-//! `llm-gateway`: read config, exit with one clear line on bad config, run until SIGTERM or Ctrl-C.
+//! `llm-gateway`: read config, exit with one clear line on bad config, run until SIGTERM or Ctrl-C
+//! (reloading the config on SIGHUP and file change).
 
 use clap::Parser;
 use llm_gateway::cli::{Cli, ServeArgs};
+use llm_gateway::reload::{self, ConfigSource};
 use llm_gateway::{demo, Config, Gateway};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -16,7 +18,8 @@ async fn main() -> ExitCode {
 }
 
 async fn serve(cli: ServeArgs) -> ExitCode {
-    let mut config = match Config::load(cli.config.as_deref(), &cli.overrides()) {
+    let mut source = ConfigSource { file: cli.config.clone(), overrides: cli.overrides(), fixed_workers: None };
+    let mut config = match Config::load(cli.config.as_deref(), &source.overrides) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("llm-gateway: config error: {e}");
@@ -28,6 +31,8 @@ async fn serve(cli: ServeArgs) -> ExitCode {
     let _sims = match cli.demo {
         Some(n) => match demo::start(n.max(1)).await {
             Ok((sims, workers)) => {
+                // Reloads keep the demo workers, whatever the file says.
+                source.fixed_workers = Some(workers.clone());
                 config.workers = workers;
                 sims
             }
@@ -47,6 +52,7 @@ async fn serve(cli: ServeArgs) -> ExitCode {
         }
     };
     println!("llm-gateway listening on {}", gateway.url());
+    reload::spawn_watchers(std::sync::Arc::clone(&gateway.state), source);
     shutdown_signal().await;
     tracing::info!("shutting down");
     if gateway.shutdown(grace).await {

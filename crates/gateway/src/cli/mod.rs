@@ -1,7 +1,14 @@
-//! The command line of `llm-gateway`: with no subcommand it serves; subcommands talk to a running gateway.
+//! The command line of `llm-gateway`: with no subcommand it serves; subcommands talk to a running gateway
+//! through its admin API ([`remote`]) or put load on it ([`loadtest`]).
+//!
+//! Every subcommand prints human-readable text and exits non-zero with one line on stderr when it fails.
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
+use std::process::ExitCode;
+
+pub mod loadtest;
+pub mod remote;
 
 /// OpenAI-compatible load-balancing gateway for self-hosted LLM inference.
 #[derive(Debug, Parser)]
@@ -55,6 +62,20 @@ impl ServeArgs {
 pub enum Command {
     /// Whether the gateway at --url is healthy.
     Health(Remote),
+    /// Version, uptime, strategy, worker and request counts.
+    Status(Remote),
+    /// The workers and their live load, as a table.
+    Workers(Remote),
+    /// Status and workers, refreshed every --interval seconds until Ctrl-C.
+    Watch(WatchArgs),
+    /// Stop sending new requests to a worker (in-flight ones finish).
+    Drain(WorkerArgs),
+    /// Send new requests to a drained worker again.
+    Undrain(WorkerArgs),
+    /// Show the running config (secrets redacted), or change it with --set KEY=VALUE.
+    Config(ConfigArgs),
+    /// Closed-loop load on a gateway's /v1/chat/completions, then a latency and throughput report.
+    Loadtest(loadtest::LoadtestArgs),
 }
 
 /// Where the running gateway is.
@@ -68,26 +89,57 @@ pub struct Remote {
     pub admin_token: Option<String>,
 }
 
+/// `watch`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct WatchArgs {
+    /// The gateway.
+    #[command(flatten)]
+    pub remote: Remote,
+    /// Seconds between refreshes.
+    #[arg(long, short = 'n', default_value_t = 1.0)]
+    pub interval: f64,
+}
+
+/// `drain` and `undrain`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct WorkerArgs {
+    /// The worker: its name or numeric id (see `llm-gateway workers`).
+    #[arg(value_name = "ID")]
+    pub id: String,
+    /// The gateway.
+    #[command(flatten)]
+    pub remote: Remote,
+}
+
+/// `config`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ConfigArgs {
+    /// Change a key: dotted path = value, the value read as JSON when it parses, else as a string
+    /// (`--set routing.strategy=p2c_kv --set health.interval_ms=500`). Repeatable; applied together.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// The gateway.
+    #[command(flatten)]
+    pub remote: Remote,
+}
+
 /// Runs a subcommand; the exit code says whether it succeeded.
-pub async fn run(cmd: Command) -> std::process::ExitCode {
-    match cmd {
-        Command::Health(remote) => {
-            let url = format!("{}/health", remote.url.trim_end_matches('/'));
-            match reqwest::get(&url).await {
-                Ok(resp) => {
-                    let ok = resp.status().is_success();
-                    println!("{}", resp.text().await.unwrap_or_default());
-                    if ok {
-                        std::process::ExitCode::SUCCESS
-                    } else {
-                        std::process::ExitCode::FAILURE
-                    }
-                }
-                Err(e) => {
-                    eprintln!("llm-gateway: cannot reach {url}: {e}");
-                    std::process::ExitCode::FAILURE
-                }
-            }
+pub async fn run(cmd: Command) -> ExitCode {
+    let result = match cmd {
+        Command::Health(r) => remote::health(&r).await,
+        Command::Status(r) => remote::status(&r).await,
+        Command::Workers(r) => remote::workers(&r).await,
+        Command::Watch(a) => remote::watch(&a.remote, a.interval).await,
+        Command::Drain(a) => remote::drain(&a.remote, &a.id, true).await,
+        Command::Undrain(a) => remote::drain(&a.remote, &a.id, false).await,
+        Command::Config(a) => remote::config(&a.remote, &a.set).await,
+        Command::Loadtest(a) => loadtest::run(a).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("llm-gateway: {}", e.replace('\n', " "));
+            ExitCode::FAILURE
         }
     }
 }
