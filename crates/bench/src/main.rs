@@ -2,9 +2,14 @@
 //!
 //! `cargo run --release -p bench -- overhead`: the gateway's added latency and CPU cost per request,
 //! measured as direct-to-worker versus through-the-gateway in one run.
+//!
+//! `cargo run --release -p bench -- routing`: the seven routing strategies on one heterogeneous vllm-sim
+//! fleet under one seeded multi-turn chat workload: throughput, TTFT, prefix-cache hit rate, balance.
 
 mod load;
 mod overhead;
+mod routing;
+mod workload;
 
 use clap::{Parser, Subcommand};
 
@@ -19,6 +24,8 @@ struct Cli {
 enum Cmd {
     /// Direct vs through-the-gateway against a zero-latency vllm-sim: rps, p50, p99 and their ratio.
     Overhead(overhead::Args),
+    /// Every routing strategy on a heterogeneous sim fleet: req/s, TTFT p50/p99, e2e p99, cache hits, shares.
+    Routing(routing::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -27,6 +34,7 @@ fn main() -> anyhow::Result<()> {
     rt.block_on(async {
         match cli.cmd {
             Cmd::Overhead(args) => overhead::run(args).await,
+            Cmd::Routing(args) => routing::run(args).await,
         }
     })
 }
