@@ -169,13 +169,16 @@ pub fn spawn_watchers(app: Arc<AppState>, source: ConfigSource) {
         });
     }
     if let Some(path) = source.watched_file() {
-        tokio::spawn(watch_file(app, source, path, POLL_INTERVAL));
+        // The baseline is read now, not when the task first runs: a change made right after this call
+        // must count as a change.
+        let baseline = file_state(&path);
+        tokio::spawn(watch_file(app, source, path, baseline, POLL_INTERVAL));
     }
 }
 
 /// Polls `path` every `every`; a change of modification time or content triggers a reload.
-async fn watch_file(app: Arc<AppState>, source: ConfigSource, path: PathBuf, every: Duration) {
-    let mut last = file_state(&path).await;
+async fn watch_file(app: Arc<AppState>, source: ConfigSource, path: PathBuf, baseline: FileState, every: Duration) {
+    let mut last = baseline;
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -183,7 +186,10 @@ async fn watch_file(app: Arc<AppState>, source: ConfigSource, path: PathBuf, eve
             _ = app.shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let now = file_state(&path).await;
+        let now = {
+            let path = path.clone();
+            tokio::task::spawn_blocking(move || file_state(&path)).await.ok().flatten()
+        };
         if now == last {
             continue;
         }
@@ -198,9 +204,12 @@ async fn watch_file(app: Arc<AppState>, source: ConfigSource, path: PathBuf, eve
     }
 }
 
-/// Modification time and content of the file (content too: some editors and filesystems keep mtime).
-async fn file_state(path: &Path) -> Option<(Option<std::time::SystemTime>, Vec<u8>)> {
-    let modified = tokio::fs::metadata(path).await.ok()?.modified().ok();
-    let content = tokio::fs::read(path).await.ok()?;
+/// Modification time and content of a file, `None` when it cannot be read.
+type FileState = Option<(Option<std::time::SystemTime>, Vec<u8>)>;
+
+/// The file's [`FileState`] (content too: some editors and filesystems keep the mtime on a rewrite).
+fn file_state(path: &Path) -> FileState {
+    let modified = std::fs::metadata(path).ok()?.modified().ok();
+    let content = std::fs::read(path).ok()?;
     Some((modified, content))
 }
