@@ -20,6 +20,12 @@ pub struct Args {
     /// Output tokens per request.
     #[arg(long, default_value_t = 16)]
     tokens: u32,
+    /// Which request kinds to run: `non-stream`, `stream` or both.
+    #[arg(long, value_delimiter = ',', default_value = "non-stream,stream")]
+    modes: Vec<String>,
+    /// Only measure through the gateway (for profiling the gateway alone).
+    #[arg(long)]
+    gateway_only: bool,
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
@@ -45,6 +51,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for stream in [false, true] {
+        if !args.modes.iter().any(|m| m == if stream { "stream" } else { "non-stream" }) {
+            continue;
+        }
         let body = Bytes::from(
             serde_json::json!({
                 "model": "demo-model",

@@ -182,6 +182,11 @@ enum State {
 
 /// Bytes kept from the end of the stream to tell whether `data: [DONE]` arrived.
 const TAIL: usize = 32;
+/// Most bytes gathered into one relayed chunk.
+const MAX_BATCH: usize = 64 * 1024;
+/// Yields without a new frame before a gathered batch goes out. The upstream connection's task may run on
+/// the other worker thread, so one empty yield can come too early; two cost well under a microsecond more.
+const MAX_IDLE_YIELDS: u8 = 2;
 
 /// The relayed response body.
 pub struct RelayBody {
@@ -193,6 +198,18 @@ pub struct RelayBody {
     idle: Pin<Box<Sleep>>,
     deadline: Pin<Box<Sleep>>,
     inflight: Option<InFlight>,
+    /// Event-stream bytes received but not yet handed to hyper (see `poll_frame`).
+    batch: bytes::BytesMut,
+    /// Yields in a row that brought no new frame (the batch goes out after [`MAX_IDLE_YIELDS`]).
+    idle_yields: u8,
+    /// An upstream end or failure seen while a batch was pending; handled after the batch is sent.
+    deferred: Option<Deferred>,
+}
+
+/// What the upstream did after a batch started.
+enum Deferred {
+    End,
+    Failed(String),
 }
 
 impl RelayBody {
@@ -207,6 +224,9 @@ impl RelayBody {
             idle: Box::pin(tokio::time::sleep(idle_timeout)),
             deadline: Box::pin(tokio::time::sleep_until(deadline)),
             inflight: Some(inflight),
+            batch: bytes::BytesMut::new(),
+            idle_yields: 0,
+            deferred: None,
         }
     }
 
@@ -241,6 +261,21 @@ impl RelayBody {
         Poll::Ready(Some(Ok(Frame::data(Bytes::from(event)))))
     }
 
+    /// Hands the gathered event-stream bytes to hyper.
+    fn flush_batch(&mut self) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.idle_yields = 0;
+        Poll::Ready(Some(Ok(Frame::data(self.batch.split().freeze()))))
+    }
+
+    /// The upstream body ended: an event stream must have carried `[DONE]`.
+    fn end(&mut self) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if self.sse && !self.saw_done() {
+            return self.fail(OutcomeKind::ServerError, "the stream ended before [DONE]".into());
+        }
+        self.end_ok();
+        Poll::Ready(None)
+    }
+
     /// The body was delivered whole: the outcome follows the worker's status.
     fn end_ok(&mut self) {
         let kind = self.inflight.as_ref().map_or(OutcomeKind::Success, InFlight::kind_by_status);
@@ -271,46 +306,87 @@ impl Body for RelayBody {
     type Data = Bytes;
     type Error = BoxError;
 
+    /// Relays frames as they come. For event streams, frames that are already available are gathered
+    /// into one chunk, and the task yields once before handing them over: hyper's client delivers one
+    /// frame per task hand-off, so without this every SSE event costs its own `writev` to the client
+    /// (nginx, reading the socket itself, gets them in one read). The task yields while yields
+    /// still bring frames, and sends the batch after [`MAX_IDLE_YIELDS`] that bring none: no waiting on
+    /// the worker, only on frames already on their way.
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         if let State::Done = this.state {
             return Poll::Ready(None);
         }
-        match Pin::new(&mut this.upstream).poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref() {
+        if this.batch.is_empty() {
+            match this.deferred.take() {
+                Some(Deferred::End) => return this.end(),
+                Some(Deferred::Failed(reason)) => return this.fail(OutcomeKind::ServerError, reason),
+                None => {}
+            }
+        }
+        loop {
+            match Pin::new(&mut this.upstream).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    let Some(data) = frame.data_ref() else {
+                        // Trailers: send what is gathered first; trailers of an LLM answer are rare.
+                        return Poll::Ready(Some(Ok(frame)));
+                    };
                     if let Some(inflight) = this.inflight.as_mut() {
                         inflight.on_data(data);
                     }
-                    if this.sse {
-                        let data = data.clone();
-                        this.remember_tail(&data);
-                    }
                     let next = Instant::now() + this.idle_timeout;
                     this.idle.as_mut().reset(next);
+                    if !this.sse {
+                        // A body with a known length is complete at its last byte; hyper may not poll again.
+                        if this.upstream.is_end_stream() {
+                            this.end_ok();
+                        }
+                        return Poll::Ready(Some(Ok(frame)));
+                    }
+                    let data = data.clone();
+                    this.remember_tail(&data);
+                    this.batch.extend_from_slice(&data);
+                    // Progress since the last yield: another yield may bring more.
+                    this.idle_yields = 0;
+                    if this.batch.len() >= MAX_BATCH {
+                        return this.flush_batch();
+                    }
                 }
-                // A body with a known length is complete at its last byte; hyper may never poll again.
-                if this.upstream.is_end_stream() && !(this.sse && !this.saw_done()) {
-                    this.end_ok();
+                Poll::Ready(Some(Err(e))) => {
+                    let reason = format!("connection broke: {e}");
+                    if this.batch.is_empty() {
+                        return this.fail(OutcomeKind::ServerError, reason);
+                    }
+                    this.deferred = Some(Deferred::Failed(reason));
+                    return this.flush_batch();
                 }
-                Poll::Ready(Some(Ok(frame)))
-            }
-            Poll::Ready(Some(Err(e))) => this.fail(OutcomeKind::ServerError, format!("connection broke: {e}")),
-            Poll::Ready(None) => {
-                if this.sse && !this.saw_done() {
-                    return this.fail(OutcomeKind::ServerError, "the stream ended before [DONE]".into());
+                Poll::Ready(None) => {
+                    if this.batch.is_empty() {
+                        return this.end();
+                    }
+                    this.deferred = Some(Deferred::End);
+                    return this.flush_batch();
                 }
-                this.end_ok();
-                Poll::Ready(None)
-            }
-            Poll::Pending => {
-                if this.deadline.as_mut().poll(cx).is_ready() {
-                    return this.fail(OutcomeKind::Timeout, "the request exceeded upstream.total_timeout_ms".into());
+                Poll::Pending => {
+                    if !this.batch.is_empty() {
+                        if this.idle_yields < MAX_IDLE_YIELDS {
+                            this.idle_yields += 1;
+                            // `yield_now` defers the wake-up until other ready tasks (the upstream
+                            // connection's) have run; a plain self-wake would run this task again first.
+                            let _ = std::pin::pin!(tokio::task::yield_now()).poll(cx);
+                            return Poll::Pending;
+                        }
+                        return this.flush_batch();
+                    }
+                    if this.deadline.as_mut().poll(cx).is_ready() {
+                        return this
+                            .fail(OutcomeKind::Timeout, "the request exceeded upstream.total_timeout_ms".into());
+                    }
+                    if this.idle.as_mut().poll(cx).is_ready() {
+                        return this.fail(OutcomeKind::Timeout, "no data within upstream.idle_timeout_ms".into());
+                    }
+                    return Poll::Pending;
                 }
-                if this.idle.as_mut().poll(cx).is_ready() {
-                    return this.fail(OutcomeKind::Timeout, "no data within upstream.idle_timeout_ms".into());
-                }
-                Poll::Pending
             }
         }
     }
