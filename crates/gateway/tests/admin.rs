@@ -76,8 +76,8 @@ where
 }
 
 async fn get(gw: &Gateway, path: &str) -> (u16, Value) {
-    let resp = client().get(format!("{}{path}", gw.url())).send().await.unwrap();
-    (resp.status().as_u16(), resp.json().await.unwrap())
+    let resp = client().get(format!("{}{path}", gw.url())).send().await.expect("GET answers");
+    (resp.status().as_u16(), resp.json().await.expect("JSON answer"))
 }
 
 async fn send(gw: &Gateway, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
@@ -85,8 +85,8 @@ async fn send(gw: &Gateway, method: reqwest::Method, path: &str, body: Option<Va
     if let Some(b) = body {
         req = req.json(&b);
     }
-    let resp = req.send().await.unwrap();
-    (resp.status().as_u16(), resp.json().await.unwrap())
+    let resp = req.send().await.expect("request answers");
+    (resp.status().as_u16(), resp.json().await.expect("JSON answer"))
 }
 
 /// Sends one chat request; the worker that served it, or the failure.
@@ -155,7 +155,7 @@ impl Load {
     async fn finish(self) -> (u64, Vec<String>, Vec<String>) {
         self.stop.store(true, Ordering::Relaxed);
         for t in self.tasks {
-            t.await.unwrap();
+            t.await.expect("load client ends");
         }
         let failures = self.failures.lock().clone();
         let served = self.served.lock().clone();
