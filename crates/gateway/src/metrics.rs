@@ -47,6 +47,8 @@ pub struct Metrics {
     pub worker_healthy: IntGaugeVec,
     /// `llm_gateway_uptime_seconds`.
     pub uptime: Gauge,
+    /// `llm_gateway_prefix_index_entries`.
+    pub prefix_index_entries: IntGauge,
 }
 
 impl Metrics {
@@ -81,6 +83,11 @@ impl Metrics {
         registry.register(Box::new(worker_kv_usage.clone()))?;
         let uptime = Gauge::new("llm_gateway_uptime_seconds", "Seconds since the gateway started")?;
         registry.register(Box::new(uptime.clone()))?;
+        let prefix_index_entries = IntGauge::new(
+            "llm_gateway_prefix_index_entries",
+            "Entries in the routing policy's bounded prefix index (p2c_kv)",
+        )?;
+        registry.register(Box::new(prefix_index_entries.clone()))?;
         Ok(Self {
             requests: counter_vec(
                 "llm_gateway_requests_total",
@@ -120,6 +127,7 @@ impl Metrics {
             worker_kv_usage,
             worker_healthy: gauge_vec("llm_worker_healthy", "1 when the worker passes its health probes")?,
             uptime,
+            prefix_index_entries,
             registry,
         })
     }

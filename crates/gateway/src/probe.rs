@@ -58,6 +58,7 @@ pub async fn probe_once(client: &Client, worker: &Worker, cfg: &HealthConfig, re
         }
     }
     update_health(worker, cfg, ok, &health);
+    worker.refresh_error_rate(std::time::Instant::now());
 }
 
 fn update_health(

@@ -118,7 +118,7 @@ impl InFlight {
             latency: now.duration_since(self.dispatched),
             output_tokens,
         };
-        worker.record(&outcome);
+        worker.record(&outcome, now.into_std());
         self.policy.observe(&outcome);
         let m = &self.app.metrics;
         let latency = now.duration_since(self.received);

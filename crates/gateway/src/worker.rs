@@ -53,8 +53,10 @@ pub struct WorkerStats {
     pub ttft_ms: AtomicF64,
     /// EWMA of time per output token, ms.
     pub tpot_ms: AtomicF64,
-    /// EWMA of failures (1.0) and successes (0.0): the recent error rate.
+    /// Share of failures among the outcomes of the last 30 s (mirrors `errors` for lock-free reads).
     pub error_rate: AtomicF64,
+    /// The sliding window behind `error_rate`.
+    pub errors: parking_lot::Mutex<guard::SlidingErrorRate>,
     /// Requests dispatched to it, ever.
     pub requests_total: AtomicU64,
     /// Consecutive failed probes.
@@ -133,6 +135,12 @@ impl Worker {
         }
     }
 
+    /// Lets old outcomes age out of the error rate (called by the probe, so an idle worker recovers).
+    pub fn refresh_error_rate(&self, now: std::time::Instant) {
+        let rate = self.stats.errors.lock().rate(now);
+        self.stats.error_rate.set(rate);
+    }
+
     /// Counts a dispatch and returns the guard that holds the in-flight slot until dropped.
     pub fn acquire(self: &Arc<Self>) -> LoadGuard {
         self.stats.in_flight.fetch_add(1, Ordering::Relaxed);
@@ -142,13 +150,14 @@ impl Worker {
     }
 
     /// Feeds a finished request into the latency and error estimates.
-    pub fn record(&self, outcome: &Outcome) {
+    pub fn record(&self, outcome: &Outcome, now: std::time::Instant) {
         let s = &self.stats;
         let failed = outcome.kind.is_failure();
+        // Only verdicts on the worker count: client errors, overload and cancels say nothing of its health.
         if failed || outcome.kind == gateway_core::OutcomeKind::Success {
-            // Plain EWMA from 0: one failure among many successes must not read as a 100% error rate.
-            let old = s.error_rate.get();
-            s.error_rate.set(old + EWMA_ALPHA * (f64::from(u8::from(failed)) - old));
+            let mut errors = s.errors.lock();
+            errors.record(now, failed);
+            s.error_rate.set(errors.rate(now));
         }
         if outcome.kind == gateway_core::OutcomeKind::Success {
             if let Some(ttft) = outcome.ttft {
@@ -203,14 +212,16 @@ mod tests {
     fn error_rate_rises_and_decays() {
         let w = Worker::new(1, WorkerConfig::from_url("http://h:1"));
         let out = |kind| Outcome { worker: 1, kind, ttft: None, latency: Default::default(), output_tokens: 0 };
+        let t0 = std::time::Instant::now();
         for _ in 0..5 {
-            w.record(&out(gateway_core::OutcomeKind::ServerError));
+            w.record(&out(gateway_core::OutcomeKind::ServerError), t0);
         }
-        let high = w.stats.error_rate.get();
-        assert!(high > 0.5, "{high}");
-        for _ in 0..20 {
-            w.record(&out(gateway_core::OutcomeKind::Success));
+        for _ in 0..5 {
+            w.record(&out(gateway_core::OutcomeKind::Success), t0);
+            w.record(&out(gateway_core::OutcomeKind::ClientError), t0);
         }
-        assert!(w.stats.error_rate.get() < 0.05);
+        assert_eq!(w.stats.error_rate.get(), 0.5, "client errors are not verdicts on the worker");
+        w.refresh_error_rate(t0 + std::time::Duration::from_secs(31));
+        assert_eq!(w.stats.error_rate.get(), 0.0, "old outcomes age out");
     }
 }

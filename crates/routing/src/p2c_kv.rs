@@ -79,6 +79,10 @@ impl P2cKv {
 }
 
 impl Policy for P2cKv {
+    fn memory_entries(&self) -> usize {
+        self.entries()
+    }
+
     fn name(&self) -> &'static str {
         "p2c_kv"
     }

@@ -23,4 +23,10 @@ pub trait Policy: Send + Sync {
 
     /// Told when a worker left the fleet, so per-worker state can be dropped.
     fn forget(&self, _worker: WorkerId) {}
+
+    /// Entries of per-request memory the policy keeps (p2c_kv: its prefix index), for metrics.
+    /// Such memory is always bounded; 0 for policies without any.
+    fn memory_entries(&self) -> usize {
+        0
+    }
 }
