@@ -29,6 +29,71 @@ pub struct Config {
     pub log: LogConfig,
     /// Admin API protection.
     pub admin: AdminConfig,
+    /// Per-worker circuit breakers.
+    pub circuit_breaker: CircuitBreakerConfig,
+    /// Retries on another worker before the first byte.
+    pub retry: RetryConfig,
+}
+
+/// `[circuit_breaker]`: Hystrix-style, per worker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CircuitBreakerConfig {
+    /// Breakers on or off.
+    pub enabled: bool,
+    /// Consecutive failures that open a breaker.
+    pub failure_threshold: u32,
+    /// Trial successes in half-open that close it.
+    pub success_threshold: u32,
+    /// Seconds a breaker stays open before trials.
+    pub timeout_seconds: u64,
+    /// Trial requests allowed at once in half-open.
+    pub half_open_requests: u32,
+    /// A stream whose first token takes longer than this counts as a failure.
+    pub slow_call_threshold_ms: u64,
+}
+
+impl Default for CircuitBreakerConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            failure_threshold: 5,
+            success_threshold: 3,
+            timeout_seconds: 30,
+            half_open_requests: 3,
+            slow_call_threshold_ms: 5000,
+        }
+    }
+}
+
+impl CircuitBreakerConfig {
+    /// The breaker state machine's thresholds.
+    pub fn breaker(&self) -> guard::BreakerConfig {
+        guard::BreakerConfig {
+            failure_threshold: self.failure_threshold,
+            success_threshold: self.success_threshold,
+            timeout: std::time::Duration::from_secs(self.timeout_seconds),
+            half_open_requests: self.half_open_requests,
+        }
+    }
+}
+
+/// `[retry]`: exponential backoff with full jitter between attempts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetryConfig {
+    /// Attempts in all, the first included (1 = no retry).
+    pub max_attempts: u32,
+    /// Backoff before the first retry is drawn from `0..base_ms`, doubling per retry.
+    pub base_ms: u64,
+    /// Cap of the backoff range.
+    pub max_ms: u64,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self { max_attempts: 2, base_ms: 25, max_ms: 1000 }
+    }
 }
 
 /// `[admin]`.
@@ -166,7 +231,7 @@ impl Default for LogConfig {
 }
 
 /// Sections whose keys `LLM_<SECTION>_<KEY>` reaches.
-const SECTIONS: &[&str] = &["server", "upstream", "routing", "health", "log", "admin"];
+const SECTIONS: &[&str] = &["server", "upstream", "routing", "health", "log", "admin", "circuit_breaker", "retry"];
 
 /// Command-line values that outrank every other layer.
 #[derive(Debug, Clone, Default)]
@@ -266,6 +331,22 @@ impl Config {
         }
         if self.health.unhealthy_threshold == 0 || self.health.healthy_threshold == 0 {
             return Err("health.unhealthy_threshold and health.healthy_threshold: must be at least 1".into());
+        }
+        if self.retry.max_attempts == 0 {
+            return Err("retry.max_attempts: must be at least 1 (1 means no retry)".into());
+        }
+        if self.retry.base_ms > self.retry.max_ms {
+            return Err("retry.base_ms: must not exceed retry.max_ms".into());
+        }
+        let cb = &self.circuit_breaker;
+        for (key, v) in [
+            ("circuit_breaker.failure_threshold", cb.failure_threshold),
+            ("circuit_breaker.success_threshold", cb.success_threshold),
+            ("circuit_breaker.half_open_requests", cb.half_open_requests),
+        ] {
+            if v == 0 {
+                return Err(format!("{key}: must be at least 1"));
+            }
         }
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return Err(format!("log.format: {:?}: expected \"text\" or \"json\"", self.log.format));

@@ -28,6 +28,13 @@ impl Fleet {
         Fleet { workers }
     }
 
+    /// Applies `[circuit_breaker]` thresholds to every worker's breaker (keeps their state).
+    pub fn configure_breakers(&self, cfg: &crate::config::CircuitBreakerConfig) {
+        for w in &self.workers {
+            w.breaker.lock().reconfigure(cfg.breaker());
+        }
+    }
+
     /// The worker named `key` (its name, or its id as a number).
     pub fn find(&self, key: &str) -> Option<&Arc<Worker>> {
         self.workers.iter().find(|w| w.name == key || w.id.to_string() == key)
@@ -65,7 +72,7 @@ mod tests {
             id += 1;
             id
         });
-        let _g = f1.workers[0].acquire();
+        let _g = f1.workers[0].acquire(false, std::time::Instant::now());
         let specs2 = vec![WorkerConfig::from_url("http://a:1"), WorkerConfig::from_url("http://c:1")];
         let f2 = Fleet::rebuild(&f1, &specs2, || {
             id += 1;

@@ -49,6 +49,12 @@ pub struct Metrics {
     pub uptime: Gauge,
     /// `llm_gateway_prefix_index_entries`.
     pub prefix_index_entries: IntGauge,
+    /// `llm_circuit_breaker_state{url}`: 0 closed, 1 open, 2 half-open.
+    pub breaker_state: IntGaugeVec,
+    /// `llm_circuit_breaker_failures_total{url}`.
+    pub breaker_failures: IntCounterVec,
+    /// `llm_circuit_breaker_transitions_total{url,to}`.
+    pub breaker_transitions: IntCounterVec,
 }
 
 impl Metrics {
@@ -128,6 +134,20 @@ impl Metrics {
             worker_healthy: gauge_vec("llm_worker_healthy", "1 when the worker passes its health probes")?,
             uptime,
             prefix_index_entries,
+            breaker_state: gauge_vec(
+                "llm_circuit_breaker_state",
+                "Circuit breaker state: 0 closed, 1 open, 2 half-open",
+            )?,
+            breaker_failures: counter_vec(
+                "llm_circuit_breaker_failures_total",
+                "Failures reported to the worker's breaker (connect errors, timeouts, 5xx, slow calls)",
+                &["url"],
+            )?,
+            breaker_transitions: counter_vec(
+                "llm_circuit_breaker_transitions_total",
+                "Circuit breaker state changes, by the state entered",
+                &["url", "to"],
+            )?,
             registry,
         })
     }
@@ -147,9 +167,23 @@ impl Metrics {
 
     /// Drops the per-worker series of a removed worker so they stop being exported.
     pub fn forget_worker(&self, url: &str) {
-        for g in [&self.worker_in_flight, &self.worker_running, &self.worker_waiting, &self.worker_healthy] {
+        for g in [
+            &self.worker_in_flight,
+            &self.worker_running,
+            &self.worker_waiting,
+            &self.worker_healthy,
+            &self.breaker_state,
+        ] {
             let _ = g.remove_label_values(&[url]);
         }
         let _ = self.worker_kv_usage.remove_label_values(&[url]);
+        let _ = self.breaker_failures.remove_label_values(&[url]);
+    }
+
+    /// Counts a breaker transition of the worker at `url`.
+    pub fn count_transition(&self, url: &str, t: Option<guard::Transition>) {
+        if let Some(t) = t {
+            self.breaker_transitions.with_label_values(&[url, t.to.as_str()]).inc();
+        }
     }
 }

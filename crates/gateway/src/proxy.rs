@@ -171,34 +171,39 @@ async fn dispatch(
 ) -> Result<Response, GatewayError> {
     let cfg = &snap.config;
     let deadline = received + Duration::from_millis(cfg.upstream.total_timeout_ms);
-    let max_attempts = 2u32;
+    let breakers = cfg.circuit_breaker.enabled;
     let mut tried: Vec<u64> = Vec::new();
+    let mut attempt = 0u32;
     let mut last_error: Option<GatewayError> = None;
-    for attempt in 0..max_attempts {
+    loop {
+        let now = std::time::Instant::now();
         let candidates: Vec<&Arc<Worker>> = snap
             .fleet
             .workers
             .iter()
             .filter(|w| w.is_available() && w.serves(&model) && !tried.contains(&w.id))
+            .filter(|w| !breakers || w.breaker_admits(now))
             .collect();
         let views: Vec<_> = candidates.iter().map(|w| w.view()).collect();
         let Some(pick) = snap.policy.select(features, &views, &mut rand::rng()) else {
-            return Err(last_error.unwrap_or_else(|| {
-                GatewayError::new(ErrorKind::NoHealthyWorker, format!("no healthy worker serves model `{model}`"))
-            }));
+            return Err(last_error.unwrap_or_else(|| no_worker(snap, &model)));
         };
         let worker = candidates[pick];
         tried.push(worker.id);
+        // Another request may have taken the last half-open trial since the candidates were listed:
+        // that is no attempt, just pick again.
+        let Ok(mut load) = worker.acquire(breakers, now) else { continue };
+        app.metrics.count_transition(&worker.spec.url, load.take_transition());
         app.metrics.routing_decisions.with_label_values(&[snap.policy.name(), &worker.name]).inc();
-        let load = worker.acquire();
         snap.policy.on_dispatch(features, worker.id);
+        attempt += 1;
+        // Retry only where another worker could take it; otherwise the worker's own answer stands.
+        let may_retry = attempt < cfg.retry.max_attempts && candidates.len() > 1;
         let dispatched = Instant::now();
         let upstream_req = build_upstream_request(worker, parts, bytes.clone(), request_id)?;
         let first_byte_by = (dispatched + Duration::from_millis(cfg.upstream.first_byte_timeout_ms)).min(deadline);
-        // Retry only where another worker could take it; otherwise the worker's own answer stands.
-        let last = attempt + 1 == max_attempts || candidates.len() < 2;
-        let record = |kind: OutcomeKind, status: u16, load| {
-            let mut f = InFlight::new(
+        let inflight = |load, status: u16| {
+            InFlight::new(
                 Arc::clone(app),
                 Arc::clone(&snap.policy),
                 load,
@@ -208,67 +213,68 @@ async fn dispatch(
                 received,
                 dispatched,
                 features.stream,
-                attempt,
-            );
-            f.finish(kind);
+                attempt - 1,
+            )
         };
-        match tokio::time::timeout_at(first_byte_by, app.client.request(upstream_req)).await {
+        let failure = match tokio::time::timeout_at(first_byte_by, app.client.request(upstream_req)).await {
             Ok(Ok(resp)) => {
                 let status = resp.status();
                 let retryable = status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS;
-                if retryable && !last {
-                    let kind = if matches!(status.as_u16(), 429 | 503) {
-                        OutcomeKind::Overloaded
-                    } else {
-                        OutcomeKind::ServerError
-                    };
-                    record(kind, status.as_u16(), load);
-                    app.metrics.retries.inc();
-                    last_error = Some(GatewayError::new(
-                        ErrorKind::UpstreamUnavailable,
-                        format!("worker {} answered {status}", worker.name),
-                    ));
-                    continue;
+                if !(retryable && may_retry) {
+                    let inflight = inflight(load, status.as_u16());
+                    return Ok(relay(resp, inflight, cfg.upstream.idle_timeout_ms, deadline, &worker.name));
                 }
-                let inflight = InFlight::new(
-                    Arc::clone(app),
-                    Arc::clone(&snap.policy),
-                    load,
-                    Arc::clone(&model),
-                    Arc::clone(request_id),
-                    status.as_u16(),
-                    received,
-                    dispatched,
-                    features.stream,
-                    attempt,
-                );
-                return Ok(relay(resp, inflight, cfg.upstream.idle_timeout_ms, deadline, &worker.name));
+                let kind = if matches!(status.as_u16(), 429 | 503) {
+                    OutcomeKind::Overloaded
+                } else {
+                    OutcomeKind::ServerError
+                };
+                inflight(load, status.as_u16()).finish(kind);
+                GatewayError::new(ErrorKind::UpstreamUnavailable, format!("worker {} answered {status}", worker.name))
             }
             Ok(Err(e)) => {
-                let connect = e.is_connect();
-                record(if connect { OutcomeKind::ConnectError } else { OutcomeKind::ServerError }, 502, load);
-                last_error = Some(GatewayError::new(
+                let kind = if e.is_connect() { OutcomeKind::ConnectError } else { OutcomeKind::ServerError };
+                inflight(load, 502).finish(kind);
+                GatewayError::new(
                     ErrorKind::UpstreamUnavailable,
                     format!("worker {} failed: {}", worker.name, error_chain(&e)),
-                ));
+                )
             }
             Err(_) => {
-                record(OutcomeKind::Timeout, 504, load);
-                last_error = Some(GatewayError::new(
-                    ErrorKind::UpstreamTimeout,
-                    format!("worker {} did not answer in time", worker.name),
-                ));
+                inflight(load, 504).finish(OutcomeKind::Timeout);
+                GatewayError::new(ErrorKind::UpstreamTimeout, format!("worker {} did not answer in time", worker.name))
             }
+        };
+        if !may_retry {
+            return Err(failure);
         }
-        if Instant::now() >= deadline {
-            break;
+        last_error = Some(failure);
+        let pause = backoff(&cfg.retry, attempt);
+        if Instant::now() + pause >= deadline {
+            return Err(last_error.unwrap_or_else(|| no_worker(snap, &model)));
         }
-        if !last {
-            app.metrics.retries.inc();
-        }
+        app.metrics.retries.inc();
+        tokio::time::sleep(pause).await;
     }
-    Err(last_error
-        .unwrap_or_else(|| GatewayError::new(ErrorKind::NoHealthyWorker, "no worker could serve the request")))
+}
+
+/// Full-jitter exponential backoff before retry number `retry` (1-based): uniform in
+/// `0..=min(max_ms, base_ms * 2^(retry-1))`. Jitter spreads retries of many clients hit by the same failure.
+fn backoff(cfg: &crate::config::RetryConfig, retry: u32) -> Duration {
+    let cap = cfg.base_ms.saturating_mul(1u64 << retry.saturating_sub(1).min(20)).min(cfg.max_ms);
+    Duration::from_millis(rand::random_range(0..=cap))
+}
+
+/// 503 when no worker can take a request for `model`, saying why.
+fn no_worker(snap: &Snapshot, model: &str) -> GatewayError {
+    let serving: Vec<_> = snap.fleet.workers.iter().filter(|w| w.serves(model)).collect();
+    let healthy = serving.iter().filter(|w| w.is_available()).count();
+    let message = if healthy == 0 {
+        format!("no healthy worker serves model `{model}`")
+    } else {
+        format!("every healthy worker serving model `{model}` has its circuit breaker open; retry later")
+    };
+    GatewayError::new(ErrorKind::NoHealthyWorker, message)
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -369,6 +375,19 @@ mod tests {
         assert!(check_content_type(&h).is_ok());
         h.insert(CONTENT_TYPE, HeaderValue::from_static("application/x-www-form-urlencoded"));
         assert_eq!(check_content_type(&h).unwrap_err().status(), 400);
+    }
+
+    #[test]
+    fn backoff_is_capped_full_jitter() {
+        let cfg = crate::config::RetryConfig { max_attempts: 5, base_ms: 25, max_ms: 60 };
+        for retry in 1..=10 {
+            let cap = [25, 50, 60][(retry as usize - 1).min(2)];
+            for _ in 0..50 {
+                assert!(backoff(&cfg, retry) <= Duration::from_millis(cap), "retry {retry}");
+            }
+        }
+        let draws: std::collections::HashSet<_> = (0..100).map(|_| backoff(&cfg, 3)).collect();
+        assert!(draws.len() > 10, "jittered, not fixed");
     }
 
     #[test]

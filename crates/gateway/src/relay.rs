@@ -109,7 +109,7 @@ impl InFlight {
             return;
         }
         let now = Instant::now();
-        let worker = self.load.worker();
+        let worker = Arc::clone(self.load.worker());
         let output_tokens = self.usage.completion_tokens.unwrap_or(self.usage.events.saturating_sub(1)) as u32;
         let outcome = Outcome {
             worker: worker.id,
@@ -121,6 +121,15 @@ impl InFlight {
         worker.record(&outcome, now.into_std());
         self.policy.observe(&outcome);
         let m = &self.app.metrics;
+        // Slow calls are judged on streams only: a non-streamed answer arrives whole, so its time to
+        // first byte measures the length of the generation, not the worker's health.
+        let threshold = Duration::from_millis(self.app.snapshot.load().config.circuit_breaker.slow_call_threshold_ms);
+        let slow = outcome.ttft.is_some_and(|t| t > threshold);
+        if kind.is_failure() || (slow && kind == OutcomeKind::Success) {
+            m.breaker_failures.with_label_values(&[&worker.spec.url]).inc();
+        }
+        let transition = self.load.settle(kind, slow, now.into_std());
+        m.count_transition(&worker.spec.url, transition);
         let latency = now.duration_since(self.received);
         let status = if kind == OutcomeKind::Cancelled { 499 } else { self.status };
         m.requests.with_label_values(&[&self.model, status_label(status)]).inc();

@@ -112,6 +112,12 @@ impl AppState {
             m.worker_waiting.with_label_values(&[url]).set(i64::from(s.scraped_waiting.load(Ordering::Relaxed)));
             m.worker_kv_usage.with_label_values(&[url]).set(s.kv_usage.get());
             m.worker_healthy.with_label_values(&[url]).set(i64::from(s.healthy.load(Ordering::Relaxed)));
+            let state = match w.breaker.lock().state(std::time::Instant::now()).name() {
+                guard::StateName::Closed => 0,
+                guard::StateName::Open => 1,
+                guard::StateName::HalfOpen => 2,
+            };
+            m.breaker_state.with_label_values(&[url]).set(state);
         }
     }
 }

@@ -5,7 +5,8 @@
 
 use crate::config::WorkerConfig;
 use arc_swap::ArcSwap;
-use gateway_core::{Outcome, WorkerId, WorkerView};
+use gateway_core::{Outcome, OutcomeKind, WorkerId, WorkerView};
+use guard::{Permit, Rejected, Transition};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -82,6 +83,8 @@ pub struct Worker {
     pub models: ArcSwap<Vec<String>>,
     /// Live counters.
     pub stats: WorkerStats,
+    /// The worker's circuit breaker (short, never-awaited critical sections).
+    pub breaker: parking_lot::Mutex<guard::CircuitBreaker>,
 }
 
 /// Weight of a new sample in the latency and error EWMAs.
@@ -105,7 +108,26 @@ impl Worker {
             models: ArcSwap::from_pointee(spec.models.clone()),
             spec,
             stats: WorkerStats::default(),
+            breaker: parking_lot::Mutex::new(guard::CircuitBreaker::default()),
         }
+    }
+
+    /// Whether its breaker would let a request through now.
+    pub fn breaker_admits(&self, now: std::time::Instant) -> bool {
+        self.breaker.lock().would_admit(now)
+    }
+
+    /// Logs a breaker transition; returns it for the caller to count.
+    pub fn log_transition(&self, t: Option<Transition>) -> Option<Transition> {
+        if let Some(t) = t {
+            let (from, to) = (t.from.as_str(), t.to.as_str());
+            if t.to == guard::StateName::Open {
+                tracing::warn!(worker = %self.name, from, to, "circuit breaker opened");
+            } else {
+                tracing::info!(worker = %self.name, from, to, "circuit breaker transition");
+            }
+        }
+        t
     }
 
     /// Whether it serves `model`.
@@ -141,12 +163,22 @@ impl Worker {
         self.stats.error_rate.set(rate);
     }
 
-    /// Counts a dispatch and returns the guard that holds the in-flight slot until dropped.
-    pub fn acquire(self: &Arc<Self>) -> LoadGuard {
+    /// Counts a dispatch and returns the guard that holds the in-flight slot until dropped, with the
+    /// breaker's permit when `breaker` is on. Fails when the breaker refuses (another request may have
+    /// taken the last half-open trial since the candidate was chosen).
+    pub fn acquire(self: &Arc<Self>, breaker: bool, now: std::time::Instant) -> Result<LoadGuard, Rejected> {
+        let (permit, transition) = if breaker {
+            let mut permit = self.breaker.lock().try_acquire(now)?;
+            let t = permit.transition.take();
+            (Some(permit), t)
+        } else {
+            (None, None)
+        };
+        self.log_transition(transition);
         self.stats.in_flight.fetch_add(1, Ordering::Relaxed);
         self.stats.sent_since_scrape.fetch_add(1, Ordering::Relaxed);
         self.stats.requests_total.fetch_add(1, Ordering::Relaxed);
-        LoadGuard { worker: Arc::clone(self) }
+        Ok(LoadGuard { worker: Arc::clone(self), permit, transition })
     }
 
     /// Feeds a finished request into the latency and error estimates.
@@ -170,11 +202,14 @@ impl Worker {
     }
 }
 
-/// Holds one in-flight slot on a worker; releases it when dropped, on every path (success, error,
-/// client disconnect, stream end), so the count can never drift.
+/// Holds one in-flight slot on a worker, and the breaker's permit for it. Dropped on every path
+/// (success, error, client disconnect, stream end), so the count can never drift; a permit never settled
+/// with a verdict is cancelled, which frees a half-open trial slot without judging the worker.
 #[derive(Debug)]
 pub struct LoadGuard {
     worker: Arc<Worker>,
+    permit: Option<Permit>,
+    transition: Option<Transition>,
 }
 
 impl LoadGuard {
@@ -182,10 +217,26 @@ impl LoadGuard {
     pub fn worker(&self) -> &Arc<Worker> {
         &self.worker
     }
+
+    /// The breaker transition taking the permit made (open to half-open), once.
+    pub fn take_transition(&mut self) -> Option<Transition> {
+        self.transition.take()
+    }
+
+    /// Reports the request's verdict to the breaker (once); `slow` turns a success into a failure.
+    pub fn settle(&mut self, kind: OutcomeKind, slow: bool, now: std::time::Instant) -> Option<Transition> {
+        let permit = self.permit.take()?;
+        let kind = if slow && kind == OutcomeKind::Success { OutcomeKind::Timeout } else { kind };
+        let t = self.worker.breaker.lock().on_outcome(permit, kind, now);
+        self.worker.log_transition(t)
+    }
 }
 
 impl Drop for LoadGuard {
     fn drop(&mut self) {
+        if let Some(permit) = self.permit.take() {
+            self.worker.breaker.lock().on_cancel(permit);
+        }
         self.worker.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
@@ -197,8 +248,9 @@ mod tests {
     #[test]
     fn guard_counts_and_releases() {
         let w = Arc::new(Worker::new(1, WorkerConfig::from_url("http://127.0.0.1:1")));
-        let g1 = w.acquire();
-        let g2 = w.acquire();
+        let now = std::time::Instant::now();
+        let g1 = w.acquire(true, now).unwrap();
+        let g2 = w.acquire(false, now).unwrap();
         assert_eq!(w.view().in_flight, 2);
         assert_eq!(w.view().running, 2, "sent since scrape corrects running");
         drop(g1);
@@ -206,6 +258,26 @@ mod tests {
         drop(g2);
         assert_eq!(w.view().in_flight, 0);
         assert_eq!(w.name, "127.0.0.1:1");
+    }
+
+    #[test]
+    fn guards_settle_the_breaker_and_slow_calls_count_as_failures() {
+        let w = Arc::new(Worker::new(1, WorkerConfig::from_url("http://h:1")));
+        let now = std::time::Instant::now();
+        for _ in 0..4 {
+            let mut g = w.acquire(true, now).unwrap();
+            g.settle(OutcomeKind::Success, true, now);
+        }
+        // Cancels and overload say nothing about the worker: the streak goes on.
+        drop(w.acquire(true, now).unwrap());
+        w.acquire(true, now).unwrap().settle(OutcomeKind::Overloaded, false, now);
+        assert!(w.breaker_admits(now));
+        let t = w.acquire(true, now).unwrap().settle(OutcomeKind::ConnectError, false, now);
+        assert_eq!(t.map(|t| t.to), Some(guard::StateName::Open), "the fifth consecutive failure opens it");
+        assert!(!w.breaker_admits(now));
+        assert!(w.acquire(true, now).is_err());
+        assert_eq!(w.view().in_flight, 0, "a refused acquire takes no slot");
+        assert!(w.acquire(false, now).is_ok(), "with breakers off nothing is refused");
     }
 
     #[test]
