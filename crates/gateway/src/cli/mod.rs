@@ -34,7 +34,7 @@ pub struct ServeArgs {
     /// Port to listen on (server.port).
     #[arg(long, short = 'p')]
     pub port: Option<u16>,
-    /// Worker base URLs, comma-separated (replaces [[workers]]).
+    /// Worker base URLs, comma-separated (replaces `[[workers]]`).
     #[arg(long, value_delimiter = ',')]
     pub workers: Option<Vec<String>>,
     /// Routing strategy (routing.strategy).
