@@ -25,7 +25,7 @@ use vllm_sim::{SimConfig, SimHandle};
 
 /// Arrivals per second when `--rate` is not given: round_robin is loaded near the fleet's capacity on
 /// this workload but does not collapse (measured on the 2-core machine of BENCHMARKS.md).
-const DEFAULT_RATE: f64 = 40.0;
+const DEFAULT_RATE: f64 = 28.0;
 
 /// Options of `bench routing`.
 #[derive(clap::Args)]
@@ -98,6 +98,11 @@ struct RunReport {
     errors: HashMap<&'static str, u64>,
     cache_hits: f64,
     cache_queries: f64,
+    /// Per worker `(hits, queries)` deltas, for the per-worker hit rates printed beside the table.
+    per_worker_cache: Vec<(f64, f64)>,
+    /// Turns after the first of a conversation, and how many went to the previous turn's worker.
+    follow_ups: u64,
+    same_worker: u64,
 }
 
 fn quantile(sorted: &[Duration], q: f64) -> Duration {
@@ -135,25 +140,33 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         "schedule: {} requests ({} one-offs, {} conversations), mean body {} bytes",
         sum.requests, sum.oneoffs, sum.conversations, sum.mean_body_bytes
     );
+    println!(
+        "ceiling: {:.1}% prefix-cache hits if every request met one cache that never evicts",
+        100.0 * workload::oracle_hit_rate(&schedule, &wl.model, fleet[0].1.block_size)
+    );
     println!();
     let mut reports = Vec::new();
     for &strategy in &strategies {
         let r = run_one(strategy, &fleet, Arc::clone(&schedule), args.max_outstanding).await?;
+        let per_worker: Vec<String> =
+            r.per_worker_cache.iter().map(|(h, q)| format!("{:.0}%", 100.0 * h / q.max(1.0))).collect();
         eprintln!(
-            "  {strategy}: {} ok, {} errors in {:.1}s",
+            "  {strategy}: {} ok, {} errors in {:.1}s; prefix-cache hit per worker {}",
             r.ttfts.len(),
             r.errors.values().sum::<u64>(),
-            r.elapsed.as_secs_f64()
+            r.elapsed.as_secs_f64(),
+            per_worker.join("/"),
         );
         reports.push(r);
     }
     println!();
     let names: Vec<&str> = fleet.iter().map(|(n, _, _)| n.as_str()).collect();
     println!(
-        "| strategy | completed req/s | TTFT p50 | TTFT p99 | e2e p99 | prefix-cache hit | share {} (%) | errors |",
+        "| strategy | completed req/s | TTFT p50 | TTFT p99 | e2e p99 | prefix-cache hit | same worker as previous turn \
+         | share {} (%) | errors |",
         names.join("/")
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|");
     let ms = |d: Duration| format!("{:.0} ms", d.as_secs_f64() * 1000.0);
     for r in &reports {
         let total: u64 = r.share.iter().sum();
@@ -162,13 +175,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         let mut errs: Vec<_> = r.errors.iter().map(|(k, v)| format!("{v} {k}")).collect();
         errs.sort();
         println!(
-            "| {} | {:.1} | {} | {} | {} | {:.1}% | {} | {} |",
+            "| {} | {:.1} | {} | {} | {} | {:.1}% | {:.0}% | {} | {} |",
             r.strategy,
             r.ttfts.len() as f64 / r.elapsed.as_secs_f64().max(1e-9),
             ms(quantile(&r.ttfts, 0.5)),
             ms(quantile(&r.ttfts, 0.99)),
             ms(quantile(&r.e2es, 0.99)),
             100.0 * r.cache_hits / r.cache_queries.max(1.0),
+            100.0 * r.same_worker as f64 / r.follow_ups.max(1) as f64,
             share.join("/"),
             if errs.is_empty() { "0".to_owned() } else { errs.join(", ") },
         );
@@ -251,7 +265,7 @@ async fn run_one(
                     Err(_) => Outcome::Err("timeout"),
                 };
             outstanding.fetch_sub(1, Ordering::Relaxed);
-            out
+            (i, out)
         }));
     }
     let mut ttfts = Vec::new();
@@ -261,13 +275,25 @@ async fn run_one(
     if dropped > 0 {
         errors.insert("dropped", dropped);
     }
+    // Worker of each conversation's latest completed turn, to measure how often a follow-up sticks.
+    let mut last_worker: HashMap<u64, (u32, usize)> = HashMap::new();
+    let (mut follow_ups, mut same_worker) = (0u64, 0u64);
     for t in tasks {
-        match t.await? {
+        let (i, out) = t.await?;
+        match out {
             Outcome::Ok { ttft, e2e, worker } => {
                 ttfts.push(ttft);
                 e2es.push(e2e);
-                if let Some(i) = worker.and_then(|w| fleet.iter().position(|(n, _, _)| *n == w)) {
-                    share[i] += 1;
+                let Some(w) = worker.and_then(|w| fleet.iter().position(|(n, _, _)| *n == w)) else { continue };
+                share[w] += 1;
+                if let workload::Kind::Turn { conversation, turn } = schedule[i].kind {
+                    if let Some(&(prev_turn, prev_w)) = last_worker.get(&conversation) {
+                        if prev_turn + 1 == turn {
+                            follow_ups += 1;
+                            same_worker += u64::from(prev_w == w);
+                        }
+                    }
+                    last_worker.insert(conversation, (turn, w));
                 }
             }
             Outcome::Err(kind) => *errors.entry(kind).or_default() += 1,
@@ -275,18 +301,16 @@ async fn run_one(
     }
     let elapsed = start.elapsed();
     let after: Vec<(f64, f64)> = sims.iter().map(cache_counters).collect();
-    let (mut cache_hits, mut cache_queries) = (0.0, 0.0);
-    for (b, a) in before.iter().zip(&after) {
-        cache_hits += a.0 - b.0;
-        cache_queries += a.1 - b.1;
-    }
+    let per_worker_cache: Vec<(f64, f64)> = before.iter().zip(&after).map(|(b, a)| (a.0 - b.0, a.1 - b.1)).collect();
+    let cache_hits = per_worker_cache.iter().map(|c| c.0).sum();
+    let cache_queries = per_worker_cache.iter().map(|c| c.1).sum();
     gw.shutdown(Duration::from_secs(5)).await;
     for s in sims {
         s.shutdown();
     }
     ttfts.sort_unstable();
     e2es.sort_unstable();
-    Ok(RunReport { strategy, elapsed, ttfts, e2es, share, errors, cache_hits, cache_queries })
+    Ok(RunReport { strategy, elapsed, ttfts, e2es, share, errors, cache_hits, cache_queries, follow_ups, same_worker })
 }
 
 /// Waits until the gateway reports `n` healthy workers.

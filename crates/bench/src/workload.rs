@@ -291,6 +291,30 @@ fn body(cfg: &WorkloadConfig, messages: &[(&str, &str)]) -> Bytes {
     )
 }
 
+/// The prefix-cache hit rate (hit tokens / prompt tokens) the schedule would reach on one worker whose
+/// cache never evicts, computed with the simulator's own tokenizer and chat template: the ceiling no
+/// routing can beat, against which the measured rates read.
+pub fn oracle_hit_rate(reqs: &[Request], model: &str, block_size: usize) -> f64 {
+    use vllm_sim::tokenizer::{chat_prompt, tokenize};
+    let mut seen = std::collections::HashSet::new();
+    let (mut hits, mut queries) = (0u64, 0u64);
+    for r in reqs {
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(&r.body) else { continue };
+        let messages = v["messages"].as_array().cloned().unwrap_or_default();
+        let prompt = chat_prompt(
+            messages.iter().map(|m| (m["role"].as_str().unwrap_or(""), m["content"].as_str().unwrap_or("").to_owned())),
+        );
+        let t = tokenize(model, prompt.as_bytes(), block_size);
+        // vLLM always computes the last prompt token, as the sim does.
+        let limit = (t.tokens.saturating_sub(1) as usize) / block_size.max(1);
+        let run = t.block_hashes.iter().take(limit).take_while(|h| seen.contains(*h)).count();
+        hits += (run * block_size) as u64;
+        queries += u64::from(t.tokens);
+        seen.extend(t.block_hashes);
+    }
+    hits as f64 / queries.max(1) as f64
+}
+
 /// Counts of a schedule, for the header.
 pub struct Summary {
     /// Requests scheduled.
