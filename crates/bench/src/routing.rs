@@ -310,7 +310,19 @@ async fn run_one(
     }
     ttfts.sort_unstable();
     e2es.sort_unstable();
-    Ok(RunReport { strategy, elapsed, ttfts, e2es, share, errors, cache_hits, cache_queries, follow_ups, same_worker })
+    Ok(RunReport {
+        strategy,
+        elapsed,
+        ttfts,
+        e2es,
+        share,
+        errors,
+        cache_hits,
+        cache_queries,
+        per_worker_cache,
+        follow_ups,
+        same_worker,
+    })
 }
 
 /// Waits until the gateway reports `n` healthy workers.
