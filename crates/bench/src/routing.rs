@@ -100,6 +100,8 @@ struct RunReport {
     cache_queries: f64,
     /// Per worker `(hits, queries)` deltas, for the per-worker hit rates printed beside the table.
     per_worker_cache: Vec<(f64, f64)>,
+    /// Per worker, the longest sim queue (`waiting`) seen by a 50 ms sampler during the run.
+    max_waiting: Vec<usize>,
     /// Turns after the first of a conversation, and how many went to the previous turn's worker.
     follow_ups: u64,
     same_worker: u64,
@@ -151,11 +153,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         let per_worker: Vec<String> =
             r.per_worker_cache.iter().map(|(h, q)| format!("{:.0}%", 100.0 * h / q.max(1.0))).collect();
         eprintln!(
-            "  {strategy}: {} ok, {} errors in {:.1}s; prefix-cache hit per worker {}",
+            "  {strategy}: {} ok, {} errors in {:.1}s; prefix-cache hit per worker {}; longest queue per worker {:?}",
             r.ttfts.len(),
             r.errors.values().sum::<u64>(),
             r.elapsed.as_secs_f64(),
             per_worker.join("/"),
+            r.max_waiting,
         );
         reports.push(r);
     }
@@ -243,6 +246,22 @@ async fn run_one(
     let uri: http::Uri = format!("{}/v1/chat/completions", gw.url()).parse()?;
     let outstanding = Arc::new(AtomicUsize::new(0));
     let start = tokio::time::Instant::now();
+    // Sample the sims' own queues: herding shows as one long queue at a time even when shares even out.
+    let states: Vec<vllm_sim::SimState> = sims.iter().map(|s| s.state().clone()).collect();
+    let sampling = stop_flag();
+    let sampler = {
+        let stop = Arc::clone(&sampling);
+        tokio::spawn(async move {
+            let mut max = vec![0usize; states.len()];
+            while !stop.load(Ordering::Relaxed) {
+                for (m, s) in max.iter_mut().zip(&states) {
+                    *m = (*m).max(s.waiting());
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            max
+        })
+    };
     let mut tasks = Vec::with_capacity(schedule.len());
     let mut dropped = 0u64;
     for i in 0..schedule.len() {
@@ -300,6 +319,8 @@ async fn run_one(
         }
     }
     let elapsed = start.elapsed();
+    sampling.store(true, Ordering::Relaxed);
+    let max_waiting = sampler.await?;
     let after: Vec<(f64, f64)> = sims.iter().map(cache_counters).collect();
     let per_worker_cache: Vec<(f64, f64)> = before.iter().zip(&after).map(|(b, a)| (a.0 - b.0, a.1 - b.1)).collect();
     let cache_hits = per_worker_cache.iter().map(|c| c.0).sum();
@@ -323,6 +344,11 @@ async fn run_one(
         follow_ups,
         same_worker,
     })
+}
+
+/// A stop flag for the queue sampler.
+fn stop_flag() -> Arc<std::sync::atomic::AtomicBool> {
+    Arc::new(std::sync::atomic::AtomicBool::new(false))
 }
 
 /// Waits until the gateway reports `n` healthy workers.
