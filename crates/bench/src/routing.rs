@@ -341,6 +341,7 @@ async fn run_one(
         cache_hits,
         cache_queries,
         per_worker_cache,
+        max_waiting,
         follow_ups,
         same_worker,
     })
