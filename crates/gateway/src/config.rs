@@ -51,6 +51,10 @@ pub struct CircuitBreakerConfig {
     pub half_open_requests: u32,
     /// A stream whose first token takes longer than this counts as a failure.
     pub slow_call_threshold_ms: u64,
+    /// Also open when at least this share of the worker's outcomes in the last 30 s failed (0 = off)...
+    pub error_rate_threshold: f64,
+    /// ... counted only once the window holds this many outcomes.
+    pub min_requests: u64,
 }
 
 impl Default for CircuitBreakerConfig {
@@ -62,6 +66,8 @@ impl Default for CircuitBreakerConfig {
             timeout_seconds: 30,
             half_open_requests: 3,
             slow_call_threshold_ms: 5000,
+            error_rate_threshold: 0.5,
+            min_requests: 20,
         }
     }
 }
@@ -347,6 +353,9 @@ impl Config {
             if v == 0 {
                 return Err(format!("{key}: must be at least 1"));
             }
+        }
+        if !(0.0..=1.0).contains(&cb.error_rate_threshold) {
+            return Err(format!("circuit_breaker.error_rate_threshold: {} is not in 0..=1", cb.error_rate_threshold));
         }
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return Err(format!("log.format: {:?}: expected \"text\" or \"json\"", self.log.format));

@@ -16,16 +16,33 @@ pub struct Fleet {
 
 impl Fleet {
     /// Builds a fleet for `specs`, reusing workers of `old` whose config entry is unchanged, minting ids
-    /// for the rest with `next_id`.
-    pub fn rebuild(old: &Fleet, specs: &[WorkerConfig], mut next_id: impl FnMut() -> WorkerId) -> Fleet {
+    /// for the rest with `next_id`. A worker whose entry changed (same URL, new weight say) is rebuilt but
+    /// keeps its health and drain flags, so a reload neither undrains it nor hides it until its next probe.
+    /// Every breaker gets `breakers`' thresholds (keeping its state).
+    pub fn rebuild(
+        old: &Fleet,
+        specs: &[WorkerConfig],
+        breakers: &crate::config::CircuitBreakerConfig,
+        mut next_id: impl FnMut() -> WorkerId,
+    ) -> Fleet {
+        use std::sync::atomic::Ordering::Relaxed;
         let workers = specs
             .iter()
             .map(|spec| match old.workers.iter().find(|w| &w.spec == spec) {
                 Some(kept) => Arc::clone(kept),
-                None => Arc::new(Worker::new(next_id(), spec.clone())),
+                None => {
+                    let fresh = Worker::new(next_id(), spec.clone());
+                    if let Some(prev) = old.workers.iter().find(|w| w.spec.url == spec.url) {
+                        fresh.stats.healthy.store(prev.stats.healthy.load(Relaxed), Relaxed);
+                        fresh.stats.draining.store(prev.stats.draining.load(Relaxed), Relaxed);
+                    }
+                    Arc::new(fresh)
+                }
             })
             .collect();
-        Fleet { workers }
+        let fleet = Fleet { workers };
+        fleet.configure_breakers(breakers);
+        fleet
     }
 
     /// Applies `[circuit_breaker]` thresholds to every worker's breaker (keeps their state).
@@ -68,13 +85,17 @@ mod tests {
     fn rebuild_keeps_unchanged_workers_and_their_state() {
         let mut id = 0;
         let specs = vec![WorkerConfig::from_url("http://a:1"), WorkerConfig::from_url("http://b:1")];
-        let f1 = Fleet::rebuild(&Fleet::default(), &specs, || {
+        let cb = crate::config::CircuitBreakerConfig::default();
+        let f1 = Fleet::rebuild(&Fleet::default(), &specs, &cb, || {
             id += 1;
             id
         });
         let _g = f1.workers[0].acquire(false, std::time::Instant::now());
         let specs2 = vec![WorkerConfig::from_url("http://a:1"), WorkerConfig::from_url("http://c:1")];
-        let f2 = Fleet::rebuild(&f1, &specs2, || {
+        f1.workers[1].stats.draining.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut specs2 = specs2;
+        specs2.push(WorkerConfig { weight: 5, ..WorkerConfig::from_url("http://b:1") });
+        let f2 = Fleet::rebuild(&f1, &specs2, &cb, || {
             id += 1;
             id
         });
@@ -83,5 +104,8 @@ mod tests {
         assert_eq!(f2.workers[1].id, 3);
         assert_eq!(f2.find("c:1").map(|w| w.id), Some(3));
         assert_eq!(f2.find("1").map(|w| w.name.as_str()), Some("a:1"));
+        let b = f2.find("b:1").expect("b rebuilt with its new weight");
+        assert_eq!(b.spec.weight, 5);
+        assert!(b.stats.draining.load(std::sync::atomic::Ordering::Relaxed), "a drain survives the change");
     }
 }

@@ -10,11 +10,12 @@
 //! - [`relay`], [`usage`]: the relayed response body that releases load when it ends.
 //! - [`metrics`]: every metric name.
 //! - [`server`]: the router (`app`) and the server lifecycle ([`server::Gateway`]).
-//! - [`admin`], [`dashboard`]: the admin API and the live dashboard.
+//! - [`admin`], [`breaker_api`], [`dashboard`]: the admin API and the live dashboard.
 //! - [`reload`]: hot reload of the config (admin API, file change, `SIGHUP`).
 //! - [`demo`], [`cli`]: `--demo` workers and the command line (server flags and subcommands).
 
 pub mod admin;
+pub mod breaker_api;
 pub mod cli;
 pub mod config;
 pub mod dashboard;

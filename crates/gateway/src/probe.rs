@@ -25,7 +25,7 @@ pub async fn run(client: Client, worker: Arc<Worker>, cfg: HealthConfig, stop: C
             _ = tokio::time::sleep(interval) => {}
         }
         round = round.wrapping_add(1);
-        probe_once(&client, &worker, &cfg, round % MODEL_REFRESH_EVERY == 0).await;
+        probe_once(&client, &worker, &cfg, round.is_multiple_of(MODEL_REFRESH_EVERY)).await;
     }
 }
 

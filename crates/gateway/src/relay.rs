@@ -123,12 +123,13 @@ impl InFlight {
         let m = &self.app.metrics;
         // Slow calls are judged on streams only: a non-streamed answer arrives whole, so its time to
         // first byte measures the length of the generation, not the worker's health.
-        let threshold = Duration::from_millis(self.app.snapshot.load().config.circuit_breaker.slow_call_threshold_ms);
-        let slow = outcome.ttft.is_some_and(|t| t > threshold);
+        let snap = self.app.snapshot.load();
+        let breaker_cfg = &snap.config.circuit_breaker;
+        let slow = outcome.ttft.is_some_and(|t| t > Duration::from_millis(breaker_cfg.slow_call_threshold_ms));
         if kind.is_failure() || (slow && kind == OutcomeKind::Success) {
             m.breaker_failures.with_label_values(&[&worker.spec.url]).inc();
         }
-        let transition = self.load.settle(kind, slow, now.into_std());
+        let transition = self.load.settle(kind, slow, now.into_std(), breaker_cfg);
         m.count_transition(&worker.spec.url, transition);
         let latency = now.duration_since(self.received);
         let status = if kind == OutcomeKind::Cancelled { 499 } else { self.status };

@@ -45,7 +45,7 @@ pub async fn update(
     }
     warn_restart_only(&old.config, &new);
 
-    let fleet = Fleet::rebuild(&old.fleet, &new.workers, || app.next_worker_id());
+    let fleet = Fleet::rebuild(&old.fleet, &new.workers, &new.circuit_breaker, || app.next_worker_id());
     let policy = if new.routing == old.config.routing { Arc::clone(&old.policy) } else { routing::build(&new.routing) };
     let removed: Vec<_> =
         old.fleet.workers.iter().filter(|w| !fleet.workers.iter().any(|n| Arc::ptr_eq(n, w))).cloned().collect();

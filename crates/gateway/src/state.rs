@@ -46,8 +46,9 @@ impl AppState {
     /// State for `config`, with no probes started yet.
     pub fn new(config: Config) -> anyhow::Result<Arc<Self>> {
         let next_worker_id = AtomicU64::new(1);
-        let fleet =
-            Fleet::rebuild(&Fleet::default(), &config.workers, || next_worker_id.fetch_add(1, Ordering::Relaxed));
+        let fleet = Fleet::rebuild(&Fleet::default(), &config.workers, &config.circuit_breaker, || {
+            next_worker_id.fetch_add(1, Ordering::Relaxed)
+        });
         let policy = routing::build(&config.routing);
         Ok(Arc::new(Self {
             client: upstream::client(&config.upstream),

@@ -117,9 +117,14 @@ impl Worker {
         self.breaker.lock().would_admit(now)
     }
 
-    /// Logs a breaker transition; returns it for the caller to count.
+    /// Logs a breaker transition and, when the breaker closed, starts its error window afresh (old
+    /// failures must not trip it again at once); returns the transition for the caller to count.
     pub fn log_transition(&self, t: Option<Transition>) -> Option<Transition> {
         if let Some(t) = t {
+            if t.to == guard::StateName::Closed {
+                *self.stats.errors.lock() = guard::SlidingErrorRate::default();
+                self.stats.error_rate.set(0.0);
+            }
             let (from, to) = (t.from.as_str(), t.to.as_str());
             if t.to == guard::StateName::Open {
                 tracing::warn!(worker = %self.name, from, to, "circuit breaker opened");
@@ -223,11 +228,27 @@ impl LoadGuard {
         self.transition.take()
     }
 
-    /// Reports the request's verdict to the breaker (once); `slow` turns a success into a failure.
-    pub fn settle(&mut self, kind: OutcomeKind, slow: bool, now: std::time::Instant) -> Option<Transition> {
+    /// Reports the request's verdict to the breaker (once); `slow` turns a success into a failure. A
+    /// failure also opens the breaker when the worker's recent failure rate reaches
+    /// `error_rate_threshold` over at least `min_requests` outcomes (its window must be fed first).
+    pub fn settle(
+        &mut self,
+        kind: OutcomeKind,
+        slow: bool,
+        now: std::time::Instant,
+        cfg: &crate::config::CircuitBreakerConfig,
+    ) -> Option<Transition> {
         let permit = self.permit.take()?;
         let kind = if slow && kind == OutcomeKind::Success { OutcomeKind::Timeout } else { kind };
-        let t = self.worker.breaker.lock().on_outcome(permit, kind, now);
+        let mut breaker = self.worker.breaker.lock();
+        let mut t = breaker.on_outcome(permit, kind, now);
+        if t.is_none() && kind.is_failure() && cfg.error_rate_threshold > 0.0 {
+            let (total, failures) = self.worker.stats.errors.lock().counts(now);
+            if total >= cfg.min_requests.max(1) && failures as f64 >= cfg.error_rate_threshold * total as f64 {
+                t = breaker.trip(now);
+            }
+        }
+        drop(breaker);
         self.worker.log_transition(t)
     }
 }
@@ -264,20 +285,44 @@ mod tests {
     fn guards_settle_the_breaker_and_slow_calls_count_as_failures() {
         let w = Arc::new(Worker::new(1, WorkerConfig::from_url("http://h:1")));
         let now = std::time::Instant::now();
+        let cfg = crate::config::CircuitBreakerConfig::default();
         for _ in 0..4 {
             let mut g = w.acquire(true, now).unwrap();
-            g.settle(OutcomeKind::Success, true, now);
+            g.settle(OutcomeKind::Success, true, now, &cfg);
         }
         // Cancels and overload say nothing about the worker: the streak goes on.
         drop(w.acquire(true, now).unwrap());
-        w.acquire(true, now).unwrap().settle(OutcomeKind::Overloaded, false, now);
+        w.acquire(true, now).unwrap().settle(OutcomeKind::Overloaded, false, now, &cfg);
         assert!(w.breaker_admits(now));
-        let t = w.acquire(true, now).unwrap().settle(OutcomeKind::ConnectError, false, now);
+        let t = w.acquire(true, now).unwrap().settle(OutcomeKind::ConnectError, false, now, &cfg);
         assert_eq!(t.map(|t| t.to), Some(guard::StateName::Open), "the fifth consecutive failure opens it");
         assert!(!w.breaker_admits(now));
         assert!(w.acquire(true, now).is_err());
         assert_eq!(w.view().in_flight, 0, "a refused acquire takes no slot");
         assert!(w.acquire(false, now).is_ok(), "with breakers off nothing is refused");
+    }
+
+    #[test]
+    fn a_high_failure_rate_trips_the_breaker_without_a_streak() {
+        let w = Arc::new(Worker::new(1, WorkerConfig::from_url("http://h:1")));
+        let now = std::time::Instant::now();
+        let cfg = crate::config::CircuitBreakerConfig { min_requests: 10, ..Default::default() };
+        let out = |kind| Outcome { worker: 1, kind, ttft: None, latency: Default::default(), output_tokens: 0 };
+        // Alternating success and failure: never two failures in a row, half of them failed.
+        let mut opened = None;
+        for i in 0..20 {
+            let kind = if i % 2 == 0 { OutcomeKind::Success } else { OutcomeKind::ServerError };
+            w.record(&out(kind), now);
+            let t = w.acquire(true, now).unwrap().settle(kind, false, now, &cfg);
+            if t.is_some() {
+                opened = Some(i);
+                break;
+            }
+        }
+        assert_eq!(opened, Some(9), "trips at the first failure once 10 outcomes are in the window");
+        let closed = w.log_transition(w.breaker.lock().reset(now));
+        assert!(closed.is_some());
+        assert_eq!(w.stats.error_rate.get(), 0.0, "closing starts the window afresh");
     }
 
     #[test]

@@ -50,7 +50,8 @@ async fn stream_through(upstream: String, idle_ms: u64) -> String {
     let mut cfg = test_config(vec![llm_gateway::config::WorkerConfig::from_url(upstream)]);
     cfg.upstream.idle_timeout_ms = idle_ms;
     let gw = gateway(cfg).await;
-    let resp = client().post(format!("{}/v1/chat/completions", gw.url())).json(&chat("m", "hi", true)).send().await.unwrap();
+    let resp =
+        client().post(format!("{}/v1/chat/completions", gw.url())).json(&chat("m", "hi", true)).send().await.unwrap();
     assert_eq!(resp.status(), 200);
     tokio::time::timeout(Duration::from_secs(10), resp.text()).await.expect("the stream must end").unwrap()
 }
@@ -58,7 +59,13 @@ async fn stream_through(upstream: String, idle_ms: u64) -> String {
 #[tokio::test]
 async fn comment_lines_pass_through_without_breaking_events() {
     let body = stream_through(
-        scripted(vec![Some(": keep-alive\n\n"), Some("data: {\"a\":1}\n\n"), Some(": ping\n\n"), Some("data: [DONE]\n\n")]).await,
+        scripted(vec![
+            Some(": keep-alive\n\n"),
+            Some("data: {\"a\":1}\n\n"),
+            Some(": ping\n\n"),
+            Some("data: [DONE]\n\n"),
+        ])
+        .await,
         5_000,
     )
     .await;

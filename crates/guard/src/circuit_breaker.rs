@@ -404,6 +404,13 @@ impl CircuitBreaker {
         }
     }
 
+    /// Opens a Closed breaker now, for a reason judged outside the streak (the caller's failure rate
+    /// over a window: a worker failing half its requests at random rarely fails five in a row).
+    /// Returns the transition, or `None` when it was not Closed.
+    pub fn trip(&mut self, now: Instant) -> Option<Transition> {
+        (self.state == BreakerState::Closed).then(|| self.go(BreakerState::Open { since: now }, now))
+    }
+
     /// Forces the breaker Closed with a clean streak (an operator's reset). Returns the transition
     /// when it was not Closed already. Outstanding permits become stale.
     pub fn reset(&mut self, now: Instant) -> Option<Transition> {
@@ -669,5 +676,16 @@ mod tests {
         assert_eq!((snap.state, snap.half_open_in_flight), (HalfOpen, 1));
         b.on_cancel(p);
         assert_eq!(StateName::HalfOpen.as_str(), "half_open");
+    }
+
+    #[test]
+    fn trip_opens_only_a_closed_breaker() {
+        let t0 = Instant::now();
+        let mut b = CircuitBreaker::default();
+        let t = b.trip(t0).expect("closed trips");
+        assert_eq!((t.from, t.to), (StateName::Closed, StateName::Open));
+        assert_eq!(b.counters().opens, 1);
+        assert!(b.try_acquire(t0).is_err());
+        assert_eq!(b.trip(t0), None, "already open");
     }
 }

@@ -38,8 +38,7 @@ pub fn worker_configs(sims: &[SimHandle]) -> Vec<WorkerConfig> {
 }
 
 pub fn test_config(workers: Vec<WorkerConfig>) -> Config {
-    let mut cfg = Config::default();
-    cfg.workers = workers;
+    let mut cfg = Config { workers, ..Config::default() };
     cfg.server.host = "127.0.0.1".into();
     cfg.server.port = 0;
     cfg.health.interval_ms = 100;
@@ -81,4 +80,67 @@ pub fn sse_events(body: &str) -> Vec<String> {
     body.split("\n\n")
         .filter_map(|e| e.lines().find_map(|l| l.strip_prefix("data:").map(|d| d.trim().to_string())))
         .collect()
+}
+
+/// The `vllm-sim` binary beside this test's target directory, built on demand when missing.
+pub fn sim_binary() -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let target = exe.parent().and_then(|deps| deps.parent()).expect("target/<profile>");
+    let bin = target.join("vllm-sim");
+    if !bin.exists() {
+        let release = target.file_name().is_some_and(|n| n == "release");
+        let mut cmd = std::process::Command::new(env!("CARGO"));
+        cmd.args(["build", "-p", "vllm-sim", "--bin", "vllm-sim"]);
+        if release {
+            cmd.arg("--release");
+        }
+        assert!(cmd.status().expect("cargo runs").success(), "building vllm-sim failed");
+    }
+    bin
+}
+
+/// A real `vllm-sim` process; killed (SIGKILL) when dropped.
+pub struct SimProcess {
+    pub child: std::process::Child,
+    pub url: String,
+    pub port: u16,
+}
+
+impl SimProcess {
+    /// Starts `vllm-sim` with `args` on `port` (0 = ephemeral) and waits for its listening line.
+    pub fn start(port: u16, args: &[&str]) -> SimProcess {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(sim_binary())
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("vllm-sim starts");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let mut lines = std::io::BufReader::new(stdout).lines();
+        let line = lines.next().expect("a listening line").expect("utf-8");
+        let url = line.split_whitespace().find(|w| w.starts_with("http://")).expect("url in the line").to_string();
+        let port = url.rsplit(':').next().and_then(|p| p.parse().ok()).expect("port in the url");
+        SimProcess { child, url, port }
+    }
+
+    /// Kills the process at once, like a crash.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for SimProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Breaker state name of worker `i` from `/api/circuit-breaker/stats`.
+pub async fn breaker_state(gw_url: &str, i: usize) -> String {
+    let stats: serde_json::Value =
+        client().get(format!("{gw_url}/api/circuit-breaker/stats")).send().await.unwrap().json().await.unwrap();
+    stats[i]["breaker"]["state"].as_str().unwrap_or("?").to_string()
 }

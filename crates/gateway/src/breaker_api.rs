@@ -1,0 +1,45 @@
+//! Admin views of the circuit breakers: `GET /api/circuit-breaker/stats` and
+//! `POST /api/circuit-breaker/{id}/reset` (a mutation: needs the admin token when one is set).
+
+use crate::admin::AdminAuth;
+use crate::error::ApiError;
+use crate::state::AppState;
+use axum::extract::{Path, State};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use gateway_core::{ErrorKind, GatewayError};
+use serde_json::{json, Value};
+use std::sync::Arc;
+
+/// Breaker routes, merged into the app by `server::app`.
+pub fn routes() -> Router<Arc<AppState>> {
+    Router::new().route("/api/circuit-breaker/stats", get(stats)).route("/api/circuit-breaker/{id}/reset", post(reset))
+}
+
+/// One worker's breaker as JSON: state, counts, last transition.
+pub fn breaker_json(w: &crate::worker::Worker, enabled: bool) -> Value {
+    let snap = w.breaker.lock().snapshot(std::time::Instant::now());
+    json!({"id": w.id, "worker": w.name, "url": w.spec.url, "enabled": enabled, "breaker": snap})
+}
+
+async fn stats(State(app): State<Arc<AppState>>) -> Json<Value> {
+    let snap = app.snapshot.load();
+    let enabled = snap.config.circuit_breaker.enabled;
+    Json(Value::Array(snap.fleet.workers.iter().map(|w| breaker_json(w, enabled)).collect()))
+}
+
+async fn reset(
+    _: AdminAuth,
+    State(app): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let snap = app.snapshot.load();
+    let w = snap
+        .fleet
+        .find(&id)
+        .ok_or_else(|| ApiError(GatewayError::new(ErrorKind::NotFound, format!("no worker {id:?}"))))?;
+    let t = w.log_transition(w.breaker.lock().reset(std::time::Instant::now()));
+    app.metrics.count_transition(&w.spec.url, t);
+    tracing::info!(worker = %w.name, "circuit breaker reset by admin");
+    Ok(Json(breaker_json(w, snap.config.circuit_breaker.enabled)))
+}
