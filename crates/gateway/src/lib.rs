@@ -7,6 +7,7 @@
 //! - [`probe`], [`scrape`]: active health probes and vLLM `/metrics` parsing.
 //! - [`upstream`]: the pooled client towards workers.
 //! - [`proxy`]: the inference endpoints (parse, pick, forward, retry).
+//! - [`admission`]: the admission queue in front of workers at capacity.
 //! - [`relay`], [`usage`]: the relayed response body that releases load when it ends.
 //! - [`metrics`]: every metric name.
 //! - [`server`]: the router (`app`) and the server lifecycle ([`server::Gateway`]).
@@ -15,6 +16,7 @@
 //! - [`demo`], [`cli`]: `--demo` workers and the command line (server flags and subcommands).
 
 pub mod admin;
+pub mod admission;
 pub mod breaker_api;
 pub mod cli;
 pub mod config;

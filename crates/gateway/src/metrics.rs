@@ -1,8 +1,10 @@
 //! Every metric the gateway exports, spelled in this one module.
 //!
 //! Labels come from bounded sets only: model names the fleet serves (else `unknown`), worker names and
-//! URLs from config, strategy names, status codes, outcome kinds. Never request ids or raw user input.
+//! URLs from config, strategy names, status codes, outcome kinds, limit names. Never request ids or raw
+//! user input.
 
+use prometheus::core::Collector;
 use prometheus::{
     Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
@@ -17,6 +19,7 @@ const TTFT_BUCKETS: &[f64] = &[0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 
 /// The gateway's metrics, registered in their own registry.
 pub struct Metrics {
     registry: Registry,
+    names: Vec<String>,
     /// `llm_gateway_requests_total{model,status}`.
     pub requests: IntCounterVec,
     /// `llm_gateway_active_requests`.
@@ -35,6 +38,10 @@ pub struct Metrics {
     pub routing_decisions: IntCounterVec,
     /// `llm_gateway_upstream_outcomes_total{worker,outcome}`.
     pub upstream_outcomes: IntCounterVec,
+    /// `llm_gateway_uptime_seconds`.
+    pub uptime: Gauge,
+    /// `llm_gateway_prefix_index_entries`.
+    pub prefix_index_entries: IntGauge,
     /// `llm_worker_in_flight_requests{url}`.
     pub worker_in_flight: IntGaugeVec,
     /// `llm_worker_running_requests{url}`.
@@ -45,111 +52,163 @@ pub struct Metrics {
     pub worker_kv_usage: GaugeVec,
     /// `llm_worker_healthy{url}`.
     pub worker_healthy: IntGaugeVec,
-    /// `llm_gateway_uptime_seconds`.
-    pub uptime: Gauge,
-    /// `llm_gateway_prefix_index_entries`.
-    pub prefix_index_entries: IntGauge,
     /// `llm_circuit_breaker_state{url}`: 0 closed, 1 open, 2 half-open.
     pub breaker_state: IntGaugeVec,
     /// `llm_circuit_breaker_failures_total{url}`.
     pub breaker_failures: IntCounterVec,
     /// `llm_circuit_breaker_transitions_total{url,to}`.
     pub breaker_transitions: IntCounterVec,
+    /// `llm_gateway_queue_length{model}`.
+    pub queue_length: IntGaugeVec,
+    /// `llm_gateway_queue_wait_seconds{model}`: time dispatched requests waited in the admission queue.
+    pub queue_wait: HistogramVec,
+    /// `llm_gateway_queue_rejected_total{model,reason}`: `queue_full`, `queue_timeout`, `cancelled`.
+    pub queue_rejected: IntCounterVec,
+    /// `llm_rate_limiter_requests_total`: requests checked by the rate limiter.
+    pub rate_limiter_requests: IntCounter,
+    /// `llm_rate_limiter_rejected_total{limit}`.
+    pub rate_limiter_rejected: IntCounterVec,
+    /// `llm_rate_limiter_fallback_total`: checks answered locally because Redis was unreachable.
+    pub rate_limiter_fallback: IntCounter,
+}
+
+/// Registers collectors and remembers their names (a `Vec` metric with no series yet is absent from
+/// `gather()`, but its name is still one the gateway exports).
+struct Registrar {
+    registry: Registry,
+    names: Vec<String>,
+}
+
+impl Registrar {
+    fn add<C: Collector + Clone + 'static>(&mut self, c: C) -> Result<C, prometheus::Error> {
+        self.names.extend(c.desc().iter().map(|d| d.fq_name.clone()));
+        self.registry.register(Box::new(c.clone()))?;
+        Ok(c)
+    }
+
+    fn counter(&mut self, name: &str, help: &str) -> Result<IntCounter, prometheus::Error> {
+        self.add(IntCounter::new(name, help)?)
+    }
+
+    fn counters(&mut self, name: &str, help: &str, labels: &[&str]) -> Result<IntCounterVec, prometheus::Error> {
+        self.add(IntCounterVec::new(Opts::new(name, help), labels)?)
+    }
+
+    fn gauge(&mut self, name: &str, help: &str) -> Result<IntGauge, prometheus::Error> {
+        self.add(IntGauge::new(name, help)?)
+    }
+
+    fn gauges(&mut self, name: &str, help: &str, labels: &[&str]) -> Result<IntGaugeVec, prometheus::Error> {
+        self.add(IntGaugeVec::new(Opts::new(name, help), labels)?)
+    }
+
+    fn histograms(&mut self, name: &str, help: &str, buckets: &[f64]) -> Result<HistogramVec, prometheus::Error> {
+        self.add(HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets.to_vec()), &["model"])?)
+    }
 }
 
 impl Metrics {
     /// Creates and registers every metric.
     pub fn new() -> Result<Self, prometheus::Error> {
-        let registry = Registry::new();
-        let counter_vec = |name: &str, help: &str, labels: &[&str]| -> Result<IntCounterVec, prometheus::Error> {
-            let c = IntCounterVec::new(Opts::new(name, help), labels)?;
-            registry.register(Box::new(c.clone()))?;
-            Ok(c)
-        };
-        let gauge_vec = |name: &str, help: &str| -> Result<IntGaugeVec, prometheus::Error> {
-            let g = IntGaugeVec::new(Opts::new(name, help), &["url"])?;
-            registry.register(Box::new(g.clone()))?;
-            Ok(g)
-        };
-        let histogram = |name: &str, help: &str, buckets: &[f64]| -> Result<HistogramVec, prometheus::Error> {
-            let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets.to_vec()), &["model"])?;
-            registry.register(Box::new(h.clone()))?;
-            Ok(h)
-        };
-        let active_requests = IntGauge::new("llm_gateway_active_requests", "Requests in flight through the gateway")?;
-        registry.register(Box::new(active_requests.clone()))?;
-        let healthy_workers = IntGauge::new("llm_gateway_healthy_workers", "Workers passing health probes")?;
-        registry.register(Box::new(healthy_workers.clone()))?;
-        let retries = IntCounter::new("llm_gateway_retries_total", "Requests retried on another worker")?;
-        registry.register(Box::new(retries.clone()))?;
-        let worker_kv_usage = GaugeVec::new(
-            Opts::new("llm_worker_kv_cache_usage", "KV-cache usage scraped from the worker, 0..1"),
-            &["url"],
-        )?;
-        registry.register(Box::new(worker_kv_usage.clone()))?;
-        let uptime = Gauge::new("llm_gateway_uptime_seconds", "Seconds since the gateway started")?;
-        registry.register(Box::new(uptime.clone()))?;
-        let prefix_index_entries = IntGauge::new(
-            "llm_gateway_prefix_index_entries",
-            "Entries in the routing policy's bounded prefix index (p2c_kv)",
-        )?;
-        registry.register(Box::new(prefix_index_entries.clone()))?;
+        let mut r = Registrar { registry: Registry::new(), names: Vec::new() };
+        let url = &["url"];
         Ok(Self {
-            requests: counter_vec(
+            requests: r.counters(
                 "llm_gateway_requests_total",
                 "Requests answered, by model and status",
                 &["model", "status"],
             )?,
-            active_requests,
-            latency: histogram(
+            active_requests: r.gauge("llm_gateway_active_requests", "Requests in flight through the gateway")?,
+            latency: r.histograms(
                 "llm_gateway_request_latency_seconds",
                 "Request latency to the end of the response",
                 LATENCY_BUCKETS,
             )?,
-            ttft: histogram(
+            ttft: r.histograms(
                 "llm_gateway_time_to_first_token_seconds",
                 "Time to the first streamed chunk",
                 TTFT_BUCKETS,
             )?,
-            healthy_workers,
-            tokens: counter_vec("llm_gateway_tokens_total", "Tokens served, by model and kind", &["model", "kind"])?,
-            retries,
-            routing_decisions: counter_vec(
+            healthy_workers: r.gauge("llm_gateway_healthy_workers", "Workers passing health probes")?,
+            tokens: r.counters("llm_gateway_tokens_total", "Tokens served, by model and kind", &["model", "kind"])?,
+            retries: r.counter("llm_gateway_retries_total", "Requests retried on another worker")?,
+            routing_decisions: r.counters(
                 "llm_gateway_routing_decisions_total",
                 "Workers picked, by strategy and worker",
                 &["strategy", "worker"],
             )?,
-            upstream_outcomes: counter_vec(
+            upstream_outcomes: r.counters(
                 "llm_gateway_upstream_outcomes_total",
                 "Finished upstream attempts, by worker and outcome",
                 &["worker", "outcome"],
             )?,
-            worker_in_flight: gauge_vec(
+            uptime: r.add(Gauge::new("llm_gateway_uptime_seconds", "Seconds since the gateway started")?)?,
+            prefix_index_entries: r.gauge(
+                "llm_gateway_prefix_index_entries",
+                "Entries in the routing policy's bounded prefix index (p2c_kv)",
+            )?,
+            worker_in_flight: r.gauges(
                 "llm_worker_in_flight_requests",
                 "Requests the gateway has in flight on the worker",
+                url,
             )?,
-            worker_running: gauge_vec("llm_worker_running_requests", "Running requests scraped from the worker")?,
-            worker_waiting: gauge_vec("llm_worker_waiting_requests", "Waiting requests scraped from the worker")?,
-            worker_kv_usage,
-            worker_healthy: gauge_vec("llm_worker_healthy", "1 when the worker passes its health probes")?,
-            uptime,
-            prefix_index_entries,
-            breaker_state: gauge_vec(
+            worker_running: r.gauges("llm_worker_running_requests", "Running requests scraped from the worker", url)?,
+            worker_waiting: r.gauges("llm_worker_waiting_requests", "Waiting requests scraped from the worker", url)?,
+            worker_kv_usage: r.add(GaugeVec::new(
+                Opts::new("llm_worker_kv_cache_usage", "KV-cache usage scraped from the worker, 0..1"),
+                url,
+            )?)?,
+            worker_healthy: r.gauges("llm_worker_healthy", "1 when the worker passes its health probes", url)?,
+            breaker_state: r.gauges(
                 "llm_circuit_breaker_state",
                 "Circuit breaker state: 0 closed, 1 open, 2 half-open",
+                url,
             )?,
-            breaker_failures: counter_vec(
+            breaker_failures: r.counters(
                 "llm_circuit_breaker_failures_total",
                 "Failures reported to the worker's breaker (connect errors, timeouts, 5xx, slow calls)",
-                &["url"],
+                url,
             )?,
-            breaker_transitions: counter_vec(
+            breaker_transitions: r.counters(
                 "llm_circuit_breaker_transitions_total",
                 "Circuit breaker state changes, by the state entered",
                 &["url", "to"],
             )?,
-            registry,
+            queue_length: r.gauges(
+                "llm_gateway_queue_length",
+                "Requests waiting in the admission queue",
+                &["model"],
+            )?,
+            queue_wait: r.histograms(
+                "llm_gateway_queue_wait_seconds",
+                "Time dispatched requests waited in the admission queue",
+                LATENCY_BUCKETS,
+            )?,
+            queue_rejected: r.counters(
+                "llm_gateway_queue_rejected_total",
+                "Requests that left the admission queue without a worker, by reason",
+                &["model", "reason"],
+            )?,
+            rate_limiter_requests: r
+                .counter("llm_rate_limiter_requests_total", "Requests checked by the rate limiter")?,
+            rate_limiter_rejected: r.counters(
+                "llm_rate_limiter_rejected_total",
+                "Requests rejected by a rate limit, by the limit hit",
+                &["limit"],
+            )?,
+            rate_limiter_fallback: r.counter(
+                "llm_rate_limiter_fallback_total",
+                "Rate-limit checks answered locally because Redis was unreachable",
+            )?,
+            names: std::mem::take(&mut r.names),
+            registry: r.registry,
         })
+    }
+
+    /// Every metric family name the gateway exports, whether or not it has series yet; dashboards and
+    /// alerts are checked against it.
+    pub fn names(&self) -> &[String] {
+        &self.names
     }
 
     /// The registry, for subsystems that register metrics of their own.
@@ -185,5 +244,20 @@ impl Metrics {
         if let Some(t) = t {
             self.breaker_transitions.with_label_values(&[url, t.to.as_str()]).inc();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_cover_metrics_without_series() {
+        let m = Metrics::new().expect("metrics register");
+        for name in ["llm_gateway_requests_total", "llm_gateway_queue_wait_seconds", "llm_rate_limiter_rejected_total"]
+        {
+            assert!(m.names().iter().any(|n| n == name), "{name}");
+        }
+        assert!(!m.render().contains("llm_rate_limiter_rejected_total{"), "no series yet");
     }
 }
