@@ -33,6 +33,50 @@ pub struct Config {
     pub circuit_breaker: CircuitBreakerConfig,
     /// Retries on another worker before the first byte.
     pub retry: RetryConfig,
+    /// The admission queue in front of workers at capacity.
+    pub queue: QueueConfig,
+}
+
+/// `[queue]`: requests wait here when every worker for their model is at capacity.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct QueueConfig {
+    /// Queue at all; off, requests go to workers whatever their load.
+    pub enabled: bool,
+    /// Requests waiting per model at most; more get 429 `queue_full`.
+    pub max_size: usize,
+    /// Longest wait; longer gets 504 `queue_timeout`.
+    pub timeout_secs: u64,
+    /// A request waiting this long rises one priority class (so low cannot starve); 0 = never.
+    pub aging_secs: u64,
+    /// Serve tenants of the same class round-robin.
+    pub enable_fairness: bool,
+    /// Capacity of a worker with `max_concurrency = 0` until one is learned from its metrics (0 = unlimited).
+    pub default_worker_concurrency: u32,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            max_size: 100,
+            timeout_secs: 60,
+            aging_secs: 10,
+            enable_fairness: true,
+            default_worker_concurrency: 0,
+        }
+    }
+}
+
+impl QueueConfig {
+    /// The ordering settings of the pure queue.
+    pub fn ordering(&self) -> guard::QueueConfig {
+        guard::QueueConfig {
+            max_size: self.max_size,
+            aging: std::time::Duration::from_secs(self.aging_secs),
+            fairness: self.enable_fairness,
+        }
+    }
 }
 
 /// `[circuit_breaker]`: Hystrix-style, per worker.
@@ -337,6 +381,9 @@ impl Config {
         }
         if self.health.unhealthy_threshold == 0 || self.health.healthy_threshold == 0 {
             return Err("health.unhealthy_threshold and health.healthy_threshold: must be at least 1".into());
+        }
+        if self.queue.timeout_secs == 0 {
+            return Err("queue.timeout_secs: must be greater than 0".into());
         }
         if self.retry.max_attempts == 0 {
             return Err("retry.max_attempts: must be at least 1 (1 means no retry)".into());

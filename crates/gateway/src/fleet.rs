@@ -90,7 +90,7 @@ mod tests {
             id += 1;
             id
         });
-        let _g = f1.workers[0].acquire(false, std::time::Instant::now());
+        let _g = f1.workers[0].acquire(false, u32::MAX, std::time::Instant::now());
         let specs2 = vec![WorkerConfig::from_url("http://a:1"), WorkerConfig::from_url("http://c:1")];
         f1.workers[1].stats.draining.store(true, std::sync::atomic::Ordering::Relaxed);
         let mut specs2 = specs2;

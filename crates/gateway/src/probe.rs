@@ -46,6 +46,10 @@ pub async fn probe_once(client: &Client, worker: &Worker, cfg: &HealthConfig, re
                 s.scraped_running.store(load.running as u32, Ordering::Relaxed);
                 s.scraped_waiting.store(load.waiting as u32, Ordering::Relaxed);
                 s.kv_usage.set(load.kv_usage);
+                // Requests waiting inside the worker mean it runs all it can: that is its capacity.
+                if load.waiting > 0.0 && load.running > 0.0 {
+                    s.learned_capacity.fetch_max(load.running as u32, Ordering::Relaxed);
+                }
                 s.sent_since_scrape.store(0, Ordering::Relaxed);
             }
         }

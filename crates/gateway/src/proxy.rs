@@ -1,10 +1,11 @@
 //! The inference endpoints: read and parse the body, pick a worker, forward the original bytes, relay
 //! the answer. Failures before the first byte reaches the client are retried on another worker.
 
+use crate::admission::Reservation;
 use crate::error::ApiError;
 use crate::relay::{status_label, InFlight, RelayBody};
 use crate::state::{AppState, Snapshot};
-use crate::worker::Worker;
+use crate::worker::{Refused, Worker};
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
@@ -78,6 +79,11 @@ fn request_id(headers: &HeaderMap) -> Arc<str> {
 
 type Failure = (GatewayError, Option<Arc<str>>);
 
+/// `X-Queue-Position`: the request's position when it entered the admission queue (0: it did not wait).
+pub static X_QUEUE_POSITION: HeaderName = HeaderName::from_static("x-queue-position");
+/// `X-Estimated-Wait`: seconds it was expected to wait when it entered the queue.
+pub static X_ESTIMATED_WAIT: HeaderName = HeaderName::from_static("x-estimated-wait");
+
 async fn handle(
     app: &Arc<AppState>,
     req: Request,
@@ -85,6 +91,7 @@ async fn handle(
     received: Instant,
 ) -> Result<Response, Failure> {
     let snap = app.snapshot.load_full();
+    let client_addr = req.extensions().get::<axum::extract::ConnectInfo<std::net::SocketAddr>>().map(|c| c.0.ip());
     let (parts, body) = req.into_parts();
     check_content_type(&parts.headers).map_err(|e| (e, None))?;
     let bytes = read_body(body, &parts.headers, snap.config.server.max_body_bytes).await.map_err(|e| (e, None))?;
@@ -92,9 +99,58 @@ async fn handle(
         .map_err(|e| (GatewayError::new(ErrorKind::InvalidJson, format!("invalid JSON body: {e}")), None))?;
     apply_headers(&mut features, &parts.headers);
     let model = resolve_model(&snap, &features).map_err(|e| (e, None))?;
-    dispatch(app, &snap, &parts, bytes, &features, model.clone(), request_id, received)
-        .await
-        .map_err(|e| (e, Some(model)))
+    let tenant = tenant_key(features.user.as_deref(), client_addr);
+    let mut attempt = Attempts::default();
+    // A request that finds no worker with room (another took the last slot) goes back to the queue.
+    loop {
+        let eligible = eligible(&snap, &model, &attempt.tried, std::time::Instant::now());
+        let (ticket, reservation) = app
+            .admission
+            .admit(&model, &eligible, features.priority, tenant)
+            .await
+            .map_err(|e| (e, Some(Arc::clone(&model))))?;
+        if ticket.position > 0 {
+            app.metrics.queue_wait.with_label_values(&[&model]).observe(ticket.waited.as_secs_f64());
+        }
+        let outcome =
+            dispatch(app, &snap, &parts, &bytes, &features, &model, request_id, received, reservation, &mut attempt)
+                .await;
+        match outcome {
+            Err(Failed::NoRoom) => continue,
+            Err(Failed::Error(e)) => return Err((e, Some(model))),
+            Ok(mut resp) => {
+                app.admission.record_dispatch(&model, ticket.waited);
+                let h = resp.headers_mut();
+                h.insert(X_QUEUE_POSITION.clone(), HeaderValue::from(ticket.position));
+                if let Ok(v) = HeaderValue::from_str(&format!("{:.1}", ticket.estimated_wait.as_secs_f64())) {
+                    h.insert(X_ESTIMATED_WAIT.clone(), v);
+                }
+                return Ok(resp);
+            }
+        }
+    }
+}
+
+/// The tenant a request is queued under for fairness: its `user`, else its client address.
+fn tenant_key(user: Option<&str>, addr: Option<std::net::IpAddr>) -> u64 {
+    use gateway_core::prefix::hash_bytes;
+    match (user, addr) {
+        (Some(u), _) => hash_bytes(3, u.as_bytes()),
+        (None, Some(ip)) => hash_bytes(4, ip.to_string().as_bytes()),
+        (None, None) => 0,
+    }
+}
+
+/// Workers that may take a request for `model` now: healthy, not draining, serving it, not tried
+/// yet, breaker admitting.
+fn eligible<'a>(snap: &'a Snapshot, model: &str, tried: &[u64], now: std::time::Instant) -> Vec<&'a Arc<Worker>> {
+    let breakers = snap.config.circuit_breaker.enabled;
+    snap.fleet
+        .workers
+        .iter()
+        .filter(|w| w.is_available() && w.serves(model) && !tried.contains(&w.id))
+        .filter(|w| !breakers || w.breaker_admits(now))
+        .collect()
 }
 
 fn check_content_type(headers: &HeaderMap) -> Result<(), GatewayError> {
@@ -157,57 +213,100 @@ fn resolve_model(snap: &Snapshot, features: &RequestFeatures) -> Result<Arc<str>
     }
 }
 
-/// Picks a worker, sends, and retries on another worker while nothing has reached the client.
+/// What the attempts of one request have done so far (kept across trips back to the queue).
+#[derive(Default)]
+struct Attempts {
+    tried: Vec<u64>,
+    count: u32,
+    last_error: Option<GatewayError>,
+}
+
+/// Why `dispatch` gave up.
+enum Failed {
+    /// Every eligible worker is at capacity: back to the admission queue.
+    NoRoom,
+    /// A final error for the client.
+    Error(GatewayError),
+}
+
+impl From<GatewayError> for Failed {
+    fn from(e: GatewayError) -> Self {
+        Failed::Error(e)
+    }
+}
+
+/// Picks a worker (the reserved one first, if the queue handed one out), sends, and retries on another
+/// worker while nothing has reached the client.
 #[allow(clippy::too_many_arguments)]
 async fn dispatch(
     app: &Arc<AppState>,
     snap: &Arc<Snapshot>,
     parts: &http::request::Parts,
-    bytes: Bytes,
+    bytes: &Bytes,
     features: &RequestFeatures,
-    model: Arc<str>,
+    model: &Arc<str>,
     request_id: &Arc<str>,
     received: Instant,
-) -> Result<Response, GatewayError> {
+    mut reservation: Option<Reservation>,
+    attempts: &mut Attempts,
+) -> Result<Response, Failed> {
     let cfg = &snap.config;
     let deadline = received + Duration::from_millis(cfg.upstream.total_timeout_ms);
     let breakers = cfg.circuit_breaker.enabled;
-    let mut tried: Vec<u64> = Vec::new();
-    let mut attempt = 0u32;
-    let mut last_error: Option<GatewayError> = None;
+    let queueing = cfg.queue.enabled;
     loop {
         let now = std::time::Instant::now();
-        let candidates: Vec<&Arc<Worker>> = snap
-            .fleet
-            .workers
-            .iter()
-            .filter(|w| w.is_available() && w.serves(&model) && !tried.contains(&w.id))
-            .filter(|w| !breakers || w.breaker_admits(now))
-            .collect();
-        let views: Vec<_> = candidates.iter().map(|w| w.view()).collect();
-        let Some(pick) = snap.policy.select(features, &views, &mut rand::rng()) else {
-            return Err(last_error.unwrap_or_else(|| no_worker(snap, &model)));
+        let all = eligible(snap, model, &attempts.tried, now);
+        let (worker, load) = match reservation.take() {
+            Some(r) => {
+                let worker = Arc::clone(r.worker());
+                match Worker::acquire_reserved(r, breakers, now) {
+                    Ok(load) => (worker, load),
+                    Err(_) => continue,
+                }
+            }
+            None => {
+                let default_cap = cfg.queue.default_worker_concurrency;
+                let candidates: Vec<&Arc<Worker>> =
+                    all.iter().copied().filter(|w| !queueing || app.admission.has_room(w)).collect();
+                if candidates.is_empty() && !all.is_empty() {
+                    return Err(Failed::NoRoom);
+                }
+                let views: Vec<_> = candidates.iter().map(|w| w.view()).collect();
+                let Some(pick) = snap.policy.select(features, &views, &mut rand::rng()) else {
+                    return Err(Failed::Error(attempts.last_error.take().unwrap_or_else(|| no_worker(snap, model))));
+                };
+                let worker = Arc::clone(candidates[pick]);
+                let cap = if queueing { worker.capacity(default_cap) } else { u32::MAX };
+                match worker.acquire(breakers, cap, now) {
+                    Ok(load) => (worker, load),
+                    Err(Refused::Full) => return Err(Failed::NoRoom),
+                    // Another request took the last half-open trial: not an attempt, pick again.
+                    Err(Refused::Breaker(_)) => {
+                        attempts.tried.push(worker.id);
+                        continue;
+                    }
+                }
+            }
         };
-        let worker = candidates[pick];
-        tried.push(worker.id);
-        // Another request may have taken the last half-open trial since the candidates were listed:
-        // that is no attempt, just pick again.
-        let Ok(mut load) = worker.acquire(breakers, now) else { continue };
+        let mut load = load.notify(&app.admission);
+        attempts.tried.push(worker.id);
         app.metrics.count_transition(&worker.spec.url, load.take_transition());
         app.metrics.routing_decisions.with_label_values(&[snap.policy.name(), &worker.name]).inc();
         snap.policy.on_dispatch(features, worker.id);
-        attempt += 1;
+        attempts.count += 1;
+        let attempt = attempts.count;
         // Retry only where another worker could take it; otherwise the worker's own answer stands.
-        let may_retry = attempt < cfg.retry.max_attempts && candidates.len() > 1;
+        let may_retry = attempt < cfg.retry.max_attempts && all.iter().any(|w| w.id != worker.id);
         let dispatched = Instant::now();
-        let upstream_req = build_upstream_request(worker, parts, bytes.clone(), request_id)?;
+        let upstream_req = build_upstream_request(&worker, parts, bytes.clone(), request_id)?;
         let first_byte_by = (dispatched + Duration::from_millis(cfg.upstream.first_byte_timeout_ms)).min(deadline);
         let inflight = |load, status: u16| {
             InFlight::new(
                 Arc::clone(app),
                 Arc::clone(&snap.policy),
                 load,
-                Arc::clone(&model),
+                Arc::clone(model),
                 Arc::clone(request_id),
                 status,
                 received,
@@ -246,12 +345,12 @@ async fn dispatch(
             }
         };
         if !may_retry {
-            return Err(failure);
+            return Err(Failed::Error(failure));
         }
-        last_error = Some(failure);
+        attempts.last_error = Some(failure);
         let pause = backoff(&cfg.retry, attempt);
         if Instant::now() + pause >= deadline {
-            return Err(last_error.unwrap_or_else(|| no_worker(snap, &model)));
+            return Err(Failed::Error(attempts.last_error.take().unwrap_or_else(|| no_worker(snap, model))));
         }
         app.metrics.retries.inc();
         tokio::time::sleep(pause).await;

@@ -26,6 +26,7 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/metrics", get(metrics))
         .merge(crate::admin::routes())
         .merge(crate::breaker_api::routes())
+        .route("/api/queue", get(crate::admission::queue_endpoint))
         .merge(crate::dashboard::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -94,6 +95,7 @@ impl Gateway {
         let state = AppState::new(config)?;
         state.start_probes().await;
         let router = app(Arc::clone(&state));
+        tokio::spawn(crate::admission::Admission::run_sweeper(Arc::downgrade(&state), Duration::from_millis(500)));
         let stop = state.shutdown.clone();
         // TCP_NODELAY on accepted sockets: streamed chunks must leave at once, not wait for Nagle.
         let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {

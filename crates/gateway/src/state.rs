@@ -38,6 +38,8 @@ pub struct AppState {
     pub started: Instant,
     /// Cancelled when the gateway shuts down.
     pub shutdown: CancellationToken,
+    /// The admission queues.
+    pub admission: Arc<crate::admission::Admission>,
     next_worker_id: AtomicU64,
     probes: Mutex<HashMap<WorkerId, CancellationToken>>,
 }
@@ -50,7 +52,9 @@ impl AppState {
             next_worker_id.fetch_add(1, Ordering::Relaxed)
         });
         let policy = routing::build(&config.routing);
+        let admission = crate::admission::Admission::new(&config.queue);
         Ok(Arc::new(Self {
+            admission,
             client: upstream::client(&config.upstream),
             snapshot: ArcSwap::from_pointee(Snapshot { config: Arc::new(config), fleet: Arc::new(fleet), policy }),
             metrics: Metrics::new()?,

@@ -7,8 +7,18 @@ use crate::config::WorkerConfig;
 use arc_swap::ArcSwap;
 use gateway_core::{Outcome, OutcomeKind, WorkerId, WorkerView};
 use guard::{Permit, Rejected, Transition};
+
+/// Why a worker refused a request.
+#[derive(Debug)]
+pub enum Refused {
+    /// No slot free below its capacity.
+    Full,
+    /// Its circuit breaker refused.
+    Breaker(Rejected),
+}
+use crate::admission::Admission;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 /// An `f64` stored in an `AtomicU64`.
 #[derive(Debug, Default)]
@@ -60,6 +70,10 @@ pub struct WorkerStats {
     pub errors: parking_lot::Mutex<guard::SlidingErrorRate>,
     /// Requests dispatched to it, ever.
     pub requests_total: AtomicU64,
+    /// Slots handed to dequeued requests that have not sent yet (count against capacity).
+    pub reserved: AtomicU32,
+    /// Requests it was seen running while others waited in its own queue: its `max_num_seqs`.
+    pub learned_capacity: AtomicU32,
     /// Consecutive failed probes.
     pub probe_failures: AtomicU32,
     /// Consecutive good probes.
@@ -140,6 +154,18 @@ impl Worker {
         self.models.load().iter().any(|m| m == model)
     }
 
+    /// Requests the gateway keeps in flight on it at most: `max_concurrency`, else the capacity learned
+    /// from its metrics, else `default` (0 = unlimited).
+    pub fn capacity(&self, default: u32) -> u32 {
+        let learned = self.stats.learned_capacity.load(Ordering::Relaxed);
+        match (self.spec.max_concurrency, learned, default) {
+            (c, _, _) if c > 0 => c,
+            (_, l, _) if l > 0 => l,
+            (_, _, d) if d > 0 => d,
+            _ => u32::MAX,
+        }
+    }
+
     /// Healthy and not draining.
     pub fn is_available(&self) -> bool {
         self.stats.healthy.load(Ordering::Relaxed) && !self.stats.draining.load(Ordering::Relaxed)
@@ -168,22 +194,47 @@ impl Worker {
         self.stats.error_rate.set(rate);
     }
 
-    /// Counts a dispatch and returns the guard that holds the in-flight slot until dropped, with the
-    /// breaker's permit when `breaker` is on. Fails when the breaker refuses (another request may have
-    /// taken the last half-open trial since the candidate was chosen).
-    pub fn acquire(self: &Arc<Self>, breaker: bool, now: std::time::Instant) -> Result<LoadGuard, Rejected> {
+    /// Takes an in-flight slot if one is free below `cap` (reserved slots count as taken) and, when
+    /// `breaker` is on, the breaker's permit. The check and the increment are one atomic step, so
+    /// concurrent requests never push the worker past its capacity.
+    pub fn acquire(self: &Arc<Self>, breaker: bool, cap: u32, now: std::time::Instant) -> Result<LoadGuard, Refused> {
+        let s = &self.stats;
+        s.in_flight
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n.saturating_add(s.reserved.load(Ordering::Acquire)) < cap).then_some(n + 1)
+            })
+            .map_err(|_| Refused::Full)?;
+        self.take_permit(breaker, now).inspect_err(|_| {
+            s.in_flight.fetch_sub(1, Ordering::Relaxed);
+        })
+    }
+
+    /// Turns a slot reserved by the admission queue into an in-flight slot.
+    pub fn acquire_reserved(
+        reservation: crate::admission::Reservation,
+        breaker: bool,
+        now: std::time::Instant,
+    ) -> Result<LoadGuard, Refused> {
+        let worker = Arc::clone(reservation.worker());
+        worker.stats.in_flight.fetch_add(1, Ordering::AcqRel);
+        drop(reservation.consume());
+        worker.take_permit(breaker, now).inspect_err(|_| {
+            worker.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+        })
+    }
+
+    fn take_permit(self: &Arc<Self>, breaker: bool, now: std::time::Instant) -> Result<LoadGuard, Refused> {
         let (permit, transition) = if breaker {
-            let mut permit = self.breaker.lock().try_acquire(now)?;
+            let mut permit = self.breaker.lock().try_acquire(now).map_err(Refused::Breaker)?;
             let t = permit.transition.take();
             (Some(permit), t)
         } else {
             (None, None)
         };
         self.log_transition(transition);
-        self.stats.in_flight.fetch_add(1, Ordering::Relaxed);
         self.stats.sent_since_scrape.fetch_add(1, Ordering::Relaxed);
         self.stats.requests_total.fetch_add(1, Ordering::Relaxed);
-        Ok(LoadGuard { worker: Arc::clone(self), permit, transition })
+        Ok(LoadGuard { worker: Arc::clone(self), permit, transition, admission: None })
     }
 
     /// Feeds a finished request into the latency and error estimates.
@@ -215,9 +266,16 @@ pub struct LoadGuard {
     worker: Arc<Worker>,
     permit: Option<Permit>,
     transition: Option<Transition>,
+    admission: Option<Weak<Admission>>,
 }
 
 impl LoadGuard {
+    /// Tells `admission` when this slot frees, so a queued request can take it at once.
+    pub fn notify(mut self, admission: &Arc<Admission>) -> Self {
+        self.admission = Some(Arc::downgrade(admission));
+        self
+    }
+
     /// The worker this slot is on.
     pub fn worker(&self) -> &Arc<Worker> {
         &self.worker
@@ -259,6 +317,9 @@ impl Drop for LoadGuard {
             self.worker.breaker.lock().on_cancel(permit);
         }
         self.worker.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+        if let Some(admission) = self.admission.as_ref().and_then(Weak::upgrade) {
+            admission.slot_freed(&self.worker);
+        }
     }
 }
 
@@ -270,8 +331,8 @@ mod tests {
     fn guard_counts_and_releases() {
         let w = Arc::new(Worker::new(1, WorkerConfig::from_url("http://127.0.0.1:1")));
         let now = std::time::Instant::now();
-        let g1 = w.acquire(true, now).unwrap();
-        let g2 = w.acquire(false, now).unwrap();
+        let g1 = w.acquire(true, u32::MAX, now).unwrap();
+        let g2 = w.acquire(false, u32::MAX, now).unwrap();
         assert_eq!(w.view().in_flight, 2);
         assert_eq!(w.view().running, 2, "sent since scrape corrects running");
         drop(g1);
@@ -287,19 +348,37 @@ mod tests {
         let now = std::time::Instant::now();
         let cfg = crate::config::CircuitBreakerConfig::default();
         for _ in 0..4 {
-            let mut g = w.acquire(true, now).unwrap();
+            let mut g = w.acquire(true, u32::MAX, now).unwrap();
             g.settle(OutcomeKind::Success, true, now, &cfg);
         }
         // Cancels and overload say nothing about the worker: the streak goes on.
-        drop(w.acquire(true, now).unwrap());
-        w.acquire(true, now).unwrap().settle(OutcomeKind::Overloaded, false, now, &cfg);
+        drop(w.acquire(true, u32::MAX, now).unwrap());
+        w.acquire(true, u32::MAX, now).unwrap().settle(OutcomeKind::Overloaded, false, now, &cfg);
         assert!(w.breaker_admits(now));
-        let t = w.acquire(true, now).unwrap().settle(OutcomeKind::ConnectError, false, now, &cfg);
+        let t = w.acquire(true, u32::MAX, now).unwrap().settle(OutcomeKind::ConnectError, false, now, &cfg);
         assert_eq!(t.map(|t| t.to), Some(guard::StateName::Open), "the fifth consecutive failure opens it");
         assert!(!w.breaker_admits(now));
-        assert!(w.acquire(true, now).is_err());
+        assert!(matches!(w.acquire(true, u32::MAX, now), Err(Refused::Breaker(_))));
         assert_eq!(w.view().in_flight, 0, "a refused acquire takes no slot");
-        assert!(w.acquire(false, now).is_ok(), "with breakers off nothing is refused");
+        assert!(w.acquire(false, u32::MAX, now).is_ok(), "with breakers off nothing is refused");
+    }
+
+    #[test]
+    fn acquire_respects_capacity_and_reservations() {
+        let w = Arc::new(Worker::new(1, WorkerConfig::from_url("http://h:1")));
+        let now = std::time::Instant::now();
+        let a = w.acquire(false, 2, now).unwrap();
+        w.stats.reserved.store(1, Ordering::Relaxed);
+        assert!(matches!(w.acquire(false, 2, now), Err(Refused::Full)), "one in flight plus one reserved is full");
+        w.stats.reserved.store(0, Ordering::Relaxed);
+        let _b = w.acquire(false, 2, now).unwrap();
+        assert!(matches!(w.acquire(false, 2, now), Err(Refused::Full)));
+        drop(a);
+        assert!(w.acquire(false, 2, now).is_ok());
+        assert_eq!(w.capacity(0), u32::MAX);
+        assert_eq!(w.capacity(7), 7);
+        w.stats.learned_capacity.store(4, Ordering::Relaxed);
+        assert_eq!(w.capacity(7), 4, "learned beats the default");
     }
 
     #[test]
@@ -313,7 +392,7 @@ mod tests {
         for i in 0..20 {
             let kind = if i % 2 == 0 { OutcomeKind::Success } else { OutcomeKind::ServerError };
             w.record(&out(kind), now);
-            let t = w.acquire(true, now).unwrap().settle(kind, false, now, &cfg);
+            let t = w.acquire(true, u32::MAX, now).unwrap().settle(kind, false, now, &cfg);
             if t.is_some() {
                 opened = Some(i);
                 break;
