@@ -109,6 +109,7 @@ impl AppState {
         m.healthy_workers.set(snap.fleet.healthy_count() as i64);
         m.uptime.set(self.started.elapsed().as_secs_f64());
         m.prefix_index_entries.set(snap.policy.memory_entries() as i64);
+        self.admission.export(m);
         for w in &snap.fleet.workers {
             let url = w.spec.url.as_str();
             let s = &w.stats;
