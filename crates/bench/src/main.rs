@@ -5,7 +5,11 @@
 //!
 //! `cargo run --release -p bench -- routing`: the seven routing strategies on one heterogeneous vllm-sim
 //! fleet under one seeded multi-turn chat workload: throughput, TTFT, prefix-cache hit rate, balance.
+//!
+//! `cargo run --release -p bench -- faults`: steady load over three sims while one is killed and restarted
+//! and another turns slow: requests sent, succeeded, failed by cause, retries, breaker opens, p50/p99.
 
+mod faults;
 mod load;
 mod overhead;
 mod routing;
@@ -26,6 +30,8 @@ enum Cmd {
     Overhead(overhead::Args),
     /// Every routing strategy on a heterogeneous sim fleet: req/s, TTFT p50/p99, e2e p99, cache hits, shares.
     Routing(routing::Args),
+    /// A worker killed and restarted, another slow, under steady load: failures by cause, retries, p99.
+    Faults(faults::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -35,6 +41,7 @@ fn main() -> anyhow::Result<()> {
         match cli.cmd {
             Cmd::Overhead(args) => overhead::run(args).await,
             Cmd::Routing(args) => routing::run(args).await,
+            Cmd::Faults(args) => faults::run(args).await,
         }
     })
 }
