@@ -35,6 +35,139 @@ pub struct Config {
     pub retry: RetryConfig,
     /// The admission queue in front of workers at capacity.
     pub queue: QueueConfig,
+    /// API keys.
+    pub auth: AuthConfig,
+    /// Token-bucket rate limits.
+    pub rate_limit: RateLimitConfig,
+}
+
+/// `[auth]`: API keys required on `/v1/*` when enabled.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Require `Authorization: Bearer <key>` on `/v1/*`.
+    pub enabled: bool,
+    /// The keys, as `[[auth.keys]]` tables.
+    pub keys: Vec<ApiKeyConfig>,
+    /// A TOML file with more `[[keys]]` tables (same fields), read at load and on every reload.
+    pub keys_file: Option<PathBuf>,
+}
+
+/// One API key: its tenant name, default priority and optional limits overriding `[rate_limit]`'s.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeyConfig {
+    /// The secret clients send as `Bearer`.
+    pub key: String,
+    /// The tenant (shown in logs and metrics instead of the key).
+    pub name: String,
+    /// Default priority class of its requests (`X-Priority` still overrides).
+    #[serde(default)]
+    pub priority: gateway_core::Priority,
+    /// Requests per minute (overrides `rate_limit.per_user_rpm`; 0 = unlimited).
+    #[serde(default)]
+    pub requests_per_minute: Option<u64>,
+    /// Tokens per minute (overrides `rate_limit.per_user_tpm`; 0 = unlimited).
+    #[serde(default)]
+    pub tokens_per_minute: Option<u64>,
+    /// Requests per day (overrides `rate_limit.per_user_rpd`; 0 = unlimited).
+    #[serde(default)]
+    pub requests_per_day: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeysFile {
+    #[serde(default)]
+    keys: Vec<ApiKeyConfig>,
+}
+
+impl AuthConfig {
+    /// The configured keys plus those of `keys_file`.
+    pub fn all_keys(&self) -> Result<Vec<ApiKeyConfig>, String> {
+        let mut keys = self.keys.clone();
+        if let Some(path) = &self.keys_file {
+            let text = std::fs::read_to_string(path).map_err(|e| format!("auth.keys_file: {}: {e}", path.display()))?;
+            let file: KeysFile =
+                toml::from_str(&text).map_err(|e| format!("auth.keys_file: {}: {}", path.display(), e.message()))?;
+            keys.extend(file.keys);
+        }
+        Ok(keys)
+    }
+}
+
+/// Where rate-limit buckets live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RateLimitBackend {
+    /// In this process.
+    #[default]
+    Local,
+    /// In Redis, shared by every replica.
+    Redis,
+}
+
+/// What to do when Redis cannot be reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RedisFailure {
+    /// Keep serving with this process's own buckets.
+    #[default]
+    Local,
+    /// Reject requests until Redis is back.
+    Deny,
+}
+
+/// `[rate_limit]`: token buckets; every limit 0 means unlimited.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RateLimitConfig {
+    /// Limits on or off (`LLM_RATE_LIMIT_ENABLED`).
+    pub enabled: bool,
+    /// Global requests per second.
+    pub requests_per_second: f64,
+    /// Global burst.
+    pub burst_size: f64,
+    /// Requests per minute per key (or per `user` when auth is off).
+    pub per_user_rpm: u64,
+    /// Tokens per minute per key (prompt chars / 4 + max_tokens before, real usage after).
+    pub per_user_tpm: u64,
+    /// Requests per day per key (UTC days).
+    pub per_user_rpd: u64,
+    /// Requests per second one worker is sent at most; a worker at its rate is skipped.
+    pub per_worker_qps: f64,
+    /// `max_tokens` assumed for token estimates when a request sets none.
+    pub default_max_tokens: u64,
+    /// `local` or `redis`.
+    pub backend: RateLimitBackend,
+    /// Redis URL for `backend = "redis"`.
+    pub redis_url: String,
+    /// `local` (keep serving with local buckets) or `deny` when Redis is unreachable.
+    pub redis_failure: RedisFailure,
+    /// Timeout of one Redis check.
+    pub redis_timeout_ms: u64,
+    /// Per-user buckets kept at most (users are client-chosen when auth is off).
+    pub max_tracked_users: usize,
+}
+
+impl Default for RateLimitConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            requests_per_second: 100.0,
+            burst_size: 200.0,
+            per_user_rpm: 60,
+            per_user_tpm: 0,
+            per_user_rpd: 0,
+            per_worker_qps: 50.0,
+            default_max_tokens: 256,
+            backend: RateLimitBackend::Local,
+            redis_url: "redis://127.0.0.1:6379".into(),
+            redis_failure: RedisFailure::Local,
+            redis_timeout_ms: 100,
+            max_tracked_users: 100_000,
+        }
+    }
 }
 
 /// `[queue]`: requests wait here when every worker for their model is at capacity.
@@ -381,6 +514,35 @@ impl Config {
         }
         if self.health.unhealthy_threshold == 0 || self.health.healthy_threshold == 0 {
             return Err("health.unhealthy_threshold and health.healthy_threshold: must be at least 1".into());
+        }
+        let keys = self.auth.all_keys()?;
+        let mut seen = std::collections::HashSet::new();
+        for (i, k) in keys.iter().enumerate() {
+            if k.key.is_empty() || k.name.is_empty() {
+                return Err(format!("auth.keys[{i}]: key and name must not be empty"));
+            }
+            if !seen.insert(&k.key) {
+                return Err(format!("auth.keys[{i}] ({}): the same key is listed twice", k.name));
+            }
+        }
+        if self.auth.enabled && keys.is_empty() {
+            return Err("auth.enabled: no keys configured (auth.keys or auth.keys_file)".into());
+        }
+        let rl = &self.rate_limit;
+        for (key, v) in [
+            ("rate_limit.requests_per_second", rl.requests_per_second),
+            ("rate_limit.burst_size", rl.burst_size),
+            ("rate_limit.per_worker_qps", rl.per_worker_qps),
+        ] {
+            if !v.is_finite() || v < 0.0 {
+                return Err(format!("{key}: {v} must be a finite number >= 0"));
+            }
+        }
+        if rl.backend == RateLimitBackend::Redis {
+            let u = url::Url::parse(&rl.redis_url).map_err(|e| format!("rate_limit.redis_url: {e}"))?;
+            if !matches!(u.scheme(), "redis" | "rediss" | "unix" | "redis+unix") {
+                return Err(format!("rate_limit.redis_url: scheme {:?} is not a Redis URL", u.scheme()));
+            }
         }
         if self.queue.timeout_secs == 0 {
             return Err("queue.timeout_secs: must be greater than 0".into());

@@ -8,6 +8,7 @@
 //! - [`upstream`]: the pooled client towards workers.
 //! - [`proxy`]: the inference endpoints (parse, pick, forward, retry).
 //! - [`admission`]: the admission queue in front of workers at capacity.
+//! - [`auth`], [`ratelimit`], [`ratelimit_redis`]: API keys and token-bucket limits, local or in Redis.
 //! - [`relay`], [`usage`]: the relayed response body that releases load when it ends.
 //! - [`metrics`]: every metric name.
 //! - [`server`]: the router (`app`) and the server lifecycle ([`server::Gateway`]).
@@ -17,6 +18,7 @@
 
 pub mod admin;
 pub mod admission;
+pub mod auth;
 pub mod breaker_api;
 pub mod cli;
 pub mod config;
@@ -27,6 +29,8 @@ pub mod fleet;
 pub mod metrics;
 pub mod probe;
 pub mod proxy;
+pub mod ratelimit;
+pub mod ratelimit_redis;
 pub mod relay;
 pub mod reload;
 pub mod scrape;

@@ -93,31 +93,63 @@ async fn handle(
     let snap = app.snapshot.load_full();
     let client_addr = req.extensions().get::<axum::extract::ConnectInfo<std::net::SocketAddr>>().map(|c| c.0.ip());
     let (parts, body) = req.into_parts();
+    // Unknown callers are turned away before their body is read.
+    let tenant = snap.auth.authenticate(&parts.headers).map_err(|e| (e, None))?;
     check_content_type(&parts.headers).map_err(|e| (e, None))?;
-    let bytes = read_body(body, &parts.headers, snap.config.server.max_body_bytes).await.map_err(|e| (e, None))?;
+    let mut bytes = read_body(body, &parts.headers, snap.config.server.max_body_bytes).await.map_err(|e| (e, None))?;
     let mut features = RequestFeatures::parse(&bytes, PrefixOptions::default())
         .map_err(|e| (GatewayError::new(ErrorKind::InvalidJson, format!("invalid JSON body: {e}")), None))?;
+    if let Some(t) = &tenant {
+        features.priority = t.priority;
+    }
     apply_headers(&mut features, &parts.headers);
     let model = resolve_model(&snap, &features).map_err(|e| (e, None))?;
-    let tenant = tenant_key(features.user.as_deref(), client_addr);
+    let fail = |e| (e, Some(Arc::clone(&model)));
+    let rl = &snap.config.rate_limit;
+    let (quota, charge) = if rl.enabled {
+        let tokens = features.estimated_tokens(rl.default_max_tokens);
+        let limiter = app.limiter.load_full();
+        let who = features.user.as_deref();
+        let (quota, charge) = limiter.check(rl, &app.metrics, tenant.as_deref(), who, tokens).await.map_err(fail)?;
+        (Some(quota), charge)
+    } else {
+        (None, None)
+    };
+    // Token limits need the real usage of streams too: ask the worker for it, and strip it again when
+    // the client did not ask.
+    let strip_usage = charge.is_some() && features.stream && !features.include_usage;
+    if strip_usage {
+        bytes = with_include_usage(&bytes).map_err(fail)?;
+    }
+    let tenant_key = tenant_key(tenant.as_deref().map(|t| &*t.name).or(features.user.as_deref()), client_addr);
+    let mut ctx = Ctx {
+        parts: &parts,
+        bytes: &bytes,
+        features: &features,
+        model: &model,
+        request_id,
+        received,
+        charge,
+        strip_usage,
+    };
     let mut attempt = Attempts::default();
     // A request that finds no worker with room (another took the last slot) goes back to the queue.
     loop {
-        let eligible = eligible(&snap, &model, &attempt.tried, std::time::Instant::now());
-        let (ticket, reservation) = app
-            .admission
-            .admit(&model, &eligible, features.priority, tenant)
-            .await
-            .map_err(|e| (e, Some(Arc::clone(&model))))?;
+        let eligible = eligible(app, &snap, &model, &attempt.tried, std::time::Instant::now());
+        let (ticket, reservation) =
+            app.admission.admit(&model, &eligible, features.priority, tenant_key).await.map_err(fail)?;
         if ticket.position > 0 {
             app.metrics.queue_wait.with_label_values(&[&model]).observe(ticket.waited.as_secs_f64());
         }
-        let outcome =
-            dispatch(app, &snap, &parts, &bytes, &features, &model, request_id, received, reservation, &mut attempt)
-                .await;
-        match outcome {
+        match dispatch(app, &snap, &mut ctx, reservation, &mut attempt).await {
             Err(Failed::NoRoom) => continue,
-            Err(Failed::Error(e)) => return Err((e, Some(model))),
+            Err(Failed::Error(e)) => {
+                // Nothing was generated: the tokens charged up front go back.
+                if let Some(charge) = ctx.charge.take() {
+                    charge.reconcile(0);
+                }
+                return Err(fail(e));
+            }
             Ok(mut resp) => {
                 app.admission.record_dispatch(&model, ticket.waited);
                 let h = resp.headers_mut();
@@ -125,10 +157,42 @@ async fn handle(
                 if let Ok(v) = HeaderValue::from_str(&format!("{:.1}", ticket.estimated_wait.as_secs_f64())) {
                     h.insert(X_ESTIMATED_WAIT.clone(), v);
                 }
+                if let Some(q) = &quota {
+                    crate::ratelimit::set_headers(h, q);
+                }
                 return Ok(resp);
             }
         }
     }
+}
+
+/// The request as `dispatch` needs it.
+struct Ctx<'a> {
+    parts: &'a http::request::Parts,
+    bytes: &'a Bytes,
+    features: &'a RequestFeatures,
+    model: &'a Arc<str>,
+    request_id: &'a Arc<str>,
+    received: Instant,
+    /// Tokens charged up front, handed to the response that answers.
+    charge: Option<crate::ratelimit::TokenCharge>,
+    /// Drop the usage chunk the gateway asked for on the client's behalf.
+    strip_usage: bool,
+}
+
+/// The body with `stream_options.include_usage` set (the only case where the gateway rewrites a body).
+fn with_include_usage(body: &[u8]) -> Result<Bytes, GatewayError> {
+    let mut v: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|e| GatewayError::new(ErrorKind::InvalidJson, format!("invalid JSON body: {e}")))?;
+    if let Some(obj) = v.as_object_mut() {
+        let opts = obj.entry("stream_options").or_insert_with(|| serde_json::json!({}));
+        if let Some(opts) = opts.as_object_mut() {
+            opts.insert("include_usage".into(), serde_json::Value::Bool(true));
+        }
+    }
+    serde_json::to_vec(&v)
+        .map(Bytes::from)
+        .map_err(|e| GatewayError::new(ErrorKind::Internal, format!("re-encoding the body failed: {e}")))
 }
 
 /// The tenant a request is queued under for fairness: its `user`, else its client address.
@@ -142,14 +206,24 @@ fn tenant_key(user: Option<&str>, addr: Option<std::net::IpAddr>) -> u64 {
 }
 
 /// Workers that may take a request for `model` now: healthy, not draining, serving it, not tried
-/// yet, breaker admitting.
-fn eligible<'a>(snap: &'a Snapshot, model: &str, tried: &[u64], now: std::time::Instant) -> Vec<&'a Arc<Worker>> {
+/// yet, breaker admitting, below their per-worker rate.
+fn eligible<'a>(
+    app: &AppState,
+    snap: &'a Snapshot,
+    model: &str,
+    tried: &[u64],
+    now: std::time::Instant,
+) -> Vec<&'a Arc<Worker>> {
     let breakers = snap.config.circuit_breaker.enabled;
+    let rl = &snap.config.rate_limit;
+    let qps = if rl.enabled { rl.per_worker_qps } else { 0.0 };
+    let limiter = app.limiter.load();
     snap.fleet
         .workers
         .iter()
         .filter(|w| w.is_available() && w.serves(model) && !tried.contains(&w.id))
         .filter(|w| !breakers || w.breaker_admits(now))
+        .filter(|w| limiter.worker_has_budget(w.id, qps))
         .collect()
 }
 
@@ -237,26 +311,22 @@ impl From<GatewayError> for Failed {
 
 /// Picks a worker (the reserved one first, if the queue handed one out), sends, and retries on another
 /// worker while nothing has reached the client.
-#[allow(clippy::too_many_arguments)]
 async fn dispatch(
     app: &Arc<AppState>,
     snap: &Arc<Snapshot>,
-    parts: &http::request::Parts,
-    bytes: &Bytes,
-    features: &RequestFeatures,
-    model: &Arc<str>,
-    request_id: &Arc<str>,
-    received: Instant,
+    ctx: &mut Ctx<'_>,
     mut reservation: Option<Reservation>,
     attempts: &mut Attempts,
 ) -> Result<Response, Failed> {
+    let (parts, bytes, features, model, request_id, received) =
+        (ctx.parts, ctx.bytes, ctx.features, ctx.model, ctx.request_id, ctx.received);
     let cfg = &snap.config;
     let deadline = received + Duration::from_millis(cfg.upstream.total_timeout_ms);
     let breakers = cfg.circuit_breaker.enabled;
     let queueing = cfg.queue.enabled;
     loop {
         let now = std::time::Instant::now();
-        let all = eligible(snap, model, &attempts.tried, now);
+        let all = eligible(app, snap, model, &attempts.tried, now);
         let (worker, load) = match reservation.take() {
             Some(r) => {
                 let worker = Arc::clone(r.worker());
@@ -294,12 +364,15 @@ async fn dispatch(
         app.metrics.count_transition(&worker.spec.url, load.take_transition());
         app.metrics.routing_decisions.with_label_values(&[snap.policy.name(), &worker.name]).inc();
         snap.policy.on_dispatch(features, worker.id);
+        if cfg.rate_limit.enabled {
+            app.limiter.load().charge_worker(worker.id, cfg.rate_limit.per_worker_qps);
+        }
         attempts.count += 1;
         let attempt = attempts.count;
         // Retry only where another worker could take it; otherwise the worker's own answer stands.
         let may_retry = attempt < cfg.retry.max_attempts && all.iter().any(|w| w.id != worker.id);
         let dispatched = Instant::now();
-        let upstream_req = build_upstream_request(&worker, parts, bytes.clone(), request_id)?;
+        let upstream_req = build_upstream_request(&worker, parts, bytes.clone(), request_id, snap.auth.enabled())?;
         let first_byte_by = (dispatched + Duration::from_millis(cfg.upstream.first_byte_timeout_ms)).min(deadline);
         let inflight = |load, status: u16| {
             InFlight::new(
@@ -320,8 +393,10 @@ async fn dispatch(
                 let status = resp.status();
                 let retryable = status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS;
                 if !(retryable && may_retry) {
-                    let inflight = inflight(load, status.as_u16());
-                    return Ok(relay(resp, inflight, cfg.upstream.idle_timeout_ms, deadline, &worker.name));
+                    let mut inflight = inflight(load, status.as_u16());
+                    inflight.charge = ctx.charge.take();
+                    let relayed = relay(resp, inflight, cfg.upstream.idle_timeout_ms, deadline, &worker.name);
+                    return Ok(if ctx.strip_usage { strip_usage_chunk(relayed) } else { relayed });
                 }
                 let kind = if matches!(status.as_u16(), 429 | 503) {
                     OutcomeKind::Overloaded
@@ -410,6 +485,7 @@ fn build_upstream_request(
     parts: &http::request::Parts,
     body: Bytes,
     request_id: &str,
+    gateway_auth: bool,
 ) -> Result<http::Request<Full<Bytes>>, GatewayError> {
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     let uri: http::Uri = format!("{}{}", worker.base_url, path)
@@ -420,7 +496,9 @@ fn build_upstream_request(
     *req.uri_mut() = uri;
     let headers = req.headers_mut();
     for (name, value) in &parts.headers {
-        if !is_hop_by_hop(name) && name != X_REQUEST_ID {
+        // The client's key is for the gateway when the gateway checks keys: never forward it.
+        let gateway_secret = gateway_auth && name == AUTHORIZATION;
+        if !is_hop_by_hop(name) && name != X_REQUEST_ID && !gateway_secret {
             headers.append(name.clone(), value.clone());
         }
     }
@@ -431,6 +509,12 @@ fn build_upstream_request(
         headers.insert(X_REQUEST_ID.clone(), v);
     }
     Ok(req)
+}
+
+/// Makes a relayed stream drop the usage chunk the gateway asked for on the client's behalf.
+fn strip_usage_chunk(resp: Response) -> Response {
+    let (parts, body) = resp.into_parts();
+    Response::from_parts(parts, Body::new(crate::relay::StripUsage::new(body)))
 }
 
 fn relay(

@@ -45,6 +45,8 @@ pub struct InFlight {
     pub retries: u32,
     /// Token counts seen in the body.
     pub usage: UsageScanner,
+    /// Tokens charged up front by the rate limiter, settled with the real usage at the end.
+    pub charge: Option<crate::ratelimit::TokenCharge>,
     first_byte: Option<Instant>,
     finished: bool,
 }
@@ -76,6 +78,7 @@ impl InFlight {
             stream,
             retries,
             usage: UsageScanner::default(),
+            charge: None,
             first_byte: None,
             finished: false,
         }
@@ -118,24 +121,31 @@ impl InFlight {
             latency: now.duration_since(self.dispatched),
             output_tokens,
         };
-        worker.record(&outcome, now.into_std());
         self.policy.observe(&outcome);
         let m = &self.app.metrics;
         // Slow calls are judged on streams only: a non-streamed answer arrives whole, so its time to
-        // first byte measures the length of the generation, not the worker's health.
+        // first byte measures the length of the generation, not the worker's health. A slow success is
+        // a failure to the worker's health, in its breaker streak and its error window alike.
         let snap = self.app.snapshot.load();
         let breaker_cfg = &snap.config.circuit_breaker;
         let slow = outcome.ttft.is_some_and(|t| t > Duration::from_millis(breaker_cfg.slow_call_threshold_ms));
-        if kind.is_failure() || (slow && kind == OutcomeKind::Success) {
+        let verdict = if slow && kind == OutcomeKind::Success { OutcomeKind::Timeout } else { kind };
+        worker.record(&Outcome { kind: verdict, ..outcome }, now.into_std());
+        if verdict.is_failure() {
             m.breaker_failures.with_label_values(&[&worker.spec.url]).inc();
         }
-        let transition = self.load.settle(kind, slow, now.into_std(), breaker_cfg);
+        let transition = self.load.settle(verdict, now.into_std(), breaker_cfg);
         m.count_transition(&worker.spec.url, transition);
         let latency = now.duration_since(self.received);
         let status = if kind == OutcomeKind::Cancelled { 499 } else { self.status };
         m.requests.with_label_values(&[&self.model, status_label(status)]).inc();
         m.latency.with_label_values(&[&self.model]).observe(latency.as_secs_f64());
         m.upstream_outcomes.with_label_values(&[&worker.name, kind.as_str()]).inc();
+        if let (Some(charge), Some(p), Some(c)) =
+            (self.charge.take(), self.usage.prompt_tokens, self.usage.completion_tokens)
+        {
+            charge.reconcile(p + c);
+        }
         if let Some(p) = self.usage.prompt_tokens {
             m.tokens.with_label_values(&[&self.model, "prompt"]).inc_by(p);
         }
@@ -410,6 +420,95 @@ impl Body for RelayBody {
             SizeHint::default()
         } else {
             self.upstream.size_hint()
+        }
+    }
+}
+
+/// Drops the usage event (`"choices":[]` with `"usage"`) from an event stream: the gateway asked the
+/// worker for it to count tokens, and the client did not. Events are passed on whole; a partial event
+/// waits for the rest of it.
+pub struct StripUsage {
+    inner: axum::body::Body,
+    carry: bytes::BytesMut,
+    done: bool,
+}
+
+impl StripUsage {
+    /// Wraps a relayed event-stream body.
+    pub fn new(inner: axum::body::Body) -> Self {
+        Self { inner, carry: bytes::BytesMut::new(), done: false }
+    }
+
+    /// Complete events of the carry, minus usage events; the partial tail stays.
+    fn complete_events(&mut self) -> Bytes {
+        let Some(end) = self.carry.windows(2).rposition(|w| w == b"\n\n") else { return Bytes::new() };
+        let complete = self.carry.split_to(end + 2);
+        let mut out = bytes::BytesMut::with_capacity(complete.len());
+        for event in complete.split_inclusive(|&b| b == b'\n').collect::<Vec<_>>().split(|line| *line == b"\n") {
+            let is_usage = event.iter().any(|l| contains(l, b"\"choices\":[]") && contains(l, b"\"usage\""));
+            if !event.is_empty() && !is_usage {
+                for line in event {
+                    out.extend_from_slice(line);
+                }
+                out.extend_from_slice(b"\n");
+            }
+        }
+        out.freeze()
+    }
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+impl Body for StripUsage {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        let this = &mut *self;
+        loop {
+            if this.done {
+                return Poll::Ready(None);
+            }
+            match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) => {
+                        this.carry.extend_from_slice(&data);
+                        let out = this.complete_events();
+                        if !out.is_empty() {
+                            return Poll::Ready(Some(Ok(Frame::data(out))));
+                        }
+                    }
+                    Err(frame) => return Poll::Ready(Some(Ok(frame))),
+                },
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
+                Poll::Ready(None) => {
+                    this.done = true;
+                    let rest = this.carry.split().freeze();
+                    return Poll::Ready((!rest.is_empty()).then(|| Ok(Frame::data(rest))));
+                }
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod strip_tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    #[tokio::test]
+    async fn usage_event_is_dropped_and_others_pass_whole() {
+        let stream = "data: {\"choices\":[{\"delta\":{}}]}\n\ndata: {\"choices\":[],\"usage\":{\"prompt_tokens\":1}}\n\ndata: [DONE]\n\n";
+        for split in [1usize, 5, 17, 1000] {
+            let chunks: Vec<Result<Bytes, std::io::Error>> =
+                stream.as_bytes().chunks(split).map(|c| Ok(Bytes::copy_from_slice(c))).collect();
+            let body = axum::body::Body::from_stream(futures_util::stream::iter(chunks));
+            let out = StripUsage::new(body).collect().await.expect("collects").to_bytes();
+            let out = String::from_utf8(out.to_vec()).expect("utf-8");
+            assert_eq!(out, "data: {\"choices\":[{\"delta\":{}}]}\n\ndata: [DONE]\n\n", "split {split}");
         }
     }
 }

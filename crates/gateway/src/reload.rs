@@ -61,7 +61,14 @@ pub async fn update(
         tracing::info!(strategy = policy.name(), "routing settings changed");
     }
     let config = Arc::new(new);
-    app.snapshot.store(Arc::new(Snapshot { config: Arc::clone(&config), fleet: Arc::new(fleet), policy }));
+    let auth = Arc::new(crate::auth::Auth::from_config(&config.auth)?);
+    if (config.rate_limit.backend, &config.rate_limit.redis_url)
+        != (old.config.rate_limit.backend, &old.config.rate_limit.redis_url)
+    {
+        // A new backend starts with fresh buckets; limits merely changed keep theirs.
+        app.limiter.store(crate::ratelimit::RateLimiter::new(&config.rate_limit));
+    }
+    app.snapshot.store(Arc::new(Snapshot { config: Arc::clone(&config), fleet: Arc::new(fleet), policy, auth }));
 
     for w in &added {
         tracing::info!(worker = %w.name, url = %w.spec.url, "worker added");

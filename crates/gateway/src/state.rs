@@ -24,6 +24,8 @@ pub struct Snapshot {
     pub fleet: Arc<Fleet>,
     /// The routing policy in force.
     pub policy: Arc<dyn Policy>,
+    /// The API keys in force.
+    pub auth: Arc<crate::auth::Auth>,
 }
 
 /// State shared by every request and background task.
@@ -40,6 +42,8 @@ pub struct AppState {
     pub shutdown: CancellationToken,
     /// The admission queues.
     pub admission: Arc<crate::admission::Admission>,
+    /// The rate limiter (replaced when its backend changes).
+    pub limiter: ArcSwap<crate::ratelimit::RateLimiter>,
     next_worker_id: AtomicU64,
     probes: Mutex<HashMap<WorkerId, CancellationToken>>,
 }
@@ -56,7 +60,13 @@ impl AppState {
         Ok(Arc::new(Self {
             admission,
             client: upstream::client(&config.upstream),
-            snapshot: ArcSwap::from_pointee(Snapshot { config: Arc::new(config), fleet: Arc::new(fleet), policy }),
+            limiter: ArcSwap::new(crate::ratelimit::RateLimiter::new(&config.rate_limit)),
+            snapshot: ArcSwap::from_pointee(Snapshot {
+                auth: Arc::new(crate::auth::Auth::from_config(&config.auth).map_err(anyhow::Error::msg)?),
+                config: Arc::new(config),
+                fleet: Arc::new(fleet),
+                policy,
+            }),
             metrics: Metrics::new()?,
             started: Instant::now(),
             shutdown: CancellationToken::new(),

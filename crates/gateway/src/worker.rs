@@ -286,18 +286,16 @@ impl LoadGuard {
         self.transition.take()
     }
 
-    /// Reports the request's verdict to the breaker (once); `slow` turns a success into a failure. A
-    /// failure also opens the breaker when the worker's recent failure rate reaches
-    /// `error_rate_threshold` over at least `min_requests` outcomes (its window must be fed first).
+    /// Reports the request's verdict to the breaker (once). A failure also opens the breaker when the
+    /// worker's recent failure rate reaches `error_rate_threshold` over at least `min_requests` outcomes
+    /// (its window must be fed first).
     pub fn settle(
         &mut self,
         kind: OutcomeKind,
-        slow: bool,
         now: std::time::Instant,
         cfg: &crate::config::CircuitBreakerConfig,
     ) -> Option<Transition> {
         let permit = self.permit.take()?;
-        let kind = if slow && kind == OutcomeKind::Success { OutcomeKind::Timeout } else { kind };
         let mut breaker = self.worker.breaker.lock();
         let mut t = breaker.on_outcome(permit, kind, now);
         if t.is_none() && kind.is_failure() && cfg.error_rate_threshold > 0.0 {
@@ -343,19 +341,19 @@ mod tests {
     }
 
     #[test]
-    fn guards_settle_the_breaker_and_slow_calls_count_as_failures() {
+    fn guards_settle_the_breaker_with_their_verdicts() {
         let w = Arc::new(Worker::new(1, WorkerConfig::from_url("http://h:1")));
         let now = std::time::Instant::now();
         let cfg = crate::config::CircuitBreakerConfig::default();
         for _ in 0..4 {
             let mut g = w.acquire(true, u32::MAX, now).unwrap();
-            g.settle(OutcomeKind::Success, true, now, &cfg);
+            g.settle(OutcomeKind::Timeout, now, &cfg);
         }
         // Cancels and overload say nothing about the worker: the streak goes on.
         drop(w.acquire(true, u32::MAX, now).unwrap());
-        w.acquire(true, u32::MAX, now).unwrap().settle(OutcomeKind::Overloaded, false, now, &cfg);
+        w.acquire(true, u32::MAX, now).unwrap().settle(OutcomeKind::Overloaded, now, &cfg);
         assert!(w.breaker_admits(now));
-        let t = w.acquire(true, u32::MAX, now).unwrap().settle(OutcomeKind::ConnectError, false, now, &cfg);
+        let t = w.acquire(true, u32::MAX, now).unwrap().settle(OutcomeKind::ConnectError, now, &cfg);
         assert_eq!(t.map(|t| t.to), Some(guard::StateName::Open), "the fifth consecutive failure opens it");
         assert!(!w.breaker_admits(now));
         assert!(matches!(w.acquire(true, u32::MAX, now), Err(Refused::Breaker(_))));
@@ -392,7 +390,7 @@ mod tests {
         for i in 0..20 {
             let kind = if i % 2 == 0 { OutcomeKind::Success } else { OutcomeKind::ServerError };
             w.record(&out(kind), now);
-            let t = w.acquire(true, u32::MAX, now).unwrap().settle(kind, false, now, &cfg);
+            let t = w.acquire(true, u32::MAX, now).unwrap().settle(kind, now, &cfg);
             if t.is_some() {
                 opened = Some(i);
                 break;

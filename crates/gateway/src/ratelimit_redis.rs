@@ -1,0 +1,194 @@
+//! Rate-limit buckets in Redis, shared by every gateway replica.
+//!
+//! One Lua script per check reads all of a request's buckets, refills them by Redis's own clock
+//! (`TIME`: replicas' clocks never disagree), and charges them only if every one admits, so concurrent
+//! checks from many replicas can never overspend a bucket. Keys expire when idle.
+
+use crate::ratelimit::Quota;
+use redis::aio::ConnectionManager;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::OnceCell;
+
+/// The limits of one check, as the script takes them.
+#[derive(Debug, Clone, Copy)]
+pub struct Spec {
+    /// Global requests per second (0 = off).
+    pub rps: f64,
+    /// Global burst.
+    pub burst: f64,
+    /// Tenant requests per minute (0 = off).
+    pub rpm: u64,
+    /// Tenant tokens per minute (0 = off).
+    pub tpm: u64,
+    /// Tenant requests per day (0 = off).
+    pub rpd: u64,
+    /// The UTC day number, which names the day's counter.
+    pub day: u64,
+}
+
+/// Each bucket takes five arguments: kind (`tb` token bucket or `win` day counter), rate or window end,
+/// burst or limit, tokens needed, tokens charged. Returns `{allowed, failing index, retry ms, then per
+/// bucket remaining and ms until full}`.
+const CHECK: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local n = #KEYS
+local level = {}
+for i = 1, n do
+  local base = (i - 1) * 5
+  local kind, a, b, need = ARGV[base + 1], tonumber(ARGV[base + 2]), tonumber(ARGV[base + 3]), tonumber(ARGV[base + 4])
+  if kind == 'tb' then
+    local v = redis.call('HMGET', KEYS[i], 'tokens', 'ts')
+    local tokens = tonumber(v[1]) or b
+    local ts = tonumber(v[2]) or now
+    if now > ts then tokens = math.min(b, tokens + (now - ts) * a) end
+    level[i] = tokens
+    if tokens < need then
+      local wait = 86400
+      if a > 0 then wait = (need - tokens) / a end
+      return {0, i, math.ceil(wait * 1000)}
+    end
+  else
+    local used = tonumber(redis.call('GET', KEYS[i]) or '0')
+    level[i] = used
+    if used + need > b then return {0, i, math.ceil((a - now) * 1000)} end
+  end
+end
+local out = {1, 0, 0}
+for i = 1, n do
+  local base = (i - 1) * 5
+  local kind, a, b, charge = ARGV[base + 1], tonumber(ARGV[base + 2]), tonumber(ARGV[base + 3]), tonumber(ARGV[base + 5])
+  if kind == 'tb' then
+    local left = level[i] - charge
+    redis.call('HSET', KEYS[i], 'tokens', tostring(left), 'ts', tostring(now))
+    local full_ms = 1000
+    if a > 0 then full_ms = math.ceil((b - left) / a * 1000) + 1000 end
+    redis.call('PEXPIRE', KEYS[i], math.max(full_ms, 1000))
+    out[#out + 1] = math.max(0, math.floor(left))
+    out[#out + 1] = math.max(0, full_ms - 1000)
+  else
+    local used = redis.call('INCRBY', KEYS[i], charge)
+    redis.call('EXPIREAT', KEYS[i], math.ceil(a) + 60)
+    out[#out + 1] = math.max(0, b - used)
+    out[#out + 1] = math.max(0, math.ceil((a - now) * 1000))
+  end
+end
+return out
+"#;
+
+/// Gives tokens back (or charges more), never above the burst.
+const ADJUST: &str = r#"
+local v = tonumber(redis.call('HGET', KEYS[1], 'tokens'))
+if v then redis.call('HSET', KEYS[1], 'tokens', tostring(math.min(tonumber(ARGV[2]), v + tonumber(ARGV[1])))) end
+return 1
+"#;
+
+/// A lazily connected, self-reconnecting handle to the shared buckets.
+#[derive(Clone)]
+pub struct RedisBuckets {
+    client: redis::Client,
+    conn: Arc<OnceCell<ConnectionManager>>,
+    check: Arc<redis::Script>,
+    adjust: Arc<redis::Script>,
+}
+
+impl RedisBuckets {
+    /// A handle for `url`; nothing connects until the first check.
+    pub fn new(url: &str) -> Result<Self, String> {
+        Ok(Self {
+            client: redis::Client::open(url).map_err(|e| e.to_string())?,
+            conn: Arc::new(OnceCell::new()),
+            check: Arc::new(redis::Script::new(CHECK)),
+            adjust: Arc::new(redis::Script::new(ADJUST)),
+        })
+    }
+
+    async fn conn(&self) -> Result<ConnectionManager, String> {
+        let cfg = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Duration::from_millis(500))
+            .set_number_of_retries(1);
+        self.conn
+            .get_or_try_init(|| ConnectionManager::new_with_config(self.client.clone(), cfg))
+            .await
+            .cloned()
+            .map_err(|e| e.to_string())
+    }
+
+    /// Checks and charges the buckets of one request. The outer `Result` is Redis's; the inner one the
+    /// limit's verdict, as the local limiter gives it.
+    pub async fn check(
+        &self,
+        spec: &Spec,
+        tenant: Option<&str>,
+        tokens: u64,
+    ) -> Result<Result<Quota, (&'static str, Duration)>, String> {
+        let mut names: Vec<&'static str> = Vec::new();
+        let mut inv = self.check.prepare_invoke();
+        if spec.rps > 0.0 {
+            inv.key("llmgw:rl:global").arg("tb").arg(spec.rps).arg(spec.burst).arg(1).arg(1);
+            names.push("global_rps");
+        }
+        if let Some(t) = tenant {
+            if spec.rpd > 0 {
+                let day_end = (spec.day + 1) * 86_400;
+                inv.key(format!("llmgw:rl:{t}:rpd:{}", spec.day)).arg("win").arg(day_end).arg(spec.rpd).arg(1).arg(1);
+                names.push("per_user_rpd");
+            }
+            if spec.rpm > 0 {
+                let rpm = spec.rpm as f64;
+                inv.key(format!("llmgw:rl:{t}:rpm")).arg("tb").arg(rpm / 60.0).arg(rpm).arg(1).arg(1);
+                names.push("per_user_rpm");
+            }
+            if spec.tpm > 0 {
+                let tpm = spec.tpm as f64;
+                let need = (tokens as f64).min(tpm);
+                inv.key(format!("llmgw:rl:{t}:tpm")).arg("tb").arg(tpm / 60.0).arg(tpm).arg(need).arg(tokens);
+                names.push("per_user_tpm");
+            }
+        }
+        if names.is_empty() {
+            return Ok(Ok(Quota::default()));
+        }
+        let mut conn = self.conn().await?;
+        let out: Vec<i64> = inv.invoke_async(&mut conn).await.map_err(|e| e.to_string())?;
+        let get = |i: usize| out.get(i).copied().unwrap_or(0).max(0) as u64;
+        if get(0) == 0 {
+            let failing = names.get((get(1) as usize).saturating_sub(1)).copied().unwrap_or("global_rps");
+            return Ok(Err((failing, Duration::from_millis(get(2)))));
+        }
+        let mut quota = Quota::default();
+        for (i, name) in names.iter().enumerate() {
+            let (remaining, reset) = (get(3 + 2 * i), Duration::from_millis(get(4 + 2 * i)));
+            match *name {
+                "global_rps" => {
+                    quota.limit_requests = spec.burst as u64;
+                    quota.remaining_requests = remaining;
+                    quota.reset_requests = reset;
+                }
+                "per_user_rpm" => {
+                    quota.limit_requests = spec.rpm;
+                    quota.remaining_requests = remaining;
+                    quota.reset_requests = reset;
+                }
+                "per_user_tpm" => {
+                    quota.limit_tokens = Some(spec.tpm);
+                    quota.remaining_tokens = remaining;
+                    quota.reset_tokens = reset;
+                }
+                _ => {}
+            }
+        }
+        Ok(Ok(quota))
+    }
+
+    /// Gives back `delta` tokens (negative: charges more) to `tenant`'s token bucket.
+    pub async fn adjust_tokens(&self, tenant: &str, delta: f64) -> Result<(), String> {
+        let mut conn = self.conn().await?;
+        let key = format!("llmgw:rl:{tenant}:tpm");
+        // The burst cap is applied by the next check's refill; here only the level moves.
+        let _: i64 =
+            self.adjust.key(key).arg(delta).arg(f64::MAX).invoke_async(&mut conn).await.map_err(|e| e.to_string())?;
+        Ok(())
+    }
+}
