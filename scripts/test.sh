@@ -13,5 +13,10 @@ fi
 cargo build --release -p llm-gateway --bins
 cargo test --workspace --release
 
+# --- deployment checks ---
+# Compose/Prometheus/Grafana/Dockerfile checks and the real-prometheus scrape test (installs prometheus).
+bash scripts/check-deploy.sh
+# --- end deployment checks ---
+
 echo "== openai SDK compatibility"
 .venv/bin/python tests/sdk/test_openai_sdk.py target/release/llm-gateway
