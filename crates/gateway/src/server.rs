@@ -33,15 +33,19 @@ pub fn app(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-async fn models(State(app): State<Arc<AppState>>) -> Json<serde_json::Value> {
+async fn models(
+    State(app): State<Arc<AppState>>,
+    headers: http::HeaderMap,
+) -> Result<Json<serde_json::Value>, ApiError> {
     let snap = app.snapshot.load();
+    snap.auth.authenticate(&headers)?;
     let data: Vec<_> = snap
         .fleet
         .healthy_models()
         .into_iter()
         .map(|id| serde_json::json!({"id": id, "object": "model", "created": 0, "owned_by": "llm-gateway"}))
         .collect();
-    Json(serde_json::json!({"object": "list", "data": data}))
+    Ok(Json(serde_json::json!({"object": "list", "data": data})))
 }
 
 async fn health(State(app): State<Arc<AppState>>) -> Response {

@@ -144,3 +144,57 @@ pub async fn breaker_state(gw_url: &str, i: usize) -> String {
         client().get(format!("{gw_url}/api/circuit-breaker/stats")).send().await.unwrap().json().await.unwrap();
     stats[i]["breaker"]["state"].as_str().unwrap_or("?").to_string()
 }
+
+/// A real `redis-server` on an ephemeral loopback port, killed when dropped.
+pub struct RedisServer {
+    pub child: std::process::Child,
+    pub port: u16,
+}
+
+impl RedisServer {
+    /// Starts one; fails loudly when Debian's redis-server is not installed (scripts/test.sh installs it).
+    pub fn start() -> RedisServer {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port();
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (apt-get install redis-server; scripts/test.sh does it)");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+                use std::io::{Read, Write};
+                let mut buf = [0u8; 16];
+                if s.write_all(b"PING\r\n").is_ok() && s.read(&mut buf).is_ok_and(|n| buf[..n].starts_with(b"+PONG")) {
+                    return RedisServer { child, port };
+                }
+            }
+            assert!(std::time::Instant::now() < deadline, "redis-server did not come up");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The value of an unlabelled counter (or a labelled series given whole) in a `/metrics` text.
+pub fn metric_value(metrics: &str, series: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}

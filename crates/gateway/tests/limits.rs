@@ -1,0 +1,221 @@
+//! API keys and rate limits end to end, locally and shared through a real Redis.
+
+mod common;
+
+use common::*;
+use llm_gateway::config::{ApiKeyConfig, RateLimitBackend};
+use std::time::{Duration, Instant};
+use vllm_sim::SimConfig;
+
+fn tiny_sim() -> SimConfig {
+    SimConfig { ttft_ms: 0.0, itl_ms: 0.0, output_tokens: (1, 1), max_num_seqs: 1024, ..fast_sim() }
+}
+
+fn key(key: &str, name: &str, rpm: Option<u64>) -> ApiKeyConfig {
+    ApiKeyConfig {
+        key: key.into(),
+        name: name.into(),
+        priority: Default::default(),
+        requests_per_minute: rpm,
+        tokens_per_minute: None,
+        requests_per_day: None,
+    }
+}
+
+async fn post(c: &reqwest::Client, gw: &str, key: Option<&str>, body: &serde_json::Value) -> reqwest::Response {
+    let mut rb = c.post(format!("{gw}/v1/chat/completions")).json(body);
+    if let Some(k) = key {
+        rb = rb.bearer_auth(k);
+    }
+    rb.send().await.unwrap()
+}
+
+#[tokio::test]
+async fn api_keys_are_required_and_checked() {
+    let sims = sims(1, |_| tiny_sim()).await;
+    let mut cfg = test_config(worker_configs(&sims));
+    cfg.auth.enabled = true;
+    cfg.auth.keys = vec![key("sk-alpha", "alpha", None)];
+    let gw = gateway(cfg).await;
+    let c = client();
+    let body = chat("demo-model", "hi", false);
+    for bad in [None, Some("sk-wrong"), Some("")] {
+        let resp = post(&c, &gw.url(), bad, &body).await;
+        assert_eq!(resp.status(), 401, "{bad:?}");
+        let err: serde_json::Value = resp.json().await.unwrap();
+        assert_eq!(err["error"]["code"], "invalid_api_key");
+        assert_eq!(err["error"]["type"], "invalid_request_error");
+    }
+    assert_eq!(post(&c, &gw.url(), Some("sk-alpha"), &body).await.status(), 200);
+    assert_eq!(c.get(format!("{}/v1/models", gw.url())).send().await.unwrap().status(), 401);
+    assert_eq!(c.get(format!("{}/v1/models", gw.url())).bearer_auth("sk-alpha").send().await.unwrap().status(), 200);
+    // Health and metrics stay open for probes and Prometheus.
+    assert_eq!(c.get(format!("{}/health", gw.url())).send().await.unwrap().status(), 200);
+}
+
+#[tokio::test]
+async fn per_key_rpm_sets_headers_and_names_the_limit() {
+    let sims = sims(1, |_| tiny_sim()).await;
+    let mut cfg = test_config(worker_configs(&sims));
+    cfg.auth.enabled = true;
+    cfg.auth.keys = vec![key("sk-small", "small", Some(3)), key("sk-big", "big", Some(1000))];
+    cfg.rate_limit.enabled = true;
+    let gw = gateway(cfg).await;
+    let c = client();
+    let body = chat("demo-model", "hi", false);
+    for remaining in ["2", "1", "0"] {
+        let resp = post(&c, &gw.url(), Some("sk-small"), &body).await;
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.headers()["x-ratelimit-limit-requests"], "3");
+        assert_eq!(resp.headers()["x-ratelimit-remaining-requests"], remaining);
+        assert!(resp.headers().contains_key("x-ratelimit-reset-requests"));
+    }
+    let resp = post(&c, &gw.url(), Some("sk-small"), &body).await;
+    assert_eq!(resp.status(), 429);
+    let retry_after: u64 = resp.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=20).contains(&retry_after), "{retry_after}");
+    let err: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(err["error"]["type"], "rate_limit_exceeded");
+    assert_eq!(err["error"]["code"], "per_user_rpm");
+    assert_eq!(post(&c, &gw.url(), Some("sk-big"), &body).await.status(), 200, "keys have their own buckets");
+    let metrics = c.get(format!("{}/metrics", gw.url())).send().await.unwrap().text().await.unwrap();
+    assert_eq!(metric_value(&metrics, "llm_rate_limiter_rejected_total{limit=\"per_user_rpm\"}"), 1.0);
+}
+
+/// Sends `n` requests at `rate` per second (open loop) and returns (admitted, elapsed between first and
+/// last send).
+async fn offer(gateways: &[String], rate: f64, n: usize) -> (usize, Duration) {
+    let c = reqwest::Client::builder().pool_max_idle_per_host(256).build().unwrap();
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let at = start + Duration::from_secs_f64(i as f64 / rate);
+        tokio::time::sleep_until(at.into()).await;
+        let (c, gw) = (c.clone(), gateways[i % gateways.len()].clone());
+        tasks.push(tokio::spawn(async move {
+            let body = serde_json::json!({"model": "demo-model", "max_tokens": 1, "prompt": "x"});
+            c.post(format!("{gw}/v1/completions")).json(&body).send().await.map(|r| r.status().as_u16()).unwrap_or(0)
+        }));
+    }
+    let elapsed = start.elapsed();
+    let mut admitted = 0;
+    for t in tasks {
+        let status = t.await.unwrap();
+        assert!(status == 200 || status == 429, "status {status}");
+        admitted += usize::from(status == 200);
+    }
+    (admitted, elapsed)
+}
+
+#[tokio::test]
+async fn offered_twice_the_limit_admits_the_limit_within_two_percent() {
+    let sims = sims(1, |_| tiny_sim()).await;
+    let mut cfg = test_config(worker_configs(&sims));
+    cfg.rate_limit.enabled = true;
+    cfg.rate_limit.requests_per_second = 100.0;
+    cfg.rate_limit.burst_size = 5.0;
+    cfg.rate_limit.per_user_rpm = 0;
+    cfg.rate_limit.per_worker_qps = 0.0;
+    let gw = gateway(cfg).await;
+    let (admitted, elapsed) = offer(&[gw.url()], 200.0, 800).await;
+    let expected = 5.0 + 100.0 * elapsed.as_secs_f64();
+    let error = (admitted as f64 - expected).abs() / expected;
+    assert!(error <= 0.02, "admitted {admitted}, expected {expected:.0} over {elapsed:?} ({:.1}% off)", error * 100.0);
+}
+
+#[tokio::test]
+async fn two_gateways_sharing_redis_enforce_one_limit() {
+    let redis = RedisServer::start();
+    let sims = sims(1, |_| tiny_sim()).await;
+    let mut gateways = Vec::new();
+    for _ in 0..2 {
+        let mut cfg = test_config(worker_configs(&sims));
+        cfg.rate_limit.enabled = true;
+        cfg.rate_limit.backend = RateLimitBackend::Redis;
+        cfg.rate_limit.redis_url = redis.url();
+        cfg.rate_limit.redis_timeout_ms = 1000;
+        cfg.rate_limit.requests_per_second = 50.0;
+        cfg.rate_limit.burst_size = 5.0;
+        cfg.rate_limit.per_user_rpm = 0;
+        cfg.rate_limit.per_worker_qps = 0.0;
+        gateways.push(gateway(cfg).await);
+    }
+    let urls: Vec<String> = gateways.iter().map(|g| g.url()).collect();
+    let (admitted, elapsed) = offer(&urls, 100.0, 300).await;
+    let expected = 5.0 + 50.0 * elapsed.as_secs_f64();
+    let error = (admitted as f64 - expected).abs() / expected;
+    assert!(error <= 0.05, "admitted {admitted} by both, expected {expected:.0} ({:.1}% off)", error * 100.0);
+    for g in &gateways {
+        let m = client().get(format!("{}/metrics", g.url())).send().await.unwrap().text().await.unwrap();
+        assert_eq!(metric_value(&m, "llm_rate_limiter_fallback_total"), 0.0, "Redis answered every check");
+    }
+}
+
+#[tokio::test]
+async fn requests_keep_flowing_when_redis_dies() {
+    let mut redis = RedisServer::start();
+    let sims = sims(1, |_| tiny_sim()).await;
+    let mut cfg = test_config(worker_configs(&sims));
+    cfg.rate_limit.enabled = true;
+    cfg.rate_limit.backend = RateLimitBackend::Redis;
+    cfg.rate_limit.redis_url = redis.url();
+    cfg.rate_limit.redis_timeout_ms = 200;
+    let gw = gateway(cfg).await;
+    let c = client();
+    let body = chat("demo-model", "hi", false);
+    assert_eq!(post(&c, &gw.url(), None, &body).await.status(), 200);
+    redis.kill();
+    for _ in 0..5 {
+        assert_eq!(post(&c, &gw.url(), None, &body).await.status(), 200, "local buckets take over");
+    }
+    let m = c.get(format!("{}/metrics", gw.url())).send().await.unwrap().text().await.unwrap();
+    assert!(metric_value(&m, "llm_rate_limiter_fallback_total") >= 5.0, "{m}");
+}
+
+#[tokio::test]
+async fn token_limits_count_stream_usage_without_showing_it_to_clients_that_did_not_ask() {
+    let sims = sims(1, |_| SimConfig { output_tokens: (5, 5), ..fast_sim() }).await;
+    let mut cfg = test_config(worker_configs(&sims));
+    cfg.rate_limit.enabled = true;
+    cfg.rate_limit.per_user_tpm = 100_000;
+    let gw = gateway(cfg).await;
+    let c = client();
+    let mut body = chat("demo-model", "hi", true);
+    body["user"] = "tok".into();
+    let resp = post(&c, &gw.url(), None, &body).await;
+    assert_eq!(resp.headers()["x-ratelimit-limit-tokens"], "100000");
+    let text = resp.text().await.unwrap();
+    assert!(!text.contains("\"usage\""), "the client did not ask for usage: {text}");
+    assert!(text.trim_end().ends_with("data: [DONE]"));
+    body["stream_options"] = serde_json::json!({"include_usage": true});
+    let text = post(&c, &gw.url(), None, &body).await.text().await.unwrap();
+    assert!(text.contains("\"usage\""), "this one asked: {text}");
+    let m = c.get(format!("{}/metrics", gw.url())).send().await.unwrap().text().await.unwrap();
+    assert_eq!(metric_value(&m, "llm_gateway_tokens_total{kind=\"completion\",model=\"demo-model\"}"), 10.0, "{m}");
+}
+
+#[tokio::test]
+async fn a_reload_keeps_buckets_whose_limits_did_not_change() {
+    let sims = sims(1, |_| tiny_sim()).await;
+    let mut cfg = test_config(worker_configs(&sims));
+    cfg.rate_limit.enabled = true;
+    cfg.rate_limit.per_user_rpm = 2;
+    let gw = gateway(cfg).await;
+    let c = client();
+    let mut body = chat("demo-model", "hi", false);
+    body["user"] = "u".into();
+    for _ in 0..2 {
+        assert_eq!(post(&c, &gw.url(), None, &body).await.status(), 200);
+    }
+    assert_eq!(post(&c, &gw.url(), None, &body).await.status(), 429);
+    let patch = |p: serde_json::Value| c.patch(format!("{}/api/config", gw.url())).json(&p).send();
+    assert_eq!(patch(serde_json::json!({"rate_limit": {"requests_per_second": 500.0}})).await.unwrap().status(), 200);
+    assert_eq!(post(&c, &gw.url(), None, &body).await.status(), 429, "the user's bucket was not reset");
+    assert_eq!(patch(serde_json::json!({"rate_limit": {"per_user_rpm": 600}})).await.unwrap().status(), 200);
+    // Same level, faster refill (10/s): admitted again within a fraction of a second.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while post(&c, &gw.url(), None, &body).await.status() != 200 {
+        assert!(Instant::now() < deadline, "the new limit applies");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
