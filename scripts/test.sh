@@ -18,5 +18,20 @@ cargo test --workspace --release
 bash scripts/check-deploy.sh
 # --- end deployment checks ---
 
+# --- browser test (dashboard) ---
+# The live dashboard in Debian's headless Chromium, driven by Playwright (no browser download).
+if [ ! -x /usr/bin/chromium ]; then
+  SUDO=""
+  if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+  $SUDO apt-get update -qq
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+fi
+if ! .venv/bin/python -c "import playwright" 2>/dev/null; then
+  .venv/bin/pip install --quiet "playwright>=1.40,<2"
+fi
+echo "== dashboard in a browser"
+.venv/bin/python tests/browser/test_dashboard.py target/release/llm-gateway
+# --- end browser test ---
+
 echo "== openai SDK compatibility"
 .venv/bin/python tests/sdk/test_openai_sdk.py target/release/llm-gateway
