@@ -35,9 +35,8 @@ const MAX_REQUEST_ID: usize = 128;
 pub async fn forward(State(app): State<Arc<AppState>>, req: Request) -> Response {
     let received = Instant::now();
     let request_id = request_id(req.headers());
-    app.metrics.active_requests.inc();
-    let _active = scopeguard(&app);
-    let mut resp = match handle(&app, req, &request_id, received).await {
+    let active = Active::new(&app.metrics.active_requests);
+    let mut resp = match handle(&app, req, &request_id, received, active).await {
         Ok(resp) => resp,
         Err((err, model)) => {
             let status = err.status();
@@ -55,16 +54,22 @@ pub async fn forward(State(app): State<Arc<AppState>>, req: Request) -> Response
     resp
 }
 
-/// Decrements the active-requests gauge when the handler returns (streams hold their own slot in the
-/// body's [`InFlight`]; the gauge counts handler time plus open bodies via the relay).
-fn scopeguard(app: &Arc<AppState>) -> impl Drop + '_ {
-    struct Active<'a>(&'a AppState);
-    impl Drop for Active<'_> {
-        fn drop(&mut self) {
-            self.0.metrics.active_requests.dec();
-        }
+/// One count in `llm_gateway_active_requests`, held from arrival until the response body ends (the
+/// relayed body takes it over) or the handler answers an error.
+pub struct Active(prometheus::IntGauge);
+
+impl Active {
+    /// Counts one active request.
+    pub fn new(gauge: &prometheus::IntGauge) -> Self {
+        gauge.inc();
+        Self(gauge.clone())
     }
-    Active(app)
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 /// The client's `X-Request-Id` when it is a sane header value, else a new UUID.
@@ -89,6 +94,7 @@ async fn handle(
     req: Request,
     request_id: &Arc<str>,
     received: Instant,
+    active: Active,
 ) -> Result<Response, Failure> {
     let snap = app.snapshot.load_full();
     let client_addr = req.extensions().get::<axum::extract::ConnectInfo<std::net::SocketAddr>>().map(|c| c.0.ip());
@@ -131,6 +137,9 @@ async fn handle(
         received,
         charge,
         strip_usage,
+        active: Some(active),
+        tenant: tenant.as_ref().map(|t| Arc::clone(&t.name)),
+        queue_wait: Duration::ZERO,
     };
     let mut attempt = Attempts::default();
     // A request that finds no worker with room (another took the last slot) goes back to the queue.
@@ -141,6 +150,7 @@ async fn handle(
         if ticket.position > 0 {
             app.metrics.queue_wait.with_label_values(&[&model]).observe(ticket.waited.as_secs_f64());
         }
+        ctx.queue_wait += ticket.waited;
         match dispatch(app, &snap, &mut ctx, reservation, &mut attempt).await {
             Err(Failed::NoRoom) => continue,
             Err(Failed::Error(e)) => {
@@ -178,6 +188,12 @@ struct Ctx<'a> {
     charge: Option<crate::ratelimit::TokenCharge>,
     /// Drop the usage chunk the gateway asked for on the client's behalf.
     strip_usage: bool,
+    /// The request's count in the active-requests gauge, handed to the response that answers.
+    active: Option<Active>,
+    /// The API key's tenant, for the log line.
+    tenant: Option<Arc<str>>,
+    /// Time spent in the admission queue so far.
+    queue_wait: Duration,
 }
 
 /// The body with `stream_options.include_usage` set (the only case where the gateway rewrites a body).
@@ -395,6 +411,9 @@ async fn dispatch(
                 if !(retryable && may_retry) {
                     let mut inflight = inflight(load, status.as_u16());
                     inflight.charge = ctx.charge.take();
+                    inflight.active = ctx.active.take();
+                    inflight.tenant = ctx.tenant.clone();
+                    inflight.queue_wait = ctx.queue_wait;
                     let relayed = relay(resp, inflight, cfg.upstream.idle_timeout_ms, deadline, &worker.name);
                     return Ok(if ctx.strip_usage { strip_usage_chunk(relayed) } else { relayed });
                 }

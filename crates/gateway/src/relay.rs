@@ -47,6 +47,12 @@ pub struct InFlight {
     pub usage: UsageScanner,
     /// Tokens charged up front by the rate limiter, settled with the real usage at the end.
     pub charge: Option<crate::ratelimit::TokenCharge>,
+    /// The request's count in `llm_gateway_active_requests`, released with the body.
+    pub active: Option<crate::proxy::Active>,
+    /// The API key's tenant, for the log line.
+    pub tenant: Option<Arc<str>>,
+    /// Time spent in the admission queue.
+    pub queue_wait: Duration,
     first_byte: Option<Instant>,
     finished: bool,
 }
@@ -79,6 +85,9 @@ impl InFlight {
             retries,
             usage: UsageScanner::default(),
             charge: None,
+            active: None,
+            tenant: None,
+            queue_wait: Duration::ZERO,
             first_byte: None,
             finished: false,
         }
@@ -160,12 +169,15 @@ impl InFlight {
             outcome = kind.as_str(),
             stream = self.stream,
             retries = self.retries,
+            tenant = self.tenant.as_deref(),
+            queue_wait_ms = self.queue_wait.as_millis() as u64,
             ttft_ms = self.first_byte.filter(|_| self.stream).map(|t| t.duration_since(self.received).as_millis() as u64),
             latency_ms = latency.as_millis() as u64,
             prompt_tokens = self.usage.prompt_tokens,
             completion_tokens = self.usage.completion_tokens,
             "request"
         );
+        self.active.take();
     }
 }
 

@@ -101,12 +101,18 @@ async fn client_disconnect_cancels_upstream_and_releases_the_worker() {
     assert_eq!(sims[0].running(), 1);
     let worker = gw.state.snapshot.load().fleet.workers[0].clone();
     assert_eq!(worker.stats.in_flight.load(Ordering::Relaxed), 1);
+    let active = || async {
+        let m = client().get(format!("{}/metrics", gw.url())).send().await.unwrap().text().await.unwrap();
+        metric_value(&m, "llm_gateway_active_requests")
+    };
+    assert_eq!(active().await, 1.0, "a stream is active until its body ends");
     drop(stream);
     wait_for("the sim to stop running the request", Duration::from_secs(5), || async { sims[0].running() == 0 }).await;
     wait_for("the gateway to release the slot", Duration::from_secs(5), || async {
         worker.stats.in_flight.load(Ordering::Relaxed) == 0
     })
     .await;
+    wait_for("the active gauge to drop", Duration::from_secs(5), || async { active().await == 0.0 }).await;
 }
 
 #[tokio::test]
