@@ -60,9 +60,10 @@ def wait_for(what, cond, deadline=15.0, every=0.1):
 
 
 class Gateway:
-    def __init__(self, binary):
+    def __init__(self, binary, env=None):
         self.proc = subprocess.Popen(
             [binary, "--demo", "2", "--host", "127.0.0.1", "--port", "0"],
+            env={**os.environ, **(env or {})},
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             text=True,
@@ -232,6 +233,29 @@ def main():
                 os.makedirs(os.path.dirname(SCREENSHOT), exist_ok=True)
                 page.screenshot(path=SCREENSHOT, full_page=True)
                 assert os.path.getsize(SCREENSHOT) > 10000
+
+            @check("with an admin token: a clear 401 message, then the token field unlocks mutations")
+            def _():
+                secured = Gateway(binary, {"LLM_ADMIN_TOKEN": "s3cret-token"})
+                try:
+                    p2 = context.new_page()
+                    p2.goto(secured.url + "/")
+                    drain = p2.locator('#workers tr[data-worker="sim-0"] button[data-action="drain"]')
+                    wait_for("worker rows", lambda: drain.count() == 1)
+                    drain.click()
+                    wait_for("401 notice", lambda: "401" in p2.locator("#notice").inner_text())
+                    assert "admin token" in p2.locator("#notice").inner_text().lower()
+                    assert not any(w["draining"] for w in http("GET", secured.url + "/api/workers"))
+                    p2.fill("#token", "s3cret-token")
+                    drain.click()
+                    wait_for(
+                        "sim-0 draining with the token",
+                        lambda: any(w["name"] == "sim-0" and w["draining"] for w in http("GET", secured.url + "/api/workers")),
+                    )
+                    assert p2.evaluate("localStorage.getItem('llm-gateway.admin-token')") == "s3cret-token"
+                    p2.close()
+                finally:
+                    secured.stop()
 
             @check("no script errors")
             def _():
