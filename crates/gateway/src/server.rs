@@ -100,6 +100,8 @@ impl Gateway {
         state.start_probes().await;
         let router = app(Arc::clone(&state));
         tokio::spawn(crate::admission::Admission::run_sweeper(Arc::downgrade(&state), Duration::from_millis(500)));
+        // The dashboard's charts have history from the start, not from the first page view.
+        crate::dashboard::ensure_sampler(&state);
         let stop = state.shutdown.clone();
         // TCP_NODELAY on accepted sockets: streamed chunks must leave at once, not wait for Nagle.
         let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {

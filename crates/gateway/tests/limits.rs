@@ -1,4 +1,5 @@
 //! API keys and rate limits end to end, locally and shared through a real Redis.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
 
 mod common;
 

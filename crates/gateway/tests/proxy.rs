@@ -1,4 +1,5 @@
 //! The proxy end to end: real sims, real gateway, real HTTP on loopback.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
 
 mod common;
 

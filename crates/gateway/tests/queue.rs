@@ -1,4 +1,5 @@
 //! The admission queue end to end: real sims at capacity, real HTTP.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
 
 mod common;
 

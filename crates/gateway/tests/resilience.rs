@@ -1,4 +1,5 @@
 //! One bad worker must not hurt the apps: breakers, retries, timeouts, scripted faults on real sims.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
 
 mod common;
 
@@ -6,7 +7,7 @@ use common::*;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use vllm_sim::{Faults, SimConfig};
+use vllm_sim::Faults;
 
 /// Config for fault tests: passive health only (long probe interval) so the breakers do the work.
 fn fault_config(workers: Vec<llm_gateway::config::WorkerConfig>) -> llm_gateway::Config {
@@ -20,7 +21,7 @@ fn fault_config(workers: Vec<llm_gateway::config::WorkerConfig>) -> llm_gateway:
 
 #[tokio::test]
 async fn a_killed_worker_process_is_retried_around_and_comes_back_through_half_open() {
-    let mut procs = vec![
+    let mut procs = [
         SimProcess::start(0, &["--itl-ms", "20", "--output-tokens", "30", "--ttft-ms", "1"]),
         SimProcess::start(0, &["--itl-ms", "20", "--output-tokens", "30", "--ttft-ms", "1"]),
     ];

@@ -1,5 +1,6 @@
 //! Graceful shutdown of the real binary: SIGTERM while streams run lets every stream finish, refuses
 //! new connections, and exits 0.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
 
 mod common;
 

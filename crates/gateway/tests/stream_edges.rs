@@ -1,4 +1,5 @@
 //! Streaming edge cases vllm-sim does not produce: a scripted upstream on loopback speaks raw SSE.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
 
 mod common;
 

@@ -1,5 +1,5 @@
 //! Test harness: real vllm-sim workers and a real gateway on ephemeral loopback ports.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)] // shared test helpers
 
 use llm_gateway::config::{Config, WorkerConfig};
 use llm_gateway::Gateway;
@@ -110,6 +110,7 @@ impl SimProcess {
     /// Starts `vllm-sim` with `args` on `port` (0 = ephemeral) and waits for its listening line.
     pub fn start(port: u16, args: &[&str]) -> SimProcess {
         use std::io::BufRead;
+        #[allow(clippy::zombie_processes)] // killed and waited for in `Drop`
         let mut child = std::process::Command::new(sim_binary())
             .args(["--host", "127.0.0.1", "--port", &port.to_string()])
             .args(args)
@@ -160,13 +161,15 @@ impl RedisServer {
             .stdout(std::process::Stdio::null())
             .spawn()
             .expect("redis-server must be installed (apt-get install redis-server; scripts/test.sh does it)");
+        // Owned at once, so a failed start still kills and reaps it.
+        let server = RedisServer { child, port };
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         loop {
             if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
                 use std::io::{Read, Write};
                 let mut buf = [0u8; 16];
                 if s.write_all(b"PING\r\n").is_ok() && s.read(&mut buf).is_ok_and(|n| buf[..n].starts_with(b"+PONG")) {
-                    return RedisServer { child, port };
+                    return server;
                 }
             }
             assert!(std::time::Instant::now() < deadline, "redis-server did not come up");
