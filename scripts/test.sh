@@ -4,13 +4,28 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# Debian packages the tests run for real: redis-server (shared rate limits), chromium (dashboard),
+# prometheus (scrape test). One apt pass for whatever is missing.
+missing=()
+command -v redis-server >/dev/null || missing+=(redis-server)
+[ -x /usr/bin/chromium ] || missing+=(chromium)
+command -v promtool >/dev/null || missing+=(prometheus)
+if [ ${#missing[@]} -gt 0 ]; then
+  SUDO=""
+  if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+  echo "== installing ${missing[*]}"
+  $SUDO apt-get update -qq
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
 # Python venv with the official openai SDK, for the compatibility test.
 if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import openai" 2>/dev/null; then
   python3 -m venv .venv
   .venv/bin/pip install --quiet "openai>=1.40"
 fi
 
-cargo build --release -p llm-gateway --bins
+# Every binary first: integration tests run the real llm-gateway and vllm-sim processes.
+cargo build --release --workspace --bins
 cargo test --workspace --release
 
 # --- deployment checks ---
