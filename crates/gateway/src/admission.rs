@@ -27,6 +27,8 @@ use tokio::sync::oneshot;
 /// Every model's queue, and the queue settings in force.
 pub struct Admission {
     cfg: ArcSwap<QueueConfig>,
+    /// `llm_gateway_queue_rejected_total{model,reason}`.
+    rejected: prometheus::IntCounterVec,
     queues: Mutex<HashMap<Arc<str>, Arc<ModelQueue>>>,
     me: Weak<Admission>,
 }
@@ -86,24 +88,35 @@ pub struct QueueTicket {
     pub waited: Duration,
 }
 
-/// Removes a waiter that gave up (timeout or client disconnect) from its queue.
+/// Removes a waiter that gave up (timeout or client disconnect) from its queue, and counts why.
 struct Leave<'a> {
     queue: &'a ModelQueue,
     ticket: Option<Ticket>,
+    rejected: &'a prometheus::IntCounterVec,
+    model: &'a str,
+    reason: &'static str,
 }
 
 impl Drop for Leave<'_> {
     fn drop(&mut self) {
         if let Some(ticket) = self.ticket {
-            self.queue.waiting.lock().remove(ticket);
+            if self.queue.waiting.lock().remove(ticket).is_some() {
+                self.rejected.with_label_values(&[self.model, self.reason]).inc();
+            }
         }
     }
 }
 
 impl Admission {
-    /// An admission controller with `cfg`.
-    pub fn new(cfg: &QueueConfig) -> Arc<Self> {
-        Arc::new_cyclic(|me| Self { cfg: ArcSwap::from_pointee(cfg.clone()), queues: Mutex::default(), me: me.clone() })
+    /// An admission controller with `cfg`, counting requests that leave without a worker in `rejected`
+    /// (labels `model`, `reason`).
+    pub fn new(cfg: &QueueConfig, rejected: prometheus::IntCounterVec) -> Arc<Self> {
+        Arc::new_cyclic(|me| Self {
+            cfg: ArcSwap::from_pointee(cfg.clone()),
+            rejected,
+            queues: Mutex::default(),
+            me: me.clone(),
+        })
     }
 
     /// Applies new settings; queued requests stay.
@@ -158,6 +171,7 @@ impl Admission {
                 Ok(ticket) => (ticket, waiting.position(ticket, now).unwrap_or(waiting.len())),
                 Err(_) => {
                     drop(waiting);
+                    self.rejected.with_label_values(&[model, "queue_full"]).inc();
                     let wait = queue.dispatches.lock().estimated_wait(1, now);
                     return Err(GatewayError::new(
                         ErrorKind::QueueFull,
@@ -168,7 +182,8 @@ impl Admission {
             }
         };
         let estimated_wait = queue.dispatches.lock().estimated_wait(position, now);
-        let mut leave = Leave { queue: &queue, ticket: Some(ticket) };
+        let mut leave =
+            Leave { queue: &queue, ticket: Some(ticket), rejected: &self.rejected, model, reason: "cancelled" };
         // Room may exist already (the queue was not empty, or capacity grew): hand it out now.
         for w in candidates {
             self.dispatch_to(&queue, w);
@@ -182,10 +197,13 @@ impl Admission {
             }
             // The sender is dropped only with the queue entry (a reconfigure never drops entries).
             Ok(Err(_)) => Err(GatewayError::new(ErrorKind::Internal, "the admission queue dropped a waiting request")),
-            Err(_) => Err(GatewayError::new(
-                ErrorKind::QueueTimeout,
-                format!("waited {}s in the queue for model `{model}` without a free worker", cfg.timeout_secs),
-            )),
+            Err(_) => Err({
+                leave.reason = "queue_timeout";
+                GatewayError::new(
+                    ErrorKind::QueueTimeout,
+                    format!("waited {}s in the queue for model `{model}` without a free worker", cfg.timeout_secs),
+                )
+            }),
         }
     }
 

@@ -56,7 +56,8 @@ impl AppState {
             next_worker_id.fetch_add(1, Ordering::Relaxed)
         });
         let policy = routing::build(&config.routing);
-        let admission = crate::admission::Admission::new(&config.queue);
+        let metrics = Metrics::new()?;
+        let admission = crate::admission::Admission::new(&config.queue, metrics.queue_rejected.clone());
         Ok(Arc::new(Self {
             admission,
             client: upstream::client(&config.upstream),
@@ -67,7 +68,7 @@ impl AppState {
                 fleet: Arc::new(fleet),
                 policy,
             }),
-            metrics: Metrics::new()?,
+            metrics,
             started: Instant::now(),
             shutdown: CancellationToken::new(),
             next_worker_id,

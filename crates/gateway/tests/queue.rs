@@ -209,6 +209,11 @@ async fn a_full_queue_answers_429_with_retry_after_and_a_long_wait_504() {
     assert_eq!(status, 504, "waited past queue.timeout_secs");
     assert!(started.elapsed() < Duration::from_secs(3));
     assert_eq!(queue_len(&gw.url()).await, 0);
+    let m = client().get(format!("{}/metrics", gw.url())).send().await.unwrap().text().await.unwrap();
+    for reason in ["queue_full", "queue_timeout"] {
+        let series = format!("llm_gateway_queue_rejected_total{{model=\"demo-model\",reason=\"{reason}\"}}");
+        assert_eq!(metric_value(&m, &series), 1.0, "{reason}");
+    }
 }
 
 #[tokio::test]
@@ -227,6 +232,10 @@ async fn a_client_that_leaves_the_queue_is_removed_at_once() {
     wait_for("the queue to forget it", Duration::from_secs(5), || async { queue_len(&gw.url()).await == 0 }).await;
     let metrics = client().get(format!("{}/metrics", gw.url())).send().await.unwrap().text().await.unwrap();
     assert!(metrics.contains("llm_gateway_queue_length{model=\"demo-model\"} 0"), "{metrics}");
+    assert_eq!(
+        metric_value(&metrics, "llm_gateway_queue_rejected_total{model=\"demo-model\",reason=\"cancelled\"}"),
+        1.0
+    );
 }
 
 #[tokio::test]

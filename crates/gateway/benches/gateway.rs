@@ -1,0 +1,96 @@
+//! Criterion benches of the gateway's per-request guards: the admission queue's enqueue + dispatch
+//! hand-off, the local rate-limit check, and the Redis round trip of a shared check.
+//!
+//! `cargo bench -p llm-gateway --bench gateway` (the Redis bench runs when `redis-server` is installed).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use gateway_core::Priority;
+use llm_gateway::admission::Admission;
+use llm_gateway::config::{QueueConfig, RateLimitBackend, RateLimitConfig, WorkerConfig};
+use llm_gateway::metrics::Metrics;
+use llm_gateway::ratelimit::RateLimiter;
+use llm_gateway::worker::Worker;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+}
+
+fn admission(c: &mut Criterion) {
+    let rt = runtime();
+    let adm = Admission::new(&QueueConfig::default(), Metrics::new().unwrap().queue_rejected.clone());
+    let mut spec = WorkerConfig::from_url("http://127.0.0.1:1");
+    spec.models = vec!["m".into()];
+    spec.max_concurrency = 1;
+    let worker = Arc::new(Worker::new(1, spec));
+    worker.stats.healthy.store(true, Ordering::Relaxed);
+    let model: Arc<str> = Arc::from("m");
+    c.bench_function("admission/fast_path_admit", |b| {
+        b.to_async(&rt).iter(|| async { adm.admit(&model, &[&worker], Priority::Normal, 0).await.unwrap() })
+    });
+    // The worker is full: the request is queued, a slot frees, the waiter gets the reservation.
+    c.bench_function("admission/enqueue_and_dispatch", |b| {
+        b.to_async(&rt).iter(|| async {
+            let guard = worker.acquire(false, 1, std::time::Instant::now()).unwrap().notify(&adm);
+            let admit = adm.admit(&model, &[&worker], Priority::Normal, 0);
+            let release = async {
+                tokio::task::yield_now().await;
+                drop(guard);
+            };
+            let (got, ()) = tokio::join!(admit, release);
+            let (ticket, reservation) = got.unwrap();
+            assert_eq!(ticket.position, 1);
+            drop(reservation.expect("the freed slot was reserved for it"));
+        })
+    });
+}
+
+fn rate_limits(c: &mut Criterion) {
+    let rt = runtime();
+    let metrics = Metrics::new().unwrap();
+    let cfg = RateLimitConfig {
+        enabled: true,
+        requests_per_second: 1e12,
+        burst_size: 1e12,
+        per_user_rpm: 1_000_000_000,
+        per_user_tpm: 1_000_000_000,
+        ..RateLimitConfig::default()
+    };
+    let local = RateLimiter::new(&cfg);
+    c.bench_function("rate_limit/local_check", |b| {
+        b.to_async(&rt).iter(|| async { local.check(&cfg, &metrics, None, Some("tenant-a"), 300).await.unwrap() })
+    });
+    let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).unwrap().port();
+    let Ok(mut redis) = std::process::Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+    else {
+        eprintln!("redis-server not installed: skipping rate_limit/redis_check");
+        return;
+    };
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let redis_cfg = RateLimitConfig {
+        backend: RateLimitBackend::Redis,
+        redis_url: format!("redis://127.0.0.1:{port}"),
+        redis_timeout_ms: 1000,
+        ..cfg.clone()
+    };
+    let shared = RateLimiter::new(&redis_cfg);
+    c.bench_function("rate_limit/redis_check", |b| {
+        b.to_async(&rt)
+            .iter(|| async { shared.check(&redis_cfg, &metrics, None, Some("tenant-a"), 300).await.unwrap() })
+    });
+    assert_eq!(
+        metrics.render().lines().find(|l| l.starts_with("llm_rate_limiter_fallback_total ")),
+        Some("llm_rate_limiter_fallback_total 0"),
+        "every Redis check was answered by Redis"
+    );
+    let _ = redis.kill();
+    let _ = redis.wait();
+}
+
+criterion_group!(benches, admission, rate_limits);
+criterion_main!(benches);
