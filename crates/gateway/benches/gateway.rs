@@ -34,7 +34,8 @@ fn admission(c: &mut Criterion) {
     c.bench_function("admission/enqueue_and_dispatch", |b| {
         b.to_async(&rt).iter(|| async {
             let guard = worker.acquire(false, 1, std::time::Instant::now()).unwrap().notify(&adm);
-            let admit = adm.admit(&model, &[&worker], Priority::Normal, 0);
+            let candidates = [&worker];
+            let admit = adm.admit(&model, &candidates, Priority::Normal, 0);
             let release = async {
                 tokio::task::yield_now().await;
                 drop(guard);
