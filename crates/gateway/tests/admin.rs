@@ -1,78 +1,21 @@
 //! The admin API and hot reload end to end: real sims, real gateway, real HTTP on loopback.
 
-use llm_gateway::config::{Config, WorkerConfig};
+mod common;
+
+use common::{client, fast_sim, gateway, sims, test_config, wait_for, worker_configs};
 use llm_gateway::reload::{self, ConfigSource};
 use llm_gateway::Gateway;
 use serde_json::{json, Value};
-use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use vllm_sim::{SimConfig, SimHandle};
 
-// ---- harness (the helpers of tests/common, kept here so this file stands alone) ----
+// ---- harness: the shared helpers of tests/common, plus what only these tests need ----
 
-fn fast_sim() -> SimConfig {
-    SimConfig {
-        ttft_ms: 1.0,
-        itl_ms: 1.0,
-        prefill_ms_per_1k_tokens: 0.0,
-        output_tokens: (4, 8),
-        ..SimConfig::default()
-    }
-}
-
-async fn sims(n: usize, cfg: impl Fn(usize) -> SimConfig) -> Vec<SimHandle> {
-    let mut out = Vec::new();
-    for i in 0..n {
-        out.push(vllm_sim::start(cfg(i)).await.expect("sim starts"));
-    }
-    out
-}
-
-fn worker(sim: &SimHandle, name: &str) -> WorkerConfig {
-    WorkerConfig { name: Some(name.into()), ..WorkerConfig::from_url(sim.url()) }
-}
-
-fn worker_configs(sims: &[SimHandle]) -> Vec<WorkerConfig> {
-    sims.iter().enumerate().map(|(i, s)| worker(s, &format!("sim-{i}"))).collect()
-}
-
-fn test_config(workers: Vec<WorkerConfig>) -> Config {
-    let mut cfg = Config { workers, ..Config::default() };
-    cfg.server.host = "127.0.0.1".into();
-    cfg.server.port = 0;
-    cfg.health.interval_ms = 100;
-    cfg.health.timeout_ms = 500;
-    cfg
-}
-
-async fn gateway(cfg: Config) -> Gateway {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    Gateway::serve(listener, cfg).await.expect("gateway starts")
-}
-
-fn client() -> reqwest::Client {
-    reqwest::Client::builder().timeout(Duration::from_secs(30)).build().expect("client")
-}
-
+/// A chat request for the demo model (shadows `common::chat`, which takes model and content too).
 fn chat(stream: bool) -> Value {
     json!({"model": "demo-model", "stream": stream, "messages": [{"role": "user", "content": "hi"}]})
-}
-
-async fn wait_for<F, Fut>(what: &str, deadline: Duration, mut cond: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let end = tokio::time::Instant::now() + deadline;
-    while tokio::time::Instant::now() < end {
-        if cond().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("timed out waiting for {what}");
 }
 
 async fn get(gw: &Gateway, path: &str) -> (u16, Value) {

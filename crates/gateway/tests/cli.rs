@@ -1,38 +1,19 @@
 //! The `llm-gateway` binary's subcommands against an in-test gateway with real sims on loopback.
 
-use llm_gateway::config::{Config, WorkerConfig};
+mod common;
+
+use common::{fast_sim, gateway, sims, test_config, worker_configs};
 use llm_gateway::Gateway;
 use serde_json::Value;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
-use vllm_sim::{SimConfig, SimHandle};
-
-fn fast_sim() -> SimConfig {
-    SimConfig {
-        ttft_ms: 1.0,
-        itl_ms: 1.0,
-        prefill_ms_per_1k_tokens: 0.0,
-        output_tokens: (4, 8),
-        ..SimConfig::default()
-    }
-}
+use vllm_sim::SimHandle;
 
 async fn setup(admin_token: Option<&str>) -> (Vec<SimHandle>, Gateway) {
-    let mut sims = Vec::new();
-    let mut workers = Vec::new();
-    for i in 0..2 {
-        let sim = vllm_sim::start(fast_sim()).await.expect("sim starts");
-        workers.push(WorkerConfig { name: Some(format!("sim-{i}")), ..WorkerConfig::from_url(sim.url()) });
-        sims.push(sim);
-    }
-    let mut cfg = Config { workers, ..Config::default() };
-    cfg.server.host = "127.0.0.1".into();
-    cfg.server.port = 0;
-    cfg.health.interval_ms = 100;
+    let sims = sims(2, |_| fast_sim()).await;
+    let mut cfg = test_config(worker_configs(&sims));
     cfg.admin.token = admin_token.map(str::to_string);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let gw = Gateway::serve(listener, cfg).await.expect("gateway starts");
-    (sims, gw)
+    (sims, gateway(cfg).await)
 }
 
 struct Run {
