@@ -45,6 +45,10 @@ pub struct Args {
     /// Most requests outstanding at once; arrivals beyond it are dropped and counted as errors.
     #[arg(long, default_value_t = 2000)]
     max_outstanding: usize,
+    /// Turn the gateway's admission queue off (workers get requests beyond their capacity, as behind a
+    /// router without one).
+    #[arg(long)]
+    no_queue: bool,
 }
 
 /// The fleet: `(name, config, weight for the weighted strategy)`.
@@ -131,10 +135,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let sum = workload::summary(&schedule);
     let fleet = fleet(args.seed);
     println!(
-        "routing: {} strategies, {} req/s offered (Poisson, open loop), {}s each",
+        "routing: {} strategies, {} req/s offered (Poisson, open loop), {}s each, admission queue {}",
         strategies.len(),
         rate,
-        args.duration
+        args.duration,
+        if args.no_queue { "off" } else { "on" }
     );
     println!("fleet: {}", describe_fleet(&fleet));
     println!("workload: {}", wl.describe());
@@ -149,7 +154,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     println!();
     let mut reports = Vec::new();
     for &strategy in &strategies {
-        let r = run_one(strategy, &fleet, Arc::clone(&schedule), args.max_outstanding).await?;
+        let r = run_one(strategy, &fleet, Arc::clone(&schedule), args.max_outstanding, !args.no_queue).await?;
         let per_worker: Vec<String> =
             r.per_worker_cache.iter().map(|(h, q)| format!("{:.0}%", 100.0 * h / q.max(1.0))).collect();
         eprintln!(
@@ -216,6 +221,7 @@ async fn run_one(
     fleet: &[(String, SimConfig, u32)],
     schedule: Arc<Vec<workload::Request>>,
     max_outstanding: usize,
+    queue: bool,
 ) -> anyhow::Result<RunReport> {
     let mut sims = Vec::new();
     for (_, cfg, _) in fleet {
@@ -227,6 +233,7 @@ async fn run_one(
     cfg.health.interval_ms = 200;
     cfg.health.timeout_ms = 1000;
     cfg.routing.strategy = strategy;
+    cfg.queue.enabled = queue;
     cfg.workers = fleet
         .iter()
         .zip(&sims)
