@@ -414,7 +414,16 @@ impl Default for LogConfig {
 }
 
 /// Sections whose keys `LLM_<SECTION>_<KEY>` reaches.
-const SECTIONS: &[&str] = &["server", "upstream", "routing", "health", "log", "admin", "circuit_breaker", "retry"];
+/// The config's sections (`LLM_<SECTION>_<KEY>` reaches their keys), read off [`Config`] itself so the
+/// environment can never miss a section added later; longest first, so `rate_limit_x` never matches `rate`.
+fn sections() -> Vec<String> {
+    let mut names: Vec<String> = match serde_json::to_value(Config::default()) {
+        Ok(serde_json::Value::Object(map)) => map.into_iter().map(|(k, _)| k).filter(|k| k != "workers").collect(),
+        _ => Vec::new(),
+    };
+    names.sort_by_key(|n| std::cmp::Reverse(n.len()));
+    names
+}
 
 /// Command-line values that outrank every other layer.
 #[derive(Debug, Clone, Default)]
@@ -582,6 +591,7 @@ pub fn split_urls(list: &str) -> Vec<WorkerConfig> {
 /// `LLM_<SECTION>_<KEY>` to `section.key`; `__` nests deeper; `LLM_HOST`/`LLM_PORT` are shortcuts.
 fn env_provider(env: &[(String, String)]) -> figment::providers::Serialized<serde_json::Value> {
     let mut root = serde_json::Map::new();
+    let sections = sections();
     for (key, value) in env {
         let Some(rest) = key.strip_prefix("LLM_") else { continue };
         let rest = rest.to_ascii_lowercase();
@@ -589,7 +599,7 @@ fn env_provider(env: &[(String, String)]) -> figment::providers::Serialized<serd
             "host" => vec!["server".into(), "host".into()],
             "port" => vec!["server".into(), "port".into()],
             _ => {
-                let Some(section) = SECTIONS.iter().find(|s| rest.starts_with(&format!("{s}_"))) else { continue };
+                let Some(section) = sections.iter().find(|s| rest.starts_with(&format!("{s}_"))) else { continue };
                 let tail = rest[section.len() + 1..].trim_start_matches('_');
                 std::iter::once(section.to_string()).chain(tail.split("__").map(str::to_string)).collect()
             }
@@ -675,6 +685,25 @@ mod tests {
         let e = load(&[("LLM_HEALTH_INTERVAL_MS", "0")], &Overrides::default()).unwrap_err();
         assert!(e.contains("health.interval_ms"), "{e}");
         assert!(!e.contains('\n'));
+    }
+
+    #[test]
+    fn section_keys_from_the_environment() {
+        let env = [
+            ("LLM_AUTH_ENABLED", "false"),
+            ("LLM_QUEUE_MAX_SIZE", "7"),
+            ("LLM_QUEUE_TIMEOUT_SECS", "3"),
+            ("LLM_CIRCUIT_BREAKER_ENABLED", "false"),
+            ("LLM_RATE_LIMIT_ENABLED", "true"),
+            ("LLM_ROUTING_STRATEGY", "p2c_kv"),
+            ("LLM_ROUTING__P2C__W_KV", "1.5"),
+        ];
+        let c = load(&env, &Overrides::default()).expect("loads");
+        assert_eq!((c.queue.max_size, c.queue.timeout_secs), (7, 3));
+        assert!(!c.circuit_breaker.enabled);
+        assert!(c.rate_limit.enabled);
+        assert_eq!(c.routing.strategy, routing::Strategy::P2cKv);
+        assert_eq!(c.routing.p2c.w_kv, 1.5);
     }
 
     #[test]
