@@ -14,12 +14,7 @@ async fn non_stream_chat_and_completions_pass_through() {
     let sims = sims(1, |_| fast_sim()).await;
     let gw = gateway(test_config(worker_configs(&sims))).await;
     let c = client();
-    let resp = c
-        .post(format!("{}/v1/chat/completions", gw.url()))
-        .json(&chat("demo-model", "hi", false))
-        .send()
-        .await
-        .unwrap();
+    let resp = post_chat(&gw.url(), false).await;
     assert_eq!(resp.status(), 200);
     let id = resp.headers()["x-request-id"].to_str().unwrap().to_string();
     assert!(uuid::Uuid::parse_str(&id).is_ok(), "generated ids are UUIDs: {id}");
@@ -60,12 +55,7 @@ async fn stream_is_relayed_incrementally_and_ends_with_done() {
     let sims = sims(1, |_| SimConfig { ttft_ms: 5.0, itl_ms: 25.0, output_tokens: (20, 20), ..fast_sim() }).await;
     let gw = gateway(test_config(worker_configs(&sims))).await;
     let started = Instant::now();
-    let resp = client()
-        .post(format!("{}/v1/chat/completions", gw.url()))
-        .json(&chat("demo-model", "hi", true))
-        .send()
-        .await
-        .unwrap();
+    let resp = post_chat(&gw.url(), true).await;
     assert_eq!(resp.status(), 200);
     assert!(resp.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
     let mut stream = resp.bytes_stream();
@@ -91,12 +81,7 @@ async fn stream_is_relayed_incrementally_and_ends_with_done() {
 async fn client_disconnect_cancels_upstream_and_releases_the_worker() {
     let sims = sims(1, |_| SimConfig { itl_ms: 50.0, output_tokens: (400, 400), ..fast_sim() }).await;
     let gw = gateway(test_config(worker_configs(&sims))).await;
-    let resp = client()
-        .post(format!("{}/v1/chat/completions", gw.url()))
-        .json(&chat("demo-model", "hi", true))
-        .send()
-        .await
-        .unwrap();
+    let resp = post_chat(&gw.url(), true).await;
     let mut stream = resp.bytes_stream();
     stream.next().await.unwrap().unwrap();
     assert_eq!(sims[0].running(), 1);
@@ -121,12 +106,7 @@ async fn upstream_death_mid_stream_ends_with_an_error_event() {
     let sims = sims(1, |_| SimConfig { output_tokens: (50, 50), itl_ms: 10.0, ..fast_sim() }).await;
     sims[0].set_faults(Faults { die_after_tokens: Some(3), ..Faults::default() });
     let gw = gateway(test_config(worker_configs(&sims))).await;
-    let resp = client()
-        .post(format!("{}/v1/chat/completions", gw.url()))
-        .json(&chat("demo-model", "hi", true))
-        .send()
-        .await
-        .unwrap();
+    let resp = post_chat(&gw.url(), true).await;
     assert_eq!(resp.status(), 200);
     let body = tokio::time::timeout(Duration::from_secs(10), resp.text()).await.expect("no hang").unwrap();
     let events = sse_events(&body);
@@ -177,12 +157,7 @@ async fn no_healthy_worker_is_503_and_health_says_so() {
     w.models = vec!["demo-model".into()];
     let gw = gateway(test_config(vec![w])).await;
     let c = client();
-    let resp = c
-        .post(format!("{}/v1/chat/completions", gw.url()))
-        .json(&chat("demo-model", "hi", false))
-        .send()
-        .await
-        .unwrap();
+    let resp = post_chat(&gw.url(), false).await;
     assert_eq!(resp.status(), 503);
     let body: serde_json::Value = resp.json().await.unwrap();
     assert_eq!(body["error"]["code"], "no_healthy_workers");
@@ -195,12 +170,7 @@ async fn worker_errors_pass_through_unchanged() {
     let sims = sims(1, |_| fast_sim()).await;
     let gw = gateway(test_config(worker_configs(&sims))).await;
     sims[0].set_faults(Faults { error_rate: 1.0, ..Faults::default() });
-    let resp = client()
-        .post(format!("{}/v1/chat/completions", gw.url()))
-        .json(&chat("demo-model", "hi", false))
-        .send()
-        .await
-        .unwrap();
+    let resp = post_chat(&gw.url(), false).await;
     assert_eq!(resp.status(), 500);
     let body: serde_json::Value = resp.json().await.unwrap();
     // vLLM's own error object: integer code, class-like type.
@@ -215,12 +185,7 @@ async fn round_robin_spreads_evenly_and_models_health_work() {
     let c = client();
     let mut counts = std::collections::HashMap::new();
     for _ in 0..30 {
-        let resp = c
-            .post(format!("{}/v1/chat/completions", gw.url()))
-            .json(&chat("demo-model", "hi", false))
-            .send()
-            .await
-            .unwrap();
+        let resp = post_chat(&gw.url(), false).await;
         assert_eq!(resp.status(), 200);
         *counts.entry(resp.headers()["x-gateway-worker"].to_str().unwrap().to_string()).or_insert(0) += 1;
     }
@@ -272,14 +237,8 @@ async fn a_refused_connection_is_retried_on_another_worker() {
     let gw = gateway(test_config(workers)).await;
     // Pretend the probe has not noticed yet: the dead worker looks healthy.
     gw.state.snapshot.load().fleet.workers[1].stats.healthy.store(true, Ordering::Relaxed);
-    let c = client();
     for _ in 0..4 {
-        let resp = c
-            .post(format!("{}/v1/chat/completions", gw.url()))
-            .json(&chat("demo-model", "hi", false))
-            .send()
-            .await
-            .unwrap();
+        let resp = post_chat(&gw.url(), false).await;
         assert_eq!(resp.status(), 200);
         assert_eq!(resp.headers()["x-gateway-worker"], "sim-0");
     }

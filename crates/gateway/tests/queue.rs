@@ -192,12 +192,7 @@ async fn a_full_queue_answers_429_with_retry_after_and_a_long_wait_504() {
     })
     .await;
     let waiting = enqueue_in_order(&gw.url(), &[("a", "normal", "a")], &order).await;
-    let resp = client()
-        .post(format!("{}/v1/chat/completions", gw.url()))
-        .json(&chat("demo-model", "hi", false))
-        .send()
-        .await
-        .unwrap();
+    let resp = post_chat(&gw.url(), false).await;
     assert_eq!(resp.status(), 429);
     let retry_after: u64 = resp.headers()["retry-after"].to_str().unwrap().parse().unwrap();
     assert!(retry_after >= 1);

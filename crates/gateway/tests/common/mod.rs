@@ -59,6 +59,11 @@ pub fn chat(model: &str, content: &str, stream: bool) -> serde_json::Value {
     serde_json::json!({"model": model, "stream": stream, "messages": [{"role": "user", "content": content}]})
 }
 
+/// POSTs a small chat request for `demo-model` to the gateway at `gw_url`.
+pub async fn post_chat(gw_url: &str, stream: bool) -> reqwest::Response {
+    client().post(format!("{gw_url}/v1/chat/completions")).json(&chat("demo-model", "hi", stream)).send().await.unwrap()
+}
+
 /// Waits until `cond` holds, polling, or panics after `deadline`.
 pub async fn wait_for<F, Fut>(what: &str, deadline: Duration, mut cond: F)
 where
