@@ -15,15 +15,27 @@ const MAX_PROBE_BYTES: usize = 4 * 1024 * 1024;
 /// Probes between two refreshes of the learned model list.
 const MODEL_REFRESH_EVERY: u32 = 30;
 
-/// Runs probes of `worker` every `cfg.interval_ms` until `stop` is cancelled.
-pub async fn run(client: Client, worker: Arc<Worker>, cfg: HealthConfig, stop: CancellationToken) {
-    let interval = Duration::from_millis(cfg.interval_ms);
+/// Runs probes of `worker` until `stop` is cancelled, reading `[health]` from `app`'s snapshot as it
+/// goes, so a reload that changes the interval or thresholds reaches running probes within a second.
+pub async fn run(app: std::sync::Weak<crate::state::AppState>, worker: Arc<Worker>, stop: CancellationToken) {
     let mut round: u32 = 0;
+    let mut last = tokio::time::Instant::now();
     loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(interval) => {}
+        let Some((client, cfg)) = app.upgrade().map(|a| (a.client.clone(), a.snapshot.load().config.health.clone()))
+        else {
+            return;
+        };
+        let due = last + Duration::from_millis(cfg.interval_ms);
+        if tokio::time::Instant::now() < due {
+            // Wake at least once a second to pick up a changed interval.
+            let wake = due.min(tokio::time::Instant::now() + Duration::from_secs(1));
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep_until(wake) => {}
+            }
+            continue;
         }
+        last = tokio::time::Instant::now();
         round = round.wrapping_add(1);
         probe_once(&client, &worker, &cfg, round.is_multiple_of(MODEL_REFRESH_EVERY)).await;
     }

@@ -91,7 +91,7 @@ impl AppState {
         for w in fresh {
             let stop = self.shutdown.child_token();
             probes.insert(w.id, stop.clone());
-            tokio::spawn(crate::probe::run(self.client.clone(), w, health.clone(), stop));
+            tokio::spawn(crate::probe::run(Arc::downgrade(self), w, stop));
         }
     }
 

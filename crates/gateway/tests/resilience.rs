@@ -196,3 +196,20 @@ async fn an_open_breaker_can_be_reset_by_the_admin() {
     let resp = client().post(&url).json(&chat("demo-model", "hi", false)).send().await.unwrap();
     assert_eq!(resp.status(), 200);
 }
+
+#[tokio::test]
+async fn a_reload_of_health_settings_reaches_running_probes() {
+    let sims = sims(1, |_| fast_sim()).await;
+    let mut cfg = test_config(worker_configs(&sims));
+    cfg.health.interval_ms = 3_600_000; // effectively never, until the reload
+    let gw = gateway(cfg).await;
+    sims[0].set_faults(Faults { refuse_health: true, ..Faults::default() });
+    let patch = serde_json::json!({"health": {"interval_ms": 100}});
+    let resp = client().patch(format!("{}/api/config", gw.url())).json(&patch).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let w = gw.state.snapshot.load().fleet.workers[0].clone();
+    wait_for("the running probe to use the new interval", Duration::from_secs(5), || async {
+        !w.stats.healthy.load(std::sync::atomic::Ordering::Relaxed)
+    })
+    .await;
+}
