@@ -161,7 +161,7 @@ async fn handle(
                 return Err(fail(e));
             }
             Ok(mut resp) => {
-                app.admission.record_dispatch(&model, ticket.waited);
+                app.admission.record_dispatch(&model, ctx.queue_wait);
                 let h = resp.headers_mut();
                 h.insert(X_QUEUE_POSITION.clone(), HeaderValue::from(ticket.position));
                 if let Ok(v) = HeaderValue::from_str(&format!("{:.1}", ticket.estimated_wait.as_secs_f64())) {
@@ -422,19 +422,19 @@ async fn dispatch(
                 } else {
                     OutcomeKind::ServerError
                 };
-                inflight(load, status.as_u16()).finish(kind);
+                inflight(load, status.as_u16()).finish_attempt(kind);
                 GatewayError::new(ErrorKind::UpstreamUnavailable, format!("worker {} answered {status}", worker.name))
             }
             Ok(Err(e)) => {
                 let kind = if e.is_connect() { OutcomeKind::ConnectError } else { OutcomeKind::ServerError };
-                inflight(load, 502).finish(kind);
+                inflight(load, 502).finish_attempt(kind);
                 GatewayError::new(
                     ErrorKind::UpstreamUnavailable,
                     format!("worker {} failed: {}", worker.name, error_chain(&e)),
                 )
             }
             Err(_) => {
-                inflight(load, 504).finish(OutcomeKind::Timeout);
+                inflight(load, 504).finish_attempt(OutcomeKind::Timeout);
                 GatewayError::new(ErrorKind::UpstreamTimeout, format!("worker {} did not answer in time", worker.name))
             }
         };

@@ -115,41 +115,19 @@ impl InFlight {
         }
     }
 
-    /// Records the outcome once: worker estimates, policy feedback, metrics, the request's log line.
+    /// Records the outcome once: the worker's side ([`InFlight::record_attempt`]), then the request's
+    /// metrics, token reconciliation and log line. For the answer the client receives.
     pub fn finish(&mut self, kind: OutcomeKind) {
         if std::mem::replace(&mut self.finished, true) {
             return;
         }
         let now = Instant::now();
-        let worker = Arc::clone(self.load.worker());
-        let output_tokens = self.usage.completion_tokens.unwrap_or(self.usage.events.saturating_sub(1)) as u32;
-        let outcome = Outcome {
-            worker: worker.id,
-            kind,
-            ttft: self.first_byte.filter(|_| self.stream).map(|t| t.duration_since(self.dispatched)),
-            latency: now.duration_since(self.dispatched),
-            output_tokens,
-        };
-        self.policy.observe(&outcome);
+        let worker = self.record_attempt(kind, now);
         let m = &self.app.metrics;
-        // Slow calls are judged on streams only: a non-streamed answer arrives whole, so its time to
-        // first byte measures the length of the generation, not the worker's health. A slow success is
-        // a failure to the worker's health, in its breaker streak and its error window alike.
-        let snap = self.app.snapshot.load();
-        let breaker_cfg = &snap.config.circuit_breaker;
-        let slow = outcome.ttft.is_some_and(|t| t > Duration::from_millis(breaker_cfg.slow_call_threshold_ms));
-        let verdict = if slow && kind == OutcomeKind::Success { OutcomeKind::Timeout } else { kind };
-        worker.record(&Outcome { kind: verdict, ..outcome }, now.into_std());
-        if verdict.is_failure() {
-            m.breaker_failures.with_label_values(&[&worker.spec.url]).inc();
-        }
-        let transition = self.load.settle(verdict, now.into_std(), breaker_cfg);
-        m.count_transition(&worker.spec.url, transition);
         let latency = now.duration_since(self.received);
         let status = if kind == OutcomeKind::Cancelled { 499 } else { self.status };
         m.requests.with_label_values(&[&self.model, status_label(status)]).inc();
         m.latency.with_label_values(&[&self.model]).observe(latency.as_secs_f64());
-        m.upstream_outcomes.with_label_values(&[&worker.name, kind.as_str()]).inc();
         if let (Some(charge), Some(p), Some(c)) =
             (self.charge.take(), self.usage.prompt_tokens, self.usage.completion_tokens)
         {
@@ -178,6 +156,52 @@ impl InFlight {
             "request"
         );
         self.active.take();
+    }
+
+    /// Records an attempt the client never sees (retried, or answered by the gateway's own error):
+    /// only the worker's side, so the request itself is counted and logged once, by whoever answers it.
+    pub fn finish_attempt(mut self, kind: OutcomeKind) {
+        self.finished = true;
+        let worker = self.record_attempt(kind, Instant::now());
+        tracing::warn!(
+            request_id = %self.request_id,
+            worker = %worker.name,
+            status = self.status,
+            outcome = kind.as_str(),
+            attempt = self.retries + 1,
+            "upstream attempt failed"
+        );
+    }
+
+    /// The worker's side of an outcome: its latency and error estimates, policy feedback, the breaker's
+    /// verdict (a slow stream is a failure), and `llm_gateway_upstream_outcomes_total`.
+    fn record_attempt(&mut self, kind: OutcomeKind, now: Instant) -> Arc<crate::worker::Worker> {
+        let worker = Arc::clone(self.load.worker());
+        let output_tokens = self.usage.completion_tokens.unwrap_or(self.usage.events.saturating_sub(1)) as u32;
+        let outcome = Outcome {
+            worker: worker.id,
+            kind,
+            ttft: self.first_byte.filter(|_| self.stream).map(|t| t.duration_since(self.dispatched)),
+            latency: now.duration_since(self.dispatched),
+            output_tokens,
+        };
+        self.policy.observe(&outcome);
+        let m = &self.app.metrics;
+        // Slow calls are judged on streams only: a non-streamed answer arrives whole, so its time to
+        // first byte measures the length of the generation, not the worker's health. A slow success is
+        // a failure to the worker's health, in its breaker streak and its error window alike.
+        let snap = self.app.snapshot.load();
+        let breaker_cfg = &snap.config.circuit_breaker;
+        let slow = outcome.ttft.is_some_and(|t| t > Duration::from_millis(breaker_cfg.slow_call_threshold_ms));
+        let verdict = if slow && kind == OutcomeKind::Success { OutcomeKind::Timeout } else { kind };
+        worker.record(&Outcome { kind: verdict, ..outcome }, now.into_std());
+        if verdict.is_failure() {
+            m.breaker_failures.with_label_values(&[&worker.spec.url]).inc();
+        }
+        let transition = self.load.settle(verdict, now.into_std(), breaker_cfg);
+        m.count_transition(&worker.spec.url, transition);
+        m.upstream_outcomes.with_label_values(&[&worker.name, kind.as_str()]).inc();
+        worker
     }
 }
 

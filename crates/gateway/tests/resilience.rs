@@ -120,6 +120,12 @@ async fn with_retries_a_failing_worker_costs_the_client_nothing() {
         .and_then(|v| v.trim().parse().ok())
         .unwrap();
     assert!(retries > 0, "the failures were retried, not hidden");
+    // Each client request is counted once, by its answer; failed attempts count only as upstream outcomes.
+    assert_eq!(metric_value(&metrics, "llm_gateway_requests_total{model=\"demo-model\",status=\"200\"}"), 60.0);
+    assert!(!metrics.contains("llm_gateway_requests_total{model=\"demo-model\",status=\"500\"}"), "{metrics}");
+    let failed =
+        metric_value(&metrics, "llm_gateway_upstream_outcomes_total{outcome=\"server_error\",worker=\"sim-1\"}");
+    assert_eq!(failed, retries as f64, "every retried attempt is a recorded upstream failure");
 }
 
 #[tokio::test]
