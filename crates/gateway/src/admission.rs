@@ -58,10 +58,9 @@ impl Reservation {
     }
 
     /// Gives the slot up to the request's load guard: the caller now counts it as in flight.
-    pub fn consume(mut self) -> Arc<Worker> {
+    pub fn consume(mut self) {
         self.live = false;
         self.worker.stats.reserved.fetch_sub(1, Ordering::Relaxed);
-        Arc::clone(&self.worker)
     }
 }
 
@@ -268,11 +267,10 @@ impl Admission {
                 return;
             }
             app.admission.sweep(&app.snapshot.load().fleet);
-            app.admission.export(&app.metrics);
         }
     }
 
-    /// Sets the queue-length gauges.
+    /// Sets the queue-length gauges (when `/metrics` is scraped).
     pub fn export(&self, metrics: &crate::metrics::Metrics) {
         for (model, q) in self.queues.lock().iter() {
             metrics.queue_length.with_label_values(&[model]).set(q.waiting.lock().len() as i64);

@@ -217,7 +217,7 @@ impl Worker {
     ) -> Result<LoadGuard, Refused> {
         let worker = Arc::clone(reservation.worker());
         worker.stats.in_flight.fetch_add(1, Ordering::AcqRel);
-        drop(reservation.consume());
+        reservation.consume();
         worker.take_permit(breaker, now).inspect_err(|_| {
             worker.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
         })
