@@ -16,6 +16,6 @@ pub mod request;
 pub mod worker;
 
 pub use error::{ErrorKind, GatewayError, Side};
-pub use outcome::{Outcome, OutcomeKind};
+pub use outcome::{breaker_verdict, Outcome, OutcomeKind, WorkerCondition};
 pub use request::{Priority, RequestFeatures};
 pub use worker::{WorkerId, WorkerView};

@@ -68,3 +68,50 @@ impl Outcome {
         Some(decode / f64::from(self.output_tokens - 1))
     }
 }
+
+/// What the worker was doing when a request on it ended, as far as the gateway can tell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct WorkerCondition {
+    /// The answer took longer than the slow-call threshold.
+    pub slow: bool,
+    /// The worker was full: it reported requests waiting in its own queue, or the gateway held more
+    /// requests on it than its capacity when this one was sent.
+    pub full: bool,
+    /// No other worker for the model would take a request now (healthy, not draining, breaker admitting).
+    pub last_admitting: bool,
+}
+
+/// The verdict a worker's breaker and error window get for an attempt that ended as `kind`.
+///
+/// A slow success is a failure of the worker's health, except where slowness says nothing bad about it:
+/// time spent queued inside a worker that is merely full is overload, not failure, and the last worker
+/// still admitting a model's requests is never cut off by slow calls alone (Envoy's panic threshold:
+/// cutting it off turns slowness into an outage). Both cases become [`OutcomeKind::Overloaded`], which
+/// breakers and error rates ignore.
+pub fn breaker_verdict(kind: OutcomeKind, worker: WorkerCondition) -> OutcomeKind {
+    match kind {
+        OutcomeKind::Success if worker.slow && (worker.full || worker.last_admitting) => OutcomeKind::Overloaded,
+        OutcomeKind::Success if worker.slow => OutcomeKind::Timeout,
+        other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slow_calls_fail_only_a_worker_that_is_neither_full_nor_the_last() {
+        let slow = WorkerCondition { slow: true, ..Default::default() };
+        assert_eq!(breaker_verdict(OutcomeKind::Success, slow), OutcomeKind::Timeout);
+        assert_eq!(breaker_verdict(OutcomeKind::Success, WorkerCondition::default()), OutcomeKind::Success);
+        let full = WorkerCondition { full: true, ..slow };
+        assert_eq!(breaker_verdict(OutcomeKind::Success, full), OutcomeKind::Overloaded);
+        let last = WorkerCondition { last_admitting: true, ..slow };
+        assert_eq!(breaker_verdict(OutcomeKind::Success, last), OutcomeKind::Overloaded);
+        assert!(!breaker_verdict(OutcomeKind::Success, last).is_failure());
+        // Real failures stay failures, on the last worker too.
+        assert_eq!(breaker_verdict(OutcomeKind::ServerError, last), OutcomeKind::ServerError);
+        assert_eq!(breaker_verdict(OutcomeKind::Timeout, full), OutcomeKind::Timeout);
+    }
+}

@@ -315,6 +315,13 @@ pub struct UpstreamConfig {
     pub connect_timeout_ms: u64,
     /// Time until the worker's response headers arrive (a non-streaming answer arrives whole).
     pub first_byte_timeout_ms: u64,
+    /// Time until a streamed request's response headers arrive: engines send them at once, even while
+    /// the request waits in their queue, so a stream without headers is stuck; it is retried elsewhere.
+    pub stream_first_byte_timeout_ms: u64,
+    /// A worker holding requests that shows no sign of life (no answer, no bytes, no generated tokens)
+    /// for this long, or 4x its usual answer time if longer, is stalled: its breaker opens and requests
+    /// that sent nothing to their client yet are retried elsewhere.
+    pub stall_timeout_ms: u64,
     /// Longest silence between two chunks of a streamed answer.
     pub idle_timeout_ms: u64,
     /// Longest a whole request may take, streams included.
@@ -326,6 +333,8 @@ impl Default for UpstreamConfig {
         Self {
             connect_timeout_ms: 3_000,
             first_byte_timeout_ms: 300_000,
+            stream_first_byte_timeout_ms: 10_000,
+            stall_timeout_ms: 5_000,
             idle_timeout_ms: 120_000,
             total_timeout_ms: 600_000,
         }
@@ -512,6 +521,8 @@ impl Config {
         for (key, v) in [
             ("upstream.connect_timeout_ms", self.upstream.connect_timeout_ms),
             ("upstream.first_byte_timeout_ms", self.upstream.first_byte_timeout_ms),
+            ("upstream.stream_first_byte_timeout_ms", self.upstream.stream_first_byte_timeout_ms),
+            ("upstream.stall_timeout_ms", self.upstream.stall_timeout_ms),
             ("upstream.idle_timeout_ms", self.upstream.idle_timeout_ms),
             ("upstream.total_timeout_ms", self.upstream.total_timeout_ms),
             ("health.interval_ms", self.health.interval_ms),

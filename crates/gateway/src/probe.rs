@@ -58,6 +58,12 @@ pub async fn probe_once(client: &Client, worker: &Worker, cfg: &HealthConfig, re
                 s.scraped_running.store(load.running as u32, Ordering::Relaxed);
                 s.scraped_waiting.store(load.waiting as u32, Ordering::Relaxed);
                 s.kv_usage.set(load.kv_usage);
+                // Tokens generated since the last scrape: the worker is working, however long its
+                // answers take (the stall rule's evidence for long non-streamed generations).
+                let generated = load.generated as u64;
+                if s.scraped_generated.swap(generated, Ordering::Relaxed) < generated {
+                    worker.mark_alive(tokio::time::Instant::now());
+                }
                 // Requests waiting inside the worker mean it runs all it can: that is its capacity.
                 if load.waiting > 0.0 && load.running > 0.0 {
                     s.learned_capacity.fetch_max(load.running as u32, Ordering::Relaxed);

@@ -389,7 +389,12 @@ async fn dispatch(
         let may_retry = attempt < cfg.retry.max_attempts && all.iter().any(|w| w.id != worker.id);
         let dispatched = Instant::now();
         let upstream_req = build_upstream_request(&worker, parts, bytes.clone(), request_id, snap.auth.enabled())?;
-        let first_byte_by = (dispatched + Duration::from_millis(cfg.upstream.first_byte_timeout_ms)).min(deadline);
+        let first_byte_ms = if features.stream {
+            cfg.upstream.stream_first_byte_timeout_ms.min(cfg.upstream.first_byte_timeout_ms)
+        } else {
+            cfg.upstream.first_byte_timeout_ms
+        };
+        let first_byte_by = (dispatched + Duration::from_millis(first_byte_ms)).min(deadline);
         let inflight = |load, status: u16| {
             InFlight::new(
                 Arc::clone(app),
@@ -404,9 +409,17 @@ async fn dispatch(
                 attempt - 1,
             )
         };
-        let failure = match tokio::time::timeout_at(first_byte_by, app.client.request(upstream_req)).await {
-            Ok(Ok(resp)) => {
+        let stall =
+            guard::StallRule { floor: Duration::from_millis(cfg.upstream.stall_timeout_ms), factor: STALL_FACTOR };
+        let answer = await_answer(&worker, app.client.request(upstream_req), dispatched, first_byte_by, stall).await;
+        let failure = match answer {
+            Answer::Headers(Ok(resp)) => {
                 let status = resp.status();
+                let now = Instant::now();
+                worker.mark_alive(now);
+                if !features.stream && status.is_success() {
+                    worker.record_answer_time(now.duration_since(dispatched));
+                }
                 let retryable = status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS;
                 if !(retryable && may_retry) {
                     let mut inflight = inflight(load, status.as_u16());
@@ -425,7 +438,7 @@ async fn dispatch(
                 inflight(load, status.as_u16()).finish_attempt(kind);
                 GatewayError::new(ErrorKind::UpstreamUnavailable, format!("worker {} answered {status}", worker.name))
             }
-            Ok(Err(e)) => {
+            Answer::Headers(Err(e)) => {
                 let kind = if e.is_connect() { OutcomeKind::ConnectError } else { OutcomeKind::ServerError };
                 inflight(load, 502).finish_attempt(kind);
                 GatewayError::new(
@@ -433,9 +446,26 @@ async fn dispatch(
                     format!("worker {} failed: {}", worker.name, error_chain(&e)),
                 )
             }
-            Err(_) => {
+            Answer::TimedOut => {
                 inflight(load, 504).finish_attempt(OutcomeKind::Timeout);
                 GatewayError::new(ErrorKind::UpstreamTimeout, format!("worker {} did not answer in time", worker.name))
+            }
+            Answer::Stalled { silent } => {
+                if breakers {
+                    let transition = worker.trip_breaker(std::time::Instant::now());
+                    app.metrics.count_transition(&worker.spec.url, transition);
+                }
+                tracing::warn!(
+                    worker = %worker.name,
+                    silent_ms = silent.as_millis() as u64,
+                    in_flight = worker.view().in_flight,
+                    "worker stalled: no answer, bytes or tokens while holding requests; cut off"
+                );
+                inflight(load, 504).finish_attempt(OutcomeKind::Timeout);
+                GatewayError::new(
+                    ErrorKind::UpstreamTimeout,
+                    format!("worker {} stalled: no sign of life for {} ms", worker.name, silent.as_millis()),
+                )
             }
         };
         if !may_retry {
@@ -448,6 +478,52 @@ async fn dispatch(
         }
         app.metrics.retries.inc();
         tokio::time::sleep(pause).await;
+    }
+}
+
+/// How many times its usual answer time a worker may stay silent before it counts as stalled.
+const STALL_FACTOR: f64 = 4.0;
+
+/// How the wait for a worker's response headers ended.
+enum Answer<T> {
+    /// The worker answered (or the connection failed).
+    Headers(T),
+    /// `first_byte_by` passed.
+    TimedOut,
+    /// The worker showed no sign of life past the stall threshold (see [`guard::stall`]).
+    Stalled { silent: Duration },
+}
+
+/// Waits for `send` (the request to `worker`, sent at `sent`) until `by`, giving up early when the
+/// worker is stalled: silent since the request was sent for longer than `rule`'s threshold.
+async fn await_answer<F: std::future::Future>(
+    worker: &Worker,
+    send: F,
+    sent: Instant,
+    by: Instant,
+    rule: guard::StallRule,
+) -> Answer<F::Output> {
+    let threshold = rule.threshold(worker.usual_answer_time());
+    let mut send = std::pin::pin!(send);
+    loop {
+        let recheck = match guard::StallRule::check(
+            threshold,
+            Instant::now().into_std(),
+            sent.into_std(),
+            worker.last_alive().into_std(),
+        ) {
+            guard::StallCheck::Stalled { silent } => return Answer::Stalled { silent },
+            guard::StallCheck::RecheckAt(at) => Instant::from_std(at),
+        };
+        tokio::select! {
+            biased;
+            answer = &mut send => return Answer::Headers(answer),
+            _ = tokio::time::sleep_until(recheck.min(by)) => {
+                if Instant::now() >= by {
+                    return Answer::TimedOut;
+                }
+            }
+        }
     }
 }
 

@@ -10,7 +10,7 @@ use crate::state::AppState;
 use crate::usage::UsageScanner;
 use crate::worker::LoadGuard;
 use bytes::Bytes;
-use gateway_core::{ErrorKind, GatewayError, Outcome, OutcomeKind};
+use gateway_core::{breaker_verdict, ErrorKind, GatewayError, Outcome, OutcomeKind, WorkerCondition};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use routing::Policy;
@@ -93,9 +93,9 @@ impl InFlight {
         }
     }
 
-    fn on_data(&mut self, data: &[u8]) {
+    fn on_data(&mut self, data: &[u8], now: Instant) {
+        self.load.worker().mark_alive(now);
         if self.first_byte.is_none() && !data.is_empty() {
-            let now = Instant::now();
             self.first_byte = Some(now);
             if self.stream {
                 let ttft = now.duration_since(self.received).as_secs_f64();
@@ -189,11 +189,31 @@ impl InFlight {
         let m = &self.app.metrics;
         // Slow calls are judged on streams only: a non-streamed answer arrives whole, so its time to
         // first byte measures the length of the generation, not the worker's health. A slow success is
-        // a failure to the worker's health, in its breaker streak and its error window alike.
+        // a failure to the worker's health, in its breaker streak and its error window alike, unless the
+        // worker was merely full or is the last one admitting the model (`breaker_verdict`).
         let snap = self.app.snapshot.load();
         let breaker_cfg = &snap.config.circuit_breaker;
         let slow = outcome.ttft.is_some_and(|t| t > Duration::from_millis(breaker_cfg.slow_call_threshold_ms));
-        let verdict = if slow && kind == OutcomeKind::Success { OutcomeKind::Timeout } else { kind };
+        if kind == OutcomeKind::Success {
+            worker.mark_alive(now);
+        }
+        let condition = if slow && kind == OutcomeKind::Success {
+            let std_now = now.into_std();
+            let others_admit = snap.fleet.workers.iter().any(|w| {
+                w.id != worker.id
+                    && w.is_available()
+                    && w.serves(&self.model)
+                    && (!breaker_cfg.enabled || w.breaker_admits(std_now))
+            });
+            WorkerCondition {
+                slow,
+                full: worker.was_full(&self.load, snap.config.queue.default_worker_concurrency),
+                last_admitting: !others_admit,
+            }
+        } else {
+            WorkerCondition::default()
+        };
+        let verdict = breaker_verdict(kind, condition);
         worker.record(&Outcome { kind: verdict, ..outcome }, now.into_std());
         if verdict.is_failure() {
             m.breaker_failures.with_label_values(&[&worker.spec.url]).inc();
@@ -387,10 +407,11 @@ impl Body for RelayBody {
                         // Trailers: send what is gathered first; trailers of an LLM answer are rare.
                         return Poll::Ready(Some(Ok(frame)));
                     };
+                    let now = Instant::now();
                     if let Some(inflight) = this.inflight.as_mut() {
-                        inflight.on_data(data);
+                        inflight.on_data(data, now);
                     }
-                    let next = Instant::now() + this.idle_timeout;
+                    let next = now + this.idle_timeout;
                     this.idle.as_mut().reset(next);
                     if !this.sse {
                         // A body with a known length is complete at its last byte; hyper may not poll again.

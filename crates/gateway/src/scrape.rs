@@ -12,6 +12,8 @@ pub struct WorkerLoad {
     pub waiting: f64,
     /// KV-cache usage 0..1, the highest over series.
     pub kv_usage: f64,
+    /// `vllm:generation_tokens_total`, summed: generation progress between two scrapes.
+    pub generated: f64,
 }
 
 /// Parses the gauges the gateway needs; unknown lines are ignored, so any exposition parses.
@@ -26,6 +28,7 @@ pub fn parse_vllm_metrics(text: &str) -> WorkerLoad {
             "vllm:num_requests_running" => load.running += value,
             "vllm:num_requests_waiting" => load.waiting += value,
             "vllm:kv_cache_usage_perc" | "vllm:gpu_cache_usage_perc" => load.kv_usage = load.kv_usage.max(value),
+            "vllm:generation_tokens_total" => load.generated += value,
             _ => {}
         }
     }
@@ -77,9 +80,11 @@ vllm:num_requests_waiting{engine="0",model_name="m"} 7.0
 vllm:gpu_cache_usage_perc{model_name="m {x}"} 0.25
 vllm:kv_cache_usage_perc{model_name="m"} 0.5
 vllm:prefix_cache_hits_total{model_name="m"} 100
+vllm:generation_tokens_total{engine="0",model_name="m"} 40.0
+vllm:generation_tokens_total{engine="1",model_name="m"} 2.0
 "#;
         let load = parse_vllm_metrics(text);
-        assert_eq!(load, WorkerLoad { running: 5.0, waiting: 7.0, kv_usage: 0.5 });
+        assert_eq!(load, WorkerLoad { running: 5.0, waiting: 7.0, kv_usage: 0.5, generated: 42.0 });
     }
 
     #[test]

@@ -78,6 +78,13 @@ pub struct WorkerStats {
     pub probe_failures: AtomicU32,
     /// Consecutive good probes.
     pub probe_successes: AtomicU32,
+    /// When it last showed it is alive under load, in ms since [`Worker::epoch`]: response headers, body
+    /// bytes, a finished request, or tokens generated between two scrapes (see [`guard::stall`]).
+    pub last_alive_ms: AtomicU64,
+    /// EWMA of how long a non-streamed request waits for its response headers, ms: its usual latency.
+    pub answer_ms: AtomicF64,
+    /// `vllm:generation_tokens_total` at the last scrape, to see generation progress between scrapes.
+    pub scraped_generated: AtomicU64,
 }
 
 /// One worker: identity, models, live stats.
@@ -99,6 +106,8 @@ pub struct Worker {
     pub stats: WorkerStats,
     /// The worker's circuit breaker (short, never-awaited critical sections).
     pub breaker: parking_lot::Mutex<guard::CircuitBreaker>,
+    /// Origin of the millisecond clock of [`WorkerStats::last_alive_ms`].
+    pub epoch: tokio::time::Instant,
 }
 
 /// Weight of a new sample in the latency and error EWMAs.
@@ -123,7 +132,42 @@ impl Worker {
             spec,
             stats: WorkerStats::default(),
             breaker: parking_lot::Mutex::new(guard::CircuitBreaker::default()),
+            epoch: tokio::time::Instant::now(),
         }
+    }
+
+    /// Notes a sign of life at `now` (an answer, body bytes, generated tokens).
+    pub fn mark_alive(&self, now: tokio::time::Instant) {
+        let ms = now.saturating_duration_since(self.epoch).as_millis() as u64;
+        self.stats.last_alive_ms.fetch_max(ms, Ordering::Relaxed);
+    }
+
+    /// When it last showed a sign of life (its creation if never).
+    pub fn last_alive(&self) -> tokio::time::Instant {
+        self.epoch + std::time::Duration::from_millis(self.stats.last_alive_ms.load(Ordering::Relaxed))
+    }
+
+    /// How long a non-streamed request usually waits for its answer here, once seen.
+    pub fn usual_answer_time(&self) -> Option<std::time::Duration> {
+        let ms = self.stats.answer_ms.get();
+        (ms > 0.0).then(|| std::time::Duration::from_secs_f64(ms / 1000.0))
+    }
+
+    /// Records how long a non-streamed request waited for its (successful) answer.
+    pub fn record_answer_time(&self, waited: std::time::Duration) {
+        self.stats.answer_ms.ewma(waited.as_secs_f64() * 1000.0, EWMA_ALPHA);
+    }
+
+    /// Opens its breaker now (a stalled worker); returns the transition for the caller to count.
+    pub fn trip_breaker(&self, now: std::time::Instant) -> Option<Transition> {
+        let t = self.breaker.lock().trip(now);
+        self.log_transition(t)
+    }
+
+    /// Whether it is full: it reports requests waiting in its own queue, or the gateway held more than
+    /// its capacity (`default` as in [`Worker::capacity`]) on it when `load` was taken.
+    pub fn was_full(&self, load: &LoadGuard, default: u32) -> bool {
+        self.stats.scraped_waiting.load(Ordering::Relaxed) > 0 || load.load_at_dispatch > self.capacity(default)
     }
 
     /// Whether its breaker would let a request through now.
@@ -199,12 +243,14 @@ impl Worker {
     /// concurrent requests never push the worker past its capacity.
     pub fn acquire(self: &Arc<Self>, breaker: bool, cap: u32, now: std::time::Instant) -> Result<LoadGuard, Refused> {
         let s = &self.stats;
-        s.in_flight
+        let before = s
+            .in_flight
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                 (n.saturating_add(s.reserved.load(Ordering::Acquire)) < cap).then_some(n + 1)
             })
             .map_err(|_| Refused::Full)?;
-        self.take_permit(breaker, now).inspect_err(|_| {
+        let load = before.saturating_add(1).saturating_add(s.reserved.load(Ordering::Relaxed));
+        self.take_permit(breaker, now, load).inspect_err(|_| {
             s.in_flight.fetch_sub(1, Ordering::Relaxed);
         })
     }
@@ -216,14 +262,20 @@ impl Worker {
         now: std::time::Instant,
     ) -> Result<LoadGuard, Refused> {
         let worker = Arc::clone(reservation.worker());
-        worker.stats.in_flight.fetch_add(1, Ordering::AcqRel);
+        let before = worker.stats.in_flight.fetch_add(1, Ordering::AcqRel);
+        let load = before.saturating_add(worker.stats.reserved.load(Ordering::Relaxed));
         reservation.consume();
-        worker.take_permit(breaker, now).inspect_err(|_| {
+        worker.take_permit(breaker, now, load).inspect_err(|_| {
             worker.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
         })
     }
 
-    fn take_permit(self: &Arc<Self>, breaker: bool, now: std::time::Instant) -> Result<LoadGuard, Refused> {
+    fn take_permit(
+        self: &Arc<Self>,
+        breaker: bool,
+        now: std::time::Instant,
+        load_at_dispatch: u32,
+    ) -> Result<LoadGuard, Refused> {
         let (permit, transition) = if breaker {
             let mut permit = self.breaker.lock().try_acquire(now).map_err(Refused::Breaker)?;
             let t = permit.transition.take();
@@ -234,7 +286,7 @@ impl Worker {
         self.log_transition(transition);
         self.stats.sent_since_scrape.fetch_add(1, Ordering::Relaxed);
         self.stats.requests_total.fetch_add(1, Ordering::Relaxed);
-        Ok(LoadGuard { worker: Arc::clone(self), permit, transition, admission: None })
+        Ok(LoadGuard { worker: Arc::clone(self), permit, transition, admission: None, load_at_dispatch })
     }
 
     /// Feeds a finished request into the latency and error estimates.
@@ -267,6 +319,8 @@ pub struct LoadGuard {
     permit: Option<Permit>,
     transition: Option<Transition>,
     admission: Option<Weak<Admission>>,
+    /// Requests in flight or reserved on the worker, this one included, when the slot was taken.
+    load_at_dispatch: u32,
 }
 
 impl LoadGuard {

@@ -9,6 +9,7 @@
 //!   aging, per-tenant round robin).
 //! - [`rate`]: [`RateEstimator`] (dispatches per second, estimated waits), [`SlidingErrorRate`] and
 //!   [`AvgWait`], all fixed-memory ring buffers.
+//! - [`stall`]: [`StallRule`], when a worker holding requests has stopped answering (hung, not busy).
 //!
 //! # Architecture Invariant
 //! Nothing here reads a clock, sleeps, locks or does IO: every method takes `now` from the caller and
@@ -18,6 +19,7 @@
 pub mod circuit_breaker;
 pub mod queue;
 pub mod rate;
+pub mod stall;
 pub mod token_bucket;
 
 pub use circuit_breaker::{
@@ -26,4 +28,5 @@ pub use circuit_breaker::{
 };
 pub use queue::{AdmissionQueue, Full, QueueConfig, Ticket};
 pub use rate::{AvgWait, RateEstimator, SlidingErrorRate};
+pub use stall::{StallCheck, StallRule};
 pub use token_bucket::{Denied, TokenBucket, WindowCounter, MAX_RETRY_AFTER};
