@@ -104,7 +104,7 @@ async fn a_hung_worker_is_cut_off_and_throughput_recovers_within_seconds_under_d
     for c in clients {
         tokio::time::timeout(Duration::from_secs(60), c).await.expect("clients finish").unwrap();
     }
-    let log = log.lock();
+    let log = log.lock().clone();
     let failed: Vec<_> = log.iter().filter(|r| r.2 != 200).collect();
     assert!(failed.is_empty(), "requests on the hung worker were retried elsewhere: {failed:?}");
     // Recovered: requests sent from 10 s after the hang on are served promptly, and there are many.
