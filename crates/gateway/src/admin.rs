@@ -230,6 +230,8 @@ pub fn worker_json(w: &Worker) -> Value {
         "tpot_ms": round2(s.tpot_ms.get()),
         "error_rate": s.error_rate.get(),
         "requests_total": s.requests_total.load(Ordering::Relaxed),
+        "probe_path": w.probe_path.load().describe(),
+        "metrics_dialect": w.dialect().as_str(),
     })
 }
 

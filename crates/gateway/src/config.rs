@@ -362,6 +362,9 @@ pub struct WorkerConfig {
     /// Sent upstream as `Authorization: Bearer`.
     #[serde(default)]
     pub api_key: Option<String>,
+    /// This worker's health probe: overrides `health.path` (`auto`, `none`, or a path such as `/ping`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_path: Option<String>,
 }
 
 fn one() -> u32 {
@@ -371,7 +374,15 @@ fn one() -> u32 {
 impl WorkerConfig {
     /// A worker with defaults for everything but the URL.
     pub fn from_url(url: impl Into<String>) -> Self {
-        Self { url: url.into(), name: None, weight: 1, models: Vec::new(), max_concurrency: 0, api_key: None }
+        Self {
+            url: url.into(),
+            name: None,
+            weight: 1,
+            models: Vec::new(),
+            max_concurrency: 0,
+            api_key: None,
+            health_path: None,
+        }
     }
 
     /// The configured name, else `host:port` of the URL.
@@ -398,12 +409,20 @@ pub struct HealthConfig {
     pub unhealthy_threshold: u32,
     /// Consecutive good probes that bring it back.
     pub healthy_threshold: u32,
+    /// What the probe asks: `auto` (`/health` when it answers 2xx, else `/v1/models`, else passive),
+    /// a path such as `/health`, or `none` (passive: healthy until real requests fail).
+    pub path: String,
 }
 
 impl Default for HealthConfig {
     fn default() -> Self {
-        Self { interval_ms: 1000, timeout_ms: 1000, unhealthy_threshold: 2, healthy_threshold: 1 }
+        Self { interval_ms: 1000, timeout_ms: 1000, unhealthy_threshold: 2, healthy_threshold: 1, path: "auto".into() }
     }
+}
+
+/// Whether `path` is a valid `health.path` / `health_path` value.
+fn valid_health_path(path: &str) -> bool {
+    path == "auto" || path == "none" || (path.starts_with('/') && path.parse::<http::uri::PathAndQuery>().is_ok())
 }
 
 /// `[log]`.
@@ -511,9 +530,17 @@ impl Config {
             if w.weight == 0 {
                 return Err(format!("workers[{i}].weight: must be at least 1"));
             }
+            if let Some(path) = w.health_path.as_deref().filter(|p| !valid_health_path(p)) {
+                return Err(format!(
+                    "workers[{i}].health_path: {path:?}: must be auto, none or a path starting with /"
+                ));
+            }
             if !names.insert(w.display_name()) {
                 return Err(format!("workers[{i}].name: {:?} is used twice", w.display_name()));
             }
+        }
+        if !valid_health_path(&self.health.path) {
+            return Err(format!("health.path: {:?}: must be auto, none or a path starting with /", self.health.path));
         }
         if self.server.max_body_bytes == 0 {
             return Err("server.max_body_bytes: must be at least 1".into());

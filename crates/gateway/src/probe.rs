@@ -1,10 +1,12 @@
-//! Active health probes: one task per worker polls `/health`, scrapes `/metrics` for load, and learns the
-//! served models from `/v1/models` when the config names none.
+//! Active health probes: one task per worker asks its health path (`health.path`: `auto` finds `/health`,
+//! else `/v1/models`, else relies on real traffic alone), scrapes `/metrics` for load in its engine's
+//! dialect, and learns the served models from `/v1/models` when the config names none. A failed probe
+//! does not mark unhealthy a worker whose real requests keep succeeding.
 
 use crate::config::HealthConfig;
-use crate::scrape::parse_vllm_metrics;
+use crate::scrape::{parse_metrics, WorkerLoad};
 use crate::upstream::{self, Client};
-use crate::worker::Worker;
+use crate::worker::{ProbePath, Worker};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -45,32 +47,19 @@ pub async fn run(app: std::sync::Weak<crate::state::AppState>, worker: Arc<Worke
 /// and its health by the configured thresholds. The very first probe decides health at once.
 pub async fn probe_once(client: &Client, worker: &Worker, cfg: &HealthConfig, refresh_models: bool) {
     let timeout = Duration::from_millis(cfg.timeout_ms);
-    let auth = worker.auth_header.as_ref();
-    let health = upstream::get(client, &format!("{}/health", worker.base_url), auth, timeout, MAX_PROBE_BYTES).await;
-    let mut ok = matches!(&health, Ok((status, _)) if status.is_success());
+    let configured = ProbePath::from_config(worker.spec.health_path.as_deref().unwrap_or(&cfg.path));
+    let current = worker.probe_path.load_full();
+    // A changed setting replaces what `auto` resolved earlier.
+    let keep = match (&*current, &configured) {
+        (ProbePath::Path { auto: true, .. } | ProbePath::Passive { auto: true }, ProbePath::Auto) => true,
+        (c, want) => c == want,
+    };
+    if !keep {
+        worker.probe_path.store(Arc::new(configured));
+    }
+    let (mut ok, evidence) = check_health(client, worker, timeout).await;
     if ok {
-        if let Ok((status, body)) =
-            upstream::get(client, &format!("{}/metrics", worker.base_url), auth, timeout, MAX_PROBE_BYTES).await
-        {
-            if status.is_success() {
-                let load = parse_vllm_metrics(&String::from_utf8_lossy(&body));
-                let s = &worker.stats;
-                s.scraped_running.store(load.running as u32, Ordering::Relaxed);
-                s.scraped_waiting.store(load.waiting as u32, Ordering::Relaxed);
-                s.kv_usage.set(load.kv_usage);
-                // Tokens generated since the last scrape: the worker is working, however long its
-                // answers take (the stall rule's evidence for long non-streamed generations).
-                let generated = load.generated as u64;
-                if s.scraped_generated.swap(generated, Ordering::Relaxed) < generated {
-                    worker.mark_alive(tokio::time::Instant::now());
-                }
-                // Requests waiting inside the worker mean it runs all it can: that is its capacity.
-                if load.waiting > 0.0 && load.running > 0.0 {
-                    s.learned_capacity.fetch_max(load.running as u32, Ordering::Relaxed);
-                }
-                s.sent_since_scrape.store(0, Ordering::Relaxed);
-            }
-        }
+        scrape_load(client, worker, timeout).await;
         if worker.spec.models.is_empty() && (refresh_models || worker.models.load().is_empty()) {
             match learn_models(client, worker, timeout).await {
                 Ok(models) if !models.is_empty() => worker.models.store(Arc::new(models)),
@@ -79,16 +68,83 @@ pub async fn probe_once(client: &Client, worker: &Worker, cfg: &HealthConfig, re
             }
         }
     }
-    update_health(worker, cfg, ok, &health);
+    update_health(worker, cfg, ok, &evidence);
     worker.refresh_error_rate(std::time::Instant::now());
 }
 
-fn update_health(
-    worker: &Worker,
-    cfg: &HealthConfig,
-    ok: bool,
-    health: &Result<(http::StatusCode, bytes::Bytes), String>,
-) {
+/// Asks the worker's health path (resolving `auto` on the way): whether it is healthy, and why.
+async fn check_health(client: &Client, worker: &Worker, timeout: Duration) -> (bool, String) {
+    let auth = worker.auth_header.as_ref();
+    let get = |path: String| async move {
+        upstream::get(client, &format!("{}{path}", worker.base_url), auth, timeout, MAX_PROBE_BYTES).await
+    };
+    let missing = |status: http::StatusCode| matches!(status.as_u16(), 404 | 405 | 501);
+    match &*worker.probe_path.load_full() {
+        ProbePath::Passive { .. } => (true, "passive (no health probe)".into()),
+        ProbePath::Path { path, auto } => match get(path.clone()).await {
+            Ok((status, _)) if status.is_success() => (true, format!("GET {path} answered {status}")),
+            Ok((status, _)) if *auto && missing(status) => {
+                // The path `auto` found went away (the engine was replaced): find it again next round.
+                worker.probe_path.store(Arc::new(ProbePath::Auto));
+                (false, format!("GET {path} answered {status}"))
+            }
+            Ok((status, _)) => (false, format!("GET {path} answered {status}")),
+            Err(e) => (false, format!("GET {path}: {e}")),
+        },
+        ProbePath::Auto => {
+            let mut tried = Vec::new();
+            for path in ["/health", "/v1/models"] {
+                match get(path.to_string()).await {
+                    Ok((status, _)) if status.is_success() => {
+                        worker.probe_path.store(Arc::new(ProbePath::Path { path: path.into(), auto: true }));
+                        tracing::info!(worker = %worker.name, path, "health probe path found");
+                        return (true, format!("GET {path} answered {status}"));
+                    }
+                    Ok((status, _)) if missing(status) => tried.push(format!("GET {path} answered {status}")),
+                    Ok((status, _)) => return (false, format!("GET {path} answered {status}")),
+                    // Unreachable: not a question of which path, so nothing is resolved.
+                    Err(e) => return (false, format!("GET {path}: {e}")),
+                }
+            }
+            worker.probe_path.store(Arc::new(ProbePath::Passive { auto: true }));
+            tracing::info!(worker = %worker.name, tried = %tried.join(", "), "no health endpoint; health is passive");
+            (true, "passive (no health endpoint)".into())
+        }
+    }
+}
+
+/// Reads the worker's load from `/metrics` in its engine's dialect; without metrics, the gateway's own
+/// counts stand for its load.
+async fn scrape_load(client: &Client, worker: &Worker, timeout: Duration) {
+    let s = &worker.stats;
+    let url = format!("{}/metrics", worker.base_url);
+    let load = match upstream::get(client, &url, worker.auth_header.as_ref(), timeout, MAX_PROBE_BYTES).await {
+        Ok((status, body)) if status.is_success() => parse_metrics(&String::from_utf8_lossy(&body)),
+        _ => WorkerLoad::default(),
+    };
+    s.dialect.store(load.dialect.as_u8(), Ordering::Relaxed);
+    s.scraped_running.store(load.running as u32, Ordering::Relaxed);
+    s.scraped_waiting.store(load.waiting as u32, Ordering::Relaxed);
+    s.kv_usage.set(load.kv_usage);
+    // Requests waiting inside the worker mean it runs all it can: that is its capacity.
+    if load.waiting > 0.0 && load.running > 0.0 {
+        s.learned_capacity.fetch_max(load.running as u32, Ordering::Relaxed);
+    }
+    // Tokens generated since the last scrape: the worker is working, however long its answers take
+    // (the stall rule's evidence for long non-streamed generations).
+    let generated = load.generated as u64;
+    if s.scraped_generated.swap(generated, Ordering::Relaxed) < generated {
+        worker.mark_alive(tokio::time::Instant::now());
+    }
+    s.sent_since_scrape.store(0, Ordering::Relaxed);
+}
+
+/// How recently a real request must have succeeded for a failed probe to be outweighed.
+fn passive_window(cfg: &HealthConfig) -> Duration {
+    Duration::from_millis(cfg.interval_ms.saturating_mul(u64::from(cfg.unhealthy_threshold.max(1))) + cfg.timeout_ms)
+}
+
+fn update_health(worker: &Worker, cfg: &HealthConfig, ok: bool, evidence: &str) {
     let s = &worker.stats;
     let first = s.probe_successes.load(Ordering::Relaxed) == 0 && s.probe_failures.load(Ordering::Relaxed) == 0;
     let was_healthy = s.healthy.load(Ordering::Relaxed);
@@ -97,21 +153,24 @@ fn update_health(
         let n = s.probe_successes.fetch_add(1, Ordering::Relaxed) + 1;
         if !was_healthy && (first || n >= cfg.healthy_threshold) {
             s.healthy.store(true, Ordering::Relaxed);
-            tracing::info!(worker = %worker.name, "worker healthy");
+            tracing::info!(worker = %worker.name, evidence, "worker healthy");
         }
-    } else {
-        s.probe_successes.store(0, Ordering::Relaxed);
-        let n = s.probe_failures.fetch_add(1, Ordering::Relaxed) + 1;
-        if was_healthy && n >= cfg.unhealthy_threshold {
-            s.healthy.store(false, Ordering::Relaxed);
-            let reason = match health {
-                Ok((status, _)) => format!("status {status}"),
-                Err(e) => e.clone(),
-            };
-            tracing::warn!(worker = %worker.name, %reason, "worker unhealthy");
-        } else if first {
-            tracing::warn!(worker = %worker.name, "worker not reachable at start");
-        }
+        return;
+    }
+    // Real traffic is the stronger evidence: a busy worker that answers its probe late (one request at a
+    // time, say) but completes real requests is healthy.
+    let now = tokio::time::Instant::now();
+    if was_healthy && worker.last_success().is_some_and(|t| now.saturating_duration_since(t) <= passive_window(cfg)) {
+        tracing::debug!(worker = %worker.name, evidence, "probe failed, but real requests succeed: kept healthy");
+        return;
+    }
+    s.probe_successes.store(0, Ordering::Relaxed);
+    let n = s.probe_failures.fetch_add(1, Ordering::Relaxed) + 1;
+    if was_healthy && n >= cfg.unhealthy_threshold {
+        s.healthy.store(false, Ordering::Relaxed);
+        tracing::warn!(worker = %worker.name, evidence, "worker unhealthy");
+    } else if first {
+        tracing::warn!(worker = %worker.name, evidence, "worker not reachable at start");
     }
 }
 

@@ -195,7 +195,7 @@ impl InFlight {
         let breaker_cfg = &snap.config.circuit_breaker;
         let slow = outcome.ttft.is_some_and(|t| t > Duration::from_millis(breaker_cfg.slow_call_threshold_ms));
         if kind == OutcomeKind::Success {
-            worker.mark_alive(now);
+            worker.mark_success(now);
         }
         let condition = if slow && kind == OutcomeKind::Success {
             let std_now = now.into_std();

@@ -1,35 +1,121 @@
-//! Reads the load gauges out of a vLLM worker's Prometheus `/metrics` text.
+//! Reads the load gauges out of a worker's Prometheus `/metrics` text, in the dialect its engine speaks.
 //!
-//! vLLM exports one series per engine (and per model); the gateway sums the request counts and takes the
-//! highest KV usage. Both `vllm:kv_cache_usage_perc` and the older `vllm:gpu_cache_usage_perc` are read.
+//! Engines name the same facts differently; the dialect is told from the names present:
+//!
+//! | fact | vLLM | SGLang | llama.cpp server | Hugging Face TGI |
+//! |---|---|---|---|---|
+//! | running | `vllm:num_requests_running` | `sglang:num_running_reqs` | `llamacpp:requests_processing` | `tgi_batch_current_size` |
+//! | waiting | `vllm:num_requests_waiting` | `sglang:num_queue_reqs` | `llamacpp:requests_deferred` | `tgi_queue_size` |
+//! | KV usage 0..1 | `vllm:kv_cache_usage_perc` (`vllm:gpu_cache_usage_perc` before v1) | `sglang:token_usage` | `llamacpp:kv_cache_usage_ratio` | — |
+//! | tokens generated | `vllm:generation_tokens_total` | `sglang:generation_tokens_total` | `llamacpp:tokens_predicted_total` | — |
+//!
+//! Engines export one series per engine (and per model); the gateway sums request counts and tokens and
+//! takes the highest KV usage.
+
+/// The metrics dialect of a worker's engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[repr(u8)]
+pub enum Dialect {
+    /// No load metrics read (no `/metrics`, or none of the names below): load comes from the gateway's
+    /// own counts.
+    #[default]
+    None = 0,
+    /// vLLM (`vllm:*`).
+    Vllm = 1,
+    /// SGLang (`sglang:*`).
+    Sglang = 2,
+    /// llama.cpp's server (`llamacpp:*`).
+    LlamaCpp = 3,
+    /// Hugging Face text-generation-inference (`tgi_*`).
+    Tgi = 4,
+}
+
+impl Dialect {
+    /// The name shown in `/api/workers`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Vllm => "vllm",
+            Self::Sglang => "sglang",
+            Self::LlamaCpp => "llamacpp",
+            Self::Tgi => "tgi",
+        }
+    }
+
+    /// The dialect stored as `u8` by [`Dialect::as_u8`].
+    pub fn from_u8(v: u8) -> Self {
+        [Self::None, Self::Vllm, Self::Sglang, Self::LlamaCpp, Self::Tgi]
+            .get(usize::from(v))
+            .copied()
+            .unwrap_or_default()
+    }
+
+    /// For an atomic.
+    pub fn as_u8(self) -> u8 {
+        self as u8
+    }
+}
 
 /// Load gauges of one worker.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct WorkerLoad {
-    /// `vllm:num_requests_running`, summed.
+    /// Requests running, summed.
     pub running: f64,
-    /// `vllm:num_requests_waiting`, summed.
+    /// Requests waiting in the engine's own queue, summed.
     pub waiting: f64,
     /// KV-cache usage 0..1, the highest over series.
     pub kv_usage: f64,
-    /// `vllm:generation_tokens_total`, summed: generation progress between two scrapes.
+    /// Tokens generated so far, summed: generation progress between two scrapes.
     pub generated: f64,
+    /// Which names were read.
+    pub dialect: Dialect,
 }
 
-/// Parses the gauges the gateway needs; unknown lines are ignored, so any exposition parses.
-pub fn parse_vllm_metrics(text: &str) -> WorkerLoad {
+/// What a sample means, by its name.
+enum Fact {
+    Running,
+    Waiting,
+    KvUsage,
+    Generated,
+}
+
+fn fact(name: &str) -> Option<(Dialect, Fact)> {
+    use Dialect::*;
+    Some(match name {
+        "vllm:num_requests_running" => (Vllm, Fact::Running),
+        "vllm:num_requests_waiting" => (Vllm, Fact::Waiting),
+        "vllm:kv_cache_usage_perc" | "vllm:gpu_cache_usage_perc" => (Vllm, Fact::KvUsage),
+        "vllm:generation_tokens_total" => (Vllm, Fact::Generated),
+        "sglang:num_running_reqs" => (Sglang, Fact::Running),
+        "sglang:num_queue_reqs" => (Sglang, Fact::Waiting),
+        "sglang:token_usage" => (Sglang, Fact::KvUsage),
+        "sglang:generation_tokens_total" => (Sglang, Fact::Generated),
+        "llamacpp:requests_processing" => (LlamaCpp, Fact::Running),
+        "llamacpp:requests_deferred" => (LlamaCpp, Fact::Waiting),
+        "llamacpp:kv_cache_usage_ratio" => (LlamaCpp, Fact::KvUsage),
+        "llamacpp:tokens_predicted_total" => (LlamaCpp, Fact::Generated),
+        "tgi_batch_current_size" => (Tgi, Fact::Running),
+        "tgi_queue_size" => (Tgi, Fact::Waiting),
+        _ => return Option::None,
+    })
+}
+
+/// Parses the gauges the gateway needs in whichever dialect the text speaks; unknown lines are
+/// ignored, so any exposition parses.
+pub fn parse_metrics(text: &str) -> WorkerLoad {
     let mut load = WorkerLoad::default();
     for line in text.lines() {
         if line.starts_with('#') {
             continue;
         }
         let Some((name, value)) = split_sample(line) else { continue };
-        match name {
-            "vllm:num_requests_running" => load.running += value,
-            "vllm:num_requests_waiting" => load.waiting += value,
-            "vllm:kv_cache_usage_perc" | "vllm:gpu_cache_usage_perc" => load.kv_usage = load.kv_usage.max(value),
-            "vllm:generation_tokens_total" => load.generated += value,
-            _ => {}
+        let Some((dialect, fact)) = fact(name) else { continue };
+        load.dialect = dialect;
+        match fact {
+            Fact::Running => load.running += value,
+            Fact::Waiting => load.waiting += value,
+            Fact::KvUsage => load.kv_usage = load.kv_usage.max(value),
+            Fact::Generated => load.generated += value,
         }
     }
     load.kv_usage = load.kv_usage.clamp(0.0, 1.0);
@@ -83,14 +169,37 @@ vllm:prefix_cache_hits_total{model_name="m"} 100
 vllm:generation_tokens_total{engine="0",model_name="m"} 40.0
 vllm:generation_tokens_total{engine="1",model_name="m"} 2.0
 "#;
-        let load = parse_vllm_metrics(text);
-        assert_eq!(load, WorkerLoad { running: 5.0, waiting: 7.0, kv_usage: 0.5, generated: 42.0 });
+        let load = parse_metrics(text);
+        assert_eq!(
+            load,
+            WorkerLoad { running: 5.0, waiting: 7.0, kv_usage: 0.5, generated: 42.0, dialect: Dialect::Vllm }
+        );
+    }
+
+    #[test]
+    fn reads_every_dialect() {
+        let sglang = "sglang:num_running_reqs{model_name=\"m\"} 3\nsglang:num_queue_reqs 2\nsglang:token_usage 0.7\nsglang:generation_tokens_total 9\n";
+        let l = parse_metrics(sglang);
+        assert_eq!((l.dialect, l.running, l.waiting, l.kv_usage, l.generated), (Dialect::Sglang, 3.0, 2.0, 0.7, 9.0));
+        let llama = "# TYPE llamacpp:requests_processing gauge\nllamacpp:requests_processing 1\nllamacpp:requests_deferred 4\nllamacpp:kv_cache_usage_ratio 0.25\nllamacpp:tokens_predicted_total 50\n";
+        let l = parse_metrics(llama);
+        assert_eq!(
+            (l.dialect, l.running, l.waiting, l.kv_usage, l.generated),
+            (Dialect::LlamaCpp, 1.0, 4.0, 0.25, 50.0)
+        );
+        let tgi = "tgi_batch_current_size 6\ntgi_queue_size 11\ntgi_request_count 3\n";
+        let l = parse_metrics(tgi);
+        assert_eq!((l.dialect, l.running, l.waiting), (Dialect::Tgi, 6.0, 11.0));
+        assert_eq!(parse_metrics("process_cpu_seconds_total 3\n").dialect, Dialect::None);
+        for d in [Dialect::None, Dialect::Vllm, Dialect::Sglang, Dialect::LlamaCpp, Dialect::Tgi] {
+            assert_eq!(Dialect::from_u8(d.as_u8()), d);
+        }
     }
 
     #[test]
     fn garbage_is_ignored() {
-        let load = parse_vllm_metrics("vllm:num_requests_running{ 3\nvllm:num_requests_waiting NaN\nnonsense\n");
+        let load = parse_metrics("vllm:num_requests_running{ 3\nvllm:num_requests_waiting NaN\nnonsense\n");
         assert_eq!(load, WorkerLoad::default());
-        assert_eq!(parse_vllm_metrics("vllm:num_requests_waiting 4 1700000000").waiting, 4.0);
+        assert_eq!(parse_metrics("vllm:num_requests_waiting 4 1700000000").waiting, 4.0);
     }
 }

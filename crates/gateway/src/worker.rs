@@ -83,8 +83,43 @@ pub struct WorkerStats {
     pub last_alive_ms: AtomicU64,
     /// EWMA of how long a non-streamed request waits for its response headers, ms: its usual latency.
     pub answer_ms: AtomicF64,
-    /// `vllm:generation_tokens_total` at the last scrape, to see generation progress between scrapes.
+    /// Tokens generated as of the last scrape, to see generation progress between scrapes.
     pub scraped_generated: AtomicU64,
+    /// The metrics dialect of its engine ([`crate::scrape::Dialect`] as `u8`).
+    pub dialect: std::sync::atomic::AtomicU8,
+    /// When a real request on it last succeeded, in ms since [`Worker::epoch`].
+    pub last_success_ms: AtomicU64,
+}
+
+/// What a worker's health probe asks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProbePath {
+    /// `auto`, not resolved yet: `/health` is tried first, then `/v1/models`.
+    Auto,
+    /// This path; `auto` marks one it found so it is re-resolved if the path goes away.
+    Path { path: String, auto: bool },
+    /// No probe: healthy until real requests fail (`none`, or `auto` when neither path exists).
+    Passive { auto: bool },
+}
+
+impl ProbePath {
+    /// From `health.path` or a worker's `health_path`.
+    pub fn from_config(path: &str) -> Self {
+        match path {
+            "auto" => Self::Auto,
+            "none" => Self::Passive { auto: false },
+            p => Self::Path { path: p.to_string(), auto: false },
+        }
+    }
+
+    /// As shown in `/api/workers`: the path, `passive`, or `auto` while unresolved.
+    pub fn describe(&self) -> &str {
+        match self {
+            Self::Auto => "auto",
+            Self::Path { path, .. } => path,
+            Self::Passive { .. } => "passive",
+        }
+    }
 }
 
 /// One worker: identity, models, live stats.
@@ -108,6 +143,8 @@ pub struct Worker {
     pub breaker: parking_lot::Mutex<guard::CircuitBreaker>,
     /// Origin of the millisecond clock of [`WorkerStats::last_alive_ms`].
     pub epoch: tokio::time::Instant,
+    /// What its health probe asks (resolved by the probe when `auto`).
+    pub probe_path: ArcSwap<ProbePath>,
 }
 
 /// Weight of a new sample in the latency and error EWMAs.
@@ -133,7 +170,26 @@ impl Worker {
             stats: WorkerStats::default(),
             breaker: parking_lot::Mutex::new(guard::CircuitBreaker::default()),
             epoch: tokio::time::Instant::now(),
+            probe_path: ArcSwap::from_pointee(ProbePath::Auto),
         }
+    }
+
+    /// Notes a real request that succeeded at `now` (passive health evidence), which is also life.
+    pub fn mark_success(&self, now: tokio::time::Instant) {
+        self.mark_alive(now);
+        let ms = now.saturating_duration_since(self.epoch).as_millis() as u64;
+        self.stats.last_success_ms.fetch_max(ms, Ordering::Relaxed);
+    }
+
+    /// When a real request on it last succeeded, if ever.
+    pub fn last_success(&self) -> Option<tokio::time::Instant> {
+        let ms = self.stats.last_success_ms.load(Ordering::Relaxed);
+        (ms > 0).then(|| self.epoch + std::time::Duration::from_millis(ms))
+    }
+
+    /// Its engine's metrics dialect, as last scraped.
+    pub fn dialect(&self) -> crate::scrape::Dialect {
+        crate::scrape::Dialect::from_u8(self.stats.dialect.load(Ordering::Relaxed))
     }
 
     /// Notes a sign of life at `now` (an answer, body bytes, generated tokens).
@@ -219,12 +275,15 @@ impl Worker {
     pub fn view(&self) -> WorkerView {
         let s = &self.stats;
         let sent = s.sent_since_scrape.load(Ordering::Relaxed);
+        let in_flight = s.in_flight.load(Ordering::Relaxed);
+        // Without engine metrics the gateway's own count is the load.
+        let scraped = self.dialect() != crate::scrape::Dialect::None;
         WorkerView {
             id: self.id,
             weight: self.spec.weight,
-            in_flight: s.in_flight.load(Ordering::Relaxed),
-            running: s.scraped_running.load(Ordering::Relaxed).saturating_add(sent),
-            waiting: s.scraped_waiting.load(Ordering::Relaxed),
+            in_flight,
+            running: if scraped { s.scraped_running.load(Ordering::Relaxed).saturating_add(sent) } else { in_flight },
+            waiting: if scraped { s.scraped_waiting.load(Ordering::Relaxed) } else { 0 },
             kv_usage: s.kv_usage.get(),
             ttft_ms: s.ttft_ms.get(),
             tpot_ms: s.tpot_ms.get(),

@@ -2,7 +2,7 @@
 
 use clap::Parser;
 
-use crate::config::{Faults, SimConfig};
+use crate::config::{Faults, MetricsDialect, SimConfig};
 
 /// Flags of the `vllm-sim` binary.
 #[derive(Debug, Parser)]
@@ -62,6 +62,12 @@ pub struct Cli {
     /// Fault: `/health` answers 503.
     #[arg(long)]
     pub refuse_health: bool,
+    /// Metric names `/metrics` uses, as that engine does (`none`: no `/metrics`).
+    #[arg(long, value_enum, default_value = "vllm")]
+    pub metrics_dialect: MetricsDialect,
+    /// Serve no `/health` (404), like llama-cpp-python's or Ollama's server.
+    #[arg(long)]
+    pub no_health_endpoint: bool,
 }
 
 /// Parse `N` or `MIN-MAX`.
@@ -117,6 +123,8 @@ impl Cli {
                 die_after_tokens: self.die_after_tokens,
                 refuse_health: self.refuse_health,
             },
+            metrics_dialect: self.metrics_dialect,
+            health_endpoint: !self.no_health_endpoint,
         })
     }
 }

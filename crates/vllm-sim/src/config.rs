@@ -30,6 +30,26 @@ pub struct SimConfig {
     pub max_model_len: u32,
     /// Faults active at start; replaceable at run time through `POST /sim/faults` or `SimHandle::set_faults`.
     pub faults: Faults,
+    /// Which engine's metric names `/metrics` speaks; `none` serves no `/metrics` at all (404).
+    pub metrics_dialect: MetricsDialect,
+    /// Whether `/health` exists; servers such as llama-cpp-python's or Ollama's have none (404).
+    pub health_endpoint: bool,
+}
+
+/// The metrics dialects of the engines the gateway reads, so gateway tests run offline against each.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum MetricsDialect {
+    /// vLLM's `vllm:*` names (the default).
+    #[default]
+    Vllm,
+    /// SGLang's `sglang:*` names.
+    Sglang,
+    /// llama.cpp server's `llamacpp:*` names.
+    Llamacpp,
+    /// Hugging Face TGI's `tgi_*` names.
+    Tgi,
+    /// No `/metrics` endpoint.
+    None,
 }
 
 impl Default for SimConfig {
@@ -47,6 +67,8 @@ impl Default for SimConfig {
             seed: 0,
             max_model_len: 8192,
             faults: Faults::default(),
+            metrics_dialect: MetricsDialect::Vllm,
+            health_endpoint: true,
         }
     }
 }

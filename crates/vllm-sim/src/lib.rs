@@ -37,6 +37,6 @@ pub mod serve;
 pub mod server;
 pub mod tokenizer;
 
-pub use config::{Faults, SimConfig};
+pub use config::{Faults, MetricsDialect, SimConfig};
 pub use serve::{spawn, start, ConnKiller, SimHandle};
 pub use server::{app, SimState};

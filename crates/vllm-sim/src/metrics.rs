@@ -166,6 +166,37 @@ impl Metrics {
         self.prefix_hits.load(Ordering::Relaxed)
     }
 
+    /// The load facts under another engine's names (`dialect` other than vLLM), for gateway tests.
+    pub fn render_dialect(&self, dialect: crate::MetricsDialect, g: Gauges) -> String {
+        use crate::MetricsDialect::*;
+        let generated = self.generation_tokens.load(Ordering::Relaxed) as f64;
+        let names: [Option<&str>; 4] = match dialect {
+            Sglang => [
+                Some("sglang:num_running_reqs"),
+                Some("sglang:num_queue_reqs"),
+                Some("sglang:token_usage"),
+                Some("sglang:generation_tokens_total"),
+            ],
+            Llamacpp => [
+                Some("llamacpp:requests_processing"),
+                Some("llamacpp:requests_deferred"),
+                Some("llamacpp:kv_cache_usage_ratio"),
+                Some("llamacpp:tokens_predicted_total"),
+            ],
+            Tgi => [Some("tgi_batch_current_size"), Some("tgi_queue_size"), Option::None, Option::None],
+            Vllm | None => [Option::None; 4],
+        };
+        let values = [g.running as f64, g.waiting as f64, g.kv_usage, generated];
+        let mut out = String::new();
+        for (name, v) in names.iter().zip(values) {
+            if let Some(name) = name {
+                let kind = if name.ends_with("_total") { "counter" } else { "gauge" };
+                let _ = writeln!(out, "# TYPE {name} {kind}\n{name} {v:?}");
+            }
+        }
+        out
+    }
+
     /// The Prometheus text exposition.
     pub fn render(&self, model: &str, g: Gauges) -> String {
         let model = model.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n");

@@ -81,9 +81,13 @@ impl SimState {
         *self.0.faults.lock() = f;
     }
 
-    /// The Prometheus text `/metrics` serves.
+    /// The Prometheus text `/metrics` serves, in the configured dialect.
     pub fn metrics_text(&self) -> String {
-        self.0.engine.metrics.render(&self.0.cfg.model, self.0.engine.gauges())
+        let gauges = self.0.engine.gauges();
+        match self.0.cfg.metrics_dialect {
+            crate::MetricsDialect::Vllm => self.0.engine.metrics.render(&self.0.cfg.model, gauges),
+            other => self.0.engine.metrics.render_dialect(other, gauges),
+        }
     }
 
     /// Request `i` draws from its own stream derived from the seed, so runs are reproducible.
@@ -107,15 +111,21 @@ fn unix_now() -> u64 {
 /// The simulator's router. Tests may drive it without a socket; `die_after_tokens` on a non-streaming
 /// request can then only break the body, since there is no connection to cut.
 pub fn app(state: SimState) -> Router {
-    Router::new()
+    let mut router = Router::new()
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
         .route("/v1/embeddings", post(embeddings))
         .route("/v1/models", get(models))
-        .route("/health", get(health))
         .route("/version", get(version))
-        .route("/metrics", get(metrics))
-        .route("/sim/faults", get(get_faults).post(set_faults))
+        .route("/sim/faults", get(get_faults).post(set_faults));
+    // Servers that are not vLLM may lack either endpoint: the gateway must cope.
+    if state.0.cfg.health_endpoint {
+        router = router.route("/health", get(health));
+    }
+    if state.0.cfg.metrics_dialect != crate::MetricsDialect::None {
+        router = router.route("/metrics", get(metrics));
+    }
+    router
         // vLLM puts no limit on prompt size; neither do we.
         .layer(DefaultBodyLimit::disable())
         .with_state(state)
