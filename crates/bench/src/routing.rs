@@ -38,7 +38,8 @@ pub struct Args {
     /// Scenarios to run, comma-separated: tight, roomy, skewed, hetero, bursts.
     #[arg(long, value_delimiter = ',', default_value = "tight,roomy,skewed,hetero,bursts")]
     scenario: Vec<String>,
-    /// Our strategies to run, comma-separated (any of `routing.strategy`).
+    /// Our strategies to run, comma-separated (any of `routing.strategy`); `S+KEY=VALUE` runs S with that
+    /// environment variable set for the gateway (e.g. `p2c_kv+LLM_QUEUE_ENABLED=false`), `+` repeatable.
     #[arg(long, value_delimiter = ',', default_value = "round_robin,p2c_kv")]
     strategies: Vec<String>,
     /// Peer routers to run, comma-separated: sglang, vllm, or none.
@@ -73,8 +74,8 @@ pub struct Args {
 /// A router under test.
 #[derive(Clone, Debug)]
 enum Router {
-    /// llm-gateway with this `routing.strategy`.
-    Ours(String),
+    /// llm-gateway with this `routing.strategy` and these extra environment variables.
+    Ours(String, Vec<(String, String)>),
     /// A peer, with its version or why it cannot run.
     Peer(Peer, Result<String, String>),
 }
@@ -82,7 +83,11 @@ enum Router {
 impl Router {
     fn label(&self) -> String {
         match self {
-            Router::Ours(s) => format!("ours {s}"),
+            Router::Ours(s, env) if env.is_empty() => format!("ours {s}"),
+            Router::Ours(s, env) => {
+                let env: Vec<String> = env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                format!("ours {s} ({})", env.join(", "))
+            }
             Router::Peer(p, Ok(v)) => format!("{} {v} cache_aware", p.package()),
             Router::Peer(p, Err(_)) => format!("{} cache_aware", p.package()),
         }
@@ -90,7 +95,13 @@ impl Router {
 
     fn slug(&self) -> String {
         match self {
-            Router::Ours(s) => format!("ours-{s}"),
+            Router::Ours(s, env) => {
+                let mut slug = format!("ours-{s}");
+                for (k, v) in env {
+                    slug.push_str(&format!("-{k}-{v}"));
+                }
+                slug.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect()
+            }
             Router::Peer(p, _) => p.short().to_owned(),
         }
     }
@@ -127,8 +138,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             })
         })
         .collect::<Result<_, _>>()?;
+    let mut routers = Vec::new();
     for s in &args.strategies {
-        s.trim().parse::<routing::Strategy>().map_err(anyhow::Error::msg)?;
+        routers.push(parse_ours(s)?);
     }
     let mut wanted_peers = Vec::new();
     for p in args.peers.iter().map(|p| p.trim()).filter(|p| !p.is_empty() && *p != "none") {
@@ -137,7 +149,6 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
     let env = environment(&args)?;
 
-    let mut routers: Vec<Router> = args.strategies.iter().map(|s| Router::Ours(s.trim().to_owned())).collect();
     for peer in wanted_peers {
         let version = peers::ensure(&env.venv, peer).await;
         match &version {
@@ -164,6 +175,19 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         println!("median with its [min-max] range. Read differences smaller than that range as noise.");
     }
     Ok(())
+}
+
+/// `strategy[+KEY=VALUE]...`.
+fn parse_ours(spec: &str) -> anyhow::Result<Router> {
+    let mut parts = spec.trim().split('+');
+    let strategy = parts.next().unwrap_or("").trim();
+    strategy.parse::<routing::Strategy>().map_err(anyhow::Error::msg)?;
+    let mut env = Vec::new();
+    for kv in parts {
+        let (k, v) = kv.split_once('=').ok_or_else(|| anyhow::anyhow!("{kv:?} in --strategies is not KEY=VALUE"))?;
+        env.push((k.trim().to_owned(), v.trim().to_owned()));
+    }
+    Ok(Router::Ours(strategy.to_owned(), env))
 }
 
 fn environment(args: &Args) -> anyhow::Result<Env> {
@@ -288,7 +312,7 @@ async fn run_once(
         let mut a = vec!["--host".to_owned(), "127.0.0.1".to_owned(), "--port".to_owned(), "0".to_owned()];
         a.extend(spec.args(args.seed.wrapping_add(i as u64)));
         let log = env.logs.join(format!("{tag}-sim-{i}.log"));
-        let mut p = Proc::spawn(&format!("sim-{i}"), &env.sim, &a, &log, &env.logs)?;
+        let mut p = Proc::spawn(&format!("sim-{i}"), &env.sim, &a, &[], &log, &env.logs)?;
         urls.push(p.announced_url("vllm-sim listening on", Duration::from_secs(10)).await?);
         sims.push(p);
     }
@@ -322,7 +346,7 @@ async fn start_router(
 ) -> anyhow::Result<(Proc, String, &'static str)> {
     let log = env.logs.join(format!("{tag}-router.log"));
     match router {
-        Router::Ours(strategy) => {
+        Router::Ours(strategy, vars) => {
             let a = vec![
                 "--host".to_owned(),
                 "127.0.0.1".to_owned(),
@@ -333,14 +357,14 @@ async fn start_router(
                 "--strategy".to_owned(),
                 strategy.clone(),
             ];
-            let mut p = Proc::spawn("llm-gateway", &env.gateway, &a, &log, &env.logs)?;
+            let mut p = Proc::spawn("llm-gateway", &env.gateway, &a, vars, &log, &env.logs)?;
             let url = p.announced_url("llm-gateway listening on", Duration::from_secs(20)).await?;
             Ok((p, url, "/health"))
         }
         Router::Peer(peer, _) => {
             let (port, metrics_port) = (procs::free_port()?, procs::free_port()?);
             let (program, a) = peer.command(&env.venv, workers, port, metrics_port);
-            let p = Proc::spawn(peer.package(), &program, &a, &log, &env.logs)?;
+            let p = Proc::spawn(peer.package(), &program, &a, &[], &log, &env.logs)?;
             Ok((p, format!("http://127.0.0.1:{port}"), "/readiness"))
         }
     }
@@ -377,9 +401,7 @@ async fn measure(
     let duration = Duration::from_secs(args.duration);
     let before = read_counters(&env.client, sims).await?;
     let (samples, dropped) = match (load, arrivals) {
-        (Load::Closed { clients }, _) => {
-            (drive::closed_loop(&env.client, url, corpus, clients, duration).await?, 0)
-        }
+        (Load::Closed { clients }, _) => (drive::closed_loop(&env.client, url, corpus, clients, duration).await?, 0),
         (Load::Open { .. }, Some(a)) => drive::open_loop(&env.client, url, a, duration, args.max_outstanding).await?,
         (Load::Open { .. }, None) => anyhow::bail!("open loop without a schedule"),
     };
@@ -464,7 +486,7 @@ fn print_table(sc: &Scenario, rows: &[(String, Result<Vec<RunResult>, String>)],
     let names: Vec<String> = (0..sc.fleet.len()).map(|i| format!("sim-{i}")).collect();
     println!();
     if repeat > 1 {
-        println!("Median of {repeat} runs per router, [min-max] beside it:");
+        println!("Median of {repeat} runs per router, [min-max] beside it; shares and errors summed over the runs:");
         println!();
     }
     println!(
@@ -542,6 +564,16 @@ mod tests {
         assert!((r.hit_rate - 0.25).abs() < 1e-9);
         assert_eq!(r.share, vec![3.0, 1.0]);
         assert_eq!(errors_cell(&r.errors), "1 503, 2 dropped");
+    }
+
+    #[test]
+    fn strategies_take_environment_settings() {
+        let r = parse_ours("p2c_kv+LLM_QUEUE_ENABLED=false").unwrap();
+        assert_eq!(r.label(), "ours p2c_kv (LLM_QUEUE_ENABLED=false)");
+        assert_eq!(r.slug(), "ours-p2c_kv-LLM_QUEUE_ENABLED-false");
+        assert_eq!(parse_ours(" round_robin ").unwrap().label(), "ours round_robin");
+        assert!(parse_ours("nope").is_err());
+        assert!(parse_ours("p2c_kv+NOEQUALS").is_err());
     }
 
     #[test]

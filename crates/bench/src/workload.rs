@@ -441,9 +441,7 @@ mod tests {
         let (mut checked, mut oneoffs) = (0, 0);
         for w in xs.windows(2) {
             match (w[0].kind, w[1].kind) {
-                (Kind::Turn { conversation: c0, turn: t0 }, Kind::Turn { conversation: c1, turn: t1 })
-                    if c0 == c1 =>
-                {
+                (Kind::Turn { conversation: c0, turn: t0 }, Kind::Turn { conversation: c1, turn: t1 }) if c0 == c1 => {
                     assert_eq!(t1, t0 + 1);
                     let (m, n) = (messages(&w[0]), messages(&w[1]));
                     assert_eq!(n[..m.len()], m[..], "turn k+1 extends turn k");
@@ -475,7 +473,8 @@ mod tests {
     #[test]
     fn open_loop_follows_the_rate_and_its_bursts() {
         let corpus = Corpus::new(shape(Popularity::Uniform));
-        let rate = Rate { base: 20.0, burst: 100.0, period: Duration::from_secs(10), burst_len: Duration::from_secs(2) };
+        let rate =
+            Rate { base: 20.0, burst: 100.0, period: Duration::from_secs(10), burst_len: Duration::from_secs(2) };
         let a = open_loop(&corpus, 16, rate, Duration::from_secs(30));
         let b = open_loop(&corpus, 16, rate, Duration::from_secs(30));
         assert!(a.iter().zip(&b).all(|(x, y)| x.at == y.at && x.request.body == y.request.body));

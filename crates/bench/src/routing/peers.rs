@@ -69,7 +69,9 @@ fn python(venv: &Path) -> PathBuf {
 /// error says why it could not be had.
 pub async fn ensure(venv: &Path, peer: Peer) -> Result<String, String> {
     if !python(venv).exists() {
-        run(Command::new("python3").arg("-m").arg("venv").arg(venv)).await.map_err(|e| format!("python3 -m venv: {e}"))?;
+        run(Command::new("python3").arg("-m").arg("venv").arg(venv))
+            .await
+            .map_err(|e| format!("python3 -m venv: {e}"))?;
     }
     if let Ok(v) = version(venv, peer).await {
         return Ok(v);

@@ -17,12 +17,21 @@ pub struct Proc {
 }
 
 impl Proc {
-    /// Starts `program args` with its output in `log` (created anew) and `dir` as working directory.
-    pub fn spawn(name: &str, program: &Path, args: &[String], log: &Path, dir: &Path) -> anyhow::Result<Proc> {
+    /// Starts `program args` with `env` added to the environment, its output in `log` (created anew) and
+    /// `dir` as working directory.
+    pub fn spawn(
+        name: &str,
+        program: &Path,
+        args: &[String],
+        env: &[(String, String)],
+        log: &Path,
+        dir: &Path,
+    ) -> anyhow::Result<Proc> {
         let out = std::fs::File::create(log).map_err(|e| anyhow::anyhow!("cannot create {}: {e}", log.display()))?;
         let err = out.try_clone()?;
         let child = Command::new(program)
             .args(args)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .current_dir(dir)
             .stdin(Stdio::null())
             .stdout(Stdio::from(out))
