@@ -323,9 +323,10 @@ async fn run_once(
             measure(env, args, &urls, &url, corpus, load, arrivals).await
         }
         .await;
+        // A router that died mid-run says why (unless the error already did).
         let out = out.map_err(|e| match proc.ensure_running() {
-            Ok(()) => e,
-            Err(exited) => e.context(exited),
+            Err(exited) if !format!("{e:#}").contains(" exited (") => e.context(exited),
+            _ => e,
         });
         proc.stop().await;
         out
