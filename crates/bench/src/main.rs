@@ -3,8 +3,9 @@
 //! `cargo run --release -p bench -- overhead`: the gateway's added latency and CPU cost per request,
 //! measured as direct-to-worker versus through-the-gateway in one run.
 //!
-//! `cargo run --release -p bench -- routing`: the seven routing strategies on one heterogeneous vllm-sim
-//! fleet under one seeded multi-turn chat workload: throughput, TTFT, prefix-cache hit rate, balance.
+//! `cargo run --release -p bench -- routing`: our strategies against sglang-router and vllm-router on the
+//! same vllm-sim processes and workload bytes, per scenario (tight caches at saturation, roomy, skewed,
+//! heterogeneous, bursts): TTFT, completed req/s, prefix-cache hit rate, share per worker, errors.
 //!
 //! `cargo run --release -p bench -- faults`: steady load over three sims while one is killed and restarted
 //! and another turns slow: requests sent, succeeded, failed by cause, retries, breaker opens, p50/p99.
@@ -28,7 +29,7 @@ struct Cli {
 enum Cmd {
     /// Direct vs through-the-gateway against a zero-latency vllm-sim: rps, p50, p99 and their ratio.
     Overhead(overhead::Args),
-    /// Every routing strategy on a heterogeneous sim fleet: req/s, TTFT p50/p99, e2e p99, cache hits, shares.
+    /// Our strategies and the peer routers per scenario: TTFT p50/p99, req/s, cache hits, shares, errors.
     Routing(routing::Args),
     /// A worker killed and restarted, another slow, under steady load: failures by cause, retries, p99.
     Faults(faults::Args),

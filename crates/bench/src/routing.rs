@@ -1,114 +1,454 @@
-//! Routing strategies compared on one heterogeneous fleet and one workload.
+//! `bench routing`: our routing strategies against the peer routers (sglang-router and vllm-router with
+//! `--policy cache_aware`), per scenario, on the same vllm-sim workers and the same workload bytes.
 //!
-//! For each strategy: four fresh vllm-sim workers (cold prefix caches, zeroed counters), a fresh gateway
-//! with that strategy, then the same seeded open-loop schedule ([`crate::workload`]) replayed against it.
-//! Per request we time the first SSE `data:` event carrying a role or content (TTFT) and the end of the
-//! stream (e2e), and note the worker from `X-Gateway-Worker`; per worker we read the sim's own prefix
-//! cache counters. One markdown table, a row per strategy.
+//! vllm-sim is ours, so a bench we design can flatter us: the scenarios ([`scenario`]) are chosen to break
+//! our design, each in another way, and the peers run in the same run under the same conditions. Every
+//! router run gets fresh worker processes (`target/release/vllm-sim`, so caches and counters start cold)
+//! and a fresh router process: `target/release/llm-gateway --strategy S` with its default config (the
+//! bench's environment passes through, so `LLM_QUEUE_ENABLED=false` and the like reach it), or a peer from
+//! the bench's own virtualenv ([`peers`]). The client ([`drive`]) replays the scenario's workload; the
+//! cache hit rate and the share per worker come from the sims' own counters, read before and after.
 //!
-//! The fleet is heterogeneous on purpose, so strategies that read load can differ from those that do
-//! not: two normal workers, one slower (higher TTFT, prefill and ITL), one with a small KV cache (its
-//! prefix cache evicts soon and its batch is limited by blocks).
+//! One markdown table per scenario: router, TTFT p50/p99, completed req/s, prefix-cache hit rate, share
+//! per worker, errors. `--repeat N` runs every router N times and shows the median with the [min-max]
+//! range, which is the run-to-run noise to read differences against.
+//!
+//! Layout: `scenario` (fleets, workloads, loads), `drive` (sending and timing, sim counters), `procs`
+//! (child processes and their logs), `peers` (the peer routers' venv and command lines).
 
-use crate::load;
-use crate::workload::{self, WorkloadConfig};
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use llm_gateway::config::{Config, WorkerConfig};
-use llm_gateway::Gateway;
-use routing::Strategy;
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+mod drive;
+mod peers;
+mod procs;
+mod scenario;
+
+use crate::workload::{self, Corpus};
+use drive::{Counters, HttpClient, Outcome, Sample};
+use peers::Peer;
+use procs::Proc;
+use scenario::{Load, Scenario};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
-use vllm_sim::{SimConfig, SimHandle};
-
-/// Arrivals per second when `--rate` is not given: round_robin is loaded near the fleet's capacity on
-/// this workload but does not collapse (measured on the 2-core machine of BENCHMARKS.md).
-const DEFAULT_RATE: f64 = 28.0;
+use std::time::Duration;
+use tokio::time::Instant;
 
 /// Options of `bench routing`.
 #[derive(clap::Args)]
 pub struct Args {
-    /// Seconds of arrivals per strategy.
-    #[arg(long, default_value_t = 20)]
-    duration: u64,
-    /// Mean arrivals per second (Poisson); default calibrated near the fleet's capacity.
-    #[arg(long)]
-    rate: Option<f64>,
-    /// Strategies to run, comma-separated (default: all seven).
-    #[arg(long, value_delimiter = ',')]
+    /// Scenarios to run, comma-separated: tight, roomy, skewed, hetero, bursts.
+    #[arg(long, value_delimiter = ',', default_value = "tight,roomy,skewed,hetero,bursts")]
+    scenario: Vec<String>,
+    /// Our strategies to run, comma-separated (any of `routing.strategy`); `S+KEY=VALUE` runs S with that
+    /// environment variable set for the gateway (e.g. `p2c_kv+LLM_QUEUE_ENABLED=false`), `+` repeatable.
+    #[arg(long, value_delimiter = ',', default_value = "round_robin,p2c_kv")]
     strategies: Vec<String>,
-    /// Seed of the workload and the sims.
+    /// Peer routers to run, comma-separated: sglang, vllm, or none.
+    #[arg(long, value_delimiter = ',', default_value = "sglang,vllm")]
+    peers: Vec<String>,
+    /// Seconds of load per router run.
+    #[arg(long, default_value_t = 30)]
+    duration: u64,
+    /// Runs per router (fresh sims each); above 1 the table shows the median and the [min-max] range.
+    #[arg(long, default_value_t = 1)]
+    repeat: usize,
+    /// Seed of the workloads and the sims.
     #[arg(long, default_value_t = 42)]
     seed: u64,
-    /// Most requests outstanding at once; arrivals beyond it are dropped and counted as errors.
+    /// Closed-loop clients, replacing each closed-loop scenario's own number.
+    #[arg(long)]
+    clients: Option<usize>,
+    /// The peers' virtualenv, created and filled with pip when missing.
+    #[arg(long, default_value = ".venv-bench")]
+    venv: PathBuf,
+    /// Directory holding the `vllm-sim` and `llm-gateway` binaries (default: beside this one).
+    #[arg(long)]
+    bin_dir: Option<PathBuf>,
+    /// Directory for the child processes' logs.
+    #[arg(long, default_value = "target/bench-routing")]
+    logs: PathBuf,
+    /// Open loop: most requests in flight; arrivals beyond it are dropped and counted as errors.
     #[arg(long, default_value_t = 2000)]
     max_outstanding: usize,
-    /// Turn the gateway's admission queue off (workers get requests beyond their capacity, as behind a
-    /// router without one).
-    #[arg(long)]
-    no_queue: bool,
 }
 
-/// The fleet: `(name, config, weight for the weighted strategy)`.
-fn fleet(seed: u64) -> Vec<(String, SimConfig, u32)> {
-    let normal = SimConfig {
-        ttft_ms: 25.0,
-        prefill_ms_per_1k_tokens: 50.0,
-        itl_ms: 10.0,
-        max_num_seqs: 8,
-        kv_blocks: 8192,
-        block_size: 16,
-        output_tokens: (16, 48),
-        ..SimConfig::default()
-    };
-    let slow = SimConfig { ttft_ms: 40.0, prefill_ms_per_1k_tokens: 80.0, itl_ms: 15.0, ..normal.clone() };
-    let small_kv = SimConfig { kv_blocks: 1024, ..normal.clone() };
-    [(normal.clone(), 3), (normal, 3), (slow, 2), (small_kv, 2)]
-        .into_iter()
-        .enumerate()
-        .map(|(i, (cfg, weight))| (format!("sim-{i}"), SimConfig { seed: seed.wrapping_add(i as u64), ..cfg }, weight))
-        .collect()
+/// A router under test.
+#[derive(Clone, Debug)]
+enum Router {
+    /// llm-gateway with this `routing.strategy` and these extra environment variables.
+    Ours(String, Vec<(String, String)>),
+    /// A peer, with its version or why it cannot run.
+    Peer(Peer, Result<String, String>),
 }
 
-fn describe_fleet(fleet: &[(String, SimConfig, u32)]) -> String {
-    fleet
+impl Router {
+    fn label(&self) -> String {
+        match self {
+            Router::Ours(s, env) if env.is_empty() => format!("ours {s}"),
+            Router::Ours(s, env) => {
+                let env: Vec<String> = env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                format!("ours {s} ({})", env.join(", "))
+            }
+            Router::Peer(p, Ok(v)) => format!("{} {v} cache_aware", p.package()),
+            Router::Peer(p, Err(_)) => format!("{} cache_aware", p.package()),
+        }
+    }
+
+    fn slug(&self) -> String {
+        match self {
+            Router::Ours(s, env) => {
+                let mut slug = format!("ours-{s}");
+                for (k, v) in env {
+                    slug.push_str(&format!("-{k}-{v}"));
+                }
+                slug.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect()
+            }
+            Router::Peer(p, _) => p.short().to_owned(),
+        }
+    }
+}
+
+/// What one router run measured.
+struct RunResult {
+    ttft_p50: Duration,
+    ttft_p99: Duration,
+    rps: f64,
+    hit_rate: f64,
+    /// Requests finished per worker (sims' counters).
+    share: Vec<f64>,
+    errors: BTreeMap<&'static str, u64>,
+}
+
+/// Where the binaries and logs are.
+struct Env {
+    sim: PathBuf,
+    gateway: PathBuf,
+    logs: PathBuf,
+    venv: PathBuf,
+    client: HttpClient,
+}
+
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    anyhow::ensure!(args.duration > 0 && args.repeat > 0, "--duration and --repeat must be at least 1");
+    let scenarios: Vec<Scenario> = args
+        .scenario
         .iter()
-        .map(|(name, c, w)| {
-            format!(
-                "{name}: ttft {} ms + {} ms/1k uncached tokens, itl {} ms, max_num_seqs {}, kv_blocks {}, weight {w}",
-                c.ttft_ms, c.prefill_ms_per_1k_tokens, c.itl_ms, c.max_num_seqs, c.kv_blocks
-            )
+        .map(|n| {
+            scenario::by_name(n.trim(), args.seed).ok_or_else(|| {
+                anyhow::anyhow!("unknown scenario {n:?}; expected one of {}", scenario::NAMES.join(", "))
+            })
         })
-        .collect::<Vec<_>>()
-        .join("; ")
+        .collect::<Result<_, _>>()?;
+    let mut routers = Vec::new();
+    for s in &args.strategies {
+        routers.push(parse_ours(s)?);
+    }
+    let mut wanted_peers = Vec::new();
+    for p in args.peers.iter().map(|p| p.trim()).filter(|p| !p.is_empty() && *p != "none") {
+        let peer = Peer::ALL.iter().copied().find(|x| x.short() == p);
+        wanted_peers.push(peer.ok_or_else(|| anyhow::anyhow!("unknown peer {p:?}; expected sglang, vllm or none"))?);
+    }
+    let env = environment(&args)?;
+
+    for peer in wanted_peers {
+        let version = peers::ensure(&env.venv, peer).await;
+        match &version {
+            Ok(v) => println!("peer: {} {v} (venv {})", peer.package(), env.venv.display()),
+            Err(e) => println!("peer: {} unavailable: {e}", peer.package()),
+        }
+        routers.push(Router::Peer(peer, version));
+    }
+    println!(
+        "routing: {} scenario(s), {} router(s), {} s per run, {} run(s) per router; seed {}; logs in {}",
+        scenarios.len(),
+        routers.len(),
+        args.duration,
+        args.repeat,
+        args.seed,
+        env.logs.display()
+    );
+
+    for sc in &scenarios {
+        run_scenario(&env, &args, sc, &routers).await?;
+    }
+    if args.repeat == 1 {
+        println!("Noise: these are single runs; `--repeat N` runs each router N times on fresh sims and shows the");
+        println!("median with its [min-max] range. Read differences smaller than that range as noise.");
+    }
+    Ok(())
 }
 
-/// How one request ended.
-#[derive(Debug)]
-enum Outcome {
-    Ok { ttft: Duration, e2e: Duration, worker: Option<String> },
-    Err(&'static str),
+/// `strategy[+KEY=VALUE]...`.
+fn parse_ours(spec: &str) -> anyhow::Result<Router> {
+    let mut parts = spec.trim().split('+');
+    let strategy = parts.next().unwrap_or("").trim();
+    strategy.parse::<routing::Strategy>().map_err(anyhow::Error::msg)?;
+    let mut env = Vec::new();
+    for kv in parts {
+        let (k, v) = kv.split_once('=').ok_or_else(|| anyhow::anyhow!("{kv:?} in --strategies is not KEY=VALUE"))?;
+        env.push((k.trim().to_owned(), v.trim().to_owned()));
+    }
+    Ok(Router::Ours(strategy.to_owned(), env))
 }
 
-/// What one strategy's run measured.
-struct RunReport {
-    strategy: Strategy,
-    elapsed: Duration,
-    ttfts: Vec<Duration>,
-    e2es: Vec<Duration>,
-    share: Vec<u64>,
-    errors: HashMap<&'static str, u64>,
-    cache_hits: f64,
-    cache_queries: f64,
-    /// Per worker `(hits, queries)` deltas, for the per-worker hit rates printed beside the table.
-    per_worker_cache: Vec<(f64, f64)>,
-    /// Per worker, the longest sim queue (`waiting`) seen by a 50 ms sampler during the run.
-    max_waiting: Vec<usize>,
-    /// Turns after the first of a conversation, and how many went to the previous turn's worker.
-    follow_ups: u64,
-    same_worker: u64,
+fn environment(args: &Args) -> anyhow::Result<Env> {
+    let bin_dir = match &args.bin_dir {
+        Some(d) => d.clone(),
+        None => std::env::current_exe()?
+            .parent()
+            .map(Path::to_path_buf)
+            .ok_or_else(|| anyhow::anyhow!("cannot locate the bench binary's directory"))?,
+    };
+    let (sim, gateway) = (bin_dir.join("vllm-sim"), bin_dir.join("llm-gateway"));
+    for b in [&sim, &gateway] {
+        anyhow::ensure!(
+            b.exists(),
+            "{} is missing: build the binaries first (cargo build --release --workspace --bins)",
+            b.display()
+        );
+    }
+    std::fs::create_dir_all(&args.logs)?;
+    let logs = std::fs::canonicalize(&args.logs)?;
+    let cwd = std::env::current_dir()?;
+    Ok(Env { sim, gateway, logs, venv: cwd.join(&args.venv), client: crate::load::client() })
+}
+
+async fn run_scenario(env: &Env, args: &Args, sc: &Scenario, routers: &[Router]) -> anyhow::Result<()> {
+    let corpus = Corpus::new(sc.shape.clone());
+    let prompt_tokens: u64 =
+        corpus.systems().iter().map(|p| u64::from(vllm_sim::tokenizer::count_tokens(p.as_bytes()))).sum();
+    let load = match (sc.load, args.clients) {
+        (Load::Closed { .. }, Some(c)) => Load::Closed { clients: c.max(1) },
+        (l, _) => l,
+    };
+    println!();
+    println!("### Scenario `{}`", sc.name);
+    println!();
+    println!("{}.", sc.about);
+    println!();
+    for (i, s) in sc.fleet.iter().enumerate() {
+        println!("- sim-{i}: {}", s.describe());
+    }
+    println!("- workload: {}", sc.shape.describe());
+    println!(
+        "- distinct system-prompt tokens in play: {prompt_tokens} (sim-0's KV holds {} tokens)",
+        sc.fleet[0].kv_blocks * scenario::BLOCK_SIZE
+    );
+    let arrivals = match load {
+        Load::Closed { clients } => {
+            println!("- load: closed loop, {clients} clients, {} s", args.duration);
+            None
+        }
+        Load::Open { rate, streams } => {
+            let a = workload::open_loop(&corpus, streams, rate, Duration::from_secs(args.duration));
+            println!(
+                "- load: open loop, {} req/s with {} s bursts of {} req/s every {} s over {streams} client streams; \
+                 {} arrivals in {} s",
+                rate.base,
+                rate.burst_len.as_secs_f64(),
+                rate.burst,
+                rate.period.as_secs_f64(),
+                a.len(),
+                args.duration
+            );
+            Some(Arc::new(a))
+        }
+    };
+    println!();
+
+    let mut rows: Vec<(String, Result<Vec<RunResult>, String>)> = Vec::new();
+    for router in routers {
+        let mut runs = Vec::new();
+        let mut failure = None;
+        if let Router::Peer(_, Err(why)) = router {
+            failure = Some(format!("not installed: {why}"));
+        }
+        for rep in 0..args.repeat {
+            if failure.is_some() {
+                break;
+            }
+            let tag = format!("{}-{}-{rep}", sc.name, router.slug());
+            match run_once(env, args, sc, router, &corpus, load, arrivals.as_ref(), &tag).await {
+                Ok(r) => {
+                    eprintln!(
+                        "  {} / {} run {}: {:.1} req/s, TTFT p50 {} p99 {}, hit {:.2}, errors {}",
+                        sc.name,
+                        router.label(),
+                        rep + 1,
+                        r.rps,
+                        ms(r.ttft_p50),
+                        ms(r.ttft_p99),
+                        r.hit_rate,
+                        errors_cell(&r.errors)
+                    );
+                    runs.push(r);
+                }
+                Err(e) => {
+                    eprintln!("  {} / {} run {}: FAILED: {e:#}", sc.name, router.label(), rep + 1);
+                    failure = Some(format!("{e:#}"));
+                }
+            }
+        }
+        rows.push((router.label(), failure.map_or(Ok(runs), Err)));
+    }
+    print_table(sc, &rows, args.repeat);
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run_once(
+    env: &Env,
+    args: &Args,
+    sc: &Scenario,
+    router: &Router,
+    corpus: &Arc<Corpus>,
+    load: Load,
+    arrivals: Option<&Arc<Vec<workload::Arrival>>>,
+    tag: &str,
+) -> anyhow::Result<RunResult> {
+    // Fresh workers: cold caches, zeroed counters.
+    let mut sims = Vec::new();
+    let mut urls = Vec::new();
+    for (i, spec) in sc.fleet.iter().enumerate() {
+        let mut a = vec!["--host".to_owned(), "127.0.0.1".to_owned(), "--port".to_owned(), "0".to_owned()];
+        a.extend(spec.args(args.seed.wrapping_add(i as u64)));
+        let log = env.logs.join(format!("{tag}-sim-{i}.log"));
+        let mut p = Proc::spawn(&format!("sim-{i}"), &env.sim, &a, &[], &log, &env.logs)?;
+        urls.push(p.announced_url("vllm-sim listening on", Duration::from_secs(10)).await?);
+        sims.push(p);
+    }
+    let result = async {
+        let (mut proc, url, ready_path) = start_router(env, router, &urls, tag).await?;
+        let out = async {
+            wait_ready(&env.client, &url, ready_path, urls.len(), &mut proc).await?;
+            measure(env, args, &urls, &url, corpus, load, arrivals).await
+        }
+        .await;
+        // A router that died mid-run says why (unless the error already did).
+        let out = out.map_err(|e| match proc.ensure_running() {
+            Err(exited) if !format!("{e:#}").contains(" exited (") => e.context(exited),
+            _ => e,
+        });
+        proc.stop().await;
+        out
+    }
+    .await;
+    for s in sims {
+        s.stop().await;
+    }
+    result
+}
+
+/// Starts the router process; returns it, its base URL and the path that reports its healthy workers.
+async fn start_router(
+    env: &Env,
+    router: &Router,
+    workers: &[String],
+    tag: &str,
+) -> anyhow::Result<(Proc, String, &'static str)> {
+    let log = env.logs.join(format!("{tag}-router.log"));
+    match router {
+        Router::Ours(strategy, vars) => {
+            let a = vec![
+                "--host".to_owned(),
+                "127.0.0.1".to_owned(),
+                "--port".to_owned(),
+                "0".to_owned(),
+                "--workers".to_owned(),
+                workers.join(","),
+                "--strategy".to_owned(),
+                strategy.clone(),
+            ];
+            let mut p = Proc::spawn("llm-gateway", &env.gateway, &a, vars, &log, &env.logs)?;
+            let url = p.announced_url("llm-gateway listening on", Duration::from_secs(20)).await?;
+            Ok((p, url, "/health"))
+        }
+        Router::Peer(peer, _) => {
+            let (port, metrics_port) = (procs::free_port()?, procs::free_port()?);
+            let (program, a) = peer.command(&env.venv, workers, port, metrics_port);
+            let p = Proc::spawn(peer.package(), &program, &a, &[], &log, &env.logs)?;
+            Ok((p, format!("http://127.0.0.1:{port}"), "/readiness"))
+        }
+    }
+}
+
+/// Polls `url + path` until its JSON says `healthy_workers` is `n` (our `/health`, the peers'
+/// `/readiness`), failing early when the process exits.
+async fn wait_ready(client: &HttpClient, url: &str, path: &str, n: usize, proc: &mut Proc) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut last = String::new();
+    while Instant::now() < deadline {
+        proc.ensure_running()?;
+        if let Ok((_, body)) = drive::get(client, &format!("{url}{path}")).await {
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+            if v["healthy_workers"].as_u64() == Some(n as u64) {
+                return Ok(());
+            }
+            last = body.chars().take(200).collect();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    anyhow::bail!("not ready within 60 s (last {path}: {last:?}): {}", proc.log_tail(3))
+}
+
+async fn measure(
+    env: &Env,
+    args: &Args,
+    sims: &[String],
+    url: &str,
+    corpus: &Arc<Corpus>,
+    load: Load,
+    arrivals: Option<&Arc<Vec<workload::Arrival>>>,
+) -> anyhow::Result<RunResult> {
+    let duration = Duration::from_secs(args.duration);
+    let before = read_counters(&env.client, sims).await?;
+    let (samples, dropped) = match (load, arrivals) {
+        (Load::Closed { clients }, _) => (drive::closed_loop(&env.client, url, corpus, clients, duration).await?, 0),
+        (Load::Open { .. }, Some(a)) => drive::open_loop(&env.client, url, a, duration, args.max_outstanding).await?,
+        (Load::Open { .. }, None) => anyhow::bail!("open loop without a schedule"),
+    };
+    let after = read_counters(&env.client, sims).await?;
+    let delta: Vec<Counters> = after.iter().zip(&before).map(|(a, b)| a.since(b)).collect();
+    Ok(summarise(&samples, dropped, &delta, duration))
+}
+
+async fn read_counters(client: &HttpClient, sims: &[String]) -> anyhow::Result<Vec<Counters>> {
+    let mut out = Vec::with_capacity(sims.len());
+    for s in sims {
+        out.push(drive::counters(client, s).await?);
+    }
+    Ok(out)
+}
+
+/// Completed requests are those that reached `[DONE]` within the run; TTFT quantiles are over them.
+fn summarise(samples: &[Sample], dropped: u64, delta: &[Counters], duration: Duration) -> RunResult {
+    let mut ttfts: Vec<Duration> = samples
+        .iter()
+        .filter(|s| s.done <= duration)
+        .filter_map(|s| match s.outcome {
+            Outcome::Ok { ttft } => Some(ttft),
+            Outcome::Err(_) => None,
+        })
+        .collect();
+    ttfts.sort_unstable();
+    let mut errors = BTreeMap::new();
+    for s in samples {
+        if let Outcome::Err(kind) = s.outcome {
+            *errors.entry(kind).or_insert(0) += 1;
+        }
+    }
+    if dropped > 0 {
+        errors.insert("dropped", dropped);
+    }
+    let hits: f64 = delta.iter().map(|c| c.hits).sum();
+    let queries: f64 = delta.iter().map(|c| c.queries).sum();
+    RunResult {
+        ttft_p50: quantile(&ttfts, 0.5),
+        ttft_p99: quantile(&ttfts, 0.99),
+        rps: ttfts.len() as f64 / duration.as_secs_f64(),
+        hit_rate: hits / queries.max(1.0),
+        share: delta.iter().map(|c| c.requests).collect(),
+        errors,
+    }
 }
 
 fn quantile(sorted: &[Duration], q: f64) -> Duration {
@@ -119,328 +459,129 @@ fn quantile(sorted: &[Duration], q: f64) -> Duration {
     sorted[idx.min(sorted.len() - 1)]
 }
 
-pub async fn run(args: Args) -> anyhow::Result<()> {
-    let strategies: Vec<Strategy> = if args.strategies.is_empty() {
-        Strategy::ALL.to_vec()
-    } else {
-        args.strategies
-            .iter()
-            .map(|s| s.trim().parse::<Strategy>().map_err(anyhow::Error::msg))
-            .collect::<Result<_, _>>()?
-    };
-    let rate = args.rate.unwrap_or(DEFAULT_RATE);
-    anyhow::ensure!(rate > 0.0 && rate.is_finite(), "--rate must be a positive number");
-    let wl = WorkloadConfig::new(args.seed, rate, Duration::from_secs(args.duration));
-    let schedule = Arc::new(workload::generate(&wl));
-    let sum = workload::summary(&schedule);
-    let fleet = fleet(args.seed);
-    println!(
-        "routing: {} strategies, {} req/s offered (Poisson, open loop), {}s each, admission queue {}",
-        strategies.len(),
-        rate,
-        args.duration,
-        if args.no_queue { "off" } else { "on" }
-    );
-    println!("fleet: {}", describe_fleet(&fleet));
-    println!("workload: {}", wl.describe());
-    println!(
-        "schedule: {} requests ({} one-offs, {} conversations), mean body {} bytes",
-        sum.requests, sum.oneoffs, sum.conversations, sum.mean_body_bytes
-    );
-    println!(
-        "ceiling: {:.1}% prefix-cache hits if every request met one cache that never evicts",
-        100.0 * workload::oracle_hit_rate(&schedule, &wl.model, fleet[0].1.block_size)
-    );
-    println!();
-    let mut reports = Vec::new();
-    for &strategy in &strategies {
-        let r = run_one(strategy, &fleet, Arc::clone(&schedule), args.max_outstanding, !args.no_queue).await?;
-        let per_worker: Vec<String> =
-            r.per_worker_cache.iter().map(|(h, q)| format!("{:.0}%", 100.0 * h / q.max(1.0))).collect();
-        eprintln!(
-            "  {strategy}: {} ok, {} errors in {:.1}s; prefix-cache hit per worker {}; longest queue per worker {:?}",
-            r.ttfts.len(),
-            r.errors.values().sum::<u64>(),
-            r.elapsed.as_secs_f64(),
-            per_worker.join("/"),
-            r.max_waiting,
-        );
-        reports.push(r);
+fn ms(d: Duration) -> String {
+    format!("{:.0} ms", d.as_secs_f64() * 1000.0)
+}
+
+fn errors_cell(errors: &BTreeMap<&'static str, u64>) -> String {
+    if errors.is_empty() {
+        return "0".to_owned();
     }
+    errors.iter().map(|(k, v)| format!("{v} {k}")).collect::<Vec<_>>().join(", ")
+}
+
+/// `median` alone for one run, `median [min-max]` for several.
+fn spread(values: &[f64], fmt: impl Fn(f64) -> String) -> String {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    let Some((&lo, &hi)) = v.first().zip(v.last()) else { return "-".to_owned() };
+    let median = v[v.len() / 2];
+    if v.len() == 1 {
+        fmt(median)
+    } else {
+        format!("{} [{}-{}]", fmt(median), fmt(lo), fmt(hi))
+    }
+}
+
+fn print_table(sc: &Scenario, rows: &[(String, Result<Vec<RunResult>, String>)], repeat: usize) {
+    let names: Vec<String> = (0..sc.fleet.len()).map(|i| format!("sim-{i}")).collect();
     println!();
-    let names: Vec<&str> = fleet.iter().map(|(n, _, _)| n.as_str()).collect();
+    if repeat > 1 {
+        println!("Median of {repeat} runs per router, [min-max] beside it; shares and errors summed over the runs:");
+        println!();
+    }
     println!(
-        "| strategy | completed req/s | TTFT p50 | TTFT p99 | e2e p99 | prefix-cache hit | same worker as previous turn \
-         | share {} (%) | errors |",
+        "| router | TTFT p50 | TTFT p99 | completed req/s | prefix-cache hit | share {} (%) | errors |",
         names.join("/")
     );
-    println!("|---|---|---|---|---|---|---|---|---|");
-    let ms = |d: Duration| format!("{:.0} ms", d.as_secs_f64() * 1000.0);
-    for r in &reports {
-        let total: u64 = r.share.iter().sum();
-        let share: Vec<String> =
-            r.share.iter().map(|&n| format!("{:.0}", 100.0 * n as f64 / total.max(1) as f64)).collect();
-        let mut errs: Vec<_> = r.errors.iter().map(|(k, v)| format!("{v} {k}")).collect();
-        errs.sort();
-        println!(
-            "| {} | {:.1} | {} | {} | {} | {:.1}% | {:.0}% | {} | {} |",
-            r.strategy,
-            r.ttfts.len() as f64 / r.elapsed.as_secs_f64().max(1e-9),
-            ms(quantile(&r.ttfts, 0.5)),
-            ms(quantile(&r.ttfts, 0.99)),
-            ms(quantile(&r.e2es, 0.99)),
-            100.0 * r.cache_hits / r.cache_queries.max(1.0),
-            100.0 * r.same_worker as f64 / r.follow_ups.max(1) as f64,
-            share.join("/"),
-            if errs.is_empty() { "0".to_owned() } else { errs.join(", ") },
-        );
-    }
-    Ok(())
-}
-
-/// `(hits, queries)` of the sim's prefix cache, in tokens.
-fn cache_counters(sim: &SimHandle) -> (f64, f64) {
-    let text = sim.state().metrics_text();
-    let mut hits = 0.0;
-    let mut queries = 0.0;
-    for line in text.lines().filter(|l| !l.starts_with('#')) {
-        let Some((name, value)) = line.rsplit_once(' ') else { continue };
-        let name = name.split('{').next().unwrap_or("");
-        let Ok(v) = value.parse::<f64>() else { continue };
-        match name {
-            "vllm:prefix_cache_hits_total" => hits += v,
-            "vllm:prefix_cache_queries_total" => queries += v,
-            _ => {}
-        }
-    }
-    (hits, queries)
-}
-
-async fn run_one(
-    strategy: Strategy,
-    fleet: &[(String, SimConfig, u32)],
-    schedule: Arc<Vec<workload::Request>>,
-    max_outstanding: usize,
-    queue: bool,
-) -> anyhow::Result<RunReport> {
-    let mut sims = Vec::new();
-    for (_, cfg, _) in fleet {
-        sims.push(vllm_sim::start(cfg.clone()).await?);
-    }
-    let mut cfg = Config::default();
-    cfg.server.host = "127.0.0.1".into();
-    cfg.server.port = 0;
-    cfg.health.interval_ms = 200;
-    cfg.health.timeout_ms = 1000;
-    cfg.routing.strategy = strategy;
-    cfg.queue.enabled = queue;
-    cfg.workers = fleet
-        .iter()
-        .zip(&sims)
-        .map(|((name, _, weight), sim)| {
-            let mut w = WorkerConfig::from_url(sim.url());
-            w.name = Some(name.clone());
-            w.weight = *weight;
-            w
-        })
-        .collect();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let gw = Gateway::serve(listener, cfg).await?;
-    let client = load::client();
-    wait_healthy(&client, &gw.url(), fleet.len()).await?;
-
-    let before: Vec<(f64, f64)> = sims.iter().map(cache_counters).collect();
-    let uri: http::Uri = format!("{}/v1/chat/completions", gw.url()).parse()?;
-    let outstanding = Arc::new(AtomicUsize::new(0));
-    let start = tokio::time::Instant::now();
-    // Sample the sims' own queues: herding shows as one long queue at a time even when shares even out.
-    let states: Vec<vllm_sim::SimState> = sims.iter().map(|s| s.state().clone()).collect();
-    let sampling = stop_flag();
-    let sampler = {
-        let stop = Arc::clone(&sampling);
-        tokio::spawn(async move {
-            let mut max = vec![0usize; states.len()];
-            while !stop.load(Ordering::Relaxed) {
-                for (m, s) in max.iter_mut().zip(&states) {
-                    *m = (*m).max(s.waiting());
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            max
-        })
-    };
-    let mut tasks = Vec::with_capacity(schedule.len());
-    let mut dropped = 0u64;
-    for i in 0..schedule.len() {
-        let req = &schedule[i];
-        tokio::time::sleep_until(start + req.at).await;
-        if outstanding.load(Ordering::Relaxed) >= max_outstanding {
-            dropped += 1;
-            continue;
-        }
-        outstanding.fetch_add(1, Ordering::Relaxed);
-        let (client, uri, outstanding, schedule) =
-            (client.clone(), uri.clone(), Arc::clone(&outstanding), Arc::clone(&schedule));
-        tasks.push(tokio::spawn(async move {
-            let r = &schedule[i];
-            let out =
-                match tokio::time::timeout(Duration::from_secs(120), one(&client, uri, &r.session, r.body.clone()))
-                    .await
-                {
-                    Ok(o) => o,
-                    Err(_) => Outcome::Err("timeout"),
-                };
-            outstanding.fetch_sub(1, Ordering::Relaxed);
-            (i, out)
-        }));
-    }
-    let mut ttfts = Vec::new();
-    let mut e2es = Vec::new();
-    let mut share = vec![0u64; fleet.len()];
-    let mut errors: HashMap<&'static str, u64> = HashMap::new();
-    if dropped > 0 {
-        errors.insert("dropped", dropped);
-    }
-    // Worker of each conversation's latest completed turn, to measure how often a follow-up sticks.
-    let mut last_worker: HashMap<u64, (u32, usize)> = HashMap::new();
-    let (mut follow_ups, mut same_worker) = (0u64, 0u64);
-    for t in tasks {
-        let (i, out) = t.await?;
-        match out {
-            Outcome::Ok { ttft, e2e, worker } => {
-                ttfts.push(ttft);
-                e2es.push(e2e);
-                let Some(w) = worker.and_then(|w| fleet.iter().position(|(n, _, _)| *n == w)) else { continue };
-                share[w] += 1;
-                if let workload::Kind::Turn { conversation, turn } = schedule[i].kind {
-                    if let Some(&(prev_turn, prev_w)) = last_worker.get(&conversation) {
-                        if prev_turn + 1 == turn {
-                            follow_ups += 1;
-                            same_worker += u64::from(prev_w == w);
-                        }
-                    }
-                    last_worker.insert(conversation, (turn, w));
-                }
-            }
-            Outcome::Err(kind) => *errors.entry(kind).or_default() += 1,
-        }
-    }
-    let elapsed = start.elapsed();
-    sampling.store(true, Ordering::Relaxed);
-    let max_waiting = sampler.await?;
-    let after: Vec<(f64, f64)> = sims.iter().map(cache_counters).collect();
-    let per_worker_cache: Vec<(f64, f64)> = before.iter().zip(&after).map(|(b, a)| (a.0 - b.0, a.1 - b.1)).collect();
-    let cache_hits = per_worker_cache.iter().map(|c| c.0).sum();
-    let cache_queries = per_worker_cache.iter().map(|c| c.1).sum();
-    gw.shutdown(Duration::from_secs(5)).await;
-    for s in sims {
-        s.shutdown();
-    }
-    ttfts.sort_unstable();
-    e2es.sort_unstable();
-    Ok(RunReport {
-        strategy,
-        elapsed,
-        ttfts,
-        e2es,
-        share,
-        errors,
-        cache_hits,
-        cache_queries,
-        per_worker_cache,
-        max_waiting,
-        follow_ups,
-        same_worker,
-    })
-}
-
-/// A stop flag for the queue sampler.
-fn stop_flag() -> Arc<std::sync::atomic::AtomicBool> {
-    Arc::new(std::sync::atomic::AtomicBool::new(false))
-}
-
-/// Waits until the gateway reports `n` healthy workers.
-async fn wait_healthy(
-    client: &hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
-    base: &str,
-    n: usize,
-) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let uri: http::Uri = format!("{base}/health").parse()?;
-    while Instant::now() < deadline {
-        let req = http::Request::get(uri.clone()).body(Full::new(Bytes::new()))?;
-        if let Ok(resp) = client.request(req).await {
-            if let Ok(body) = resp.into_body().collect().await {
-                let v: serde_json::Value = serde_json::from_slice(&body.to_bytes()).unwrap_or_default();
-                if v["healthy_workers"].as_u64() == Some(n as u64) {
-                    return Ok(());
-                }
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    anyhow::bail!("the gateway did not see {n} healthy workers within 10 s")
-}
-
-/// Sends one streamed chat request and times it.
-async fn one(
-    client: &hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
-    uri: http::Uri,
-    session: &str,
-    body: Bytes,
-) -> Outcome {
-    let t0 = Instant::now();
-    let Ok(req) = http::Request::post(uri)
-        .header("content-type", "application/json")
-        .header("x-session-id", session)
-        .body(Full::new(body))
-    else {
-        return Outcome::Err("bad_request");
-    };
-    let resp = match client.request(req).await {
-        Ok(r) => r,
-        Err(_) => return Outcome::Err("transport"),
-    };
-    let status = resp.status();
-    if status.is_server_error() {
-        return Outcome::Err(if status == http::StatusCode::SERVICE_UNAVAILABLE { "503" } else { "5xx" });
-    }
-    if !status.is_success() {
-        return Outcome::Err(if status == http::StatusCode::TOO_MANY_REQUESTS { "429" } else { "4xx" });
-    }
-    let worker = resp.headers().get("x-gateway-worker").and_then(|v| v.to_str().ok()).map(str::to_owned);
-    let mut body = resp.into_body();
-    let mut buf: Vec<u8> = Vec::new();
-    let mut ttft: Option<Duration> = None;
-    let mut done = false;
-    while let Some(frame) = body.frame().await {
-        let Ok(frame) = frame else { return Outcome::Err("stream_cut") };
-        let Ok(data) = frame.into_data() else { continue };
-        buf.extend_from_slice(&data);
-        // Consume complete lines.
-        while let Some(nl) = buf.iter().position(|&b| b == b'\n') {
-            let line: Vec<u8> = buf.drain(..=nl).collect();
-            let Some(payload) = line.strip_prefix(b"data:") else { continue };
-            let payload = payload.trim_ascii();
-            if payload == b"[DONE]" {
-                done = true;
+    println!("|---|---|---|---|---|---|---|");
+    let msf = |v: f64| format!("{v:.0}");
+    for (label, result) in rows {
+        let runs = match result {
+            Ok(r) if !r.is_empty() => r,
+            Ok(_) => {
+                println!("| {label} | - | - | - | - | - | no run |");
                 continue;
             }
-            let Ok(v) = serde_json::from_slice::<serde_json::Value>(payload) else { continue };
-            if v.get("error").is_some() {
-                return Outcome::Err("stream_error");
+            Err(why) => {
+                let why: String = why.replace('|', "/").chars().take(300).collect();
+                println!("| {label} | - | - | - | - | - | did not run: {why} |");
+                continue;
             }
-            if ttft.is_none() {
-                let delta = &v["choices"][0]["delta"];
-                if delta.get("role").is_some_and(|r| !r.is_null()) || delta.get("content").is_some_and(|c| !c.is_null())
-                {
-                    ttft = Some(t0.elapsed());
-                }
+        };
+        let col = |f: &dyn Fn(&RunResult) -> f64| runs.iter().map(f).collect::<Vec<f64>>();
+        let mut share = vec![0.0; sc.fleet.len()];
+        for r in runs {
+            for (s, v) in share.iter_mut().zip(&r.share) {
+                *s += v;
             }
         }
+        let total: f64 = share.iter().sum();
+        let share: Vec<String> = share.iter().map(|s| format!("{:.0}", 100.0 * s / total.max(1.0))).collect();
+        let mut errors: BTreeMap<&'static str, u64> = BTreeMap::new();
+        for r in runs {
+            for (k, v) in &r.errors {
+                *errors.entry(k).or_insert(0) += v;
+            }
+        }
+        println!(
+            "| {label} | {} ms | {} ms | {} | {} | {} | {} |",
+            spread(&col(&|r| r.ttft_p50.as_secs_f64() * 1000.0), msf),
+            spread(&col(&|r| r.ttft_p99.as_secs_f64() * 1000.0), msf),
+            spread(&col(&|r| r.rps), |v| format!("{v:.1}")),
+            spread(&col(&|r| r.hit_rate), |v| format!("{v:.2}")),
+            share.join("/"),
+            errors_cell(&errors),
+        );
     }
-    match (ttft, done) {
-        (Some(ttft), true) => Outcome::Ok { ttft, e2e: t0.elapsed(), worker },
-        _ => Outcome::Err("incomplete"),
+    println!();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summary_counts_completed_within_the_run_and_reads_the_sims() {
+        let ok = |ms: u64, done: u64| Sample {
+            done: Duration::from_secs(done),
+            outcome: Outcome::Ok { ttft: Duration::from_millis(ms) },
+        };
+        let samples = vec![
+            ok(100, 1),
+            ok(300, 2),
+            ok(200, 3),
+            ok(900, 11), // after the run's end: not completed within it
+            Sample { done: Duration::from_secs(4), outcome: Outcome::Err("503") },
+        ];
+        let delta = vec![
+            Counters { hits: 50.0, queries: 100.0, requests: 3.0 },
+            Counters { hits: 0.0, queries: 100.0, requests: 1.0 },
+        ];
+        let r = summarise(&samples, 2, &delta, Duration::from_secs(10));
+        assert_eq!(r.ttft_p50, Duration::from_millis(200));
+        assert_eq!(r.ttft_p99, Duration::from_millis(300));
+        assert!((r.rps - 0.3).abs() < 1e-9);
+        assert!((r.hit_rate - 0.25).abs() < 1e-9);
+        assert_eq!(r.share, vec![3.0, 1.0]);
+        assert_eq!(errors_cell(&r.errors), "1 503, 2 dropped");
+    }
+
+    #[test]
+    fn strategies_take_environment_settings() {
+        let r = parse_ours("p2c_kv+LLM_QUEUE_ENABLED=false").unwrap();
+        assert_eq!(r.label(), "ours p2c_kv (LLM_QUEUE_ENABLED=false)");
+        assert_eq!(r.slug(), "ours-p2c_kv-LLM_QUEUE_ENABLED-false");
+        assert_eq!(parse_ours(" round_robin ").unwrap().label(), "ours round_robin");
+        assert!(parse_ours("nope").is_err());
+        assert!(parse_ours("p2c_kv+NOEQUALS").is_err());
+    }
+
+    #[test]
+    fn spread_shows_the_range_only_for_several_runs() {
+        let f = |v: f64| format!("{v:.0}");
+        assert_eq!(spread(&[5.0], f), "5");
+        assert_eq!(spread(&[7.0, 5.0, 6.0], f), "6 [5-7]");
+        assert_eq!(spread(&[], f), "-");
     }
 }
