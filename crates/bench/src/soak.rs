@@ -191,7 +191,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         "--fault-every, --reload-every, --sample-every and --client-timeout must be at least 1"
     );
     anyhow::ensure!(
-        args.report_every >= args.sample_every && args.report_every % args.sample_every == 0,
+        args.report_every >= args.sample_every && args.report_every.is_multiple_of(args.sample_every),
         "--report-every must be a multiple of --sample-every"
     );
     anyhow::ensure!(args.flat_bound >= 0.0, "--flat-bound must not be negative");
@@ -358,7 +358,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         failures.push(format!("{panics} panics in the gateway's log"));
     }
     match active {
-        Some(a) if a == 0.0 => {
+        Some(0.0) => {
             println!("after the load: gateway active requests 0 within {:.1}s", drained_in.as_secs_f64());
         }
         other => failures.push(format!("gateway active requests {other:?} 10 s after the load stopped")),
@@ -652,7 +652,7 @@ async fn reload_script(
                 )
             }
             1 => {
-                let (failures, slow_ms) = if round % 2 == 0 { (3, 2000) } else { (5, 5000) };
+                let (failures, slow_ms) = if round.is_multiple_of(2) { (3, 2000) } else { (5, 5000) };
                 (
                     format!("breaker failure_threshold {failures}, slow_call_threshold_ms {slow_ms}"),
                     http::Method::PATCH,
