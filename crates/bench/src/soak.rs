@@ -11,7 +11,7 @@
 //! - **Faults**, one every `--fault-every` seconds, in a cycle of six steps, each lifting the one before
 //!   through `POST /sim/faults`: sim-1 answers half its requests with 500; sim-2's answers die after 4
 //!   tokens (connection aborted); sim-3 hangs (accepts requests, never answers); sim-0 is killed with
-//!   SIGKILL; sim-0 is started again on its port; a quiet step.
+//!   SIGKILL; sim-0 is started again on its port; a quiet step. `--faults` picks which of them happen.
 //! - **Reloads**, one every `--reload-every` seconds through the admin API, in a cycle of three: the routing
 //!   strategy changes (`PATCH /api/config`, through all seven), the breaker's thresholds change, a spare
 //!   sim is added (`POST /api/workers`) or removed again (`DELETE /api/workers/sim-spare`).
@@ -22,8 +22,8 @@
 //! no answer within `--client-timeout` (hung), a connection or body cut short or a stream without
 //! `[DONE]` (cut), anything else (garbled). The verdict: nothing lost; the gateway alive throughout, no
 //! panic in its log, back to zero active requests once the load stops, exiting 0 on SIGTERM; its RSS and
-//! fd count flat: the mean of the last third of the samples at most `--flat-bound` above the first
-//! third's.
+//! fd count flat: the mean of the last third of the samples (after the first row's warm-up) at most
+//! `--flat-bound` above the first third's.
 
 use crate::faults::{self, HttpClient};
 use crate::load;
@@ -75,9 +75,12 @@ pub struct Args {
     /// Seconds a client waits for a whole answer before counting the request as hung.
     #[arg(long, default_value_t = 30)]
     client_timeout: u64,
-    /// Seconds between two faults.
+    /// Seconds between two steps of the fault cycle.
     #[arg(long, default_value_t = 10)]
     fault_every: u64,
+    /// Faults of the cycle to inject, comma-separated; the steps of the others stay quiet.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "errors,die,hang,kill")]
+    faults: Vec<Fault>,
     /// Seconds between two reloads.
     #[arg(long, default_value_t = 20)]
     reload_every: u64,
@@ -225,10 +228,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         args.client_timeout,
         args.seed,
     );
+    let faults: Vec<String> = args.faults.iter().map(|f| format!("{f:?}").to_lowercase()).collect();
     println!(
-        "sims: ttft 20 ms, itl 6 ms, 16-48 output tokens, max_num_seqs 64; faults every {}s in a cycle: sim-1 \
-         50% 500s, sim-2 dies after 4 tokens, sim-3 hangs, sim-0 SIGKILL, sim-0 restarted, quiet",
-        args.fault_every
+        "sims: ttft 20 ms, itl 6 ms, 16-48 output tokens, max_num_seqs 64; a fault step every {}s in a cycle of \
+         six (sim-1 50% 500s, sim-2 dies after 4 tokens, sim-3 hangs, sim-0 SIGKILL, sim-0 restarted, quiet), \
+         faults on: {}",
+        args.fault_every,
+        faults.join(",")
     );
     println!(
         "reloads every {}s in a cycle: strategy (PATCH /api/config), breaker thresholds (PATCH), sim-spare \
@@ -251,6 +257,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     let fault_task = tokio::spawn(fault_script(
         sims,
+        args.faults.clone(),
         sim_bin,
         dir.clone(),
         client.clone(),
@@ -344,7 +351,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
     drop(examples);
 
-    let periodic: Vec<&Sample> = samples.iter().filter(|s| s.t <= duration).collect();
+    // The first row's interval is warm-up (pools and buffers growing to the load); the last sample, after
+    // the drain, is not under load.
+    let warmup = Duration::from_secs(args.report_every);
+    let periodic: Vec<&Sample> = samples.iter().filter(|s| s.t >= warmup && s.t <= duration).collect();
     let rss = flatness(&periodic, |s| s.rss_kb.map(|kb| kb as f64 / 1024.0));
     let fds = flatness(&periodic, |s| s.fds.map(|n| n as f64));
     let mut failures = Vec::new();
@@ -370,13 +380,18 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         match f {
             Some(f) => {
                 println!(
-                    "{what}: first third mean {:.1}{unit}, last third mean {:.1}{unit} ({:+.1}%), max {:.1}{unit}; \
-                     bound +{:.0}%",
+                    "{what} ({} samples from {}s to {}s): first third mean {:.1}{unit}, last third mean {:.1}{unit} \
+                     ({:+.1}%, bound +{:.0}%); lowest {:.1}{unit} and {:.1}{unit}; highest {:.1}{unit}",
+                    periodic.len(),
+                    warmup.as_secs(),
+                    args.duration,
                     f.first,
                     f.last,
                     100.0 * f.rise(),
+                    100.0 * args.flat_bound,
+                    f.first_min,
+                    f.last_min,
                     f.max,
-                    100.0 * args.flat_bound
                 );
                 if f.rise() > args.flat_bound {
                     failures.push(format!("{what} rose {:+.1}%", 100.0 * f.rise()));
@@ -552,10 +567,25 @@ impl Sim {
     }
 }
 
-/// Faults, one step every `every`, until `duration`; returns the sims (dropping them kills them).
+/// A fault of the cycle, for `--faults`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Fault {
+    /// sim-1 answers half its requests with 500.
+    Errors,
+    /// sim-2's answers die after 4 tokens (connection aborted).
+    Die,
+    /// sim-3 accepts requests and never answers.
+    Hang,
+    /// sim-0 is killed with SIGKILL, and started again on its port one step later.
+    Kill,
+}
+
+/// Faults, one step every `every` until `duration`, in the cycle of the module doc. Returns the sims
+/// (dropping them kills them).
 #[allow(clippy::too_many_arguments)]
 async fn fault_script(
     mut sims: Vec<Sim>,
+    enabled: Vec<Fault>,
     bin: PathBuf,
     dir: PathBuf,
     client: HttpClient,
@@ -564,41 +594,13 @@ async fn fault_script(
     every: Duration,
     events: Arc<Events>,
 ) -> Vec<Sim> {
-    let mut step = 0u32;
-    loop {
-        step += 1;
+    for step in 1u32.. {
         let at = every * step;
         if at >= duration {
-            return sims;
+            break;
         }
         tokio::time::sleep_until(start + at).await;
-        let result = match step % 6 {
-            1 => set_faults(&client, &sims[1], json!({"error_rate": 0.5}), &events).await,
-            2 => match set_faults(&client, &sims[1], json!({}), &events).await {
-                Ok(_) => set_faults(&client, &sims[2], json!({"die_after_tokens": 4}), &events).await,
-                e => e,
-            },
-            3 => match set_faults(&client, &sims[2], json!({}), &events).await {
-                Ok(_) => set_faults(&client, &sims[3], json!({"hang": true}), &events).await,
-                e => e,
-            },
-            4 => match set_faults(&client, &sims[3], json!({}), &events).await {
-                Ok(_) => {
-                    sims[0].proc.kill();
-                    events.kills.fetch_add(1, Ordering::Relaxed);
-                    Ok(format!("{} killed with SIGKILL", sims[0].name))
-                }
-                e => e,
-            },
-            5 => match sims[0].restart(&bin, &dir).await {
-                Ok(()) => {
-                    events.restarts.fetch_add(1, Ordering::Relaxed);
-                    Ok(format!("{} restarted on port {}", sims[0].name, sims[0].port))
-                }
-                Err(e) => Err(anyhow::anyhow!("restarting {}: {e}", sims[0].name)),
-            },
-            _ => Ok("quiet".to_owned()),
-        };
+        let result = fault_step(step % 6, &mut sims, &enabled, &bin, &dir, &client, &events).await;
         let t = start.elapsed().as_secs_f64();
         match result {
             Ok(what) => eprintln!("  {t:6.1}s  fault: {what}"),
@@ -608,18 +610,61 @@ async fn fault_script(
             }
         }
     }
+    sims
+}
+
+/// Step `phase` (0..6) of the fault cycle; a fault not in `enabled` is skipped. Answers what it did.
+async fn fault_step(
+    phase: u32,
+    sims: &mut [Sim],
+    enabled: &[Fault],
+    bin: &Path,
+    dir: &Path,
+    client: &HttpClient,
+    events: &Events,
+) -> anyhow::Result<String> {
+    let mut did = Vec::new();
+    // Steps 2-4 first lift the fault of the step before (harmless when it was skipped).
+    if (2..=4).contains(&phase) {
+        let prev = &sims[phase as usize - 1];
+        set_faults(client, prev, json!({})).await?;
+        did.push(format!("{} healthy", prev.name));
+    }
+    let fault = match phase {
+        1 => Some((Fault::Errors, json!({"error_rate": 0.5}))),
+        2 => Some((Fault::Die, json!({"die_after_tokens": 4}))),
+        3 => Some((Fault::Hang, json!({"hang": true}))),
+        _ => None,
+    };
+    match fault {
+        Some((f, body)) if enabled.contains(&f) => {
+            // sim-1 errs, sim-2 dies, sim-3 hangs.
+            let sim = &sims[phase as usize];
+            set_faults(client, sim, body.clone()).await?;
+            events.faults.fetch_add(1, Ordering::Relaxed);
+            did.push(format!("{} {body}", sim.name));
+        }
+        Some(_) => {}
+        None if phase == 4 && enabled.contains(&Fault::Kill) => {
+            sims[0].proc.kill();
+            events.kills.fetch_add(1, Ordering::Relaxed);
+            did.push(format!("{} killed with SIGKILL", sims[0].name));
+        }
+        None if phase == 5 && !sims[0].proc.alive() => {
+            sims[0].restart(bin, dir).await.with_context(|| format!("restarting {}", sims[0].name))?;
+            events.restarts.fetch_add(1, Ordering::Relaxed);
+            did.push(format!("{} restarted on port {}", sims[0].name, sims[0].port));
+        }
+        None => {}
+    }
+    Ok(if did.is_empty() { "quiet".to_owned() } else { did.join(", ") })
 }
 
 /// Replaces a sim's faults (`{}` lifts them all).
-async fn set_faults(client: &HttpClient, sim: &Sim, faults: Value, events: &Events) -> anyhow::Result<String> {
+async fn set_faults(client: &HttpClient, sim: &Sim, faults: Value) -> anyhow::Result<()> {
     let (status, text) = send(client, http::Method::POST, &format!("{}/sim/faults", sim.url), Some(&faults)).await?;
     anyhow::ensure!(status.is_success(), "{} /sim/faults: {status} {text}", sim.name);
-    if faults.as_object().is_some_and(|f| !f.is_empty()) {
-        events.faults.fetch_add(1, Ordering::Relaxed);
-        Ok(format!("{} {faults}", sim.name))
-    } else {
-        Ok(format!("{} healthy", sim.name))
-    }
+    Ok(())
 }
 
 /// Reloads through the admin API, one every `every` (offset by three quarters of it from the start so they
@@ -935,10 +980,12 @@ fn print_row(s: &Sample) {
     );
 }
 
-/// First-third and last-third means of a sampled value, and its maximum.
+/// First-third and last-third means and minima of a sampled value, and its maximum.
 struct Flatness {
     first: f64,
     last: f64,
+    first_min: f64,
+    last_min: f64,
     max: f64,
 }
 
@@ -955,10 +1002,14 @@ fn flatness(samples: &[&Sample], value: impl Fn(&Sample) -> Option<f64>) -> Opti
     if third == 0 {
         return None;
     }
+    let (head, tail) = (&values[..third], &values[values.len() - third..]);
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    let min = |v: &[f64]| v.iter().copied().fold(f64::MAX, f64::min);
     Some(Flatness {
-        first: mean(&values[..third]),
-        last: mean(&values[values.len() - third..]),
+        first: mean(head),
+        last: mean(tail),
+        first_min: min(head),
+        last_min: min(tail),
         max: values.iter().copied().fold(f64::MIN, f64::max),
     })
 }
@@ -1013,7 +1064,7 @@ mod tests {
         let samples: Vec<Sample> = [10240, 10240, 20480, 20480, 15360, 15360].into_iter().map(at).collect();
         let refs: Vec<&Sample> = samples.iter().collect();
         let f = flatness(&refs, |s| s.rss_kb.map(|kb| kb as f64 / 1024.0)).unwrap();
-        assert_eq!((f.first, f.last, f.max), (10.0, 15.0, 20.0));
+        assert_eq!((f.first, f.last, f.first_min, f.last_min, f.max), (10.0, 15.0, 10.0, 15.0, 20.0));
         assert!((f.rise() - 0.5).abs() < 1e-9);
         assert!(flatness(&refs, |s| s.fds.map(|n| n as f64)).is_none());
     }
