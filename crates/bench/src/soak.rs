@@ -142,6 +142,8 @@ struct Tally {
     sent: AtomicU64,
     skipped: AtomicU64,
     ended: [AtomicU64; 8],
+    /// Hung requests sent during a step in which sim-3 hung.
+    hung_while_sim3_hung: AtomicU64,
     /// `(seconds since start, stream?, cause, detail)` of the first few of each failure cause.
     examples: Mutex<Vec<(f64, bool, Cause, String)>>,
 }
@@ -305,6 +307,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .ok()
         .map(|w| w.as_array().into_iter().flatten().filter_map(|w| w["in_flight"].as_u64()).sum());
     let retries = metric(&client, &base, "llm_gateway_retries_total").await;
+    let counted = metric(&client, &base, "llm_gateway_requests_total").await;
     let last = sample(&client, &base, pid, &tally, start).await;
     print_row(&last);
     samples.push(last);
@@ -324,7 +327,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     println!(
         "requests: {sent} sent ({} arrivals skipped at the outstanding cap), {} ok ({:.2}%); clean errors: {} 5xx, \
          {} 4xx, {} streams ended by an error event and [DONE]; {} streams dropped by the client on purpose; \
-         lost: {lost} ({} hung, {} cut, {} garbled); gateway retries {}",
+         lost: {lost} ({} hung, {} of them sent while sim-3 hung; {} cut, {} garbled); the gateway counted {} \
+         requests (llm_gateway_requests_total) and {} retries",
         tally.skipped.load(Ordering::Relaxed),
         count(Cause::Ok),
         100.0 * count(Cause::Ok) as f64 / sent.max(1) as f64,
@@ -333,8 +337,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         count(Cause::StreamError),
         count(Cause::Dropped),
         count(Cause::Hung),
+        tally.hung_while_sim3_hung.load(Ordering::Relaxed),
         count(Cause::Cut),
         count(Cause::Garbled),
+        counted.map_or("?".into(), |r| format!("{r:.0}")),
         retries.map_or("?".into(), |r| format!("{r:.0}")),
     );
     println!(
@@ -771,6 +777,7 @@ async fn offer_load(
 ) -> anyhow::Result<()> {
     let uri: http::Uri = format!("{base}/v1/chat/completions").parse()?;
     let timeout = Duration::from_secs(args.client_timeout);
+    let (hang_on, fault_every) = (args.faults.contains(&Fault::Hang), args.fault_every);
     let slots = Arc::new(Semaphore::new(args.max_outstanding));
     let mut rng = StdRng::seed_from_u64(args.seed);
     let mut requests = JoinSet::new();
@@ -797,6 +804,9 @@ async fn offer_load(
             let (cause, detail) = tokio::time::timeout(timeout, exchange(&client, uri, body, drop_after))
                 .await
                 .unwrap_or_else(|_| (Cause::Hung, format!("no whole answer within {timeout:?}")));
+            if cause == Cause::Hung && hang_on && (sent_at.as_secs() / fault_every) % 6 == 3 {
+                tally.hung_while_sim3_hung.fetch_add(1, Ordering::Relaxed);
+            }
             tally.record(sent_at, stream, cause, detail).await;
             drop(permit);
         });
@@ -947,13 +957,33 @@ fn fd_count(pid: u32) -> Option<u64> {
     Some(std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count() as u64)
 }
 
-/// An unlabelled series of the gateway's `/metrics`.
+/// The sum of the series of `name` in the gateway's `/metrics`.
 async fn metric(client: &HttpClient, base: &str, name: &str) -> Option<f64> {
     let (status, text) = send(client, http::Method::GET, &format!("{base}/metrics"), None).await.ok()?;
     if !status.is_success() {
         return None;
     }
-    text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+    series_sum(&text, name)
+}
+
+/// The sum of every series of `name` in a Prometheus text (the one series when unlabelled).
+fn series_sum(text: &str, name: &str) -> Option<f64> {
+    let mut sum = None;
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix(name) else { continue };
+        let value = match rest.strip_prefix(' ') {
+            Some(v) => v,
+            None if rest.starts_with('{') => match rest.rsplit_once("} ") {
+                Some((_, v)) => v,
+                None => continue,
+            },
+            None => continue,
+        };
+        if let Ok(v) = value.trim().parse::<f64>() {
+            *sum.get_or_insert(0.0) += v;
+        }
+    }
+    sum
 }
 
 fn print_row(s: &Sample) {
@@ -1049,6 +1079,14 @@ mod tests {
         assert_eq!(classify(StatusCode::OK, true, &stream(&[CHUNK, "[DONE]", CHUNK])).0, Cause::Garbled);
         assert_eq!(classify(StatusCode::OK, true, &stream(&[ERROR, CHUNK, "[DONE]"])).0, Cause::Garbled);
         assert!(Cause::ALL.iter().filter(|c| c.is_lost()).eq([Cause::Hung, Cause::Cut, Cause::Garbled].iter()));
+    }
+
+    #[test]
+    fn series_sum_adds_labelled_series() {
+        let text = "# HELP x\nllm_a_total{s=\"200\"} 3\nllm_a_total{s=\"5}0\"} 2\nllm_a_totals 9\nllm_b 1.5\n";
+        assert_eq!(series_sum(text, "llm_a_total"), Some(5.0));
+        assert_eq!(series_sum(text, "llm_b"), Some(1.5));
+        assert_eq!(series_sum(text, "llm_c"), None);
     }
 
     #[test]
