@@ -61,7 +61,7 @@ pub struct Args {
     seed: u64,
 }
 
-type HttpClient = Client<HttpConnector, Full<Bytes>>;
+pub(crate) type HttpClient = Client<HttpConnector, Full<Bytes>>;
 
 /// How one request ended, from the client's side.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -248,7 +248,7 @@ async fn bind_again(addr: std::net::SocketAddr) -> anyhow::Result<tokio::net::Tc
 }
 
 /// A request body: a short chat, streamed or not.
-fn body(rng: &mut StdRng, stream_share: f64) -> (bool, Bytes) {
+pub(crate) fn body(rng: &mut StdRng, stream_share: f64) -> (bool, Bytes) {
     let stream = rng.random_bool(stream_share);
     let n: u32 = rng.random_range(0..1_000_000);
     let body = serde_json::json!({
@@ -377,7 +377,7 @@ async fn exchange(client: &HttpClient, uri: http::Uri, body: Bytes) -> (Cause, O
     }
 }
 
-async fn get_json(client: &HttpClient, url: &str) -> anyhow::Result<serde_json::Value> {
+pub(crate) async fn get_json(client: &HttpClient, url: &str) -> anyhow::Result<serde_json::Value> {
     let req = http::Request::get(url.parse::<http::Uri>()?).body(Full::new(Bytes::new()))?;
     let body = client.request(req).await?.into_body().collect().await?.to_bytes();
     Ok(serde_json::from_slice(&body)?)
@@ -536,7 +536,7 @@ fn print_row(label: &str, rows: &[&Record], from: Option<&Counters>, to: Option<
 }
 
 /// Waits until the gateway reports `n` healthy workers.
-async fn wait_healthy(client: &HttpClient, base: &str, n: usize) -> anyhow::Result<()> {
+pub(crate) async fn wait_healthy(client: &HttpClient, base: &str, n: usize) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
         if let Ok(v) = get_json(client, &format!("{base}/health")).await {

@@ -9,11 +9,15 @@
 //!
 //! `cargo run --release -p bench -- faults`: steady load over three sims while one is killed and restarted
 //! and another turns slow: requests sent, succeeded, failed by cause, retries, breaker opens, p50/p99.
+//!
+//! `cargo run --release -p bench -- soak`: ten minutes of mixed traffic through a real gateway process
+//! while its workers fail and its config is reloaded: requests by outcome, RSS and fds over time, a verdict.
 
 mod faults;
 mod load;
 mod overhead;
 mod routing;
+mod soak;
 mod workload;
 
 use clap::{Parser, Subcommand};
@@ -33,6 +37,8 @@ enum Cmd {
     Routing(routing::Args),
     /// A worker killed and restarted, another slow, under steady load: failures by cause, retries, p99.
     Faults(faults::Args),
+    /// Ten minutes of mixed traffic, worker faults and hot reloads: nothing lost, RSS and fds flat.
+    Soak(soak::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -43,6 +49,7 @@ fn main() -> anyhow::Result<()> {
             Cmd::Overhead(args) => overhead::run(args).await,
             Cmd::Routing(args) => routing::run(args).await,
             Cmd::Faults(args) => faults::run(args).await,
+            Cmd::Soak(args) => soak::run(args).await,
         }
     })
 }
