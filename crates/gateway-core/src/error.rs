@@ -44,6 +44,8 @@ pub enum ErrorKind {
     InvalidApiKey,
     /// Missing or wrong admin token on an admin endpoint.
     Unauthorized,
+    /// An admin mutation or the dashboard socket came from another site's page (`Origin`).
+    ForbiddenOrigin,
     /// An admin request named a worker that does not exist.
     NotFound,
     /// The worker could not be reached or broke the connection.
@@ -85,6 +87,7 @@ impl ErrorKind {
             RateLimited => (429, "rate_limit_exceeded", "rate_limit_exceeded", Side::Client),
             InvalidApiKey => (401, "invalid_request_error", "invalid_api_key", Side::Client),
             Unauthorized => (401, "invalid_request_error", "unauthorized", Side::Client),
+            ForbiddenOrigin => (403, "invalid_request_error", "forbidden_origin", Side::Client),
             NotFound => (404, "invalid_request_error", "not_found", Side::Client),
             UpstreamUnavailable => (502, "upstream_error", "upstream_unavailable", Side::Upstream),
             UpstreamTimeout => (504, "upstream_error", "upstream_timeout", Side::Upstream),

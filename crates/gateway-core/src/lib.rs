@@ -1,6 +1,7 @@
 //! Domain types of llm-gateway, free of IO.
 //!
 //! # Layout
+//! - [`echo`]: client strings bounded and escaped before they reach an error message or a log line.
 //! - [`error`]: the one [`GatewayError`] and its table of OpenAI `type`/`code` strings.
 //! - [`request`]: [`RequestFeatures`], what routing and admission read from a request body.
 //! - [`prefix`]: chained hashes of a prompt's fixed-size chunks, for prefix affinity.
@@ -9,12 +10,14 @@
 //!
 //! Everything here is pure so it can be unit-tested and shared by `routing`, `guard` and `gateway`.
 
+pub mod echo;
 pub mod error;
 pub mod outcome;
 pub mod prefix;
 pub mod request;
 pub mod worker;
 
+pub use echo::echo;
 pub use error::{ErrorKind, GatewayError, Side};
 pub use outcome::{breaker_verdict, Outcome, OutcomeKind, WorkerCondition};
 pub use request::{Priority, RequestFeatures};

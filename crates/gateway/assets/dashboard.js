@@ -59,12 +59,13 @@ tokenInput.addEventListener("input", () => {
   if (v) localStorage.setItem(TOKEN_KEY, v); else localStorage.removeItem(TOKEN_KEY);
 });
 
-// Sends an admin mutation; answers the parsed body, or null after showing why it failed.
+// Sends an admin mutation; answers the parsed body, or null after showing why it failed. The gateway
+// takes mutations only as JSON (what another site's page cannot send without a CORS preflight), so the
+// content type goes with every one, with or without a body.
 async function admin(method, path, body) {
-  const headers = {};
+  const headers = { "Content-Type": "application/json" };
   const token = tokenInput.value.trim();
   if (token) headers["Authorization"] = "Bearer " + token;
-  if (body !== undefined) headers["Content-Type"] = "application/json";
   let resp;
   try {
     resp = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });

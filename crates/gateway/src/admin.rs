@@ -1,7 +1,9 @@
 //! The admin API under `/api`: what operators use to see and steer a running gateway without a restart.
 //!
 //! Reads (`GET`) are open and never show a secret ([`redact`]); mutations (`POST`, `PATCH`, `DELETE`)
-//! need the admin token when `admin.token` is set ([`AdminAuth`], [`require_admin`]). Every change of
+//! must come from the gateway's own page or a tool, never another site's page ([`crate::cross_site`]),
+//! need the admin token when `admin.token` is set, and must be `Content-Type: application/json`
+//! ([`check_mutation`], through [`AdminAuth`] or [`require_admin`]). Every change of
 //! config or fleet goes through [`crate::reload`], so it is validated, swapped in one store and never
 //! drops an in-flight request.
 //!
@@ -25,7 +27,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use bytes::Bytes;
-use gateway_core::{ErrorKind, GatewayError};
+use gateway_core::{echo, ErrorKind, GatewayError};
 use serde_json::{json, Map, Value};
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::Ordering;
@@ -86,16 +88,50 @@ fn token_eq(given: &[u8], expected: &[u8]) -> bool {
     given.len() == expected.len() && bool::from(given.ct_eq(expected))
 }
 
-/// Middleware form of [`check_admin`], for routers built with the state at hand:
+/// Every check an admin mutation passes, in this order: not from another site's page (403,
+/// [`crate::cross_site::check_origin`]), the admin token ([`check_admin`], 401), a JSON content type
+/// (400, [`crate::cross_site::require_json`]). Reads (`GET`, `HEAD`, `OPTIONS`) pass.
+pub fn check_mutation(
+    app: &AppState,
+    method: &http::Method,
+    uri: &http::Uri,
+    headers: &http::HeaderMap,
+) -> Result<(), ApiError> {
+    if matches!(*method, http::Method::GET | http::Method::HEAD | http::Method::OPTIONS) {
+        return Ok(());
+    }
+    crate::cross_site::check_origin(uri, headers).map_err(|e| {
+        tracing::warn!(method = %method, path = %echo(uri.path()), "admin request refused: {}", e.message);
+        ApiError(e)
+    })?;
+    check_admin(app, method, headers)?;
+    crate::cross_site::require_json(headers)?;
+    Ok(())
+}
+
+/// The warning logged at start when the admin API is open to the network: no `admin.token` and a
+/// listening address other than loopback.
+pub fn exposure_warning(config: &Config, addr: std::net::SocketAddr) -> Option<String> {
+    if config.admin.token.is_some() || addr.ip().is_loopback() {
+        return None;
+    }
+    Some(format!(
+        "ADMIN API OPEN TO THE NETWORK: listening on {addr} without admin.token, so anyone who can reach this \
+         port can add, remove and drain workers and change the config; set admin.token (LLM_ADMIN_TOKEN), and \
+         admin.require_token = true to make this an error"
+    ))
+}
+
+/// Middleware form of [`check_mutation`], for routers built with the state at hand:
 /// `router.route_layer(axum::middleware::from_fn_with_state(state, require_admin))`.
 pub async fn require_admin(State(app): State<Arc<AppState>>, req: Request, next: Next) -> Response {
-    match check_admin(&app, req.method(), req.headers()) {
+    match check_mutation(&app, req.method(), req.uri(), req.headers()) {
         Ok(()) => next.run(req).await,
         Err(e) => e.into_response(),
     }
 }
 
-/// Extractor form of [`check_admin`]: a handler that takes it runs only for an authorised caller.
+/// Extractor form of [`check_mutation`]: a handler that takes it runs only for an authorised caller.
 /// (`routes()` has no state value to build a middleware layer from, so its mutations use this.)
 #[derive(Debug, Clone, Copy)]
 pub struct AdminAuth;
@@ -104,7 +140,7 @@ impl FromRequestParts<Arc<AppState>> for AdminAuth {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut http::request::Parts, app: &Arc<AppState>) -> Result<Self, ApiError> {
-        check_admin(app, &parts.method, &parts.headers).map(|()| AdminAuth)
+        check_mutation(app, &parts.method, &parts.uri, &parts.headers).map(|()| AdminAuth)
     }
 }
 
@@ -216,7 +252,7 @@ pub fn worker_json(w: &Worker) -> Value {
     json!({
         "id": w.id,
         "name": w.name,
-        "url": w.spec.url,
+        "url": w.spec.display_url(),
         "weight": w.spec.weight,
         "models": w.models.load().as_slice(),
         "max_concurrency": w.spec.max_concurrency,
@@ -246,7 +282,9 @@ fn find(app: &AppState, id: &str) -> Result<Arc<Worker>, ApiError> {
         .fleet
         .find(id)
         .cloned()
-        .ok_or_else(|| ApiError(GatewayError::new(ErrorKind::NotFound, format!("no worker named or numbered {id:?}"))))
+        .ok_or_else(|| {
+            ApiError(GatewayError::new(ErrorKind::NotFound, format!("no worker named or numbered {:?}", echo(id))))
+        })
 }
 
 async fn one_worker(State(app): State<Arc<AppState>>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
@@ -259,12 +297,12 @@ fn bad_request(message: impl Into<String>) -> ApiError {
 
 fn parse_json(body: &Bytes) -> Result<Value, ApiError> {
     serde_json::from_slice(body)
-        .map_err(|e| ApiError(GatewayError::new(ErrorKind::InvalidJson, format!("body is not valid JSON: {e}"))))
+        .map_err(|e| ApiError(GatewayError::new(ErrorKind::InvalidJson, format!("body is not valid JSON: {}", echo(&e.to_string())))))
 }
 
 async fn add_worker(_: AdminAuth, State(app): State<Arc<AppState>>, body: Bytes) -> Result<Response, ApiError> {
     let spec: WorkerConfig = serde_json::from_value(parse_json(&body)?)
-        .map_err(|e| bad_request(format!("worker: {e} (a worker needs at least \"url\")")))?;
+        .map_err(|e| bad_request(format!("worker: {} (a worker needs at least \"url\")", echo(&e.to_string()))))?;
     let name = spec.display_name();
     let added = spec.clone();
     reload::update(&app, move |cur| {
@@ -275,7 +313,7 @@ async fn add_worker(_: AdminAuth, State(app): State<Arc<AppState>>, body: Bytes)
     .await
     .map_err(bad_request)?;
     let w = find(&app, &name)?;
-    tracing::info!(worker = %w.name, url = %w.spec.url, "worker added through the admin API");
+    tracing::info!(worker = %w.name, url = %w.spec.display_url(), "worker added through the admin API");
     Ok((http::StatusCode::CREATED, Json(worker_json(&w))).into_response())
 }
 
@@ -293,7 +331,7 @@ async fn remove_worker(
     })
     .await
     .map_err(bad_request)?;
-    tracing::info!(worker = %w.name, url = %w.spec.url, "worker removed through the admin API");
+    tracing::info!(worker = %w.name, url = %w.spec.display_url(), "worker removed through the admin API");
     Ok(Json(worker_json(&w)))
 }
 
@@ -371,12 +409,12 @@ pub fn routing_stats_json(app: &AppState) -> Value {
 /// Keys whose string values are secrets, wherever they appear in the config tree.
 const SECRET_KEYS: &[&str] = &["api_key", "token", "key", "password", "secret"];
 
-/// What a secret reads as once redacted.
-pub const REDACTED: &str = "***";
+pub use crate::config::REDACTED;
 
 /// Replaces secrets in a config tree, by key name so sections added later are covered: string values of
 /// keys named `api_key`, `token`, `key`, `password`, `secret` (or ending in `_key`, `_token`,
-/// `_password`, `_secret`) become `"***"`, and so does the password of any URL (`redis://u:pw@h`).
+/// `_password`, `_secret`) become `"***"`, and so do the credentials of any URL (`redis://u:pw@h`,
+/// [`crate::config::redact_url`]).
 pub fn redact(value: &mut Value) {
     match value {
         Value::Object(map) => {
@@ -401,23 +439,12 @@ pub fn redact(value: &mut Value) {
         }
         Value::Array(items) => items.iter_mut().for_each(redact),
         Value::String(s) => {
-            if let Some(clean) = redact_url(s) {
+            if let std::borrow::Cow::Owned(clean) = crate::config::redact_url(s) {
                 *s = clean;
             }
         }
         _ => {}
     }
-}
-
-/// `s` with its password replaced when it is a URL that carries one.
-fn redact_url(s: &str) -> Option<String> {
-    if !s.contains("://") || !s.contains('@') {
-        return None;
-    }
-    let mut url = url::Url::parse(s).ok()?;
-    url.password()?;
-    url.set_password(Some(REDACTED)).ok()?;
-    Some(url.to_string())
 }
 
 /// The running config as JSON, secrets redacted.
@@ -524,6 +551,31 @@ mod tests {
         let ok = patched_config(&cur, &json!({"routing": {"strategy": "least_queue"}})).unwrap();
         assert_eq!(ok.routing.strategy, routing::Strategy::LeastQueue);
         assert_eq!(ok.server, cur.server);
+    }
+
+    #[test]
+    fn an_open_admin_api_on_the_network_is_warned_about() {
+        let mut c = Config::default();
+        let public: std::net::SocketAddr = "0.0.0.0:9000".parse().unwrap();
+        let lan: std::net::SocketAddr = "10.1.2.3:9000".parse().unwrap();
+        let loopback: std::net::SocketAddr = "127.0.0.1:9000".parse().unwrap();
+        let v6_loopback: std::net::SocketAddr = "[::1]:9000".parse().unwrap();
+        let w = exposure_warning(&c, public).expect("a warning on 0.0.0.0");
+        assert!(w.contains("0.0.0.0:9000") && w.contains("admin.token") && w.contains("require_token"), "{w}");
+        assert!(!w.contains('\n'));
+        assert!(exposure_warning(&c, lan).is_some());
+        assert!(exposure_warning(&c, loopback).is_none());
+        assert!(exposure_warning(&c, v6_loopback).is_none());
+        c.admin.token = Some("t".into());
+        assert!(exposure_warning(&c, public).is_none());
+    }
+
+    #[test]
+    fn redaction_covers_user_only_urls() {
+        let mut v = json!({"workers": [{"url": "http://tok3n@h:1/"}], "list": ["http://u:pw@h"]});
+        redact(&mut v);
+        assert_eq!(v["workers"][0]["url"], "http://***@h:1/");
+        assert_eq!(v["list"][0], "http://u:***@h");
     }
 
     #[test]

@@ -7,7 +7,7 @@ use crate::state::AppState;
 use axum::extract::{Path, State};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use gateway_core::{ErrorKind, GatewayError};
+use gateway_core::{echo, ErrorKind, GatewayError};
 use serde_json::{json, Value};
 use std::sync::Arc;
 
@@ -19,7 +19,7 @@ pub fn routes() -> Router<Arc<AppState>> {
 /// One worker's breaker as JSON: state, counts, last transition.
 pub fn breaker_json(w: &crate::worker::Worker, enabled: bool) -> Value {
     let snap = w.breaker.lock().snapshot(std::time::Instant::now());
-    json!({"id": w.id, "worker": w.name, "url": w.spec.url, "enabled": enabled, "breaker": snap})
+    json!({"id": w.id, "worker": w.name, "url": w.spec.display_url(), "enabled": enabled, "breaker": snap})
 }
 
 async fn stats(State(app): State<Arc<AppState>>) -> Json<Value> {
@@ -37,9 +37,9 @@ async fn reset(
     let w = snap
         .fleet
         .find(&id)
-        .ok_or_else(|| ApiError(GatewayError::new(ErrorKind::NotFound, format!("no worker {id:?}"))))?;
+        .ok_or_else(|| ApiError(GatewayError::new(ErrorKind::NotFound, format!("no worker {:?}", echo(&id)))))?;
     let t = w.log_transition(w.breaker.lock().reset(std::time::Instant::now()));
-    app.metrics.count_transition(&w.spec.url, t);
+    app.metrics.count_transition(&w.name, t);
     tracing::info!(worker = %w.name, "circuit breaker reset by admin");
     Ok(Json(breaker_json(w, snap.config.circuit_breaker.enabled)))
 }

@@ -280,11 +280,58 @@ impl Default for RetryConfig {
 }
 
 /// `[admin]`.
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AdminConfig {
     /// When set, admin mutations need `Authorization: Bearer <token>` (or `X-Admin-Token`).
     pub token: Option<String>,
+    /// Refuse to start (and refuse a reload) without `token`: for deployments where an open admin API
+    /// must never happen by accident.
+    pub require_token: bool,
+}
+
+impl std::fmt::Debug for AdminConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminConfig")
+            .field("token", &self.token.as_ref().map(|_| REDACTED))
+            .field("require_token", &self.require_token)
+            .finish()
+    }
+}
+
+/// What a secret reads as once redacted (in `Debug`, `GET /api/config`, URLs shown or logged).
+pub const REDACTED: &str = "***";
+
+/// Where the userinfo of `url` lies (`user:pass` in `http://user:pass@host/`), as a byte range without
+/// the `@`. The authority ends at the first `/`, `?`, `#` or `\\` after `://`, and the userinfo is what
+/// precedes its last `@`, as WHATWG URL parsing has it; works on strings that do not parse, too.
+fn userinfo_span(url: &str) -> Option<std::ops::Range<usize>> {
+    let start = url.find("://")? + 3;
+    let rest = &url[start..];
+    let end = rest.find(['/', '?', '#', '\\']).unwrap_or(rest.len());
+    let at = rest[..end].rfind('@')?;
+    Some(start..start + at)
+}
+
+/// `url` fit to show, log or use as a label: a password becomes `***` (`http://user:***@host:8000/v1`),
+/// a lone user name too (it is often a token: `http://***@host`). Borrows when there is no userinfo.
+pub fn redact_url(url: &str) -> std::borrow::Cow<'_, str> {
+    let Some(span) = userinfo_span(url) else { return std::borrow::Cow::Borrowed(url) };
+    let userinfo = &url[span.clone()];
+    let shown = match userinfo.split_once(':') {
+        Some((user, _)) => format!("{user}:{REDACTED}"),
+        None => REDACTED.to_string(),
+    };
+    std::borrow::Cow::Owned(format!("{}{shown}{}", &url[..span.start], &url[span.end..]))
+}
+
+/// `url` without its userinfo and the `@` after it (what the gateway connects to: HTTP clients do not
+/// send URL credentials, and the connection pool would log them).
+pub fn strip_userinfo(url: &str) -> std::borrow::Cow<'_, str> {
+    match userinfo_span(url) {
+        Some(span) => std::borrow::Cow::Owned(format!("{}{}", &url[..span.start], &url[span.end + 1..])),
+        None => std::borrow::Cow::Borrowed(url),
+    }
 }
 
 /// `[server]`.
@@ -341,8 +388,8 @@ impl Default for UpstreamConfig {
     }
 }
 
-/// One `[[workers]]` entry.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// One `[[workers]]` entry. Its `Debug` redacts the URL's credentials and the API key.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WorkerConfig {
     /// Base URL, `http://host:port`.
@@ -367,8 +414,25 @@ pub struct WorkerConfig {
     pub health_path: Option<String>,
 }
 
+/// Longest configured worker name accepted (names are metric labels and log fields).
+pub const MAX_WORKER_NAME: usize = 128;
+
 fn one() -> u32 {
     1
+}
+
+impl std::fmt::Debug for WorkerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerConfig")
+            .field("url", &self.display_url())
+            .field("name", &self.name)
+            .field("weight", &self.weight)
+            .field("models", &self.models)
+            .field("max_concurrency", &self.max_concurrency)
+            .field("api_key", &self.api_key.as_ref().map(|_| REDACTED))
+            .field("health_path", &self.health_path)
+            .finish()
+    }
 }
 
 impl WorkerConfig {
@@ -385,15 +449,21 @@ impl WorkerConfig {
         }
     }
 
-    /// The configured name, else `host:port` of the URL.
+    /// The configured name, else `host:port` of the URL (never its credentials). This one name is the
+    /// worker's identity in the admin API, logs and every metric label.
     pub fn display_name(&self) -> String {
         if let Some(name) = &self.name {
             return name.clone();
         }
         match url::Url::parse(&self.url) {
             Ok(u) => format!("{}:{}", u.host_str().unwrap_or("?"), u.port_or_known_default().unwrap_or(80)),
-            Err(_) => self.url.clone(),
+            Err(_) => strip_userinfo(&self.url).into_owned(),
         }
+    }
+
+    /// The URL as it may be shown or logged: credentials redacted ([`redact_url`]).
+    pub fn display_url(&self) -> String {
+        redact_url(&self.url).into_owned()
     }
 }
 
@@ -519,25 +589,42 @@ impl Config {
     pub fn validate(&self) -> Result<(), String> {
         let mut names = std::collections::HashSet::new();
         for (i, w) in self.workers.iter().enumerate() {
-            let url =
-                url::Url::parse(&w.url).map_err(|e| format!("workers[{i}].url: {:?} is not a URL: {e}", w.url))?;
+            // Error messages are logged and answered: the URL in them is redacted and bounded.
+            let shown = gateway_core::echo(&w.display_url()).into_owned();
+            let url = url::Url::parse(&w.url).map_err(|e| format!("workers[{i}].url: {shown:?} is not a URL: {e}"))?;
             if url.scheme() != "http" {
-                return Err(format!("workers[{i}].url: {:?}: only http:// workers are supported", w.url));
+                return Err(format!("workers[{i}].url: {shown:?}: only http:// workers are supported"));
             }
             if url.host_str().is_none() {
-                return Err(format!("workers[{i}].url: {:?} has no host", w.url));
+                return Err(format!("workers[{i}].url: {shown:?} has no host"));
             }
             if w.weight == 0 {
                 return Err(format!("workers[{i}].weight: must be at least 1"));
             }
             if let Some(path) = w.health_path.as_deref().filter(|p| !valid_health_path(p)) {
                 return Err(format!(
-                    "workers[{i}].health_path: {path:?}: must be auto, none or a path starting with /"
+                    "workers[{i}].health_path: {:?}: must be auto, none or a path starting with /",
+                    gateway_core::echo(path)
                 ));
             }
-            if !names.insert(w.display_name()) {
-                return Err(format!("workers[{i}].name: {:?} is used twice", w.display_name()));
+            let name = w.display_name();
+            // The name is a metric label, a log field and a response header: short and printable.
+            let too_long = w.name.is_some() && name.chars().count() > MAX_WORKER_NAME;
+            if name.is_empty() || too_long || name.chars().any(char::is_control) {
+                let shown = gateway_core::echo(&name);
+                return Err(format!(
+                    "workers[{i}].name: {shown:?} must be 1 to {MAX_WORKER_NAME} characters without control characters"
+                ));
             }
+            if !names.insert(name) {
+                return Err(format!("workers[{i}].name: {:?} is used twice", gateway_core::echo(&w.display_name())));
+            }
+        }
+        if self.admin.token.as_deref().is_some_and(|t| t.trim().is_empty()) {
+            return Err("admin.token: must not be empty (unset it to leave the admin API open)".into());
+        }
+        if self.admin.require_token && self.admin.token.is_none() {
+            return Err("admin.require_token: true, but admin.token is not set".into());
         }
         if !valid_health_path(&self.health.path) {
             return Err(format!("health.path: {:?}: must be auto, none or a path starting with /", self.health.path));
@@ -742,6 +829,66 @@ mod tests {
         assert!(c.rate_limit.enabled);
         assert_eq!(c.routing.strategy, routing::Strategy::P2cKv);
         assert_eq!(c.routing.p2c.w_kv, 1.5);
+    }
+
+    #[test]
+    fn url_credentials_are_redacted_or_stripped() {
+        assert_eq!(redact_url("http://user:pw@h:8000/v1"), "http://user:***@h:8000/v1");
+        assert_eq!(redact_url("http://tok3n@h:8000"), "http://***@h:8000");
+        assert_eq!(redact_url("redis://:pw@h:6379/0"), "redis://:***@h:6379/0");
+        assert_eq!(redact_url("http://u:p@ss@h/"), "http://u:***@h/", "the last @ ends the userinfo");
+        assert_eq!(redact_url("http://h:1/path@x"), "http://h:1/path@x", "an @ in the path is no userinfo");
+        assert!(matches!(redact_url("http://h:1"), std::borrow::Cow::Borrowed("http://h:1")));
+        assert_eq!(redact_url("not a url u:p@h"), "not a url u:p@h");
+        assert_eq!(strip_userinfo("http://user:pw@h:8000/v1"), "http://h:8000/v1");
+        assert_eq!(strip_userinfo("http://h:8000"), "http://h:8000");
+        assert_eq!(strip_userinfo("ftp://u:p@h"), "ftp://h");
+    }
+
+    #[test]
+    fn debug_and_names_never_show_credentials() {
+        let mut w = WorkerConfig::from_url("http://user:s3cret-pw@gpu-a:8000/");
+        w.api_key = Some("sk-s3cret".into());
+        assert_eq!(w.display_name(), "gpu-a:8000");
+        assert_eq!(w.display_url(), "http://user:***@gpu-a:8000/");
+        let mut c = Config { workers: vec![w], ..Config::default() };
+        c.admin.token = Some("adm-s3cret".into());
+        let debug = format!("{c:?} {c:#?}");
+        assert!(!debug.contains("s3cret"), "{debug}");
+        assert!(debug.contains("user:***@gpu-a:8000") && debug.contains("require_token"), "{debug}");
+        // A URL that does not parse is named without its userinfo, and refused without showing it.
+        let broken = WorkerConfig::from_url("http://user:s3cret-pw@[bad/x");
+        assert!(!broken.display_name().contains("s3cret"));
+        let c = Config { workers: vec![broken], ..Config::default() };
+        let e = c.validate().unwrap_err();
+        assert!(e.starts_with("workers[0].url") && !e.contains("s3cret"), "{e}");
+    }
+
+    #[test]
+    fn admin_token_rules() {
+        let mut c = Config::default();
+        c.admin.require_token = true;
+        assert!(c.validate().unwrap_err().starts_with("admin.require_token"));
+        c.admin.token = Some(" ".into());
+        assert!(c.validate().unwrap_err().starts_with("admin.token"));
+        c.admin.token = Some("t".into());
+        assert!(c.validate().is_ok());
+        let e = load(&[("LLM_ADMIN_REQUIRE_TOKEN", "true")], &Overrides::default()).unwrap_err();
+        assert!(e.starts_with("admin.require_token"), "{e}");
+    }
+
+    #[test]
+    fn worker_names_are_short_and_printable() {
+        let named = |n: &str| {
+            let mut w = WorkerConfig::from_url("http://h:1");
+            w.name = Some(n.into());
+            Config { workers: vec![w], ..Config::default() }.validate()
+        };
+        assert!(named("gpu-a").is_ok());
+        for bad in ["", "a\nb", "\u{1b}[31m", &"n".repeat(MAX_WORKER_NAME + 1)] {
+            let e = named(bad).unwrap_err();
+            assert!(e.starts_with("workers[0].name") && !e.contains('\n') && e.len() < 400, "{e}");
+        }
     }
 
     #[test]

@@ -16,7 +16,8 @@
 //! buffer holds at most [`SERIES_LEN`] points. The sampler starts with the first page or socket of a
 //! gateway ([`ensure_sampler`]), holds only a `Weak` to it, and ends when it shuts down.
 //!
-//! Each socket has its own sender task; it ends when the client leaves, when a send stalls for
+//! A socket opened from another site's page is refused (403, [`crate::cross_site`]). Each socket has its
+//! own sender task; it ends when the client leaves, when a send stalls for
 //! [`SEND_TIMEOUT`], or when the gateway shuts down.
 
 use crate::admin;
@@ -77,7 +78,18 @@ async fn js() -> Response {
 // ---------------------------------------------------------------------------------------------------
 // WebSocket
 
-async fn ws(State(app): State<Arc<AppState>>, upgrade: WebSocketUpgrade) -> Response {
+/// The socket is refused (403) to another site's page: a WebSocket is not bound by CORS, and the snapshot
+/// is the admin view of the fleet.
+async fn ws(
+    State(app): State<Arc<AppState>>,
+    uri: http::Uri,
+    headers: http::HeaderMap,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    if let Err(e) = crate::cross_site::check_origin(&uri, &headers) {
+        tracing::warn!("dashboard socket refused: {}", e.message);
+        return crate::error::ApiError(e).into_response();
+    }
     ensure_sampler(&app);
     upgrade.on_upgrade(move |socket| push(app, socket))
 }

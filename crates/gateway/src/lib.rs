@@ -12,7 +12,8 @@
 //! - [`relay`], [`usage`]: the relayed response body that releases load when it ends.
 //! - [`metrics`]: every metric name.
 //! - [`server`]: the router (`app`) and the server lifecycle ([`server::Gateway`]).
-//! - [`admin`], [`breaker_api`], [`dashboard`]: the admin API and the live dashboard.
+//! - [`admin`], [`breaker_api`], [`dashboard`]: the admin API and the live dashboard; [`cross_site`]:
+//!   what keeps other sites' pages from using them.
 //! - [`reload`]: hot reload of the config (admin API, file change, `SIGHUP`).
 //! - [`demo`], [`cli`]: `--demo` workers and the command line (server flags and subcommands).
 
@@ -22,6 +23,7 @@ pub mod auth;
 pub mod breaker_api;
 pub mod cli;
 pub mod config;
+pub mod cross_site;
 pub mod dashboard;
 pub mod demo;
 pub mod error;

@@ -1,8 +1,10 @@
 //! Every metric the gateway exports, spelled in this one module.
 //!
-//! Labels come from bounded sets only: model names the fleet serves (else `unknown`), worker names and
-//! URLs from config, strategy names, status codes, outcome kinds, limit names. Never request ids or raw
-//! user input.
+//! Labels come from bounded sets only: model names the fleet serves (else `unknown`), worker names from
+//! config, strategy names, status codes, outcome kinds, limit names. Never request ids or raw user input.
+//!
+//! A worker has one identity in every metric: the label `worker`, its name (config `name`, else
+//! `host:port`, never its URL, which may carry credentials).
 
 use prometheus::core::Collector;
 use prometheus::{
@@ -20,6 +22,7 @@ const TTFT_BUCKETS: &[f64] = &[0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 
 pub struct Metrics {
     registry: Registry,
     names: Vec<String>,
+    labels: Vec<(String, Vec<String>)>,
     /// `llm_gateway_requests_total{model,status}`.
     pub requests: IntCounterVec,
     /// `llm_gateway_active_requests`.
@@ -42,21 +45,21 @@ pub struct Metrics {
     pub uptime: Gauge,
     /// `llm_gateway_prefix_index_entries`.
     pub prefix_index_entries: IntGauge,
-    /// `llm_worker_in_flight_requests{url}`.
+    /// `llm_worker_in_flight_requests{worker}`.
     pub worker_in_flight: IntGaugeVec,
-    /// `llm_worker_running_requests{url}`.
+    /// `llm_worker_running_requests{worker}`.
     pub worker_running: IntGaugeVec,
-    /// `llm_worker_waiting_requests{url}`.
+    /// `llm_worker_waiting_requests{worker}`.
     pub worker_waiting: IntGaugeVec,
-    /// `llm_worker_kv_cache_usage{url}`.
+    /// `llm_worker_kv_cache_usage{worker}`.
     pub worker_kv_usage: GaugeVec,
-    /// `llm_worker_healthy{url}`.
+    /// `llm_worker_healthy{worker}`.
     pub worker_healthy: IntGaugeVec,
-    /// `llm_circuit_breaker_state{url}`: 0 closed, 1 open, 2 half-open.
+    /// `llm_circuit_breaker_state{worker}`: 0 closed, 1 open, 2 half-open.
     pub breaker_state: IntGaugeVec,
-    /// `llm_circuit_breaker_failures_total{url}`.
+    /// `llm_circuit_breaker_failures_total{worker}`.
     pub breaker_failures: IntCounterVec,
-    /// `llm_circuit_breaker_transitions_total{url,to}`.
+    /// `llm_circuit_breaker_transitions_total{worker,to}`.
     pub breaker_transitions: IntCounterVec,
     /// `llm_gateway_queue_length{model}`.
     pub queue_length: IntGaugeVec,
@@ -77,11 +80,13 @@ pub struct Metrics {
 struct Registrar {
     registry: Registry,
     names: Vec<String>,
+    labels: Vec<(String, Vec<String>)>,
 }
 
 impl Registrar {
     fn add<C: Collector + Clone + 'static>(&mut self, c: C) -> Result<C, prometheus::Error> {
         self.names.extend(c.desc().iter().map(|d| d.fq_name.clone()));
+        self.labels.extend(c.desc().iter().map(|d| (d.fq_name.clone(), d.variable_labels.clone())));
         self.registry.register(Box::new(c.clone()))?;
         Ok(c)
     }
@@ -110,8 +115,8 @@ impl Registrar {
 impl Metrics {
     /// Creates and registers every metric.
     pub fn new() -> Result<Self, prometheus::Error> {
-        let mut r = Registrar { registry: Registry::new(), names: Vec::new() };
-        let url = &["url"];
+        let mut r = Registrar { registry: Registry::new(), names: Vec::new(), labels: Vec::new() };
+        let worker = &["worker"];
         Ok(Self {
             requests: r.counters(
                 "llm_gateway_requests_total",
@@ -150,29 +155,29 @@ impl Metrics {
             worker_in_flight: r.gauges(
                 "llm_worker_in_flight_requests",
                 "Requests the gateway has in flight on the worker",
-                url,
+                worker,
             )?,
-            worker_running: r.gauges("llm_worker_running_requests", "Running requests scraped from the worker", url)?,
-            worker_waiting: r.gauges("llm_worker_waiting_requests", "Waiting requests scraped from the worker", url)?,
+            worker_running: r.gauges("llm_worker_running_requests", "Running requests scraped from the worker", worker)?,
+            worker_waiting: r.gauges("llm_worker_waiting_requests", "Waiting requests scraped from the worker", worker)?,
             worker_kv_usage: r.add(GaugeVec::new(
                 Opts::new("llm_worker_kv_cache_usage", "KV-cache usage scraped from the worker, 0..1"),
-                url,
+                worker,
             )?)?,
-            worker_healthy: r.gauges("llm_worker_healthy", "1 when the worker passes its health probes", url)?,
+            worker_healthy: r.gauges("llm_worker_healthy", "1 when the worker passes its health probes", worker)?,
             breaker_state: r.gauges(
                 "llm_circuit_breaker_state",
                 "Circuit breaker state: 0 closed, 1 open, 2 half-open",
-                url,
+                worker,
             )?,
             breaker_failures: r.counters(
                 "llm_circuit_breaker_failures_total",
                 "Failures reported to the worker's breaker (connect errors, timeouts, 5xx, slow calls)",
-                url,
+                worker,
             )?,
             breaker_transitions: r.counters(
                 "llm_circuit_breaker_transitions_total",
                 "Circuit breaker state changes, by the state entered",
-                &["url", "to"],
+                &["worker", "to"],
             )?,
             queue_length: r.gauges(
                 "llm_gateway_queue_length",
@@ -201,6 +206,7 @@ impl Metrics {
                 "Rate-limit checks answered locally because Redis was unreachable",
             )?,
             names: std::mem::take(&mut r.names),
+            labels: std::mem::take(&mut r.labels),
             registry: r.registry,
         })
     }
@@ -209,6 +215,12 @@ impl Metrics {
     /// alerts are checked against it.
     pub fn names(&self) -> &[String] {
         &self.names
+    }
+
+    /// The label names of the metric family `name` (histograms add `le`), `None` for a name the gateway
+    /// does not export; dashboards are checked against them.
+    pub fn labels(&self, name: &str) -> Option<&[String]> {
+        self.labels.iter().find(|(n, _)| n == name).map(|(_, l)| l.as_slice())
     }
 
     /// The registry, for subsystems that register metrics of their own.
@@ -224,8 +236,8 @@ impl Metrics {
         String::from_utf8(buf).unwrap_or_default()
     }
 
-    /// Drops the per-worker series of a removed worker so they stop being exported.
-    pub fn forget_worker(&self, url: &str) {
+    /// Drops the per-worker series of a removed worker (by its name) so they stop being exported.
+    pub fn forget_worker(&self, worker: &str) {
         for g in [
             &self.worker_in_flight,
             &self.worker_running,
@@ -233,16 +245,19 @@ impl Metrics {
             &self.worker_healthy,
             &self.breaker_state,
         ] {
-            let _ = g.remove_label_values(&[url]);
+            let _ = g.remove_label_values(&[worker]);
         }
-        let _ = self.worker_kv_usage.remove_label_values(&[url]);
-        let _ = self.breaker_failures.remove_label_values(&[url]);
+        let _ = self.worker_kv_usage.remove_label_values(&[worker]);
+        let _ = self.breaker_failures.remove_label_values(&[worker]);
+        for to in [guard::StateName::Closed, guard::StateName::Open, guard::StateName::HalfOpen] {
+            let _ = self.breaker_transitions.remove_label_values(&[worker, to.as_str()]);
+        }
     }
 
-    /// Counts a breaker transition of the worker at `url`.
-    pub fn count_transition(&self, url: &str, t: Option<guard::Transition>) {
+    /// Counts a breaker transition of the worker named `worker`.
+    pub fn count_transition(&self, worker: &str, t: Option<guard::Transition>) {
         if let Some(t) = t {
-            self.breaker_transitions.with_label_values(&[url, t.to.as_str()]).inc();
+            self.breaker_transitions.with_label_values(&[worker, t.to.as_str()]).inc();
         }
     }
 }
@@ -259,5 +274,19 @@ mod tests {
             assert!(m.names().iter().any(|n| n == name), "{name}");
         }
         assert!(!m.render().contains("llm_rate_limiter_rejected_total{"), "no series yet");
+    }
+
+    #[test]
+    fn every_worker_metric_is_labelled_by_worker_name_only() {
+        let m = Metrics::new().expect("metrics register");
+        for name in m.names() {
+            let labels = m.labels(name).expect("labels of an exported name");
+            assert!(!labels.iter().any(|l| l == "url"), "{name} is labelled by url: {labels:?}");
+            if name.starts_with("llm_worker_") || name.starts_with("llm_circuit_breaker_") {
+                assert_eq!(labels.first().map(String::as_str), Some("worker"), "{name}: {labels:?}");
+            }
+        }
+        assert_eq!(m.labels("llm_gateway_upstream_outcomes_total"), Some(&["worker".to_string(), "outcome".into()][..]));
+        assert_eq!(m.labels("nope"), None);
     }
 }

@@ -72,12 +72,13 @@ impl Drop for Active {
     }
 }
 
-/// The client's `X-Request-Id` when it is a sane header value, else a new UUID.
+/// The client's `X-Request-Id` when it is a sane header value (short, nothing [`gateway_core::echo`]
+/// would escape, so it is logged as sent), else a new UUID.
 fn request_id(headers: &HeaderMap) -> Arc<str> {
     headers
         .get(&X_REQUEST_ID)
         .and_then(|v| v.to_str().ok())
-        .filter(|s| !s.is_empty() && s.len() <= MAX_REQUEST_ID)
+        .filter(|s| !s.is_empty() && s.len() <= MAX_REQUEST_ID && gateway_core::echo(s) == *s)
         .map(Arc::from)
         .unwrap_or_else(|| Arc::from(uuid::Uuid::new_v4().to_string()))
 }
@@ -104,7 +105,10 @@ async fn handle(
     check_content_type(&parts.headers).map_err(|e| (e, None))?;
     let mut bytes = read_body(body, &parts.headers, snap.config.server.max_body_bytes).await.map_err(|e| (e, None))?;
     let mut features = RequestFeatures::parse(&bytes, PrefixOptions::default())
-        .map_err(|e| (GatewayError::new(ErrorKind::InvalidJson, format!("invalid JSON body: {e}")), None))?;
+        .map_err(|e| {
+            let why = gateway_core::echo(&e.to_string()).into_owned();
+            (GatewayError::new(ErrorKind::InvalidJson, format!("invalid JSON body: {why}")), None)
+        })?;
     if let Some(t) = &tenant {
         features.priority = t.priority;
     }
@@ -252,7 +256,7 @@ fn check_content_type(headers: &HeaderMap) -> Result<(), GatewayError> {
     } else {
         Err(GatewayError::new(
             ErrorKind::UnsupportedContentType,
-            format!("Content-Type must be application/json, got {ct:?}"),
+            format!("Content-Type must be application/json, got {:?}", gateway_core::echo(ct)),
         ))
     }
 }
@@ -285,8 +289,12 @@ fn apply_headers(features: &mut RequestFeatures, headers: &HeaderMap) {
 fn resolve_model(snap: &Snapshot, features: &RequestFeatures) -> Result<Arc<str>, GatewayError> {
     match features.model.as_deref() {
         Some(model) if snap.fleet.knows_model(model) => Ok(Arc::from(model)),
-        Some(model) => Err(GatewayError::new(ErrorKind::ModelNotFound, format!("The model `{model}` does not exist."))
-            .with_param("model")),
+        // The name is the client's: bounded and escaped before it reaches the answer and the log line.
+        Some(model) => Err(GatewayError::new(
+            ErrorKind::ModelNotFound,
+            format!("The model `{}` does not exist.", gateway_core::echo(model)),
+        )
+        .with_param("model")),
         None => {
             let models = snap.fleet.healthy_models();
             let mut it = models.into_iter();
@@ -377,7 +385,7 @@ async fn dispatch(
         };
         let mut load = load.notify(&app.admission);
         attempts.tried.push(worker.id);
-        app.metrics.count_transition(&worker.spec.url, load.take_transition());
+        app.metrics.count_transition(&worker.name, load.take_transition());
         app.metrics.routing_decisions.with_label_values(&[snap.policy.name(), &worker.name]).inc();
         snap.policy.on_dispatch(features, worker.id);
         if cfg.rate_limit.enabled {
@@ -677,5 +685,9 @@ mod tests {
         assert_eq!(&*request_id(&h), "abc-1");
         h.insert(&X_REQUEST_ID, HeaderValue::from_str(&"x".repeat(500)).unwrap());
         assert_ne!(request_id(&h).len(), 500);
+        for forged in ["a\tb", "a\\nb"] {
+            h.insert(&X_REQUEST_ID, HeaderValue::from_str(forged).unwrap());
+            assert!(uuid::Uuid::parse_str(&request_id(&h)).is_ok(), "{forged:?} is replaced");
+        }
     }
 }

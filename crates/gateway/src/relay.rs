@@ -216,10 +216,10 @@ impl InFlight {
         let verdict = breaker_verdict(kind, condition);
         worker.record(&Outcome { kind: verdict, ..outcome }, now.into_std());
         if verdict.is_failure() {
-            m.breaker_failures.with_label_values(&[&worker.spec.url]).inc();
+            m.breaker_failures.with_label_values(&[&worker.name]).inc();
         }
         let transition = self.load.settle(verdict, now.into_std(), breaker_cfg);
-        m.count_transition(&worker.spec.url, transition);
+        m.count_transition(&worker.name, transition);
         m.upstream_outcomes.with_label_values(&[&worker.name, kind.as_str()]).inc();
         worker
     }

@@ -71,18 +71,18 @@ pub async fn update(
     app.snapshot.store(Arc::new(Snapshot { config: Arc::clone(&config), fleet: Arc::new(fleet), policy, auth }));
 
     for w in &added {
-        tracing::info!(worker = %w.name, url = %w.spec.url, "worker added");
+        tracing::info!(worker = %w.name, url = %w.spec.display_url(), "worker added");
     }
     for w in &removed {
-        tracing::info!(worker = %w.name, url = %w.spec.url, in_flight = w.view().in_flight, "worker removed");
+        tracing::info!(worker = %w.name, url = %w.spec.display_url(), in_flight = w.view().in_flight, "worker removed");
     }
     app.start_probes().await;
     app.stop_stale_probes();
     let now = app.snapshot.load();
     for w in &removed {
-        // A worker whose entry changed is replaced by one on the same URL: keep its series then.
-        if !now.fleet.workers.iter().any(|n| n.spec.url == w.spec.url) {
-            app.metrics.forget_worker(&w.spec.url);
+        // A worker whose entry changed is replaced by one of the same name: keep its series then.
+        if !now.fleet.workers.iter().any(|n| n.name == w.name) {
+            app.metrics.forget_worker(&w.name);
         }
     }
     tracing::info!(workers = now.fleet.workers.len(), strategy = now.policy.name(), "config reloaded");

@@ -66,11 +66,11 @@ async fn metrics(State(app): State<Arc<AppState>>) -> Response {
 }
 
 async fn not_found(uri: http::Uri) -> ApiError {
-    ApiError(GatewayError::new(ErrorKind::NotFound, format!("no route for {}", uri.path())))
+    ApiError(GatewayError::new(ErrorKind::NotFound, format!("no route for {}", gateway_core::echo(uri.path()))))
 }
 
 async fn method_not_allowed(method: http::Method, uri: http::Uri) -> Response {
-    let err = GatewayError::new(ErrorKind::InvalidJson, format!("method {method} is not allowed on {}", uri.path()))
+    let err = GatewayError::new(ErrorKind::InvalidJson, format!("method {} is not allowed on {}", gateway_core::echo(method.as_str()), gateway_core::echo(uri.path())))
         .with_code("method_not_allowed");
     let mut resp = ApiError(err).into_response();
     *resp.status_mut() = http::StatusCode::METHOD_NOT_ALLOWED;
@@ -96,6 +96,9 @@ impl Gateway {
     /// Serves on a listener the caller bound (tests bind `127.0.0.1:0` first: no port race).
     pub async fn serve(listener: TcpListener, config: Config) -> anyhow::Result<Gateway> {
         let addr = listener.local_addr()?;
+        if let Some(warning) = crate::admin::exposure_warning(&config, addr) {
+            tracing::warn!("{warning}");
+        }
         let state = AppState::new(config)?;
         state.start_probes().await;
         let router = app(Arc::clone(&state));

@@ -122,19 +122,19 @@ impl AppState {
         m.prefix_index_entries.set(snap.policy.memory_entries() as i64);
         self.admission.export(m);
         for w in &snap.fleet.workers {
-            let url = w.spec.url.as_str();
+            let name = w.name.as_str();
             let s = &w.stats;
-            m.worker_in_flight.with_label_values(&[url]).set(i64::from(s.in_flight.load(Ordering::Relaxed)));
-            m.worker_running.with_label_values(&[url]).set(i64::from(s.scraped_running.load(Ordering::Relaxed)));
-            m.worker_waiting.with_label_values(&[url]).set(i64::from(s.scraped_waiting.load(Ordering::Relaxed)));
-            m.worker_kv_usage.with_label_values(&[url]).set(s.kv_usage.get());
-            m.worker_healthy.with_label_values(&[url]).set(i64::from(s.healthy.load(Ordering::Relaxed)));
+            m.worker_in_flight.with_label_values(&[name]).set(i64::from(s.in_flight.load(Ordering::Relaxed)));
+            m.worker_running.with_label_values(&[name]).set(i64::from(s.scraped_running.load(Ordering::Relaxed)));
+            m.worker_waiting.with_label_values(&[name]).set(i64::from(s.scraped_waiting.load(Ordering::Relaxed)));
+            m.worker_kv_usage.with_label_values(&[name]).set(s.kv_usage.get());
+            m.worker_healthy.with_label_values(&[name]).set(i64::from(s.healthy.load(Ordering::Relaxed)));
             let state = match w.breaker.lock().state(std::time::Instant::now()).name() {
                 guard::StateName::Closed => 0,
                 guard::StateName::Open => 1,
                 guard::StateName::HalfOpen => 2,
             };
-            m.breaker_state.with_label_values(&[url]).set(state);
+            m.breaker_state.with_label_values(&[name]).set(state);
         }
     }
 }

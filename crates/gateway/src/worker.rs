@@ -131,7 +131,7 @@ pub struct Worker {
     pub name: String,
     /// The config entry it was built from.
     pub spec: WorkerConfig,
-    /// Base URL without a trailing slash.
+    /// Base URL without a trailing slash or credentials (what requests go to; never shown).
     pub base_url: String,
     /// `Authorization` header value sent upstream, when the worker has an API key.
     pub auth_header: Option<http::HeaderValue>,
@@ -163,7 +163,7 @@ impl Worker {
         Self {
             id,
             name: spec.display_name(),
-            base_url: spec.url.trim_end_matches('/').to_string(),
+            base_url: crate::config::strip_userinfo(&spec.url).trim_end_matches('/').to_string(),
             auth_header,
             models: ArcSwap::from_pointee(spec.models.clone()),
             spec,

@@ -24,7 +24,8 @@ async fn get(gw: &Gateway, path: &str) -> (u16, Value) {
 }
 
 async fn send(gw: &Gateway, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
-    let mut req = client().request(method, format!("{}{path}", gw.url()));
+    // Admin changes are JSON, with or without a body.
+    let mut req = client().request(method, format!("{}{path}", gw.url())).header("content-type", "application/json");
     if let Some(b) = body {
         req = req.json(&b);
     }
@@ -340,9 +341,9 @@ async fn admin_token_guards_mutations_and_config_is_redacted() {
     assert_eq!(resp.status(), 401);
     assert!(!gw.state.snapshot.load().fleet.workers[0].stats.draining.load(Ordering::Relaxed));
 
-    let resp = c.post(&drain).bearer_auth("s3cret-admin").send().await.unwrap();
+    let resp = c.post(&drain).bearer_auth("s3cret-admin").json(&json!({})).send().await.unwrap();
     assert_eq!(resp.status(), 200);
-    let resp = c.post(&undrain).header("x-admin-token", "s3cret-admin").send().await.unwrap();
+    let resp = c.post(&undrain).header("x-admin-token", "s3cret-admin").json(&json!({})).send().await.unwrap();
     assert_eq!(resp.status(), 200);
 
     // Reads stay open, and never show a secret.
@@ -440,6 +441,6 @@ async fn require_admin_middleware_guards_other_routers() {
     assert_eq!(resp.status(), 401);
     assert_eq!(resp.json::<Value>().await.unwrap()["error"]["code"], "unauthorized");
     assert_eq!(c.post(&url).bearer_auth("nope").send().await.unwrap().status(), 401);
-    let resp = c.post(&url).bearer_auth("mw-token").send().await.unwrap();
+    let resp = c.post(&url).bearer_auth("mw-token").header("content-type", "application/json").send().await.unwrap();
     assert_eq!((resp.status().as_u16(), resp.text().await.unwrap()), (200, "changed".to_string()));
 }

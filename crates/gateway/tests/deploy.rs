@@ -219,6 +219,68 @@ fn grafana_dashboard_queries_exported_metrics() {
     }
 }
 
+/// `(expr, legendFormat)` of every query target anywhere in a JSON document.
+fn targets(v: &Value, out: &mut Vec<(String, String)>) {
+    match v {
+        Value::Object(m) => {
+            if let Some(Value::String(e)) = m.get("expr") {
+                out.push((e.clone(), m.get("legendFormat").and_then(Value::as_str).unwrap_or("").to_string()));
+            }
+            m.values().for_each(|v| targets(v, out));
+        }
+        Value::Array(a) => a.iter().for_each(|v| targets(v, out)),
+        _ => {}
+    }
+}
+
+/// The label names inside every `by (...)` of a query.
+fn grouping_labels(expr: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = expr;
+    while let Some(i) = rest.find("by (") {
+        let after = &rest[i + 4..];
+        let end = after.find(')').unwrap_or(after.len());
+        out.extend(after[..end].split(',').map(|l| l.trim().to_string()).filter(|l| !l.is_empty()));
+        rest = &after[end..];
+    }
+    out
+}
+
+/// Every label the dashboard groups by or shows in a legend is one the queried gateway metrics carry (or
+/// one Prometheus adds): a renamed label (worker metrics moved from `url` to `worker`) cannot leave a
+/// panel silently empty.
+#[test]
+fn grafana_dashboard_groups_by_exported_labels() {
+    let dash: Value = serde_json::from_str(&read(DASHBOARD)).expect("dashboard JSON parses");
+    let metrics = llm_gateway::metrics::Metrics::new().expect("metrics register");
+    let mut all = Vec::new();
+    targets(&dash, &mut all);
+    assert!(all.len() >= 20, "expected the dashboard's queries, found {}", all.len());
+    assert_eq!(grouping_labels("sum by (worker, to) (x) / sum by (le) (y)"), ["worker", "to", "le"]);
+    let mut checked = 0;
+    let mut wrong = Vec::new();
+    for (expr, legend) in &all {
+        let names = metric_names(expr);
+        if names.iter().any(|n| n.starts_with("vllm:")) {
+            continue; // a worker's own metrics: their labels are vLLM's
+        }
+        let mut known: Vec<String> = ["le", "instance", "job"].map(String::from).to_vec();
+        for n in &names {
+            let family = ["_bucket", "_sum", "_count"].iter().find_map(|s| n.strip_suffix(s)).unwrap_or(n);
+            known.extend(metrics.labels(n).or(metrics.labels(family)).unwrap_or_default().iter().cloned());
+        }
+        let legend_labels = legend.split("{{").skip(1).filter_map(|p| p.split_once("}}")).map(|(l, _)| l.trim());
+        for label in grouping_labels(expr).iter().map(String::as_str).chain(legend_labels) {
+            checked += 1;
+            if !known.iter().any(|k| k == label) {
+                wrong.push(format!("{label} (in {expr} / {legend:?})"));
+            }
+        }
+    }
+    assert!(checked >= 10, "expected grouped queries, checked {checked} labels");
+    assert!(wrong.is_empty(), "the dashboard uses labels its metrics do not carry:\n{}", wrong.join("\n"));
+}
+
 #[test]
 fn config_examples_load() {
     let dir = root().join("config/examples");

@@ -195,7 +195,8 @@ async fn an_open_breaker_can_be_reset_by_the_admin() {
     assert!(body["error"]["message"].as_str().unwrap().contains("circuit breaker"), "{body}");
     let reset = format!("{}/api/circuit-breaker/sim-0/reset", gw.url());
     assert_eq!(client().post(&reset).send().await.unwrap().status(), 401);
-    let resp = client().post(&reset).bearer_auth("secret").send().await.unwrap();
+    let resp =
+        client().post(&reset).bearer_auth("secret").header("content-type", "application/json").send().await.unwrap();
     assert_eq!(resp.status(), 200);
     assert_eq!(breaker_state(&gw.url(), 0).await, "closed");
     sims[0].set_faults(Faults::default());

@@ -13,12 +13,15 @@ async fn call(remote: &Remote, method: reqwest::Method, path: &str, body: Option
         .timeout(Duration::from_secs(30))
         .build()
         .map_err(|e| format!("cannot build an HTTP client: {e}"))?;
-    let mut req = client.request(method, &url);
+    let mut req = client.request(method.clone(), &url);
     if let Some(token) = &remote.admin_token {
         req = req.bearer_auth(token);
     }
     if let Some(body) = body {
         req = req.json(body);
+    } else if method != reqwest::Method::GET {
+        // The gateway takes admin changes only as JSON (its guard against cross-site forms).
+        req = req.header(reqwest::header::CONTENT_TYPE, "application/json");
     }
     let resp = req.send().await.map_err(|e| format!("cannot reach {url}: {}", error_chain(&e)))?;
     let status = resp.status();
