@@ -277,14 +277,9 @@ async fn list_workers(State(app): State<Arc<AppState>>) -> Json<Value> {
 }
 
 fn find(app: &AppState, id: &str) -> Result<Arc<Worker>, ApiError> {
-    app.snapshot
-        .load()
-        .fleet
-        .find(id)
-        .cloned()
-        .ok_or_else(|| {
-            ApiError(GatewayError::new(ErrorKind::NotFound, format!("no worker named or numbered {:?}", echo(id))))
-        })
+    app.snapshot.load().fleet.find(id).cloned().ok_or_else(|| {
+        ApiError(GatewayError::new(ErrorKind::NotFound, format!("no worker named or numbered {:?}", echo(id))))
+    })
 }
 
 async fn one_worker(State(app): State<Arc<AppState>>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
@@ -296,8 +291,9 @@ fn bad_request(message: impl Into<String>) -> ApiError {
 }
 
 fn parse_json(body: &Bytes) -> Result<Value, ApiError> {
-    serde_json::from_slice(body)
-        .map_err(|e| ApiError(GatewayError::new(ErrorKind::InvalidJson, format!("body is not valid JSON: {}", echo(&e.to_string())))))
+    serde_json::from_slice(body).map_err(|e| {
+        ApiError(GatewayError::new(ErrorKind::InvalidJson, format!("body is not valid JSON: {}", echo(&e.to_string()))))
+    })
 }
 
 async fn add_worker(_: AdminAuth, State(app): State<Arc<AppState>>, body: Bytes) -> Result<Response, ApiError> {

@@ -157,8 +157,16 @@ impl Metrics {
                 "Requests the gateway has in flight on the worker",
                 worker,
             )?,
-            worker_running: r.gauges("llm_worker_running_requests", "Running requests scraped from the worker", worker)?,
-            worker_waiting: r.gauges("llm_worker_waiting_requests", "Waiting requests scraped from the worker", worker)?,
+            worker_running: r.gauges(
+                "llm_worker_running_requests",
+                "Running requests scraped from the worker",
+                worker,
+            )?,
+            worker_waiting: r.gauges(
+                "llm_worker_waiting_requests",
+                "Waiting requests scraped from the worker",
+                worker,
+            )?,
             worker_kv_usage: r.add(GaugeVec::new(
                 Opts::new("llm_worker_kv_cache_usage", "KV-cache usage scraped from the worker, 0..1"),
                 worker,
@@ -286,7 +294,10 @@ mod tests {
                 assert_eq!(labels.first().map(String::as_str), Some("worker"), "{name}: {labels:?}");
             }
         }
-        assert_eq!(m.labels("llm_gateway_upstream_outcomes_total"), Some(&["worker".to_string(), "outcome".into()][..]));
+        assert_eq!(
+            m.labels("llm_gateway_upstream_outcomes_total"),
+            Some(&["worker".to_string(), "outcome".into()][..])
+        );
         assert_eq!(m.labels("nope"), None);
     }
 }

@@ -104,11 +104,10 @@ async fn handle(
     let tenant = snap.auth.authenticate(&parts.headers).map_err(|e| (e, None))?;
     check_content_type(&parts.headers).map_err(|e| (e, None))?;
     let mut bytes = read_body(body, &parts.headers, snap.config.server.max_body_bytes).await.map_err(|e| (e, None))?;
-    let mut features = RequestFeatures::parse(&bytes, PrefixOptions::default())
-        .map_err(|e| {
-            let why = gateway_core::echo(&e.to_string()).into_owned();
-            (GatewayError::new(ErrorKind::InvalidJson, format!("invalid JSON body: {why}")), None)
-        })?;
+    let mut features = RequestFeatures::parse(&bytes, PrefixOptions::default()).map_err(|e| {
+        let why = gateway_core::echo(&e.to_string()).into_owned();
+        (GatewayError::new(ErrorKind::InvalidJson, format!("invalid JSON body: {why}")), None)
+    })?;
     if let Some(t) = &tenant {
         features.priority = t.priority;
     }

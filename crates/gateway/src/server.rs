@@ -70,8 +70,11 @@ async fn not_found(uri: http::Uri) -> ApiError {
 }
 
 async fn method_not_allowed(method: http::Method, uri: http::Uri) -> Response {
-    let err = GatewayError::new(ErrorKind::InvalidJson, format!("method {} is not allowed on {}", gateway_core::echo(method.as_str()), gateway_core::echo(uri.path())))
-        .with_code("method_not_allowed");
+    let err = GatewayError::new(
+        ErrorKind::InvalidJson,
+        format!("method {} is not allowed on {}", gateway_core::echo(method.as_str()), gateway_core::echo(uri.path())),
+    )
+    .with_code("method_not_allowed");
     let mut resp = ApiError(err).into_response();
     *resp.status_mut() = http::StatusCode::METHOD_NOT_ALLOWED;
     resp

@@ -53,7 +53,8 @@ async fn another_sites_page_cannot_change_an_open_admin_api() {
         (M::POST, "/api/circuit-breaker/sim-0/reset", ""),
     ];
     for (method, path, body) in forged {
-        let (code, e) = raw(&url, method.clone(), path, &[("origin", EVIL), ("content-type", "text/plain")], body).await;
+        let (code, e) =
+            raw(&url, method.clone(), path, &[("origin", EVIL), ("content-type", "text/plain")], body).await;
         assert_eq!((code, e["error"]["code"].as_str()), (403, Some("forbidden_origin")), "{method} {path}: {e}");
         // Even a JSON type is refused from another origin (a preflight would have been needed anyway)...
         let json_ct = [("origin", EVIL), ("content-type", "application/json")];
@@ -110,7 +111,10 @@ async fn an_admin_token_is_checked_after_the_origin_and_before_the_body_type() {
     let drain = "/api/workers/sim-0/drain";
     let m = reqwest::Method::POST;
     let auth = ("authorization", "Bearer tok-1");
-    assert_eq!(raw(&url, m.clone(), drain, &[auth, ("origin", EVIL), ("content-type", "application/json")], "").await.0, 403);
+    assert_eq!(
+        raw(&url, m.clone(), drain, &[auth, ("origin", EVIL), ("content-type", "application/json")], "").await.0,
+        403
+    );
     assert_eq!(raw(&url, m.clone(), drain, &[("content-type", "application/json")], "").await.0, 401);
     assert_eq!(raw(&url, m.clone(), drain, &[auth, ("content-type", "text/plain")], "").await.0, 400);
     assert_eq!(raw(&url, m.clone(), drain, &[auth, ("content-type", "application/json")], "").await.0, 200);
@@ -270,7 +274,8 @@ impl Drop for Binary {
 async fn worker_url_credentials_show_nowhere_not_even_in_the_trace_log() {
     const PW: &str = "pw-0f-the-w0rker";
     let sims = sims(2, |_| fast_sim()).await;
-    let with_creds = |s: &vllm_sim::SimHandle, user: &str| s.url().replacen("http://", &format!("http://{user}:{PW}@"), 1);
+    let with_creds =
+        |s: &vllm_sim::SimHandle, user: &str| s.url().replacen("http://", &format!("http://{user}:{PW}@"), 1);
     // One worker named by its URL (host:port), one named in the config; both carry a password.
     let unnamed = sims[0].url().trim_start_matches("http://").to_string();
     let config = format!(
