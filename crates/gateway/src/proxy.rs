@@ -460,7 +460,7 @@ async fn dispatch(
             Answer::Stalled { silent } => {
                 if breakers {
                     let transition = worker.trip_breaker(std::time::Instant::now());
-                    app.metrics.count_transition(&worker.spec.url, transition);
+                    app.metrics.count_transition(&worker.name, transition);
                 }
                 tracing::warn!(
                     worker = %worker.name,
