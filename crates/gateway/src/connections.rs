@@ -400,6 +400,9 @@ const FD_RECLAIM: usize = 16;
 /// An out-of-descriptors episode is over after this long without one.
 const FD_EPISODE: Duration = Duration::from_secs(1);
 
+/// How long a quiet connection asked to close may take to do so before it is dropped.
+const DRAIN_GRACE: Duration = Duration::from_secs(1);
+
 /// Accepts connections on `listener` and serves `router` on each until `stop` is cancelled; then
 /// stops accepting, lets every connection finish what it has in flight, and returns.
 pub async fn serve(listener: TcpListener, router: Router, app: Arc<AppState>, stop: CancellationToken) {
@@ -486,12 +489,21 @@ where
     builder.http2().enable_connect_protocol();
     let served = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(served);
+    // Set once the connection was asked to finish (shutdown, idle, reclaimed).
     let mut draining = false;
+    // When a quiet connection we asked to finish is dropped if hyper has not closed it by then.
+    let mut drop_by: Option<Instant> = None;
     loop {
-        let due = if draining { None } else { conn.due(&limits) };
+        let due = if !draining {
+            conn.due(&limits).map(|(at, _)| at)
+        } else if conn.in_flight.load(Ordering::Acquire) == 0 {
+            drop_by
+        } else {
+            None
+        };
         let deadline = async move {
             match due {
-                Some((at, _)) => tokio::time::sleep_until(at).await,
+                Some(at) => tokio::time::sleep_until(at).await,
                 None => std::future::pending().await,
             }
         };
@@ -509,23 +521,26 @@ where
             _ = conn.wake.notified() => {}
             _ = deadline => {}
         }
+        let now = Instant::now();
         if draining {
+            if drop_by.is_some_and(|at| at <= now) && conn.in_flight.load(Ordering::Acquire) == 0 {
+                return;
+            }
             continue;
         }
-        let expired = conn.due(&limits).filter(|(at, _)| *at <= Instant::now()).map(|(_, why)| why);
+        let expired = conn.due(&limits).filter(|(at, _)| *at <= now).map(|(_, why)| why);
         let reclaimed = conn.reclaimed.load(Ordering::Acquire) && conn.in_flight.load(Ordering::Acquire) == 0;
         match (expired, reclaimed) {
             (None, false) => {}
+            // Nothing in flight and the head incomplete: closing loses nothing.
+            (Some(Expiry::Header), _) => return,
             (why, _) => {
                 tracing::debug!(?why, reclaimed, "closing a quiet connection");
-                if conn.h2.load(Ordering::Acquire) {
-                    // GOAWAY: a stream the client is opening right now is still served.
-                    draining = true;
-                    served.as_mut().graceful_shutdown();
-                } else {
-                    // Nothing in flight on it: closing loses nothing.
-                    return;
-                }
+                // HTTP/1 closes at once once the last answer is written out; HTTP/2 sends GOAWAY and
+                // still serves a stream the client was opening.
+                draining = true;
+                drop_by = Some(now + DRAIN_GRACE);
+                served.as_mut().graceful_shutdown();
             }
         }
     }
