@@ -28,6 +28,8 @@ pub enum ErrorKind {
     UnsupportedContentType,
     /// The body is larger than `server.max_body_bytes`.
     BodyTooLarge,
+    /// The body did not arrive whole within `server.body_read_timeout_ms`.
+    RequestTimeout,
     /// The request named a model no worker serves.
     ModelNotFound,
     /// The request named no model and several are served.
@@ -54,6 +56,9 @@ pub enum ErrorKind {
     UpstreamTimeout,
     /// The gateway is shutting down and accepts no new requests.
     ShuttingDown,
+    /// The gateway holds as many connections or buffered body bytes as it may (`server.max_connections`,
+    /// `server.max_buffered_bytes`); the client should retry shortly.
+    ServerBusy,
     /// A bug or an unexpected state inside the gateway.
     Internal,
 }
@@ -79,6 +84,7 @@ impl ErrorKind {
             InvalidJson => (400, "invalid_request_error", "invalid_json", Side::Client),
             UnsupportedContentType => (400, "invalid_request_error", "invalid_content_type", Side::Client),
             BodyTooLarge => (413, "invalid_request_error", "request_too_large", Side::Client),
+            RequestTimeout => (408, "invalid_request_error", "request_timeout", Side::Client),
             ModelNotFound => (404, "invalid_request_error", "model_not_found", Side::Client),
             ModelRequired => (400, "invalid_request_error", "model_required", Side::Client),
             NoHealthyWorker => (503, "service_unavailable", "no_healthy_workers", Side::Internal),
@@ -92,6 +98,7 @@ impl ErrorKind {
             UpstreamUnavailable => (502, "upstream_error", "upstream_unavailable", Side::Upstream),
             UpstreamTimeout => (504, "upstream_error", "upstream_timeout", Side::Upstream),
             ShuttingDown => (503, "service_unavailable", "shutting_down", Side::Internal),
+            ServerBusy => (503, "service_unavailable", "server_busy", Side::Internal),
             Internal => (500, "internal_error", "internal_error", Side::Internal),
         };
         ErrorSpec { status, kind, code, side }
@@ -111,12 +118,14 @@ pub struct GatewayError {
     pub code: Option<&'static str>,
     /// Seconds a client should wait before retrying, for `Retry-After`.
     pub retry_after_secs: Option<u64>,
+    /// More response headers, name and value (a rate-limit refusal reports its `x-ratelimit-*` quota).
+    pub headers: Vec<(&'static str, String)>,
 }
 
 impl GatewayError {
     /// A new error of `kind` with a message.
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
-        Self { kind, message: message.into(), param: None, code: None, retry_after_secs: None }
+        Self { kind, message: message.into(), param: None, code: None, retry_after_secs: None, headers: Vec::new() }
     }
 
     /// Names the request parameter at fault.
@@ -134,6 +143,12 @@ impl GatewayError {
     /// Sets the `Retry-After` seconds.
     pub fn with_retry_after(mut self, secs: u64) -> Self {
         self.retry_after_secs = Some(secs);
+        self
+    }
+
+    /// Adds a response header (`name` in lower case).
+    pub fn with_header(mut self, name: &'static str, value: impl Into<String>) -> Self {
+        self.headers.push((name, value.into()));
         self
     }
 

@@ -62,11 +62,7 @@ pub fn check_admin(app: &AppState, method: &http::Method, headers: &http::Header
     }
     let snap = app.snapshot.load();
     let Some(expected) = snap.config.admin.token.as_deref() else { return Ok(()) };
-    let bearer = headers
-        .get(http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
-        .map(str::trim);
+    let bearer = crate::auth::bearer_token(headers);
     let header = headers.get(ADMIN_TOKEN_HEADER).and_then(|v| v.to_str().ok()).map(str::trim);
     let ok = [bearer, header].into_iter().flatten().any(|given| token_eq(given.as_bytes(), expected.as_bytes()));
     if ok {

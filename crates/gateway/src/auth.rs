@@ -63,13 +63,7 @@ impl Auth {
         if !self.enabled {
             return Ok(None);
         }
-        let presented = headers
-            .get(http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
-            .map(str::trim)
-            .filter(|k| !k.is_empty());
-        let Some(key) = presented else {
+        let Some(key) = bearer_token(headers) else {
             return Err(GatewayError::new(
                 ErrorKind::InvalidApiKey,
                 "You didn't provide an API key. Send it as `Authorization: Bearer <key>`.",
@@ -84,6 +78,16 @@ impl Auth {
             }
         }
     }
+}
+
+/// The credential of `Authorization: Bearer <token>`, the one parser for API keys and the admin token:
+/// the scheme in any case (RFC 9110 makes auth schemes case-insensitive: `bearer`, `BEARER`), the token
+/// trimmed; `None` when the header is absent, not UTF-8, another scheme, or has no token.
+pub fn bearer_token(headers: &http::HeaderMap) -> Option<&str> {
+    let value = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?.trim_start();
+    let (scheme, token) = value.split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }
 
 fn tenant(k: &ApiKeyConfig) -> Tenant {
@@ -126,11 +130,15 @@ mod tests {
     #[test]
     fn known_key_finds_its_tenant_and_others_are_401() {
         let auth = table();
-        let t = auth.authenticate(&headers("Bearer sk-gold")).expect("known").expect("enabled");
+        for scheme in ["Bearer", "bearer", "BEARER", "bEaReR"] {
+            let t = auth.authenticate(&headers(&format!("{scheme} sk-gold"))).expect("any case").expect("enabled");
+            assert_eq!(&*t.name, "gold", "{scheme}");
+        }
+        let t = auth.authenticate(&headers("Bearer   sk-gold ")).expect("known").expect("enabled");
         assert_eq!(&*t.name, "gold");
         assert_eq!(t.priority, Priority::High);
         assert_eq!(t.key_hash.len(), 8);
-        for bad in ["Bearer sk-golden", "Bearer ", "Basic sk-gold", "sk-gold"] {
+        for bad in ["Bearer sk-golden", "Bearer ", "Basic sk-gold", "sk-gold", "Bearersk-gold", "Bear sk-gold"] {
             let err = auth.authenticate(&headers(bad)).unwrap_err();
             assert_eq!(err.status(), 401, "{bad}");
             assert_eq!(err.body()["error"]["code"], "invalid_api_key");

@@ -346,11 +346,34 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     /// How long in-flight requests may take to finish after SIGTERM.
     pub shutdown_grace_secs: u64,
+    /// Longest a client may take to send a request's head (line and headers), counted from its first
+    /// byte; then the connection is closed.
+    pub header_read_timeout_ms: u64,
+    /// Longest a client may take to send a whole request body to `/v1/*`; then 408 `request_timeout`.
+    pub body_read_timeout_ms: u64,
+    /// Longest a connection may stay open with no request on it (keep-alive) before it is closed.
+    pub idle_timeout_ms: u64,
+    /// Most client connections open at once. Beyond it the connection idle the longest is closed to
+    /// make room, or, when none is idle, the new one gets 503 `server_busy` and is closed.
+    pub max_connections: usize,
+    /// Most request-body bytes held at once, over all requests being read or waiting to be forwarded;
+    /// beyond it, 503 `server_busy` with `Retry-After`.
+    pub max_buffered_bytes: usize,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        Self { host: "0.0.0.0".into(), port: 9000, max_body_bytes: 32 * 1024 * 1024, shutdown_grace_secs: 30 }
+        Self {
+            host: "0.0.0.0".into(),
+            port: 9000,
+            max_body_bytes: 32 * 1024 * 1024,
+            shutdown_grace_secs: 30,
+            header_read_timeout_ms: 10_000,
+            body_read_timeout_ms: 60_000,
+            idle_timeout_ms: 60_000,
+            max_connections: 4096,
+            max_buffered_bytes: 256 * 1024 * 1024,
+        }
     }
 }
 
@@ -632,7 +655,19 @@ impl Config {
         if self.server.max_body_bytes == 0 {
             return Err("server.max_body_bytes: must be at least 1".into());
         }
+        if self.server.max_connections == 0 {
+            return Err("server.max_connections: must be at least 1".into());
+        }
+        if self.server.max_buffered_bytes < self.server.max_body_bytes {
+            return Err(format!(
+                "server.max_buffered_bytes: {} is below server.max_body_bytes ({}): a body of the largest allowed size could never be read",
+                self.server.max_buffered_bytes, self.server.max_body_bytes
+            ));
+        }
         for (key, v) in [
+            ("server.header_read_timeout_ms", self.server.header_read_timeout_ms),
+            ("server.body_read_timeout_ms", self.server.body_read_timeout_ms),
+            ("server.idle_timeout_ms", self.server.idle_timeout_ms),
             ("upstream.connect_timeout_ms", self.upstream.connect_timeout_ms),
             ("upstream.first_byte_timeout_ms", self.upstream.first_byte_timeout_ms),
             ("upstream.stream_first_byte_timeout_ms", self.upstream.stream_first_byte_timeout_ms),

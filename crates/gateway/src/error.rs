@@ -20,6 +20,12 @@ impl IntoResponse for ApiError {
         if let Some(secs) = self.0.retry_after_secs {
             resp.headers_mut().insert(http::header::RETRY_AFTER, http::HeaderValue::from(secs));
         }
+        for (name, value) in &self.0.headers {
+            if let (Ok(n), Ok(v)) = (http::HeaderName::from_bytes(name.as_bytes()), http::HeaderValue::from_str(value))
+            {
+                resp.headers_mut().insert(n, v);
+            }
+        }
         resp
     }
 }

@@ -12,6 +12,8 @@
 //! - [`relay`], [`usage`]: the relayed response body that releases load when it ends.
 //! - [`metrics`]: every metric name.
 //! - [`server`]: the router (`app`) and the server lifecycle ([`server::Gateway`]).
+//! - [`connections`]: the accept loop and per-connection limits (timeouts, `max_connections`, out of
+//!   file descriptors); [`budget`]: the shared byte budget of buffered request bodies.
 //! - [`admin`], [`breaker_api`], [`dashboard`]: the admin API and the live dashboard; [`cross_site`]:
 //!   what keeps other sites' pages from using them.
 //! - [`reload`]: hot reload of the config (admin API, file change, `SIGHUP`).
@@ -21,8 +23,10 @@ pub mod admin;
 pub mod admission;
 pub mod auth;
 pub mod breaker_api;
+pub mod budget;
 pub mod cli;
 pub mod config;
+pub mod connections;
 pub mod cross_site;
 pub mod dashboard;
 pub mod demo;

@@ -2,6 +2,8 @@
 //! the answer. Failures before the first byte reaches the client are retried on another worker.
 
 use crate::admission::Reservation;
+use crate::budget::{ByteBudget, Held};
+use crate::config::ServerConfig;
 use crate::error::ApiError;
 use crate::relay::{status_label, InFlight, RelayBody};
 use crate::state::{AppState, Snapshot};
@@ -14,7 +16,7 @@ use gateway_core::request::PrefixOptions;
 use gateway_core::{ErrorKind, GatewayError, OutcomeKind, Priority, RequestFeatures};
 use http::header::{HeaderName, HeaderValue, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE};
 use http::{HeaderMap, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -103,7 +105,9 @@ async fn handle(
     // Unknown callers are turned away before their body is read.
     let tenant = snap.auth.authenticate(&parts.headers).map_err(|e| (e, None))?;
     check_content_type(&parts.headers).map_err(|e| (e, None))?;
-    let mut bytes = read_body(body, &parts.headers, snap.config.server.max_body_bytes).await.map_err(|e| (e, None))?;
+    // The body's bytes stay counted in `server.max_buffered_bytes` until this request is answered.
+    let (mut bytes, _buffered) =
+        read_body(body, &parts.headers, &snap.config.server, &app.body_budget).await.map_err(|e| (e, None))?;
     let mut features = RequestFeatures::parse(&bytes, PrefixOptions::default()).map_err(|e| {
         let why = gateway_core::echo(&e.to_string()).into_owned();
         (GatewayError::new(ErrorKind::InvalidJson, format!("invalid JSON body: {why}")), None)
@@ -260,19 +264,61 @@ fn check_content_type(headers: &HeaderMap) -> Result<(), GatewayError> {
     }
 }
 
-async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Bytes, GatewayError> {
+/// Reads the whole body, bounded three ways: `server.max_body_bytes` (413), `server.body_read_timeout_ms`
+/// (408: a client trickling its body cannot hold the request forever) and the bytes all bodies hold at
+/// once, `server.max_buffered_bytes` (503 `server_busy`). The bytes stay counted until the guard drops.
+async fn read_body(
+    mut body: Body,
+    headers: &HeaderMap,
+    server: &ServerConfig,
+    budget: &Arc<ByteBudget>,
+) -> Result<(Bytes, Held), GatewayError> {
+    let limit = server.max_body_bytes;
     let too_large = || {
         GatewayError::new(ErrorKind::BodyTooLarge, format!("request body is larger than the limit of {limit} bytes"))
+    };
+    let busy = || {
+        GatewayError::new(
+            ErrorKind::ServerBusy,
+            "the gateway is reading too many request bodies at once; retry shortly",
+        )
+        .with_retry_after(1)
     };
     let declared = headers.get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(too_large());
     }
-    match Limited::new(body, limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(too_large()),
-        Err(e) => Err(GatewayError::new(ErrorKind::InvalidJson, format!("could not read the request body: {e}"))),
+    // A declared length is taken up front: refused at once rather than after most of it arrived.
+    let declared = declared.map_or(0, |n| n as usize);
+    let mut held = budget.take(declared, server.max_buffered_bytes).ok_or_else(busy)?;
+    let timeout = Duration::from_millis(server.body_read_timeout_ms);
+    let deadline = Instant::now() + timeout;
+    let mut buf = bytes::BytesMut::with_capacity(declared);
+    loop {
+        let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+            Err(_) => {
+                return Err(GatewayError::new(
+                    ErrorKind::RequestTimeout,
+                    format!("the request body did not arrive within {} ms", timeout.as_millis()),
+                ))
+            }
+            Ok(None) => break,
+            Ok(Some(Err(e))) => {
+                return Err(GatewayError::new(ErrorKind::InvalidJson, format!("could not read the request body: {e}")))
+            }
+            Ok(Some(Ok(frame))) => frame,
+        };
+        let Ok(data) = frame.into_data() else { continue };
+        let total = buf.len() + data.len();
+        if total > limit {
+            return Err(too_large());
+        }
+        if !held.grow_to(total, server.max_buffered_bytes) {
+            return Err(busy());
+        }
+        buf.extend_from_slice(&data);
     }
+    Ok((buf.freeze(), held))
 }
 
 fn apply_headers(features: &mut RequestFeatures, headers: &HeaderMap) {
@@ -660,6 +706,60 @@ mod tests {
         assert!(check_content_type(&h).is_ok());
         h.insert(CONTENT_TYPE, HeaderValue::from_static("application/x-www-form-urlencoded"));
         assert_eq!(check_content_type(&h).unwrap_err().status(), 400);
+    }
+
+    fn server(max_body_bytes: usize, max_buffered_bytes: usize) -> ServerConfig {
+        ServerConfig { max_body_bytes, max_buffered_bytes, ..ServerConfig::default() }
+    }
+
+    fn chunks(parts: Vec<&'static [u8]>, then_stall: bool) -> Body {
+        let sent =
+            futures_util::stream::iter(parts.into_iter().map(|p| Ok::<_, std::io::Error>(Bytes::from_static(p))));
+        if then_stall {
+            Body::from_stream(futures_util::StreamExt::chain(sent, futures_util::stream::pending()))
+        } else {
+            Body::from_stream(sent)
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_not_whole_within_the_body_timeout_is_408() {
+        let budget = ByteBudget::new();
+        let started = Instant::now();
+        let err = read_body(chunks(vec![b"{\"model\"", b":"], true), &HeaderMap::new(), &server(1024, 4096), &budget)
+            .await
+            .unwrap_err();
+        assert_eq!(started.elapsed(), Duration::from_millis(ServerConfig::default().body_read_timeout_ms));
+        assert_eq!(err.status(), 408);
+        assert_eq!(err.body()["error"]["code"], "request_timeout");
+        assert_eq!(budget.used(), 0, "a failed read gives its bytes back");
+    }
+
+    #[tokio::test]
+    async fn bodies_share_one_byte_budget() {
+        let budget = ByteBudget::new();
+        let cfg = server(100, 150);
+        let mut declared = HeaderMap::new();
+        declared.insert(CONTENT_LENGTH, HeaderValue::from(100));
+        let (bytes, held) = read_body(Body::from(vec![b'x'; 100]), &declared, &cfg, &budget).await.unwrap();
+        assert_eq!((bytes.len(), budget.used()), (100, 100), "held until the request is answered");
+        // A declared length that does not fit is refused before a byte is read.
+        let err = read_body(chunks(vec![], true), &declared, &cfg, &budget).await.unwrap_err();
+        assert_eq!((err.status(), err.retry_after_secs), (503, Some(1)));
+        assert_eq!(err.body()["error"]["code"], "server_busy");
+        // Without a length, chunks are counted as they arrive.
+        let err = read_body(chunks(vec![&[b'y'; 30], &[b'y'; 30]], false), &HeaderMap::new(), &cfg, &budget)
+            .await
+            .unwrap_err();
+        assert_eq!(err.body()["error"]["code"], "server_busy");
+        assert_eq!(budget.used(), 100, "the refused bodies hold nothing");
+        drop(held);
+        let (bytes, _held) =
+            read_body(chunks(vec![&[b'y'; 30], &[b'y'; 30]], false), &HeaderMap::new(), &cfg, &budget).await.unwrap();
+        assert_eq!((bytes.len(), budget.used()), (60, 60));
+        let err =
+            read_body(Body::from(vec![b'x'; 101]), &HeaderMap::new(), &cfg, &ByteBudget::new()).await.unwrap_err();
+        assert_eq!(err.status(), 413, "max_body_bytes still applies");
     }
 
     #[test]

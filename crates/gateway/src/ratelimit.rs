@@ -177,12 +177,14 @@ impl RateLimiter {
             Err((code, retry_after)) => {
                 metrics.rate_limiter_rejected.with_label_values(&[code]).inc();
                 let secs = retry_after.as_secs_f64().ceil().max(1.0) as u64;
-                Err(GatewayError::new(
+                let mut err = GatewayError::new(
                     ErrorKind::RateLimited,
                     format!("Rate limit reached: {}. Retry in {secs}s.", describe(code)),
                 )
                 .with_code(code)
-                .with_retry_after(secs))
+                .with_retry_after(secs);
+                err.headers = refusal_headers(code, &limits, retry_after);
+                Err(err)
             }
         }
     }
@@ -365,6 +367,31 @@ fn describe(code: &str) -> &'static str {
     }
 }
 
+/// OpenAI's `x-ratelimit-*` headers on a refusal: the limit that refused, nothing left of it, and when
+/// it has room again (the same moment as `Retry-After`).
+fn refusal_headers(code: &str, l: &Limits, retry_after: Duration) -> Vec<(&'static str, String)> {
+    let reset = format_duration(retry_after);
+    let (kind, limit) = match code {
+        "per_user_tpm" => ("tokens", l.tpm),
+        "per_user_rpm" => ("requests", l.rpm),
+        "per_user_rpd" => ("requests", l.rpd),
+        _ => ("requests", l.burst as u64),
+    };
+    if kind == "tokens" {
+        vec![
+            ("x-ratelimit-limit-tokens", limit.to_string()),
+            ("x-ratelimit-remaining-tokens", "0".into()),
+            ("x-ratelimit-reset-tokens", reset),
+        ]
+    } else {
+        vec![
+            ("x-ratelimit-limit-requests", limit.to_string()),
+            ("x-ratelimit-remaining-requests", "0".into()),
+            ("x-ratelimit-reset-requests", reset),
+        ]
+    }
+}
+
 /// Sets OpenAI's `x-ratelimit-*` headers from a quota.
 pub fn set_headers(headers: &mut http::HeaderMap, q: &Quota) {
     let mut put = |name: &'static str, value: String| {
@@ -417,6 +444,10 @@ mod tests {
         assert_eq!(err.body()["error"]["code"], "per_user_rpm");
         assert_eq!(err.body()["error"]["type"], "rate_limit_exceeded");
         assert!(err.retry_after_secs.is_some_and(|s| s >= 1));
+        let header = |name: &str| err.headers.iter().find(|(n, _)| *n == name).map(|(_, v)| v.clone());
+        assert_eq!(header("x-ratelimit-limit-requests").as_deref(), Some("2"), "the 429 reports its limit");
+        assert_eq!(header("x-ratelimit-remaining-requests").as_deref(), Some("0"));
+        assert!(header("x-ratelimit-reset-requests").is_some());
         assert!(rl.check(&cfg(), &m, None, Some("bob"), 10).await.is_ok(), "bob has his own bucket");
     }
 

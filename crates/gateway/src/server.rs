@@ -1,4 +1,5 @@
-//! The HTTP surface (`app`) and the server's lifecycle (`Gateway::start`, graceful shutdown).
+//! The HTTP surface (`app`) and the server's lifecycle (`Gateway::start`, graceful shutdown); the
+//! connections themselves are accepted and bounded in [`crate::connections`].
 
 use crate::config::Config;
 use crate::error::ApiError;
@@ -85,7 +86,7 @@ pub struct Gateway {
     /// Shared state (tests and the admin API read it).
     pub state: Arc<AppState>,
     addr: SocketAddr,
-    server: JoinHandle<std::io::Result<()>>,
+    server: JoinHandle<()>,
 }
 
 impl Gateway {
@@ -109,15 +110,7 @@ impl Gateway {
         // The dashboard's charts have history from the start, not from the first page view.
         crate::dashboard::ensure_sampler(&state);
         let stop = state.shutdown.clone();
-        // TCP_NODELAY on accepted sockets: streamed chunks must leave at once, not wait for Nagle.
-        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-            let _ = tcp.set_nodelay(true);
-        });
-        let server = tokio::spawn(async move {
-            axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())
-                .with_graceful_shutdown(async move { stop.cancelled().await })
-                .await
-        });
+        let server = tokio::spawn(crate::connections::serve(listener, router, Arc::clone(&state), stop));
         tracing::info!(%addr, "llm-gateway listening");
         Ok(Gateway { state, addr, server })
     }

@@ -44,6 +44,10 @@ pub struct AppState {
     pub admission: Arc<crate::admission::Admission>,
     /// The rate limiter (replaced when its backend changes).
     pub limiter: ArcSwap<crate::ratelimit::RateLimiter>,
+    /// Bytes of request bodies held now, bounded by `server.max_buffered_bytes`.
+    pub body_budget: Arc<crate::budget::ByteBudget>,
+    /// Open client connections, bounded by `server.max_connections`.
+    pub connections: Arc<crate::connections::Connections>,
     next_worker_id: AtomicU64,
     probes: Mutex<HashMap<WorkerId, CancellationToken>>,
 }
@@ -62,6 +66,8 @@ impl AppState {
             admission,
             client: upstream::client(&config.upstream),
             limiter: ArcSwap::new(crate::ratelimit::RateLimiter::new(&config.rate_limit)),
+            body_budget: crate::budget::ByteBudget::new(),
+            connections: crate::connections::Connections::new(),
             snapshot: ArcSwap::from_pointee(Snapshot {
                 auth: Arc::new(crate::auth::Auth::from_config(&config.auth).map_err(anyhow::Error::msg)?),
                 config: Arc::new(config),
