@@ -111,17 +111,20 @@ fn load(w: &WorkerView) -> u64 {
 }
 
 impl State {
-    /// Applies a capacity the engine reports for `w` (only when it changed: a pick stays cheap).
-    fn sync_capacity(&mut self, w: &WorkerView) {
+    /// Applies a capacity the engine reports for `w` (only when it changed: a pick stays cheap);
+    /// whether it changed.
+    fn sync_capacity(&mut self, w: &WorkerView) -> bool {
         if w.cache_tokens == 0 {
-            return;
+            return false;
         }
-        let Some(m) = self.workers.get_mut(&w.id) else { return };
-        if m.engine_cache_tokens != w.cache_tokens {
-            m.engine_cache_tokens = w.cache_tokens;
-            let entries = w.cache_tokens / self.chunk_tokens.max(1);
-            self.index.set_capacity(w.id, Some(usize::try_from(entries).unwrap_or(usize::MAX).max(1)));
+        let Some(m) = self.workers.get_mut(&w.id) else { return false };
+        if m.engine_cache_tokens == w.cache_tokens {
+            return false;
         }
+        m.engine_cache_tokens = w.cache_tokens;
+        let entries = w.cache_tokens / self.chunk_tokens.max(1);
+        self.index.set_capacity(w.id, Some(usize::try_from(entries).unwrap_or(usize::MAX).max(1)));
+        true
     }
 
     /// Learns the capacity of a worker without an engine-reported one from one request's cache report.
@@ -237,9 +240,11 @@ impl Policy for P2cKv {
         // own match is re-read after its sync below).
         let mut holders = [usize::MAX; MAX_HOLDERS];
         let mut n_holders = 0;
+        let mut depth = 0;
         if !hashes.is_empty() {
             let position = |id: WorkerId| candidates.iter().position(|w| w.id == id).filter(|&i| allowed(i));
-            let (depth, ids) = st.index.deepest(hashes, |id| position(id).is_some());
+            let (d, ids) = st.index.deepest(hashes, |id| position(id).is_some());
+            depth = d;
             if depth > 0 {
                 for i in ids.filter_map(position).take(MAX_HOLDERS) {
                     holders[n_holders] = i;
@@ -247,11 +252,16 @@ impl Policy for P2cKv {
                 }
             }
         }
+        let draws = [Some(a), b].into_iter().flatten().map(|i| (i, false));
         let mut best = (a, f64::INFINITY);
-        for i in [Some(a), b].into_iter().flatten().chain(holders[..n_holders].iter().copied()) {
+        for (i, holder) in draws.chain(holders[..n_holders].iter().map(|&i| (i, true))) {
             let w = &candidates[i];
-            st.sync_capacity(w);
-            let matched = if hashes.is_empty() { 0 } else { st.index.match_len(w.id, hashes) };
+            let resized = st.sync_capacity(w);
+            let matched = match (hashes.is_empty(), holder && !resized) {
+                (true, _) => 0,
+                (false, true) => depth,
+                (false, false) => st.index.match_len(w.id, hashes),
+            };
             let cost = self.cost(req, w, st.workers.get(&w.id).map(|m| &m.rates), matched);
             // Within `TIE_MS` the model cannot tell them apart: the less loaded wins (p2c's balance),
             // then the first random draw (which keeps exact ties random).
