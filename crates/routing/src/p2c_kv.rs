@@ -58,9 +58,10 @@
 //!   `--enable-prompt-tokens-details`; vllm-sim always does); `ttft` only for streams (as today: a
 //!   non-streamed body's first byte is its end). Without `cached_tokens` the capacity is not learned;
 //!   without either token count the prefill rate stays at its prior.
-//! - Admission hand-off: when a slot frees on worker W, pop the queue with
-//!   `guard::AdmissionQueue::pop_preferring(now, accept, |waiter| matched tokens of waiter on W)`, the
-//!   score coming from [`P2cKv::cached_tokens`].
+//! - Admission hand-off: keep the waiter's `Arc<RequestFeatures>` in `admission::Waiter`; in
+//!   `Admission::dispatch_to(queue, W)` pop with `waiting.pop_preferring(now, |_| true, |w|
+//!   policy.predicted_cached_tokens(&w.features, W.id))` instead of `pop(now)`. The policy's lock is
+//!   taken inside the queue's and never the other way round, so the order is safe.
 
 use crate::config::{P2cConfig, PrefixConfig};
 use crate::policy::Policy;
@@ -169,13 +170,6 @@ impl P2cKv {
         self.state.lock().index.entries()
     }
 
-    /// Prompt tokens of `req` the cache model says `worker` holds: the hand-off score of the admission
-    /// queue (prefer the waiter whose prompt the freed worker holds).
-    pub fn cached_tokens(&self, req: &RequestFeatures, worker: WorkerId) -> u64 {
-        let matched = self.state.lock().index.match_len(worker, &req.prefix_hashes);
-        req.tokens_in_hashes(matched)
-    }
-
     /// The worker's modelled cache capacity in tokens, `None` when unknown (for tests and the admin API).
     pub fn cache_capacity_tokens(&self, worker: WorkerId) -> Option<u64> {
         let st = self.state.lock();
@@ -271,6 +265,11 @@ impl Policy for P2cKv {
             }
         }
         Some(best.0)
+    }
+
+    fn predicted_cached_tokens(&self, req: &RequestFeatures, worker: WorkerId) -> u64 {
+        let matched = self.state.lock().index.match_len(worker, &req.prefix_hashes);
+        req.tokens_in_hashes(matched)
     }
 
     fn on_dispatch(&self, req: &RequestFeatures, worker: WorkerId) -> Option<u32> {
@@ -408,7 +407,7 @@ mod tests {
         assert_eq!(c[11], 200, "{c:?}");
         assert_eq!(p.entries(), 32);
         assert_eq!(p.on_dispatch(&req(30, 2, 2), 11), Some(30 * 32), "the prediction handed to the outcome");
-        assert_eq!(p.cached_tokens(&req(30, 5, 3), 11), 30 * 32);
+        assert_eq!(p.predicted_cached_tokens(&req(30, 5, 3), 11), 30 * 32);
     }
 
     #[test]
@@ -510,15 +509,15 @@ mod tests {
         let (a, b) = (req(8, 0, 0), req(0, 8, 1));
         p.on_dispatch(&a, 3);
         p.on_dispatch(&b, 3);
-        assert_eq!(p.cached_tokens(&a, 3), 256);
+        assert_eq!(p.predicted_cached_tokens(&a, 3), 256);
         // vLLM says worker 3 holds 320 tokens (10 chunks): `a`, the least recent, is mostly gone.
         ws[3].cache_tokens = 320;
         p.predicted_ttft_ms(&a, &ws[3]);
         assert_eq!(p.cache_capacity_tokens(3), Some(320));
-        assert_eq!((p.cached_tokens(&a, 3), p.cached_tokens(&b, 3)), (2 * 32, 256));
+        assert_eq!((p.predicted_cached_tokens(&a, 3), p.predicted_cached_tokens(&b, 3)), (2 * 32, 256));
         // So `a` no longer sticks to worker 3 for want of a cache that is not there.
         p.on_dispatch(&req(0, 8, 2), 3);
-        assert_eq!(p.cached_tokens(&a, 3), 0);
+        assert_eq!(p.predicted_cached_tokens(&a, 3), 0);
         let c = counts(&p, &a, &ws, 400, 12);
         assert!(c.iter().all(|&n| n > 50), "{c:?}");
         // An engine-reported capacity is not second-guessed by the hit reports.

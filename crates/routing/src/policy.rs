@@ -24,6 +24,13 @@ pub trait Policy: Send + Sync {
         None
     }
 
+    /// Prompt tokens of `req` the policy predicts `worker` holds in its prefix cache (0 for policies
+    /// that model no cache): the admission queue's hand-off score, so a freed worker prefers the waiter
+    /// whose prompt it holds (`guard::AdmissionQueue::pop_preferring`).
+    fn predicted_cached_tokens(&self, _req: &RequestFeatures, _worker: WorkerId) -> u64 {
+        0
+    }
+
     /// Told when a request finished on a worker (feeds learned estimates).
     fn observe(&self, _outcome: &Outcome) {}
 
