@@ -157,11 +157,7 @@ impl State {
 impl P2cKv {
     /// A policy with these priors and a prefix index bounded by `prefix.max_entries`.
     pub fn new(cfg: P2cConfig, prefix: &PrefixConfig) -> Self {
-        let state = State {
-            index: PrefixIndex::new(prefix.max_entries),
-            workers: IdMap::default(),
-            chunk_tokens: 32,
-        };
+        let state = State { index: PrefixIndex::new(prefix.max_entries), workers: IdMap::default(), chunk_tokens: 32 };
         Self { priors: cfg.priors(), cfg, default_cache_tokens: prefix.cache_tokens, state: Mutex::new(state) }
     }
 
@@ -345,7 +341,12 @@ mod tests {
     fn req(shared: u64, own: u64, tag: u64) -> RequestFeatures {
         let mut hashes: Vec<u64> = (0..shared).map(|i| 1000 + i).collect();
         hashes.extend((0..own).map(|i| (tag << 32) + i));
-        RequestFeatures { prompt_chars: hashes.len() * 128, prefix_hashes: hashes, chunk_bytes: 128, ..Default::default() }
+        RequestFeatures {
+            prompt_chars: hashes.len() * 128,
+            prefix_hashes: hashes,
+            chunk_bytes: 128,
+            ..Default::default()
+        }
     }
 
     fn counts(p: &P2cKv, r: &RequestFeatures, ws: &[WorkerView], draws: usize, seed: u64) -> Vec<usize> {

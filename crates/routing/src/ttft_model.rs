@@ -119,7 +119,8 @@ impl WorkerRates {
         }
         let (mu, mt) = (self.su / self.w, self.st / self.w);
         let var = self.suu / self.w - mu * mu;
-        let slope = if var >= MIN_SPREAD { ((self.sut / self.w - mu * mt) / var).max(0.0) } else { p.prefill_ms_per_token };
+        let slope =
+            if var >= MIN_SPREAD { ((self.sut / self.w - mu * mt) / var).max(0.0) } else { p.prefill_ms_per_token };
         ((mt - slope * mu).max(0.0), slope)
     }
 
