@@ -273,8 +273,8 @@ impl Policy for P2cKv {
         if req.chunk_bytes > 0 {
             st.chunk_tokens = (req.chunk_bytes as u64).div_ceil(4).max(1);
         }
-        if !st.workers.contains_key(&worker) {
-            st.workers.insert(worker, WorkerModel::default());
+        if let std::collections::hash_map::Entry::Vacant(slot) = st.workers.entry(worker) {
+            slot.insert(WorkerModel::default());
             if self.default_cache_tokens > 0 {
                 let entries = self.default_cache_tokens / st.chunk_tokens;
                 st.index.set_capacity(worker, Some(usize::try_from(entries).unwrap_or(usize::MAX).max(1)));

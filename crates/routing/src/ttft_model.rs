@@ -161,7 +161,8 @@ pub fn slot_wait_ms(w: &WorkerView, service_ms: f64) -> f64 {
 
 /// The KV barrier, ms: 0 below `knee`, `service * x² / (1 - x)` above (see the module docs).
 pub fn kv_barrier_ms(kv_usage: f64, knee: f64, service_ms: f64) -> f64 {
-    if !(kv_usage > knee) || knee >= 1.0 {
+    // Written to be false for NaN usage too.
+    if kv_usage.is_nan() || kv_usage <= knee || knee >= 1.0 {
         return 0.0;
     }
     // Capped short of 1 so a worker reporting a full cache is very expensive, not infinite.
