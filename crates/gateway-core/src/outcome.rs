@@ -55,9 +55,42 @@ pub struct Outcome {
     pub latency: Duration,
     /// Completion tokens produced, when known (usage), else an estimate from chunks.
     pub output_tokens: u32,
+    /// Prompt tokens: the worker's `usage.prompt_tokens` when it reported usage, else the request's
+    /// estimate ([`crate::RequestFeatures::prompt_tokens`]); 0 when neither is known.
+    pub prompt_tokens: u32,
+    /// Prompt tokens the worker served from its prefix cache, when it said so
+    /// (`usage.prompt_tokens_details.cached_tokens`).
+    pub cached_tokens: Option<u32>,
+    /// Prompt tokens the routing policy predicted the worker held when the request was dispatched
+    /// (what `Policy::on_dispatch` returned), when it made a prediction.
+    pub predicted_cached_tokens: Option<u32>,
 }
 
 impl Outcome {
+    /// An outcome with only the always-known fields set; token details unknown.
+    pub fn new(worker: WorkerId, kind: OutcomeKind, ttft: Option<Duration>, latency: Duration) -> Self {
+        Self {
+            worker,
+            kind,
+            ttft,
+            latency,
+            output_tokens: 0,
+            prompt_tokens: 0,
+            cached_tokens: None,
+            predicted_cached_tokens: None,
+        }
+    }
+
+    /// Prompt tokens the worker had to prefill: what it reported cached, else what the policy
+    /// predicted, taken off the prompt; `None` when neither is known or the prompt size is unknown.
+    pub fn uncached_tokens(&self) -> Option<u32> {
+        if self.prompt_tokens == 0 {
+            return None;
+        }
+        let cached = self.cached_tokens.or(self.predicted_cached_tokens)?;
+        Some(self.prompt_tokens.saturating_sub(cached))
+    }
+
     /// Milliseconds per output token after the first, when it can be told.
     pub fn tpot_ms(&self) -> Option<f64> {
         let ttft = self.ttft?;

@@ -53,6 +53,9 @@ impl Priority {
     }
 }
 
+/// Characters per token in the gateway's token estimates.
+const CHARS_PER_TOKEN: u64 = 4;
+
 /// How the prompt is cut into chunks for prefix hashing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PrefixOptions {
@@ -87,6 +90,9 @@ pub struct RequestFeatures {
     pub prompt_chars: usize,
     /// Chained hashes of the prompt's chunks (see [`crate::prefix`]).
     pub prefix_hashes: Vec<u64>,
+    /// Bytes of prompt text each of `prefix_hashes` covers ([`PrefixOptions::chunk_bytes`]), so a
+    /// matched run of hashes converts to prompt tokens; 0 when unknown (treated as the default).
+    pub chunk_bytes: usize,
     /// Session key for consistent hashing: `X-Session-Id` header (set by the gateway), else the body's
     /// `session_id`, else `user`, else a hash of the first system and user messages.
     pub session_key: Option<u64>,
@@ -229,6 +235,7 @@ impl RequestFeatures {
             max_tokens: wire.max_completion_tokens.or(wire.max_tokens),
             prompt_chars,
             prefix_hashes: hasher.finish(),
+            chunk_bytes: opts.chunk_bytes.max(1),
             session_key,
             priority: Priority::Normal,
         })
@@ -241,7 +248,19 @@ impl RequestFeatures {
 
     /// Tokens this request may cost before its real usage is known: prompt chars / 4 + `max_tokens`.
     pub fn estimated_tokens(&self, default_max_tokens: u64) -> u64 {
-        (self.prompt_chars as u64).div_ceil(4) + self.max_tokens.unwrap_or(default_max_tokens)
+        self.prompt_tokens() + self.max_tokens.unwrap_or(default_max_tokens)
+    }
+
+    /// Estimated prompt tokens: 4 characters per token, the usual rule for English text and BPE
+    /// vocabularies (the gateway does not tokenize).
+    pub fn prompt_tokens(&self) -> u64 {
+        (self.prompt_chars as u64).div_ceil(CHARS_PER_TOKEN)
+    }
+
+    /// Estimated prompt tokens covered by the first `hashes` prefix hashes, at most the prompt's.
+    pub fn tokens_in_hashes(&self, hashes: usize) -> u64 {
+        let chunk = if self.chunk_bytes == 0 { PrefixOptions::default().chunk_bytes } else { self.chunk_bytes };
+        ((hashes * chunk) as u64).div_ceil(CHARS_PER_TOKEN).min(self.prompt_tokens())
     }
 }
 
@@ -266,6 +285,9 @@ mod tests {
         assert_eq!(f.prompt_chars, 11);
         assert!(!f.prefix_hashes.is_empty());
         assert_eq!(f.estimated_tokens(16), 3 + 7);
+        assert_eq!((f.prompt_tokens(), f.chunk_bytes), (3, 8));
+        // Hashes convert to tokens at 8 bytes = 2 tokens each, capped by the prompt's estimate.
+        assert_eq!((f.tokens_in_hashes(1), f.tokens_in_hashes(5)), (2, 3));
     }
 
     #[test]

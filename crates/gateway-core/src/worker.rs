@@ -27,4 +27,11 @@ pub struct WorkerView {
     pub tpot_ms: f64,
     /// Share of recent requests that failed, `0.0..=1.0`.
     pub error_rate: f64,
+    /// Requests the worker runs at once (its batch slots: `max_concurrency`, else the `max_num_seqs`
+    /// learned from its metrics); 0 when unknown. A request beyond them waits for a slot to free.
+    pub max_running: u32,
+    /// Tokens its KV cache holds, when the engine reports it (vLLM's `cache_config_info`:
+    /// `num_gpu_blocks * block_size`) or the operator configured it; 0 when unknown, in which case a
+    /// cache-aware policy learns it from the cache hits the worker reports.
+    pub cache_tokens: u64,
 }

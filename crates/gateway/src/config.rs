@@ -856,14 +856,14 @@ mod tests {
             ("LLM_CIRCUIT_BREAKER_ENABLED", "false"),
             ("LLM_RATE_LIMIT_ENABLED", "true"),
             ("LLM_ROUTING_STRATEGY", "p2c_kv"),
-            ("LLM_ROUTING__P2C__W_KV", "1.5"),
+            ("LLM_ROUTING__P2C__KV_KNEE", "0.8"),
         ];
         let c = load(&env, &Overrides::default()).expect("loads");
         assert_eq!((c.queue.max_size, c.queue.timeout_secs), (7, 3));
         assert!(!c.circuit_breaker.enabled);
         assert!(c.rate_limit.enabled);
         assert_eq!(c.routing.strategy, routing::Strategy::P2cKv);
-        assert_eq!(c.routing.p2c.w_kv, 1.5);
+        assert_eq!(c.routing.p2c.kv_knee, 0.8);
     }
 
     #[test]

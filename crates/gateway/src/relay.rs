@@ -184,6 +184,9 @@ impl InFlight {
             ttft: self.first_byte.filter(|_| self.stream).map(|t| t.duration_since(self.dispatched)),
             latency: now.duration_since(self.dispatched),
             output_tokens,
+            prompt_tokens: self.usage.prompt_tokens.map_or(0, |t| u32::try_from(t).unwrap_or(u32::MAX)),
+            cached_tokens: None,
+            predicted_cached_tokens: None,
         };
         self.policy.observe(&outcome);
         let m = &self.app.metrics;

@@ -288,6 +288,11 @@ impl Worker {
             ttft_ms: s.ttft_ms.get(),
             tpot_ms: s.tpot_ms.get(),
             error_rate: s.error_rate.get(),
+            max_running: match self.capacity(0) {
+                u32::MAX => 0,
+                c => c,
+            },
+            cache_tokens: 0,
         }
     }
 
@@ -497,7 +502,7 @@ mod tests {
         let w = Arc::new(Worker::new(1, WorkerConfig::from_url("http://h:1")));
         let now = std::time::Instant::now();
         let cfg = crate::config::CircuitBreakerConfig { min_requests: 10, ..Default::default() };
-        let out = |kind| Outcome { worker: 1, kind, ttft: None, latency: Default::default(), output_tokens: 0 };
+        let out = |kind| Outcome::new(1, kind, None, Default::default());
         // Alternating success and failure: never two failures in a row, half of them failed.
         let mut opened = None;
         for i in 0..20 {
@@ -518,7 +523,7 @@ mod tests {
     #[test]
     fn error_rate_rises_and_decays() {
         let w = Worker::new(1, WorkerConfig::from_url("http://h:1"));
-        let out = |kind| Outcome { worker: 1, kind, ttft: None, latency: Default::default(), output_tokens: 0 };
+        let out = |kind| Outcome::new(1, kind, None, Default::default());
         let t0 = std::time::Instant::now();
         for _ in 0..5 {
             w.record(&out(gateway_core::OutcomeKind::ServerError), t0);

@@ -6,7 +6,7 @@
 //!   (requests per day).
 //! - [`circuit_breaker`]: [`CircuitBreaker`], one per worker, Closed / Open / HalfOpen.
 //! - [`queue`]: [`AdmissionQueue`], which waiting request a freed worker serves next (priority classes,
-//!   aging, per-tenant round robin).
+//!   aging, per-tenant round robin, and among equals the one whose prefix the worker holds).
 //! - [`rate`]: [`RateEstimator`] (dispatches per second, estimated waits), [`SlidingErrorRate`] and
 //!   [`AvgWait`], all fixed-memory ring buffers.
 //! - [`stall`]: [`StallRule`], when a worker holding requests has stopped answering (hung, not busy).

@@ -24,6 +24,17 @@
 //! queue and re-queueing therefore never jumps ahead of anyone, and forgetting the old stamp loses
 //! nothing that the round robin needs.
 //!
+//! # Cache-aware hand-off
+//! A slot freeing on worker W is best spent on a waiter whose prompt W already holds in its prefix
+//! cache: its prefill is skipped, the slot frees sooner, and the prefix stays where it lives instead of
+//! being copied onto whichever worker freed first. [`AdmissionQueue::pop_preferring`] keeps the order
+//! above for everything it guarantees, and uses the caller's score (e.g. the prompt tokens W holds of
+//! each waiter) only among waiters of *equal standing*: same effective class after aging and, with
+//! fairness, the same round-robin turn (the same tenant stamp). Within that group the highest score goes
+//! first, the older on ties. So class order, aging and the tenants' turns are exactly those of `pop`; what
+//! moves is arrival order inside one group. To keep that bounded too, the waiter `pop` would have
+//! returned is passed over at most [`MAX_BYPASS`] times; after that it goes first whatever the scores.
+//!
 //! `pop` and [`AdmissionQueue::position`] scan the items: O(n) and O(n log n), with n at most
 //! `max_size` (100 by default); items point at their tenant's record by index (a small slab reused
 //! through a free list), so a scan hashes nothing and compares arrival instants against three aging
@@ -34,6 +45,10 @@ use gateway_core::Priority;
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
+
+/// Times the waiter next in line may be passed over by [`AdmissionQueue::pop_preferring`] for one of
+/// equal standing whose prefix the freed worker holds: about one round of hand-offs on a small fleet.
+pub const MAX_BYPASS: u32 = 4;
 
 /// Bounds and ordering switches of one queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,6 +89,8 @@ struct Entry<T> {
     /// Index of the tenant's record in `slots`.
     slot: usize,
     at: Instant,
+    /// Times `pop_preferring` served another of equal standing while this one was next in line.
+    bypassed: u32,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -210,7 +227,7 @@ impl<T> AdmissionQueue<T> {
         };
         self.slots[slot].queued += 1;
         self.counts[class.rank()] += 1;
-        self.entries.insert(seq, Entry { item, class, slot, at });
+        self.entries.insert(seq, Entry { item, class, slot, at, bypassed: 0 });
         Ok(Ticket(seq))
     }
 
@@ -221,21 +238,70 @@ impl<T> AdmissionQueue<T> {
 
     /// Takes the next item in dispatch order among those `accept` approves (a freed worker that
     /// serves only some of the queued items' models).
-    pub fn pop_where(&mut self, now: Instant, mut accept: impl FnMut(&T) -> bool) -> Option<(Ticket, T)> {
+    pub fn pop_where(&mut self, now: Instant, accept: impl FnMut(&T) -> bool) -> Option<(Ticket, T)> {
         let aging = Aging::new(self.cfg.aging, now);
-        let mut best: Option<((usize, u64, u64), u64)> = None;
+        let (_, seq) = self.next_in_line(&aging, accept)?;
+        self.serve(seq)
+    }
+
+    /// Takes the next item for a freed worker among those `accept` approves, preferring by `score`
+    /// (higher first, e.g. the prompt tokens the worker holds of it) among items of equal standing;
+    /// see "Cache-aware hand-off" in the module docs.
+    pub fn pop_preferring(
+        &mut self,
+        now: Instant,
+        mut accept: impl FnMut(&T) -> bool,
+        mut score: impl FnMut(&T) -> u64,
+    ) -> Option<(Ticket, T)> {
+        let aging = Aging::new(self.cfg.aging, now);
+        let (standing, head) = self.next_in_line(&aging, &mut accept)?;
+        let head_entry = self.entries.get(&head)?;
+        if head_entry.bypassed >= MAX_BYPASS {
+            return self.serve(head);
+        }
+        let mut best = (score(&head_entry.item), head);
+        for (&seq, e) in self.entries.range(head + 1..) {
+            if self.standing(&aging, e) != standing || !accept(&e.item) {
+                continue;
+            }
+            let s = score(&e.item);
+            if s > best.0 {
+                best = (s, seq);
+            }
+        }
+        if best.1 != head {
+            if let Some(e) = self.entries.get_mut(&head) {
+                e.bypassed += 1;
+            }
+        }
+        self.serve(best.1)
+    }
+
+    /// An entry's standing: effective class, then (with fairness) its tenant's turn. Lower goes first.
+    fn standing(&self, aging: &Aging, e: &Entry<T>) -> (usize, u64) {
+        let stamp = if self.cfg.fairness { self.slots[e.slot].stamp } else { 0 };
+        (aging.rank(e), stamp)
+    }
+
+    /// The best standing among accepted items and its oldest item: what `pop` serves.
+    fn next_in_line(&self, aging: &Aging, mut accept: impl FnMut(&T) -> bool) -> Option<((usize, u64), u64)> {
+        let mut best: Option<((usize, u64), u64)> = None;
         for (&seq, e) in &self.entries {
             if !accept(&e.item) {
                 continue;
             }
-            let stamp = if self.cfg.fairness { self.slots[e.slot].stamp } else { 0 };
-            let key = (aging.rank(e), stamp, seq);
+            let key = self.standing(aging, e);
+            // Entries iterate in arrival order, so the first of a standing is its oldest.
             match best {
                 Some((k, _)) if k <= key => {}
                 _ => best = Some((key, seq)),
             }
         }
-        let (_, seq) = best?;
+        best
+    }
+
+    /// Removes `seq` as served: its tenant's turn is stamped.
+    fn serve(&mut self, seq: u64) -> Option<(Ticket, T)> {
         let e = self.take(seq)?;
         self.serves += 1;
         if let Some(rec) = self.slots.get_mut(e.slot).filter(|r| r.queued > 0) {
@@ -503,10 +569,94 @@ mod tests {
         assert_eq!(drain(&mut q, t0 + secs(25)), vec![1, 2]);
     }
 
+    /// Scores for the hand-off tests: the worker holds the prefix of items divisible by 10.
+    fn held(v: &u32) -> u64 {
+        u64::from(v.is_multiple_of(10)) * 1_000
+    }
+
+    #[test]
+    fn hand_off_prefers_the_waiter_the_worker_holds_among_equals() {
+        let t0 = Instant::now();
+        for fairness in [true, false] {
+            let mut q = queue(10, 10, fairness);
+            for v in [1, 2, 30, 4, 50] {
+                q.push(v, Normal, 7, t0).unwrap();
+            }
+            let pop = |q: &mut AdmissionQueue<u32>| q.pop_preferring(t0, |_| true, held).map(|(_, v)| v);
+            // Equal standing (one tenant, one class): the held prefixes first, oldest first among them;
+            // then arrival order when nothing is held.
+            assert_eq!([pop(&mut q), pop(&mut q), pop(&mut q)], [Some(30), Some(50), Some(1)], "fairness {fairness}");
+            // `accept` still filters: an odd-only worker takes the odd ones.
+            assert_eq!(q.pop_preferring(t0, |v| v % 2 == 1, held).map(|(_, v)| v), None);
+            assert_eq!(q.len(), 2);
+        }
+    }
+
+    #[test]
+    fn hand_off_never_beats_class_or_the_tenants_turn() {
+        let t0 = Instant::now();
+        let mut q = queue(10, 10, true);
+        q.push(10, Normal, 1, t0).unwrap(); // held, but normal
+        q.push(1, High, 1, t0).unwrap();
+        let pop = |q: &mut AdmissionQueue<u32>| q.pop_preferring(t0, |_| true, held).map(|(_, v)| v);
+        assert_eq!(pop(&mut q), Some(1), "class first");
+        assert_eq!(pop(&mut q), Some(10));
+        // Tenant 1 was just served; tenant 2's turn comes before tenant 1's held waiter.
+        q.push(20, Normal, 1, t0).unwrap();
+        q.push(3, Normal, 2, t0).unwrap();
+        q.push(40, Normal, 1, t0).unwrap();
+        // Tenant 2 arrived after tenant 1's last serve: same stamp, same turn; the held one goes first.
+        assert_eq!(pop(&mut q), Some(20));
+        // Now tenant 1 was served: tenant 2's turn, whatever tenant 1 holds.
+        assert_eq!(pop(&mut q), Some(3));
+        assert_eq!(pop(&mut q), Some(40));
+    }
+
+    #[test]
+    fn the_next_in_line_is_passed_over_at_most_max_bypass_times() {
+        let t0 = Instant::now();
+        let mut q = queue(100, 0, false);
+        q.push(1, Normal, 1, t0).unwrap(); // never held: passed over while held ones keep coming
+        let mut served_at = None;
+        for k in 0..20u32 {
+            q.push(10 * (k + 1), Normal, 1, t0).unwrap();
+            if q.pop_preferring(t0, |_| true, held).map(|(_, v)| v) == Some(1) {
+                served_at = Some(k);
+                break;
+            }
+        }
+        assert_eq!(served_at, Some(MAX_BYPASS));
+    }
+
+    #[test]
+    fn aging_still_lifts_a_waiter_the_hand_off_passes_over() {
+        let t0 = Instant::now();
+        for fairness in [true, false] {
+            // As in `aging_lifts_a_starving_low_request`, but every normal is held by the freed worker.
+            let mut q = queue(1_000, 10, fairness);
+            q.push(1, Low, 1, t0).unwrap();
+            let mut served_low_at = None;
+            for s in 1..100u32 {
+                let now = t0 + secs(u64::from(s));
+                q.push(10 * s, Normal, 2, now).unwrap();
+                q.push(10 * s + 10_000, Normal, 2, now).unwrap();
+                if q.pop_preferring(now, |_| true, held).map(|(_, v)| v) == Some(1) {
+                    served_low_at = Some(s);
+                    break;
+                }
+            }
+            // With fairness, tenant 1's turn comes as soon as it competes as normal. Without, it is the
+            // oldest normal from 10 s and passed over at most MAX_BYPASS times.
+            let bound = if fairness { 10 } else { 10 + MAX_BYPASS };
+            assert_eq!(served_low_at, Some(bound), "fairness {fairness}");
+        }
+    }
+
     #[derive(Debug, Clone)]
     enum Op {
         Push(usize, u64),
         Pop,
+        PopPreferring(u64),
         Remove(usize),
     }
 
@@ -520,6 +670,7 @@ mod tests {
             ops in proptest::collection::vec(prop_oneof![
                 3 => (0usize..4, 0u64..4).prop_map(|(c, t)| Op::Push(c, t)),
                 2 => Just(Op::Pop),
+                2 => any::<u64>().prop_map(Op::PopPreferring),
                 1 => (0usize..30).prop_map(Op::Remove),
             ], 1..200),
         ) {
@@ -541,6 +692,12 @@ mod tests {
                         prop_assert_eq!(got.as_ref().map(|(_, c)| *c), best);
                         if let Some((t, _)) = got { live.remove(&t); }
                     }
+                    Op::PopPreferring(salt) => {
+                        let best = live.values().min().copied();
+                        let got = q.pop_preferring(now, |_| true, |&c| (c as u64 ^ salt).wrapping_mul(salt) % 7);
+                        prop_assert_eq!(got.as_ref().map(|(_, c)| *c), best);
+                        if let Some((t, _)) = got { live.remove(&t); }
+                    }
                     Op::Remove(k) => if let Some(&t) = issued.get(k) {
                         prop_assert_eq!(q.remove(t), live.remove(&t));
                     },
@@ -552,6 +709,41 @@ mod tests {
                 let mut counts = [0; 4];
                 for &c in live.values() { counts[c] += 1; }
                 prop_assert_eq!(q.counts_by_class(), counts);
+            }
+        }
+
+        /// Whatever the scores, a preferred pop serves an item of the same standing (effective class and
+        /// tenant turn, aging included) as `pop` would, and nobody is next in line and passed over more
+        /// than `MAX_BYPASS` times.
+        #[test]
+        fn preference_keeps_standing_and_bounds_bypasses(
+            fairness in any::<bool>(),
+            ops in proptest::collection::vec(prop_oneof![
+                3 => (0usize..4, 0u64..4, 0u32..8).prop_map(|(c, t, s)| (Some((c, t)), s)),
+                2 => (0u32..8).prop_map(|s| (None, s)),
+            ], 1..200),
+        ) {
+            let t0 = Instant::now();
+            let mut q: AdmissionQueue<u32> =
+                AdmissionQueue::new(QueueConfig { max_size: 50, aging: Duration::from_millis(40), fairness });
+            let mut passed: HashMap<u64, u32> = HashMap::new();
+            for (i, (push, salt)) in ops.into_iter().enumerate() {
+                let now = t0 + Duration::from_millis(i as u64);
+                if let Some((c, tenant)) = push {
+                    let _ = q.push(i as u32, Priority::ALL[c], tenant, now);
+                    continue;
+                }
+                let aging = Aging::new(q.cfg.aging, now);
+                let Some((standing, head)) = q.next_in_line(&aging, |_| true) else { continue };
+                let standing_of: HashMap<u64, (usize, u64)> =
+                    q.entries.iter().map(|(&seq, e)| (seq, q.standing(&aging, e))).collect();
+                let (t, _) = q.pop_preferring(now, |_| true, |&v| u64::from((v ^ salt) % 5)).unwrap();
+                prop_assert_eq!(standing_of[&t.0], standing);
+                if t.0 != head {
+                    let n = passed.entry(head).or_default();
+                    *n += 1;
+                    prop_assert!(*n <= MAX_BYPASS);
+                }
             }
         }
     }

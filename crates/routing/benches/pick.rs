@@ -1,8 +1,9 @@
 //! One `select` per strategy over 4, 16 and 64 candidates.
 //!
 //! Run: `cargo bench -p routing --bench pick -- --warm-up-time 1 --measurement-time 2`.
-//! `p2c_kv` runs against a warmed prefix index (2 000 dispatched requests) with a 32-hash request whose
-//! first 16 hashes are a system prompt some workers hold; `adaptive` has an estimate for every worker;
+//! `p2c_kv` runs against a warmed prefix index and learned rates (2 000 dispatched and observed requests,
+//! half the workers with an engine-reported cache size) with a 32-hash request whose first 16 hashes are a
+//! system prompt some workers hold; `adaptive` has an estimate for every worker;
 //! `consistent_hash` rotates over 1 024 session keys on a cached ring.
 
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion};
@@ -24,6 +25,8 @@ fn workers(n: u64, rng: &mut SmallRng) -> Vec<WorkerView> {
             ttft_ms: rng.random_range(50.0..400.0),
             tpot_ms: rng.random_range(5.0..30.0),
             error_rate: 0.0,
+            max_running: 8,
+            cache_tokens: if id % 2 == 0 { 40_000 } else { 0 },
         })
         .collect()
 }
@@ -31,7 +34,13 @@ fn workers(n: u64, rng: &mut SmallRng) -> Vec<WorkerView> {
 fn request(system: u64, tail: u64) -> RequestFeatures {
     let mut prefix_hashes: Vec<u64> = (0..16).map(|i| (system << 32) | i).collect();
     prefix_hashes.extend((0..16).map(|i| (tail << 40) ^ (i + 1_000_000)));
-    RequestFeatures { prefix_hashes, session_key: Some(tail.wrapping_mul(0x9e37_79b9_7f4a_7c15)), ..Default::default() }
+    RequestFeatures {
+        prompt_chars: prefix_hashes.len() * 128,
+        prefix_hashes,
+        chunk_bytes: 128,
+        session_key: Some(tail.wrapping_mul(0x9e37_79b9_7f4a_7c15)),
+        ..Default::default()
+    }
 }
 
 fn pick(c: &mut Criterion) {
@@ -44,13 +53,14 @@ fn pick(c: &mut Criterion) {
             // Warm the learned state: prefixes dispatched to workers, outcomes observed.
             for t in 0..2000u64 {
                 let worker = ws[rng.random_range(0..ws.len())].id;
-                policy.on_dispatch(&request(t % 8, t), worker);
+                let predicted = policy.on_dispatch(&request(t % 8, t), worker);
+                let ttft = Duration::from_millis(rng.random_range(50..400));
                 policy.observe(&Outcome {
-                    worker,
-                    kind: OutcomeKind::Success,
-                    ttft: Some(Duration::from_millis(rng.random_range(50..400))),
-                    latency: Duration::from_millis(1000),
                     output_tokens: 50,
+                    prompt_tokens: 1024,
+                    cached_tokens: Some(rng.random_range(0..1024)),
+                    predicted_cached_tokens: predicted,
+                    ..Outcome::new(worker, OutcomeKind::Success, Some(ttft), Duration::from_millis(1000))
                 });
             }
             let reqs: Vec<RequestFeatures> = (0..1024).map(|t| request(t % 8, 10_000 + t)).collect();

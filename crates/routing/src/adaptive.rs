@@ -129,11 +129,8 @@ mod tests {
 
     fn outcome(worker: WorkerId, kind: OutcomeKind, ttft_ms: u64) -> Outcome {
         Outcome {
-            worker,
-            kind,
-            ttft: Some(Duration::from_millis(ttft_ms)),
-            latency: Duration::from_millis(ttft_ms + 20 * 10),
             output_tokens: 21, // tpot 10 ms
+            ..Outcome::new(worker, kind, Some(Duration::from_millis(ttft_ms)), Duration::from_millis(ttft_ms + 20 * 10))
         }
     }
 
@@ -272,13 +269,8 @@ mod tests {
         let mut views: Vec<WorkerView> = (0..4).map(|id| WorkerView { id, weight: 1, ..Default::default() }).collect();
         // Learned: worker 0 is fastest, 3 slowest (but not failing).
         for (id, ttft) in [(0u64, 50u64), (1, 60), (2, 70), (3, 400)] {
-            a.observe(&Outcome {
-                worker: id,
-                kind: OutcomeKind::Success,
-                ttft: Some(std::time::Duration::from_millis(ttft)),
-                latency: std::time::Duration::from_millis(ttft),
-                output_tokens: 1,
-            });
+            let t = std::time::Duration::from_millis(ttft);
+            a.observe(&Outcome { output_tokens: 1, ..Outcome::new(id, OutcomeKind::Success, Some(t), t) });
         }
         // 40 picks before any of them finishes: in-flight grows with each pick.
         for _ in 0..40 {

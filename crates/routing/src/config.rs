@@ -78,32 +78,34 @@ impl FromStr for Strategy {
 pub struct RoutingConfig {
     /// The strategy in force.
     pub strategy: Strategy,
-    /// `[routing.p2c]`: the `p2c_kv` cost weights and imbalance guard.
+    /// `[routing.p2c]`: the `p2c_kv` model's priors and imbalance guard.
     pub p2c: P2cConfig,
     /// `[routing.consistent_hash]`: ring size and load bound.
     pub consistent_hash: ConsistentHashConfig,
     /// `[routing.adaptive]`: exploration rate and learning rate.
     pub adaptive: AdaptiveConfig,
-    /// `[routing.prefix]`: the prefix index's memory bound.
+    /// `[routing.prefix]`: the prefix index's memory bound and default cache size.
     pub prefix: PrefixConfig,
 }
 
-/// `[routing.p2c]`: weights of the `p2c_kv` cost (lower is better) and its imbalance guard.
+/// `[routing.p2c]`: priors of the `p2c_kv` time-to-first-token model and its imbalance guard.
+///
+/// The rates are learned per worker from finished requests; these values are only where a worker
+/// starts (see [`crate::ttft_model`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct P2cConfig {
-    /// Cost per request waiting in the worker's queue (default 1.0).
-    pub w_waiting: f64,
-    /// Cost per request running on the worker (default 0.5).
-    pub w_running: f64,
-    /// Cost of a full KV cache, scaled by usage in `0..=1` (default 2.0).
-    pub w_kv: f64,
-    /// Cost of the worker's TTFT relative to the candidates' mean (default 0.3).
-    pub w_latency: f64,
-    /// Cost of a 100% recent error rate (default 5.0).
-    pub w_error: f64,
-    /// Credit for a full predicted prefix-cache hit, subtracted from the cost (default 3.0).
-    pub w_prefix: f64,
+    /// Fixed part of a worker's time to first token, ms, until learned (default 50).
+    pub base_ttft_ms: f64,
+    /// Prefill cost, ms per 1000 uncached prompt tokens, until learned (default 100: 10k tokens/s).
+    pub prefill_ms_per_1k_tokens: f64,
+    /// A request's latency, dispatch to end, ms, until learned: the time a batch slot stays busy
+    /// (default 2000).
+    pub service_ms: f64,
+    /// KV-cache usage above which a worker's predicted time rises steeply (default 0.9; 1 disables).
+    pub kv_knee: f64,
+    /// Weight of each finished request in a worker's learned rates, `(0, 1]` (default 0.05).
+    pub learning_rate: f64,
     /// Load gap (`waiting + running`) above which the imbalance guard may engage (default 32).
     pub imbalance_abs: u32,
     /// Ratio busiest/least busy above which the imbalance guard may engage (default 1.5).
@@ -113,14 +115,26 @@ pub struct P2cConfig {
 impl Default for P2cConfig {
     fn default() -> Self {
         Self {
-            w_waiting: 1.0,
-            w_running: 0.5,
-            w_kv: 2.0,
-            w_latency: 0.3,
-            w_error: 5.0,
-            w_prefix: 3.0,
+            base_ttft_ms: 50.0,
+            prefill_ms_per_1k_tokens: 100.0,
+            service_ms: 2_000.0,
+            kv_knee: 0.9,
+            learning_rate: 0.05,
             imbalance_abs: 32,
             imbalance_rel: 1.5,
+        }
+    }
+}
+
+impl P2cConfig {
+    /// The model's priors.
+    pub fn priors(&self) -> crate::ttft_model::Priors {
+        crate::ttft_model::Priors {
+            base_ms: self.base_ttft_ms,
+            prefill_ms_per_token: self.prefill_ms_per_1k_tokens / 1000.0,
+            service_ms: self.service_ms,
+            kv_knee: self.kv_knee,
+            alpha: self.learning_rate,
         }
     }
 }
@@ -164,11 +178,14 @@ impl Default for AdaptiveConfig {
 pub struct PrefixConfig {
     /// Prefix hashes remembered in total over all workers, least recently used evicted (default 100 000).
     pub max_entries: usize,
+    /// KV-cache capacity in tokens a worker starts with when neither its engine nor its config says
+    /// (default 0: unknown, learned from the cache hits workers report).
+    pub cache_tokens: u64,
 }
 
 impl Default for PrefixConfig {
     fn default() -> Self {
-        Self { max_entries: 100_000 }
+        Self { max_entries: 100_000, cache_tokens: 0 }
     }
 }
 
@@ -185,14 +202,17 @@ impl RoutingConfig {
     pub fn validate(&self) -> Result<(), String> {
         let p = &self.p2c;
         for (key, v) in [
-            ("p2c.w_waiting", p.w_waiting),
-            ("p2c.w_running", p.w_running),
-            ("p2c.w_kv", p.w_kv),
-            ("p2c.w_latency", p.w_latency),
-            ("p2c.w_error", p.w_error),
-            ("p2c.w_prefix", p.w_prefix),
+            ("p2c.base_ttft_ms", p.base_ttft_ms),
+            ("p2c.prefill_ms_per_1k_tokens", p.prefill_ms_per_1k_tokens),
+            ("p2c.service_ms", p.service_ms),
         ] {
             non_negative(key, v)?;
+        }
+        if !(0.0..=1.0).contains(&p.kv_knee) {
+            return Err(format!("routing.p2c.kv_knee must be in 0..=1 (got {})", p.kv_knee));
+        }
+        if !(p.learning_rate > 0.0 && p.learning_rate <= 1.0) {
+            return Err(format!("routing.p2c.learning_rate must be in (0, 1] (got {})", p.learning_rate));
         }
         if !(p.imbalance_rel.is_finite() && p.imbalance_rel >= 1.0) {
             return Err(format!("routing.p2c.imbalance_rel must be a finite number >= 1 (got {})", p.imbalance_rel));
@@ -215,9 +235,7 @@ impl RoutingConfig {
             return Err(format!("routing.adaptive.learning_rate must be in (0, 1] (got {})", a.learning_rate));
         }
         if self.prefix.max_entries == 0 {
-            return Err("routing.prefix.max_entries must be >= 1 (set routing.p2c.w_prefix = 0 to ignore \
-                        prefixes)"
-                .to_string());
+            return Err("routing.prefix.max_entries must be >= 1".to_string());
         }
         Ok(())
     }
@@ -242,7 +260,7 @@ mod tests {
     fn defaults_are_valid() {
         let cfg = RoutingConfig::default();
         assert_eq!(cfg.validate(), Ok(()));
-        assert_eq!(cfg.p2c.w_prefix, 3.0);
+        assert_eq!(cfg.p2c.prefill_ms_per_1k_tokens, 100.0);
         assert_eq!(cfg.consistent_hash.replicas, 150);
         assert_eq!(cfg.prefix.max_entries, 100_000);
     }
@@ -253,8 +271,10 @@ mod tests {
         let cases: Vec<(Mutate, &str)> = vec![
             (Box::new(|c| c.adaptive.epsilon = 1.5), "routing.adaptive.epsilon"),
             (Box::new(|c| c.adaptive.learning_rate = 0.0), "routing.adaptive.learning_rate"),
-            (Box::new(|c| c.p2c.w_kv = -1.0), "routing.p2c.w_kv"),
-            (Box::new(|c| c.p2c.w_error = f64::NAN), "routing.p2c.w_error"),
+            (Box::new(|c| c.p2c.service_ms = -1.0), "routing.p2c.service_ms"),
+            (Box::new(|c| c.p2c.prefill_ms_per_1k_tokens = f64::NAN), "routing.p2c.prefill_ms_per_1k_tokens"),
+            (Box::new(|c| c.p2c.kv_knee = 1.5), "routing.p2c.kv_knee"),
+            (Box::new(|c| c.p2c.learning_rate = 0.0), "routing.p2c.learning_rate"),
             (Box::new(|c| c.p2c.imbalance_rel = 0.5), "routing.p2c.imbalance_rel"),
             (Box::new(|c| c.consistent_hash.replicas = 0), "routing.consistent_hash.replicas"),
             (Box::new(|c| c.consistent_hash.load_factor = 1.0), "routing.consistent_hash.load_factor"),

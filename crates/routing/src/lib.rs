@@ -5,7 +5,8 @@
 //! - [`config`]: [`Strategy`] names and [`RoutingConfig`], the `[routing]` section of the config.
 //! - one module per strategy: [`round_robin`], [`weighted`], [`least_queue`], [`least_connections`],
 //!   [`p2c_kv`], [`consistent_hash`], [`adaptive`].
-//! - [`prefix_index`]: the bounded memory of which prompt prefixes went to which worker (`p2c_kv`).
+//! - [`prefix_index`]: the bounded model of which prompt prefixes each worker's cache holds (`p2c_kv`).
+//! - [`ttft_model`]: the predicted time to first token `p2c_kv` ranks by, with its learned rates.
 //! - [`build`]: the factory from config to a policy.
 //!
 //! Policies are pure: no IO, no clocks they read themselves, randomness passed in. Eligibility
@@ -23,6 +24,7 @@ pub mod p2c_kv;
 pub mod policy;
 pub mod prefix_index;
 pub mod round_robin;
+pub mod ttft_model;
 mod util;
 pub mod weighted;
 

@@ -1,80 +1,190 @@
-//! `p2c_kv`: the power of two choices over a KV/queue/latency/error cost, plus prefix-cache affinity.
+//! `p2c_kv`: the power of two choices, ranked by each candidate's predicted time to first token.
 //!
-//! # Two random choices
+//! # Two random choices, plus the worker holding the prompt
 //! Sending every request to the least loaded worker needs a fresh, global view; with views a scrape
 //! old, every request in a burst sees the same "least loaded" worker and they all herd onto it. Picking
 //! one worker at random never herds but leaves queues uneven (the longest grows like `log n / log log n`).
 //! Mitzenmacher's *power of two choices* draws two at random and keeps the better: the longest queue
 //! falls to `log log n`, exponentially better than one choice, while the randomness still spreads a
-//! burst. Each candidate's cost (lower is better) is
+//! burst.
 //!
-//! ```text
-//! w_waiting * waiting + w_running * running + w_kv * kv_usage
-//!   + w_latency * ttft_ms / mean_ttft + w_error * error_rate
-//!   - w_prefix * predicted_cached_fraction
-//! ```
+//! Pure p2c would throw prefix caches away: two random draws include the worker holding a request's
+//! prompt only `2/n` of the time. So the worker(s) holding the deepest match of the request's prefix
+//! hashes ([`PrefixIndex`]) are always compared too. New prefixes match nowhere and fall back to plain
+//! p2c, which spreads them.
 //!
-//! where `mean_ttft` is the mean over candidates whose TTFT is known (a worker with unknown TTFT scores
-//! 0 on that term), so the latency term is scale-free: 1.0 for an average worker.
+//! # Ranked by time, not by a sum of unitless terms
+//! Each candidate's cost is this request's predicted time to first token on it
+//! ([`crate::ttft_model`]): the wait for a batch slot at the worker's observed service rate, plus the
+//! prefill of the part of this prompt the worker does not hold (per its cache model) at its observed
+//! prefill rate, plus a barrier that rises steeply as its KV cache nears full. Queueing and prefill are
+//! in the same unit, so the trade is priced, not weighted: under saturation every worker has a queue,
+//! and the worker holding a 3 000-token prompt still wins until its extra wait exceeds the 300 ms of
+//! prefill it saves; a hot prefix then spills to a second worker, which from then on holds it too
+//! (a hot prefix may live on several workers, and both are compared).
 //!
-//! # Prefix affinity
-//! vLLM reuses cached KV blocks for a prompt that starts like a recent one, which skips the prefill of
-//! the shared part. The [`PrefixIndex`] predicts, per worker, the share of a request's prefix hashes that
-//! worker holds; the cost subtracts `w_prefix` times that share.
+//! # A cache model per worker
+//! The prefix index mirrors each worker's cache with its capacity ([`PrefixIndex::set_capacity`]),
+//! evicting in LRU order as vLLM does, so a predicted hit is one the worker still holds. The capacity
+//! comes, in this order, from the engine ([`WorkerView::cache_tokens`], e.g. vLLM's `cache_config_info`
+//! `num_gpu_blocks * block_size`); else it is learned from what the worker reports cached: each finished
+//! request compares the cached tokens the worker reported with the ones predicted at dispatch; a
+//! predicted hit the worker did not have means the model holds more than the worker, so the capacity
+//! shrinks 5%; a hit the model did not predict means it evicted too early, so it grows 5%. These
+//! stochastic steps settle where over- and under-predictions balance. The learning starts from
+//! `routing.prefix.cache_tokens` when configured, else from what the worker was sent so far. Over
+//! everything the global bound `routing.prefix.max_entries` holds.
 //!
-//! Pure p2c would throw most of that away: a long system prompt shared by all traffic is cached on the
-//! worker(s) that served it, but two random draws include a given worker only `2/n` of the time, so with
-//! 16 workers the cache would be hit on one request in eight. So besides the two random draws, the
-//! comparison also includes the worker(s) holding the deepest match among the candidates, whenever
-//! that match is non-empty. The cost then decides whether affinity is worth that worker's load: a full
-//! match is worth `w_prefix` (3 by default) queued requests. New prefixes match nowhere, and fall back
-//! to plain p2c, which spreads them.
+//! # Bounded load
+//! Affinity can still concentrate a popular prefix on one worker faster than stale load views push
+//! back. When the busiest candidate's load (`waiting + running`) exceeds the least busy by more than
+//! `imbalance_abs` *and* is above `imbalance_rel` times it (sglang-router's balance thresholds), every
+//! candidate loaded above `least + imbalance_abs` leaves the candidate set for this pick. Among those
+//! that remain the same rule applies (two draws plus the deepest match), so affinity is kept while the
+//! overloaded worker drains.
 //!
-//! # Imbalance guard
-//! Affinity can concentrate a popular prefix on one worker faster than the cost pushes back. When the
-//! busiest candidate's load (`waiting + running`) exceeds the least busy by more than `imbalance_abs`
-//! *and* is above `imbalance_rel` times it, every candidate loaded above `least + imbalance_abs` leaves
-//! the candidate set for this pick. Among the candidates that remain, the same rule applies (two random
-//! draws plus the deepest prefix match), so affinity is kept while the overloaded worker drains.
+//! # Feeding it from the gateway (design note for the wiring)
+//! - [`WorkerView`] per pick: `running`, `waiting`, `kv_usage` from the scrape (as today);
+//!   `max_running` = the worker's slot capacity (`Worker::capacity`, 0 when unlimited/unknown);
+//!   `cache_tokens` = the engine's cache size when scraped (vLLM exports
+//!   `vllm:cache_config_info{num_gpu_blocks=..,block_size=..}`; parse it in `scrape.rs`, keep it in an
+//!   atomic of `WorkerStats`), else a per-worker configured value, else 0; `ttft_ms` and `error_rate` as
+//!   today (the TTFT EWMA is the model's prior until it has its own points).
+//! - [`Policy::on_dispatch`] returns the prompt tokens predicted cached on the chosen worker; keep it in
+//!   `InFlight` and copy it into [`Outcome::predicted_cached_tokens`].
+//! - [`Outcome`] at the end of the request: `prompt_tokens` from `usage.prompt_tokens` (the relay's usage
+//!   scanner already finds it) or `RequestFeatures::prompt_tokens`; `cached_tokens` from
+//!   `usage.prompt_tokens_details.cached_tokens` when the worker reports it (vLLM does with
+//!   `--enable-prompt-tokens-details`; vllm-sim always does); `ttft` only for streams (as today: a
+//!   non-streamed body's first byte is its end). Without `cached_tokens` the capacity is not learned;
+//!   without either token count the prefill rate stays at its prior.
+//! - Admission hand-off: keep the waiter's `Arc<RequestFeatures>` in `admission::Waiter`; in
+//!   `Admission::dispatch_to(queue, W)` pop with `waiting.pop_preferring(now, |_| true, |w|
+//!   policy.predicted_cached_tokens(&w.features, W.id))` instead of `pop(now)`. The policy's lock is
+//!   taken inside the queue's and never the other way round, so the order is safe.
 
 use crate::config::{P2cConfig, PrefixConfig};
 use crate::policy::Policy;
 use crate::prefix_index::PrefixIndex;
-use gateway_core::{RequestFeatures, WorkerId, WorkerView};
+use crate::ttft_model::{expected_ttft_ms, Priors, WorkerRates};
+use crate::util::IdMap;
+use gateway_core::{Outcome, OutcomeKind, RequestFeatures, WorkerId, WorkerView};
 use parking_lot::Mutex;
 use rand::{Rng, RngCore};
 
-/// Power of two choices with a KV-aware cost, a prefix-affinity credit and an imbalance guard.
+/// Step of the learned cache capacity per mispredicted request.
+const CAPACITY_STEP: f64 = 0.05;
+/// Tokens of one vLLM KV block: a prediction off by less than a block and a chunk is not a miss.
+const BLOCK_TOKENS: u64 = 16;
+/// Predicted times closer than this, ms, count as equal (then load decides).
+const TIE_MS: f64 = 1.0;
+/// Workers holding the deepest match that are compared besides the two random draws.
+const MAX_HOLDERS: usize = 8;
+
+/// Power of two choices ranked by predicted TTFT, with prefix-cache affinity and an imbalance guard.
 #[derive(Debug)]
 pub struct P2cKv {
     cfg: P2cConfig,
-    index: Mutex<PrefixIndex>,
+    priors: Priors,
+    /// Starting cache capacity of a worker the engine says nothing about, tokens (0: unknown).
+    default_cache_tokens: u64,
+    state: Mutex<State>,
+}
+
+/// Everything learned, behind one lock so a pick reads it in one critical section.
+#[derive(Debug)]
+struct State {
+    index: PrefixIndex,
+    workers: IdMap<WorkerId, WorkerModel>,
+    /// Estimated tokens per prefix hash (from the requests' chunk size).
+    chunk_tokens: u64,
+}
+
+#[derive(Debug, Default)]
+struct WorkerModel {
+    rates: WorkerRates,
+    /// Cache capacity the engine reported, tokens; 0 when it did not (then the capacity is learned).
+    engine_cache_tokens: u64,
 }
 
 fn load(w: &WorkerView) -> u64 {
     u64::from(w.waiting) + u64::from(w.running)
 }
 
+impl State {
+    /// Applies a capacity the engine reports for `w` (only when it changed: a pick stays cheap);
+    /// whether it changed.
+    fn sync_capacity(&mut self, w: &WorkerView) -> bool {
+        if w.cache_tokens == 0 {
+            return false;
+        }
+        let Some(m) = self.workers.get_mut(&w.id) else { return false };
+        if m.engine_cache_tokens == w.cache_tokens {
+            return false;
+        }
+        m.engine_cache_tokens = w.cache_tokens;
+        let entries = w.cache_tokens / self.chunk_tokens.max(1);
+        self.index.set_capacity(w.id, Some(usize::try_from(entries).unwrap_or(usize::MAX).max(1)));
+        true
+    }
+
+    /// Learns the capacity of a worker without an engine-reported one from one request's cache report.
+    ///
+    /// A miss is a misprediction by more than half (tolerant of the gateway's 4-characters-per-token
+    /// estimate against the engine's tokenizer) and by more than a chunk and a block (the granularity
+    /// of both).
+    fn learn_capacity(&mut self, worker: WorkerId, predicted: u32, actual: u32) {
+        let slack = self.chunk_tokens + BLOCK_TOKENS;
+        let (predicted, actual) = (u64::from(predicted), u64::from(actual));
+        let held = self.index.held(worker);
+        let current = self.index.capacity_of(worker);
+        let next = if predicted > slack && actual < predicted / 2 {
+            // Predicted a hit the worker no longer had: it holds less than the model does now.
+            let from = current.unwrap_or(held).min(held.max(1));
+            Some(((from as f64) * (1.0 - CAPACITY_STEP)).floor().max(1.0) as usize)
+        } else if actual > slack && predicted < actual / 2 {
+            // A hit the model had evicted: it holds more. Unknown stays unknown (nothing to grow).
+            current.map(|c| (((c as f64) * (1.0 + CAPACITY_STEP)).ceil() as usize + 1).min(self.index.capacity()))
+        } else {
+            return;
+        };
+        if next != current {
+            self.index.set_capacity(worker, next);
+        }
+    }
+}
+
 impl P2cKv {
-    /// A policy with these weights and a prefix index bounded by `prefix.max_entries`.
+    /// A policy with these priors and a prefix index bounded by `prefix.max_entries`.
     pub fn new(cfg: P2cConfig, prefix: &PrefixConfig) -> Self {
-        Self { cfg, index: Mutex::new(PrefixIndex::new(prefix.max_entries)) }
+        let state = State { index: PrefixIndex::new(prefix.max_entries), workers: IdMap::default(), chunk_tokens: 32 };
+        Self { priors: cfg.priors(), cfg, default_cache_tokens: prefix.cache_tokens, state: Mutex::new(state) }
     }
 
     /// `(prefix hash, worker)` pairs the prefix index holds now, for metrics.
     pub fn entries(&self) -> usize {
-        self.index.lock().entries()
+        self.state.lock().index.entries()
     }
 
-    /// The cost of `w` before the prefix credit (lower is better).
-    fn base_cost(&self, w: &WorkerView, mean_ttft: f64) -> f64 {
-        let c = &self.cfg;
-        let latency = if mean_ttft > 0.0 && w.ttft_ms > 0.0 { w.ttft_ms / mean_ttft } else { 0.0 };
-        c.w_waiting * f64::from(w.waiting)
-            + c.w_running * f64::from(w.running)
-            + c.w_kv * w.kv_usage
-            + c.w_latency * latency
-            + c.w_error * w.error_rate
+    /// The worker's modelled cache capacity in tokens, `None` when unknown (for tests and the admin API).
+    pub fn cache_capacity_tokens(&self, worker: WorkerId) -> Option<u64> {
+        let st = self.state.lock();
+        st.index.capacity_of(worker).map(|c| c as u64 * st.chunk_tokens)
+    }
+
+    /// Predicted TTFT, ms, of `req` on `w` now (what `select` ranks by), for tests and diagnostics.
+    pub fn predicted_ttft_ms(&self, req: &RequestFeatures, w: &WorkerView) -> f64 {
+        let mut st = self.state.lock();
+        st.sync_capacity(w);
+        let matched = st.index.match_len(w.id, &req.prefix_hashes);
+        let rates = st.workers.get(&w.id).map(|m| &m.rates);
+        self.cost(req, w, rates, matched)
+    }
+
+    fn cost(&self, req: &RequestFeatures, w: &WorkerView, rates: Option<&WorkerRates>, matched: usize) -> f64 {
+        let uncached = req.prompt_tokens().saturating_sub(req.tokens_in_hashes(matched));
+        let default = WorkerRates::default();
+        expected_ttft_ms(w, rates.unwrap_or(&default), &self.priors, uncached as f64)
     }
 }
 
@@ -95,17 +205,11 @@ impl Policy for P2cKv {
             _ => {}
         }
         let (mut least, mut most) = (u64::MAX, 0u64);
-        let (mut ttft_sum, mut ttft_known) = (0.0, 0u32);
         for w in candidates {
             let l = load(w);
             least = least.min(l);
             most = most.max(l);
-            if w.ttft_ms > 0.0 {
-                ttft_sum += w.ttft_ms;
-                ttft_known += 1;
-            }
         }
-        let mean_ttft = if ttft_known > 0 { ttft_sum / f64::from(ttft_known) } else { 0.0 };
         let abs = u64::from(self.cfg.imbalance_abs);
         let imbalanced = most - least > abs && most as f64 > self.cfg.imbalance_rel * least as f64;
         let limit = if imbalanced { least + abs } else { u64::MAX };
@@ -117,47 +221,93 @@ impl Policy for P2cKv {
             let (x, y) = two_distinct(pool.len(), rng);
             (pool[x], y.map(|y| pool[y]))
         } else {
-            let (x, y) = two_distinct(n, rng);
-            (x, y)
+            two_distinct(n, rng)
         };
 
         let hashes = &req.prefix_hashes;
-        let use_prefix = self.cfg.w_prefix > 0.0 && !hashes.is_empty();
-        let credit_per_hash = if use_prefix { self.cfg.w_prefix / hashes.len() as f64 } else { 0.0 };
-        let cost_of =
-            |i: usize, matched: usize| self.base_cost(&candidates[i], mean_ttft) - credit_per_hash * matched as f64;
-
-        let index = self.index.lock();
-        let matched = |i: usize| if use_prefix { index.match_len(candidates[i].id, hashes) } else { 0 };
-        let mut best = (a, cost_of(a, matched(a)));
-        let mut consider = |i: usize, cost: f64| {
-            if cost < best.1 {
-                best = (i, cost);
-            }
-        };
-        if let Some(b) = b {
-            consider(b, cost_of(b, matched(b)));
-        }
-        if use_prefix {
+        let mut st = self.state.lock();
+        // The deepest holders among the allowed, found before any capacity sync may evict (a holder's
+        // own match is re-read after its sync below).
+        let mut holders = [usize::MAX; MAX_HOLDERS];
+        let mut n_holders = 0;
+        let mut depth = 0;
+        if !hashes.is_empty() {
             let position = |id: WorkerId| candidates.iter().position(|w| w.id == id).filter(|&i| allowed(i));
-            let (depth, holders) = index.deepest(hashes, |id| position(id).is_some());
+            let (d, ids) = st.index.deepest(hashes, |id| position(id).is_some());
+            depth = d;
             if depth > 0 {
-                for i in holders.filter_map(position) {
-                    consider(i, cost_of(i, depth));
+                for i in ids.filter_map(position).take(MAX_HOLDERS) {
+                    holders[n_holders] = i;
+                    n_holders += 1;
                 }
+            }
+        }
+        let draws = [Some(a), b].into_iter().flatten().map(|i| (i, false));
+        let mut best = (a, f64::INFINITY);
+        for (i, holder) in draws.chain(holders[..n_holders].iter().map(|&i| (i, true))) {
+            let w = &candidates[i];
+            let resized = st.sync_capacity(w);
+            let matched = match (hashes.is_empty(), holder && !resized) {
+                (true, _) => 0,
+                (false, true) => depth,
+                (false, false) => st.index.match_len(w.id, hashes),
+            };
+            let cost = self.cost(req, w, st.workers.get(&w.id).map(|m| &m.rates), matched);
+            // Within `TIE_MS` the model cannot tell them apart: the less loaded wins (p2c's balance),
+            // then the first random draw (which keeps exact ties random).
+            let better = cost < best.1 - TIE_MS || (cost <= best.1 + TIE_MS && load(w) < load(&candidates[best.0]));
+            if better {
+                best = (i, cost);
             }
         }
         Some(best.0)
     }
 
-    fn on_dispatch(&self, req: &RequestFeatures, worker: WorkerId) {
-        if self.cfg.w_prefix > 0.0 && !req.prefix_hashes.is_empty() {
-            self.index.lock().record(&req.prefix_hashes, worker);
+    fn predicted_cached_tokens(&self, req: &RequestFeatures, worker: WorkerId) -> u64 {
+        let matched = self.state.lock().index.match_len(worker, &req.prefix_hashes);
+        req.tokens_in_hashes(matched)
+    }
+
+    fn on_dispatch(&self, req: &RequestFeatures, worker: WorkerId) -> Option<u32> {
+        let mut st = self.state.lock();
+        if req.chunk_bytes > 0 {
+            st.chunk_tokens = (req.chunk_bytes as u64).div_ceil(4).max(1);
+        }
+        if let std::collections::hash_map::Entry::Vacant(slot) = st.workers.entry(worker) {
+            slot.insert(WorkerModel::default());
+            if self.default_cache_tokens > 0 {
+                let entries = self.default_cache_tokens / st.chunk_tokens;
+                st.index.set_capacity(worker, Some(usize::try_from(entries).unwrap_or(usize::MAX).max(1)));
+            }
+        }
+        let matched = st.index.match_len(worker, &req.prefix_hashes);
+        if !req.prefix_hashes.is_empty() {
+            st.index.record(&req.prefix_hashes, worker);
+        }
+        Some(u32::try_from(req.tokens_in_hashes(matched)).unwrap_or(u32::MAX))
+    }
+
+    fn observe(&self, outcome: &Outcome) {
+        let alpha = self.priors.alpha;
+        let mut st = self.state.lock();
+        // Only workers still in the fleet (dispatched to, not forgotten) keep a model.
+        let Some(m) = st.workers.get_mut(&outcome.worker) else { return };
+        if outcome.kind == OutcomeKind::Success {
+            m.rates.observe_service(outcome.latency.as_secs_f64() * 1000.0, alpha);
+            if let (Some(ttft), Some(uncached)) = (outcome.ttft, outcome.uncached_tokens()) {
+                m.rates.observe_ttft(f64::from(uncached), ttft.as_secs_f64() * 1000.0, alpha);
+            }
+        }
+        let learn = m.engine_cache_tokens == 0;
+        if let (true, Some(actual), Some(predicted)) = (learn, outcome.cached_tokens, outcome.predicted_cached_tokens) {
+            st.learn_capacity(outcome.worker, predicted, actual);
         }
     }
 
     fn forget(&self, worker: WorkerId) {
-        self.index.lock().forget(worker);
+        let mut st = self.state.lock();
+        st.index.forget(worker);
+        st.workers.remove(&worker);
     }
 }
 
@@ -179,16 +329,24 @@ mod tests {
     use super::*;
     use crate::util::testutil::{rng, views};
     use proptest::prelude::*;
+    use rand::Rng;
+    use std::time::Duration;
 
     fn policy(cfg: P2cConfig) -> P2cKv {
         P2cKv::new(cfg, &PrefixConfig::default())
     }
 
-    /// A request whose prompt is `shared` common hashes followed by `own` hashes unique to `tag`.
+    /// A request whose prompt is `shared` common hashes followed by `own` hashes unique to `tag`, at the
+    /// default 128-byte chunks (32 tokens per hash).
     fn req(shared: u64, own: u64, tag: u64) -> RequestFeatures {
         let mut hashes: Vec<u64> = (0..shared).map(|i| 1000 + i).collect();
         hashes.extend((0..own).map(|i| (tag << 32) + i));
-        RequestFeatures { prefix_hashes: hashes, ..Default::default() }
+        RequestFeatures {
+            prompt_chars: hashes.len() * 128,
+            prefix_hashes: hashes,
+            chunk_bytes: 128,
+            ..Default::default()
+        }
     }
 
     fn counts(p: &P2cKv, r: &RequestFeatures, ws: &[WorkerView], draws: usize, seed: u64) -> Vec<usize> {
@@ -200,29 +358,35 @@ mod tests {
         counts
     }
 
-    #[test]
-    fn keeps_the_cheaper_of_two() {
-        let p = policy(P2cConfig::default());
-        let mut ws = views(2);
-        ws[0].waiting = 3;
-        ws[1].kv_usage = 0.9; // 1.8 < 3
-        assert_eq!(counts(&p, &RequestFeatures::default(), &ws, 100, 1), [0, 100]);
-        ws[1].error_rate = 0.5; // 1.8 + 2.5 > 3
-        assert_eq!(counts(&p, &RequestFeatures::default(), &ws, 100, 1), [100, 0]);
+    /// A finished streamed request on `worker`.
+    fn done(worker: WorkerId, ttft_ms: u64, prompt: u32, cached: Option<u32>, predicted: Option<u32>) -> Outcome {
+        Outcome {
+            prompt_tokens: prompt,
+            cached_tokens: cached,
+            predicted_cached_tokens: predicted,
+            output_tokens: 50,
+            ..Outcome::new(worker, OutcomeKind::Success, Some(Duration::from_millis(ttft_ms)), Duration::from_secs(2))
+        }
     }
 
     #[test]
-    fn latency_is_normalised_by_the_mean() {
+    fn keeps_the_faster_of_two() {
         let p = policy(P2cConfig::default());
         let mut ws = views(2);
-        (ws[0].ttft_ms, ws[1].ttft_ms) = (300.0, 100.0); // 0.3*1.5 vs 0.3*0.5
-        assert_eq!(counts(&p, &RequestFeatures::default(), &ws, 50, 2), [0, 50]);
-        // Scale-free: the same ratio at 10x the latency gives the same costs.
-        let (a, b) = (p.base_cost(&ws[0], 200.0), p.base_cost(&ws[1], 200.0));
-        assert!((a - 0.45).abs() < 1e-9 && (b - 0.15).abs() < 1e-9);
-        // Unknown latency scores 0 on that term.
-        ws[0].ttft_ms = 0.0;
-        assert_eq!(p.base_cost(&ws[0], 100.0), 0.0);
+        for w in &mut ws {
+            w.max_running = 8;
+        }
+        // Worker 0: 8 running, 2 queued: 3 slots to free at 2 s / 8 each = 750 ms.
+        (ws[0].running, ws[0].waiting) = (8, 2);
+        // Worker 1: KV at 95%: half a service time (1 s) of barrier.
+        ws[1].kv_usage = 0.95;
+        assert_eq!(counts(&p, &RequestFeatures::default(), &ws, 100, 1), [100, 0]);
+        // At 92% the barrier is 100 ms: worker 1 is now the faster.
+        ws[1].kv_usage = 0.92;
+        assert_eq!(counts(&p, &RequestFeatures::default(), &ws, 100, 1), [0, 100]);
+        // Errors stretch the expected time: 50% failures double a 600 ms TTFT (1.2 s > 750 ms).
+        (ws[1].error_rate, ws[1].kv_usage, ws[1].ttft_ms) = (0.5, 0.0, 600.0);
+        assert_eq!(counts(&p, &RequestFeatures::default(), &ws, 100, 1), [100, 0]);
     }
 
     #[test]
@@ -237,12 +401,14 @@ mod tests {
     fn same_prefix_follows_the_worker_that_has_it() {
         let p = policy(P2cConfig::default());
         let ws = views(16);
-        p.on_dispatch(&req(30, 2, 1), 11);
+        assert_eq!(p.on_dispatch(&req(30, 2, 1), 11), Some(0), "nothing cached before");
         // Another conversation on the same 30-hash system prompt: pure p2c would find worker 11 in 2/16
-        // of draws; with the best-prefix candidate it goes there every time.
+        // of draws; with the best-prefix candidate it goes there every time (960 tokens of prefill saved).
         let c = counts(&p, &req(30, 2, 2), &ws, 200, 4);
         assert_eq!(c[11], 200, "{c:?}");
         assert_eq!(p.entries(), 32);
+        assert_eq!(p.on_dispatch(&req(30, 2, 2), 11), Some(30 * 32), "the prediction handed to the outcome");
+        assert_eq!(p.predicted_cached_tokens(&req(30, 5, 3), 11), 30 * 32);
     }
 
     #[test]
@@ -261,20 +427,153 @@ mod tests {
         assert!(counts.iter().all(|&n| (90..=110).contains(&n)), "{counts:?}");
     }
 
+    /// The issue's failure: under saturation every worker queues, and a unitless load term always beat
+    /// affinity. In time, the holder wins while its extra wait is below the prefill it saves.
     #[test]
-    fn affinity_gives_way_to_load() {
+    fn affinity_beats_queueing_until_the_wait_costs_more_than_the_prefill() {
         let p = policy(P2cConfig::default());
         let mut ws = views(4);
-        p.on_dispatch(&req(32, 0, 0), 0);
-        ws[0].waiting = 10; // 10 - 3 = 7 > 0: a full match is worth only 3 queued requests
-        let c = counts(&p, &req(32, 0, 0), &ws, 300, 6);
-        assert_eq!(c[0], 0, "{c:?}");
+        for w in &mut ws {
+            (w.max_running, w.running, w.waiting) = (8, 8, 2); // 750 ms of slot wait each
+        }
+        let long = req(128, 0, 0); // 4 096 tokens: 410 ms of prefill at the prior rate
+        p.on_dispatch(&long, 2);
+        ws[2].waiting = 3; // 1 000 ms < 750 + 410
+        assert_eq!(counts(&p, &long, &ws, 200, 6), [0, 0, 200, 0]);
+        ws[2].waiting = 4; // 1 250 ms > 1 160 ms: the prefill is now the cheaper wait
+        assert_eq!(counts(&p, &long, &ws, 200, 6)[2], 0);
+    }
+
+    #[test]
+    fn a_hot_prefix_spills_and_then_lives_on_both_workers() {
+        let p = policy(P2cConfig::default());
+        let mut ws = views(4);
+        for w in &mut ws {
+            w.max_running = 4;
+        }
+        let hot = |tag| req(64, 1, tag); // 2 080 tokens: 208 ms cold
+        p.on_dispatch(&hot(0), 0);
+        ws[0].running = 4; // full: 500 ms to a slot > 208 ms of prefill elsewhere
+        let mut rng = rng(8);
+        let i = p.select(&hot(1), &ws, &mut rng).unwrap();
+        assert_ne!(i, 0);
+        p.on_dispatch(&hot(1), ws[i].id);
+        // Now two workers hold it: whichever has room wins, never a cold one.
+        let c = counts(&p, &hot(2), &ws, 200, 9);
+        assert_eq!(c[i], 200, "{c:?}");
+        ws[0].running = 0;
+        ws[i].running = 4;
+        let c = counts(&p, &hot(3), &ws, 200, 9);
+        assert_eq!(c[0], 200, "{c:?}");
+    }
+
+    #[test]
+    fn the_kv_barrier_steers_away_from_a_nearly_full_holder() {
+        let p = policy(P2cConfig::default());
+        let mut ws = views(4);
+        p.on_dispatch(&req(32, 0, 0), 1);
+        ws[1].kv_usage = 0.97; // barrier 2 s * 0.49 / 0.3 = 3.3 s > 102 ms of prefill
+        let c = counts(&p, &req(32, 0, 0), &ws, 300, 10);
+        assert_eq!(c[1], 0, "{c:?}");
+        ws[1].kv_usage = 0.91; // 2 s * 0.01 / 0.9 = 22 ms < 102 ms
+        assert_eq!(counts(&p, &req(32, 0, 0), &ws, 300, 10)[1], 300);
+    }
+
+    #[test]
+    fn learned_prefill_rates_send_long_cold_prompts_to_the_faster_worker() {
+        let p = policy(P2cConfig::default());
+        let ws = views(2);
+        for w in 0..2 {
+            p.on_dispatch(&req(0, 1, w), w);
+        }
+        // Worker 0 prefills at 1 ms per token, worker 1 at 0.1 (both 30 ms fixed); the gateway reports
+        // each request's prompt and the worker's own cached count.
+        for i in 0..40u32 {
+            let u = (i % 8) * 500;
+            p.observe(&done(0, u64::from(30 + u), u + 100, Some(100), Some(0)));
+            p.observe(&done(1, u64::from(30 + u / 10), u + 100, Some(100), Some(0)));
+        }
+        let cold = req(0, 64, 99); // 2 048 tokens
+        assert!((p.predicted_ttft_ms(&cold, &ws[0]) - 2_078.0).abs() < 1.0);
+        assert!((p.predicted_ttft_ms(&cold, &ws[1]) - 234.8).abs() < 1.0);
+        assert_eq!(counts(&p, &cold, &ws, 100, 11), [0, 100]);
+        // A short prompt costs about the same on both: then load decides.
+        let mut ws = ws;
+        ws[1].running = 3;
+        assert_eq!(counts(&p, &RequestFeatures::default(), &ws, 100, 11), [100, 0]);
+    }
+
+    #[test]
+    fn the_engines_capacity_bounds_the_predicted_hits() {
+        let p = policy(P2cConfig::default());
+        let mut ws = views(4);
+        let (a, b) = (req(8, 0, 0), req(0, 8, 1));
+        p.on_dispatch(&a, 3);
+        p.on_dispatch(&b, 3);
+        assert_eq!(p.predicted_cached_tokens(&a, 3), 256);
+        // vLLM says worker 3 holds 320 tokens (10 chunks): `a`, the least recent, is mostly gone.
+        ws[3].cache_tokens = 320;
+        p.predicted_ttft_ms(&a, &ws[3]);
+        assert_eq!(p.cache_capacity_tokens(3), Some(320));
+        assert_eq!((p.predicted_cached_tokens(&a, 3), p.predicted_cached_tokens(&b, 3)), (2 * 32, 256));
+        // So `a` no longer sticks to worker 3 for want of a cache that is not there.
+        p.on_dispatch(&req(0, 8, 2), 3);
+        assert_eq!(p.predicted_cached_tokens(&a, 3), 0);
+        let c = counts(&p, &a, &ws, 400, 12);
+        assert!(c.iter().all(|&n| n > 50), "{c:?}");
+        // An engine-reported capacity is not second-guessed by the hit reports.
+        p.observe(&done(3, 100, 256, Some(0), Some(256)));
+        assert_eq!(p.cache_capacity_tokens(3), Some(320));
+    }
+
+    /// The worker's real cache is a 40-chunk LRU the policy cannot see; the policy learns a capacity
+    /// from the cached counts the worker reports against its own predictions.
+    #[test]
+    fn the_capacity_is_learned_from_reported_hits() {
+        let p = policy(P2cConfig::default());
+        let mut engine = PrefixIndex::new(1_000);
+        engine.set_capacity(0, Some(40));
+        let mut rng = rng(13);
+        for _ in 0..3_000 {
+            let r = req(0, 8, rng.random_range(0..10)); // 10 prompts of 8 chunks; the cache holds 5
+            let predicted = p.on_dispatch(&r, 0);
+            let actual = r.tokens_in_hashes(engine.match_len(0, &r.prefix_hashes)) as u32;
+            engine.record(&r.prefix_hashes, 0);
+            p.observe(&done(0, 100, 256, Some(actual), predicted));
+        }
+        let learned = p.cache_capacity_tokens(0).expect("learned") / 32;
+        assert!((32..=48).contains(&learned), "learned {learned} chunks, true 40");
+        // And then the predictions are mostly right.
+        let (mut right, mut total) = (0, 0);
+        for _ in 0..500 {
+            let r = req(0, 8, rng.random_range(0..10));
+            let predicted = p.on_dispatch(&r, 0).unwrap_or(0) > 0;
+            let actual = engine.match_len(0, &r.prefix_hashes) > 0;
+            engine.record(&r.prefix_hashes, 0);
+            right += usize::from(predicted == actual);
+            total += 1;
+        }
+        assert!(right * 10 >= total * 8, "{right}/{total}");
+    }
+
+    #[test]
+    fn a_configured_cache_size_is_where_learning_starts() {
+        let p = P2cKv::new(P2cConfig::default(), &PrefixConfig { cache_tokens: 3_200, ..PrefixConfig::default() });
+        p.on_dispatch(&req(0, 1, 0), 5);
+        assert_eq!(p.cache_capacity_tokens(5), Some(3_200));
+        // One predicted hit the worker did not have: 5% less, from what the model held (1 chunk) at most.
+        p.on_dispatch(&req(0, 8, 1), 5);
+        p.observe(&done(5, 100, 256, Some(0), Some(256)));
+        assert_eq!(p.cache_capacity_tokens(5), Some(8 * 32));
+        // Hits it did not predict grow it again.
+        p.observe(&done(5, 100, 256, Some(256), Some(0)));
+        assert_eq!(p.cache_capacity_tokens(5), Some(10 * 32));
     }
 
     #[test]
     fn imbalance_guard_keeps_affinity_among_the_rest() {
-        // Affinity strong enough to outweigh any load, so only the guard can move traffic.
-        let p = policy(P2cConfig { w_prefix: 1000.0, ..P2cConfig::default() });
+        // Prefill so expensive that affinity outweighs any queue, so only the guard can move traffic.
+        let p = policy(P2cConfig { prefill_ms_per_1k_tokens: 1e6, ..P2cConfig::default() });
         let mut ws = views(4);
         let full = req(32, 0, 0);
         let mut half = full.clone();
@@ -301,36 +600,42 @@ mod tests {
     }
 
     #[test]
-    fn forget_drops_the_workers_prefixes() {
+    fn forget_drops_the_workers_prefixes_and_rates() {
         let p = policy(P2cConfig::default());
         p.on_dispatch(&req(8, 0, 0), 3);
         p.on_dispatch(&req(8, 0, 0), 4);
         assert_eq!(p.entries(), 16);
         p.forget(3);
         assert_eq!(p.entries(), 8);
+        // Late outcomes of a forgotten worker leave nothing behind.
+        p.observe(&done(3, 100, 256, Some(0), Some(256)));
+        assert!(!p.state.lock().workers.contains_key(&3));
     }
 
     proptest! {
         #[test]
         fn never_out_of_range(
-            loads in prop::collection::vec((0u32..80, 0u32..80, 0.0f64..1.0, 0.0f64..500.0), 0..12),
-            history in prop::collection::vec((0u64..12, 0u64..6, 0u64..6), 0..20),
+            loads in prop::collection::vec((0u32..80, 0u32..80, 0.0f64..1.0, 0.0f64..500.0, 0u32..16, 0u64..2_000), 0..12),
+            history in prop::collection::vec((0u64..12, 0u64..6, 0u64..6, 0u32..300, 0u32..300), 0..20),
             shared in 0u64..6,
             seed: u64,
         ) {
-            let p = P2cKv::new(P2cConfig::default(), &PrefixConfig { max_entries: 30 });
-            for (worker, s, own) in history {
+            let p = P2cKv::new(P2cConfig::default(), &PrefixConfig { max_entries: 30, cache_tokens: 0 });
+            for (worker, s, own, cached, predicted) in history {
                 p.on_dispatch(&req(s, own, worker), worker);
+                p.observe(&done(worker, u64::from(cached), 300, Some(cached), Some(predicted)));
             }
             let ws: Vec<WorkerView> = loads
                 .iter()
                 .enumerate()
-                .map(|(i, &(waiting, running, kv_usage, ttft_ms))| WorkerView {
+                .map(|(i, &(waiting, running, kv_usage, ttft_ms, max_running, cache_tokens))| WorkerView {
                     id: i as u64 * 2,
                     waiting,
                     running,
                     kv_usage,
                     ttft_ms,
+                    max_running,
+                    cache_tokens,
                     ..Default::default()
                 })
                 .collect();
@@ -338,6 +643,9 @@ mod tests {
             prop_assert_eq!(pick.is_none(), ws.is_empty());
             prop_assert!(pick.iter().all(|&i| i < ws.len()));
             prop_assert!(p.entries() <= 30);
+            for w in &ws {
+                prop_assert!(p.predicted_ttft_ms(&req(shared, 2, 99), w).is_finite());
+            }
         }
     }
 }

@@ -16,7 +16,20 @@ pub trait Policy: Send + Sync {
     fn select(&self, req: &RequestFeatures, candidates: &[WorkerView], rng: &mut dyn RngCore) -> Option<usize>;
 
     /// Told once the request was sent to `worker` (feeds prefix indexes and similar memories).
-    fn on_dispatch(&self, _req: &RequestFeatures, _worker: WorkerId) {}
+    ///
+    /// Returns the prompt tokens the policy predicts `worker` holds in its prefix cache for this
+    /// request (before this dispatch), when it models caches: the gateway hands it back in
+    /// [`Outcome::predicted_cached_tokens`] so the policy can compare it with what the worker reported.
+    fn on_dispatch(&self, _req: &RequestFeatures, _worker: WorkerId) -> Option<u32> {
+        None
+    }
+
+    /// Prompt tokens of `req` the policy predicts `worker` holds in its prefix cache (0 for policies
+    /// that model no cache): the admission queue's hand-off score, so a freed worker prefers the waiter
+    /// whose prompt it holds (`guard::AdmissionQueue::pop_preferring`).
+    fn predicted_cached_tokens(&self, _req: &RequestFeatures, _worker: WorkerId) -> u64 {
+        0
+    }
 
     /// Told when a request finished on a worker (feeds learned estimates).
     fn observe(&self, _outcome: &Outcome) {}

@@ -1,29 +1,43 @@
-//! The prefix index: a bounded, approximate memory of which prompt prefixes went to which worker.
+//! The prefix index: a bounded model of which prompt prefixes each worker's KV cache still holds.
 //!
 //! vLLM keeps the KV blocks of recent prompts and reuses them when a new prompt starts the same way
 //! (automatic prefix caching). The gateway cannot see those caches, but it knows where it sent each
-//! prompt, so it can predict them: a worker that recently served a prompt beginning with chunks
-//! `c0 c1 .. ck` probably still holds their KV blocks.
+//! prompt, so it can mirror them: a worker that recently served a prompt beginning with chunks
+//! `c0 c1 .. ck` holds their KV blocks *until its cache needs the room*.
 //!
 //! A request carries chained hashes `h0 .. hn` of its prompt's chunks ([`gateway_core::prefix`]): `hi`
 //! covers chunks `0..=i`, so two prompts share `hi` exactly when their first `i + 1` chunks agree. The
-//! index remembers `(hash, worker)` pairs; the predicted cached share of a request on a worker is the
-//! length of the leading run of its hashes that the worker holds, divided by the number of hashes.
+//! index remembers `(hash, worker)` pairs; the predicted cache hit of a request on a worker is the
+//! leading run of its hashes that the worker holds.
+//!
+//! # A cache per worker, evicted as the engine evicts
+//! A worker's cache holds a fixed number of tokens. vLLM frees a finished request's blocks to an LRU
+//! free queue, tail block first, and takes the least recently used free block when it needs one; a
+//! block touched again by a later prompt leaves the queue. So the engine forgets a worker's prefixes
+//! in least-recently-used order, chains from their tail. The index does the same per worker: each
+//! worker has its own recency list and a capacity in entries ([`PrefixIndex::set_capacity`]; the
+//! policy converts the worker's capacity in tokens at `chunk tokens` per entry); recording past it
+//! evicts that worker's least recently used pairs. A predicted hit is thus one the worker still holds,
+//! not one it served an hour and a hundred prompts ago. A worker without a known capacity is bounded
+//! only by the global bound below.
 //!
 //! # Why a binary search over the run is sound
 //! The held hashes of a worker are *prefix-closed*: holding `hi` implies holding `h0 .. hi-1`. Chaining
 //! gives half of it (whoever sent `hi` sent the whole chain below it); the other half is eviction order.
 //! [`PrefixIndex::record`] touches a request's hashes from the last to the first, so within one request
 //! the leading hashes are the most recently used, and any later touch of `hi` also touches `h0 .. hi-1`
-//! after it. Least-recently-used eviction therefore always evicts a chain from its tail, never opens a
-//! hole in the middle, and "does the worker hold `hi`" is monotone in `i`: `partition_point` finds the
-//! run in `O(log n)` lookups.
+//! after it. Least-recently-used eviction, from the global list or a worker's own (the global order
+//! restricted to that worker), therefore always evicts a chain from its tail, never opens a hole in
+//! the middle, and "does the worker hold `hi`" is monotone in `i`: `partition_point` finds the run in
+//! `O(log n)` lookups.
 //!
 //! # Bound
-//! At most `max_entries` pairs in total over all workers, evicted least recently used first. Nodes live
-//! in a slab (`Vec`) linked into a recency list by index, so a touch or an eviction is `O(1)` and the
-//! memory never grows past the bound. Per hash, the holders are a short list: a hash is held by as many
-//! workers as it was routed to, which prefix-aware routing keeps small.
+//! At most `max_entries` pairs in total over all workers, evicted least recently used first, whatever
+//! the per-worker capacities say. Nodes live in a slab (`Vec`) linked into two recency lists by index
+//! (the global one and their worker's), so a touch or an eviction is `O(1)` and the memory never grows
+//! past the bound. Per hash, the holders are a short list: a hash is held by as many workers as it was
+//! routed to, which prefix-aware routing keeps small. Per-worker records are one per worker of the
+//! fleet, dropped by [`PrefixIndex::forget`].
 
 use crate::util::IdMap;
 use gateway_core::WorkerId;
@@ -34,13 +48,33 @@ const NIL: u32 = u32::MAX;
 struct Node {
     hash: u64,
     worker: WorkerId,
-    /// Towards the most recently used end.
+    /// Towards the most recently used end of the global list.
     prev: u32,
-    /// Towards the least recently used end.
+    /// Towards the least recently used end of the global list.
     next: u32,
+    /// Towards the most recently used end of the worker's list.
+    wprev: u32,
+    /// Towards the least recently used end of the worker's list.
+    wnext: u32,
 }
 
-/// A bounded LRU memory of `(prefix hash, worker)` pairs; see the module docs.
+/// One worker's cache: its recency list and capacity.
+#[derive(Debug, Clone, Copy)]
+struct WorkerCache {
+    head: u32,
+    tail: u32,
+    len: usize,
+    /// Most pairs it holds; `usize::MAX` when unknown.
+    cap: usize,
+}
+
+impl Default for WorkerCache {
+    fn default() -> Self {
+        Self { head: NIL, tail: NIL, len: 0, cap: usize::MAX }
+    }
+}
+
+/// A bounded LRU model of `(prefix hash, worker)` pairs, per worker and overall; see the module docs.
 #[derive(Debug)]
 pub struct PrefixIndex {
     cap: usize,
@@ -53,6 +87,7 @@ pub struct PrefixIndex {
     len: usize,
     /// Each hash's holders: `(worker, node index)`.
     by_hash: IdMap<u64, Vec<(WorkerId, u32)>>,
+    workers: IdMap<WorkerId, WorkerCache>,
 }
 
 impl PrefixIndex {
@@ -60,7 +95,16 @@ impl PrefixIndex {
     pub fn new(max_entries: usize) -> Self {
         // Clamped so the slab's `u32` links can address every node.
         let cap = max_entries.clamp(1, NIL as usize - 1);
-        Self { cap, nodes: Vec::new(), free: Vec::new(), head: NIL, tail: NIL, len: 0, by_hash: IdMap::default() }
+        Self {
+            cap,
+            nodes: Vec::new(),
+            free: Vec::new(),
+            head: NIL,
+            tail: NIL,
+            len: 0,
+            by_hash: IdMap::default(),
+            workers: IdMap::default(),
+        }
     }
 
     /// Pairs currently remembered (for metrics).
@@ -73,12 +117,31 @@ impl PrefixIndex {
         self.cap
     }
 
+    /// Pairs remembered for `worker`: the size of its modelled cache, in chunks.
+    pub fn held(&self, worker: WorkerId) -> usize {
+        self.workers.get(&worker).map_or(0, |w| w.len)
+    }
+
+    /// The capacity of `worker`'s modelled cache in pairs, `None` when unknown (only the global bound).
+    pub fn capacity_of(&self, worker: WorkerId) -> Option<usize> {
+        self.workers.get(&worker).map(|w| w.cap).filter(|&c| c != usize::MAX)
+    }
+
+    /// Sets how many pairs `worker`'s cache holds (`None`: unknown) and evicts its least recently used
+    /// pairs beyond that at once.
+    pub fn set_capacity(&mut self, worker: WorkerId, cap: Option<usize>) {
+        let w = self.workers.entry(worker).or_default();
+        w.cap = cap.unwrap_or(usize::MAX);
+        self.evict_worker(worker);
+    }
+
     /// Remembers that a request with these chained `hashes` was sent to `worker`.
     pub fn record(&mut self, hashes: &[u64], worker: WorkerId) {
         // Last to first, so the leading hashes end up most recent (keeps each worker prefix-closed).
         for &h in hashes.iter().rev() {
             self.touch(h, worker);
         }
+        self.evict_worker(worker);
     }
 
     /// Whether `worker` holds `hash`.
@@ -115,15 +178,18 @@ impl PrefixIndex {
         (depth, holders)
     }
 
-    /// Drops everything remembered for `worker` (`O(entries)`; workers leave rarely).
+    /// Drops everything remembered for `worker`, its capacity included.
     pub fn forget(&mut self, worker: WorkerId) {
-        let mut i = self.head;
-        while i != NIL {
-            let next = self.nodes[i as usize].next;
-            if self.nodes[i as usize].worker == worker {
-                self.remove(i);
-            }
-            i = next;
+        while let Some(tail) = self.workers.get(&worker).map(|w| w.tail).filter(|&t| t != NIL) {
+            self.remove(tail);
+        }
+        self.workers.remove(&worker);
+    }
+
+    /// Evicts `worker`'s least recently used pairs beyond its capacity.
+    fn evict_worker(&mut self, worker: WorkerId) {
+        while let Some(tail) = self.workers.get(&worker).filter(|w| w.len > w.cap).map(|w| w.tail) {
+            self.remove(tail);
         }
     }
 
@@ -137,7 +203,7 @@ impl PrefixIndex {
         if self.len >= self.cap {
             self.remove(self.tail);
         }
-        let node = Node { hash, worker, prev: NIL, next: NIL };
+        let node = Node { hash, worker, prev: NIL, next: NIL, wprev: NIL, wnext: NIL };
         let i = match self.free.pop() {
             Some(i) => {
                 self.nodes[i as usize] = node;
@@ -148,6 +214,7 @@ impl PrefixIndex {
                 (self.nodes.len() - 1) as u32
             }
         };
+        self.workers.entry(worker).or_default().len += 1;
         self.push_front(i);
         self.by_hash.entry(hash).or_default().push((worker, i));
         self.len += 1;
@@ -160,6 +227,9 @@ impl PrefixIndex {
         }
         self.unlink(i);
         let Node { hash, worker, .. } = self.nodes[i as usize];
+        if let Some(w) = self.workers.get_mut(&worker) {
+            w.len -= 1;
+        }
         if let Some(hs) = self.by_hash.get_mut(&hash) {
             hs.retain(|&(w, _)| w != worker);
             if hs.is_empty() {
@@ -170,8 +240,9 @@ impl PrefixIndex {
         self.len -= 1;
     }
 
+    /// Takes node `i` out of both recency lists (its worker's `len` is left to the caller).
     fn unlink(&mut self, i: u32) {
-        let (prev, next) = (self.nodes[i as usize].prev, self.nodes[i as usize].next);
+        let Node { prev, next, wprev, wnext, worker, .. } = self.nodes[i as usize];
         match prev {
             NIL => self.head = next,
             p => self.nodes[p as usize].next = next,
@@ -180,8 +251,18 @@ impl PrefixIndex {
             NIL => self.tail = prev,
             n => self.nodes[n as usize].prev = prev,
         }
+        let Some(w) = self.workers.get_mut(&worker) else { return };
+        match wprev {
+            NIL => w.head = wnext,
+            p => self.nodes[p as usize].wnext = wnext,
+        }
+        match wnext {
+            NIL => w.tail = wprev,
+            n => self.nodes[n as usize].wprev = wprev,
+        }
     }
 
+    /// Puts node `i` at the most recent end of both lists (its worker's record must exist).
     fn push_front(&mut self, i: u32) {
         let old = self.head;
         self.nodes[i as usize].prev = NIL;
@@ -191,6 +272,18 @@ impl PrefixIndex {
             o => self.nodes[o as usize].prev = i,
         }
         self.head = i;
+        let worker = self.nodes[i as usize].worker;
+        let Some(w) = self.workers.get_mut(&worker) else { return };
+        let old = w.head;
+        w.head = i;
+        if old == NIL {
+            w.tail = i;
+        }
+        self.nodes[i as usize].wprev = NIL;
+        self.nodes[i as usize].wnext = old;
+        if old != NIL {
+            self.nodes[old as usize].wprev = i;
+        }
     }
 }
 
@@ -239,21 +332,57 @@ mod tests {
         assert_eq!(idx.entries(), 3);
     }
 
+    #[test]
+    fn a_worker_evicts_its_own_least_recent_prefixes_at_its_capacity() {
+        let mut idx = PrefixIndex::new(1_000);
+        let (a, b, c) = (chain("aaaabbbbcccc"), chain("xxxxyyyyzzzz"), chain("qqqqrrrrssss"));
+        idx.set_capacity(1, Some(6));
+        idx.record(&a, 1);
+        idx.record(&b, 1);
+        idx.record(&c, 2); // another worker's cache does not count against worker 1's
+        assert_eq!((idx.held(1), idx.held(2), idx.capacity_of(1), idx.capacity_of(2)), (6, 3, Some(6), None));
+        idx.record(&a, 1); // touch: `a` is now more recent than `b`
+        idx.record(&c, 1); // 9 > 6: the least recent chain, `b`, goes, whole
+        assert_eq!((idx.match_len(1, &a), idx.match_len(1, &b), idx.match_len(1, &c)), (3, 0, 3));
+        assert_eq!(idx.match_len(2, &c), 3);
+        // A request longer than the cache keeps its head: the tail is what the engine evicts first.
+        let long = chain(&"abcd".repeat(10));
+        idx.record(&long, 1);
+        assert_eq!((idx.match_len(1, &long), idx.match_len(1, &a)), (6, 0));
+        // Shrinking evicts at once, from the tail; unknown capacity lifts the per-worker bound.
+        idx.set_capacity(1, Some(2));
+        assert_eq!((idx.held(1), idx.match_len(1, &long)), (2, 2));
+        idx.set_capacity(1, None);
+        idx.record(&a, 1);
+        idx.record(&b, 1);
+        assert_eq!((idx.held(1), idx.entries()), (8, 11));
+        idx.forget(1);
+        assert_eq!((idx.held(1), idx.capacity_of(1), idx.entries()), (0, None, 3));
+    }
+
     proptest! {
-        /// Whatever the traffic, the bound holds and every worker's memory stays prefix-closed,
-        /// so the binary search in `match_len` equals a linear scan.
+        /// Whatever the traffic and capacities, both bounds hold and every worker's memory stays
+        /// prefix-closed, so the binary search in `match_len` equals a linear scan.
         #[test]
         fn bound_and_prefix_closure(
             cap in 1usize..40,
+            worker_caps in prop::collection::vec(prop::option::of(0usize..20), 4),
             reqs in prop::collection::vec((0u64..4, prop::collection::vec(0u8..3, 0..12)), 1..60),
         ) {
             let mut idx = PrefixIndex::new(cap);
+            for (w, &c) in worker_caps.iter().enumerate() {
+                idx.set_capacity(w as u64, c);
+            }
             let mut seen = Vec::new();
             for (worker, chunks) in &reqs {
                 let text: String = chunks.iter().map(|c| char::from(b'a' + c).to_string().repeat(4)).collect();
                 let hashes = chain(&text);
                 idx.record(&hashes, *worker);
                 prop_assert!(idx.entries() <= cap);
+                for (w, &c) in worker_caps.iter().enumerate() {
+                    prop_assert!(idx.held(w as u64) <= c.unwrap_or(usize::MAX));
+                }
+                prop_assert_eq!((0..4).map(|w| idx.held(w)).sum::<usize>(), idx.entries());
                 seen.push(hashes);
             }
             for hashes in &seen {
