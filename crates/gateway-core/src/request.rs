@@ -297,9 +297,27 @@ impl RequestFeatures {
         self.session_key = Some(hash_bytes(1, session.as_bytes()));
     }
 
-    /// Tokens this request may cost before its real usage is known: prompt chars / 4 + `max_tokens`.
+    /// Tokens this request may cost before its real usage is known: prompt chars / 4 + `max_tokens`,
+    /// saturating (a client's `max_tokens` near `u64::MAX` must not wrap around to a small charge).
     pub fn estimated_tokens(&self, default_max_tokens: u64) -> u64 {
-        (self.prompt_chars as u64).div_ceil(4) + self.max_tokens.unwrap_or(default_max_tokens)
+        (self.prompt_chars as u64).div_ceil(4).saturating_add(self.max_tokens.unwrap_or(default_max_tokens))
+    }
+}
+
+/// What must hold for any body, fuzzed or not: the parse answers (no panic, no overflow), refuses
+/// what nests too deep, and bounds what it returns. Run by the `request` fuzz target (`fuzz/`) and by
+/// the test replaying its corpus.
+#[cfg(any(test, fuzzing))]
+pub fn check_any_body(body: &[u8]) {
+    let opts = PrefixOptions { chunk_bytes: 16, max_chunks: 8 };
+    let parsed = RequestFeatures::parse(body, opts);
+    if nests_deeper_than(body, MAX_JSON_DEPTH) {
+        assert!(parsed.is_err(), "a body nested deeper than the limit was accepted");
+    }
+    if let Ok(f) = parsed {
+        assert!(f.prefix_hashes.len() <= opts.max_chunks);
+        assert!(f.prompt_chars <= body.len(), "{} chars from {} bytes", f.prompt_chars, body.len());
+        assert!(f.estimated_tokens(u64::MAX) >= f.max_tokens.unwrap_or(u64::MAX));
     }
 }
 
@@ -438,6 +456,27 @@ mod tests {
         assert_eq!(parts.prompt_chars, 5);
         assert_eq!(parse(r#"{"messages":[{"role":"user","content":[[{"text":"abc"}]]}]}"#).prompt_chars, 3);
         assert_eq!(parse(r#"{"messages":[{"role":"user","content":[[[{"text":"abc"}]]]}]}"#).prompt_chars, 0);
+    }
+
+    #[test]
+    fn huge_max_tokens_saturate_the_estimate() {
+        // Wrapped to 0 in release builds: a request that claims u64::MAX tokens passed token limits free.
+        let f = parse(r#"{"prompt":"abcd","max_tokens":18446744073709551615}"#);
+        assert_eq!(f.estimated_tokens(16), u64::MAX);
+        assert_eq!(parse(r#"{"prompt":"abcd"}"#).estimated_tokens(u64::MAX), u64::MAX);
+    }
+
+    #[test]
+    fn request_fuzz_corpus_replays() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus/request");
+        let mut files = 0;
+        for entry in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
+            let path = entry.expect("a directory entry").path();
+            let body = std::fs::read(&path).expect("a corpus file");
+            assert!(std::panic::catch_unwind(|| check_any_body(&body)).is_ok(), "{}", path.display());
+            files += 1;
+        }
+        assert!(files > 0, "{} is empty", dir.display());
     }
 
     #[test]

@@ -65,11 +65,7 @@ async fn post(url: &str, body: String) -> (u16, serde_json::Value) {
 }
 
 async fn normal_chat_succeeds(gw: &str) -> bool {
-    let resp = client()
-        .post(format!("{gw}/v1/chat/completions"))
-        .json(&chat("demo-model", "hi", false))
-        .send()
-        .await;
+    let resp = client().post(format!("{gw}/v1/chat/completions")).json(&chat("demo-model", "hi", false)).send().await;
     matches!(resp, Ok(r) if r.status() == 200)
 }
 
