@@ -29,21 +29,19 @@ pub const MAX_TEXT_LISTS: usize = 2;
 /// the parser reports the real error.
 pub fn nests_deeper_than(body: &[u8], limit: usize) -> bool {
     let mut depth = 0usize;
-    let mut in_string = false;
-    let mut escaped = false;
-    for &b in body {
-        if in_string {
-            if escaped {
-                escaped = false;
-            } else if b == b'\\' {
-                escaped = true;
-            } else if b == b'"' {
-                in_string = false;
-            }
-            continue;
-        }
+    let mut i = 0;
+    while let Some(&b) = body.get(i) {
+        i += 1;
         match b {
-            b'"' => in_string = true,
+            // Skip the string to its closing quote; most of a body's bytes are in strings.
+            b'"' => loop {
+                let Some(at) = memchr::memchr2(b'"', b'\\', &body[i..]) else { return false };
+                i += at + 1;
+                if body[i - 1] == b'"' {
+                    break;
+                }
+                i += 1; // the escaped byte
+            },
             b'[' | b'{' => {
                 depth += 1;
                 if depth > limit {
