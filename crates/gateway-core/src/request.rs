@@ -35,7 +35,9 @@ pub fn nests_deeper_than(body: &[u8], limit: usize) -> bool {
         match b {
             // Skip the string to its closing quote; most of a body's bytes are in strings.
             b'"' => loop {
-                let Some(at) = memchr::memchr2(b'"', b'\\', &body[i..]) else { return false };
+                let Some(at) = body.get(i..).and_then(|rest| memchr::memchr2(b'"', b'\\', rest)) else {
+                    return false;
+                };
                 i += at + 1;
                 if body[i - 1] == b'"' {
                     break;
@@ -434,6 +436,12 @@ mod tests {
         assert!(!nests_deeper_than(br#"{"a":"[[[[\"[[[[\\"}"#, 1));
         assert!(nests_deeper_than(br#"{"a":"\\","b":[[]]}"#, 2));
         assert!(!nests_deeper_than(b"]]]]{}", 1), "stray closers do not go below zero");
+        // Found by the `request` fuzz target: a body ending in a backslash inside a string sliced past
+        // its end (a panic on a client's body).
+        for body in [&br#"{"a":"\"#[..], br#"{"a":"x\\\"#, br#"{"prompt":[["a"],["b\"#] {
+            assert!(!nests_deeper_than(body, 3));
+            assert!(RequestFeatures::parse(body, PrefixOptions::default()).is_err());
+        }
     }
 
     #[test]
