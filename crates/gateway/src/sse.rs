@@ -123,6 +123,17 @@ mod tests {
     }
 
     #[test]
+    fn a_cut_inside_three_newlines_leaves_only_an_empty_line_waiting() {
+        // Found by the relay fuzz target: the third newline stays in the carry, where it is an empty
+        // line and changes no event.
+        let mut carry = BytesMut::new();
+        assert_eq!(&strip_usage_events(&mut carry, b"data: a\n\n")[..], b"data: a\n\n");
+        assert!(strip_usage_events(&mut carry, b"\ndata: b").is_empty());
+        assert_eq!(&carry[..], b"\ndata: b");
+        assert_eq!(&strip_usage_events(&mut carry, b"\n\n")[..], b"data: b\n\n");
+    }
+
+    #[test]
     fn usage_event_is_dropped_and_the_partial_event_waits() {
         let mut carry = BytesMut::new();
         let out = strip_usage_events(
