@@ -2,11 +2,60 @@
 //!
 //! The body itself is forwarded byte for byte; this parse borrows from it and copies out just a few
 //! small fields. Message `content` may be a string or a list of parts (`[{"type":"text","text":..}]`).
+//!
+//! Nothing here recurses once per level of the client's JSON: a body that nests arrays or objects
+//! deeper than [`MAX_JSON_DEPTH`] is refused by one flat scan before anything parses it, serde_json
+//! skips unknown fields and raw values without recursion, and prompt text is looked for only within
+//! [`MAX_TEXT_LISTS`] levels of lists (deeper values are opaque: they count as no text).
 
 use crate::prefix::{hash_bytes, PrefixHasher};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use std::borrow::Cow;
+
+/// Deepest nesting of arrays and objects a request body may have. OpenAI's request shapes need a few
+/// levels (tool and response schemas a few dozen at most); a deeper body is refused with a 400 rather
+/// than walked by the gateway or handed to a worker, whose own parser may not bound its recursion.
+pub const MAX_JSON_DEPTH: usize = 100;
+
+/// Levels of lists searched for prompt text in `prompt`, `input` and `content`: enough for a string,
+/// a list of strings or parts, and a list of such lists. Token ids and anything deeper give no text.
+pub const MAX_TEXT_LISTS: usize = 2;
+
+/// Whether arrays and objects in `body` nest deeper than `limit`.
+///
+/// One pass over the bytes with no recursion and no allocation; brackets inside strings do not count.
+/// Meant for bodies that are then parsed as JSON: on malformed input the answer is only a guess, and
+/// the parser reports the real error.
+pub fn nests_deeper_than(body: &[u8], limit: usize) -> bool {
+    let mut depth = 0usize;
+    let mut i = 0;
+    while let Some(&b) = body.get(i) {
+        i += 1;
+        match b {
+            // Skip the string to its closing quote; most of a body's bytes are in strings.
+            b'"' => loop {
+                let Some(at) = body.get(i..).and_then(|rest| memchr::memchr2(b'"', b'\\', rest)) else {
+                    return false;
+                };
+                i += at + 1;
+                if body[i - 1] == b'"' {
+                    break;
+                }
+                i += 1; // the escaped byte
+            },
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > limit {
+                    return true;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
+}
 
 /// Priority class of a request in the admission queue; lower rank is served first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Deserialize, serde::Serialize)]
@@ -144,23 +193,26 @@ struct Part<'a> {
     text: Option<Cow<'a, str>>,
 }
 
-/// Text of a `content` or `prompt` value: a string, a list of parts or strings; token-id lists give none.
-fn visit_text(raw: &RawValue, f: &mut dyn FnMut(&str)) -> Result<(), serde_json::Error> {
+/// Text of a `content`, `prompt` or `input` value: a string, or lists (at most [`MAX_TEXT_LISTS`]
+/// deep) of strings and `{"text":..}` parts; token ids and deeper lists give none.
+///
+/// `lists` is how many lists enclose `raw`. Each level re-reads only its own items, and serde_json
+/// skips the contents of a raw value without recursion, so the cost stays linear in the body.
+fn visit_text(raw: &RawValue, lists: usize, f: &mut dyn FnMut(&str)) -> Result<(), serde_json::Error> {
     let s = raw.get().trim_start();
     if s.starts_with('"') {
         let text: Cow<'_, str> = serde_json::from_str(raw.get())?;
         f(&text);
-    } else if s.starts_with('[') {
+    } else if s.starts_with('[') && lists < MAX_TEXT_LISTS {
         let items: Vec<&RawValue> = serde_json::from_str(raw.get())?;
         for item in items {
-            let t = item.get().trim_start();
-            if t.starts_with('{') {
+            if item.get().trim_start().starts_with('{') {
                 let part: Part<'_> = serde_json::from_str(item.get())?;
                 if let Some(text) = part.text {
                     f(&text);
                 }
-            } else if t.starts_with('"') || t.starts_with('[') {
-                visit_text(item, f)?;
+            } else {
+                visit_text(item, lists + 1, f)?;
             }
         }
     }
@@ -168,11 +220,17 @@ fn visit_text(raw: &RawValue, f: &mut dyn FnMut(&str)) -> Result<(), serde_json:
 }
 
 impl RequestFeatures {
-    /// Parses the routing-relevant fields of a JSON body; the error is the JSON parser's reason.
+    /// Parses the routing-relevant fields of a JSON body; the error is the JSON parser's reason, or
+    /// that the body nests deeper than [`MAX_JSON_DEPTH`].
     pub fn parse(body: &[u8], opts: PrefixOptions) -> Result<Self, serde_json::Error> {
         // serde's derive also accepts a JSON array for a struct; the API takes objects only.
         if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
             return Err(serde::de::Error::custom("the request body must be a JSON object"));
+        }
+        if nests_deeper_than(body, MAX_JSON_DEPTH) {
+            return Err(serde::de::Error::custom(format_args!(
+                "arrays and objects nest deeper than {MAX_JSON_DEPTH} levels, the gateway's limit"
+            )));
         }
         let wire: Wire<'_> = serde_json::from_slice(body)?;
         let model = wire.model.as_deref().unwrap_or("");
@@ -198,7 +256,7 @@ impl RequestFeatures {
                 };
                 let mut slot = slot;
                 if let Some(content) = msg.content {
-                    visit_text(content, &mut |t| {
+                    visit_text(content, 0, &mut |t| {
                         feed(t, &mut hasher);
                         if let Some(s) = slot.as_deref_mut() {
                             s.push_str(t);
@@ -214,7 +272,7 @@ impl RequestFeatures {
         }
         for raw in [wire.prompt, wire.input].into_iter().flatten() {
             let mut h = 0u64;
-            visit_text(raw, &mut |t| {
+            visit_text(raw, 0, &mut |t| {
                 feed(t, &mut hasher);
                 h = hash_bytes(h, t.as_bytes());
             })?;
@@ -246,9 +304,10 @@ impl RequestFeatures {
         self.session_key = Some(hash_bytes(1, session.as_bytes()));
     }
 
-    /// Tokens this request may cost before its real usage is known: prompt chars / 4 + `max_tokens`.
+    /// Tokens this request may cost before its real usage is known: prompt chars / 4 + `max_tokens`,
+    /// saturating (a client's `max_tokens` near `u64::MAX` must not wrap around to a small charge).
     pub fn estimated_tokens(&self, default_max_tokens: u64) -> u64 {
-        self.prompt_tokens() + self.max_tokens.unwrap_or(default_max_tokens)
+        self.prompt_tokens().saturating_add(self.max_tokens.unwrap_or(default_max_tokens))
     }
 
     /// Estimated prompt tokens: 4 characters per token, the usual rule for English text and BPE
@@ -260,7 +319,24 @@ impl RequestFeatures {
     /// Estimated prompt tokens covered by the first `hashes` prefix hashes, at most the prompt's.
     pub fn tokens_in_hashes(&self, hashes: usize) -> u64 {
         let chunk = if self.chunk_bytes == 0 { PrefixOptions::default().chunk_bytes } else { self.chunk_bytes };
-        ((hashes * chunk) as u64).div_ceil(CHARS_PER_TOKEN).min(self.prompt_tokens())
+        (hashes.saturating_mul(chunk) as u64).div_ceil(CHARS_PER_TOKEN).min(self.prompt_tokens())
+    }
+}
+
+/// What must hold for any body, fuzzed or not: the parse answers (no panic, no overflow), refuses
+/// what nests too deep, and bounds what it returns. Run by the `request` fuzz target (`fuzz/`) and by
+/// the test replaying its corpus.
+#[cfg(any(test, fuzzing))]
+pub fn check_any_body(body: &[u8]) {
+    let opts = PrefixOptions { chunk_bytes: 16, max_chunks: 8 };
+    let parsed = RequestFeatures::parse(body, opts);
+    if nests_deeper_than(body, MAX_JSON_DEPTH) {
+        assert!(parsed.is_err(), "a body nested deeper than the limit was accepted");
+    }
+    if let Ok(f) = parsed {
+        assert!(f.prefix_hashes.len() <= opts.max_chunks);
+        assert!(f.prompt_chars <= body.len(), "{} chars from {} bytes", f.prompt_chars, body.len());
+        assert!(f.estimated_tokens(u64::MAX) >= f.max_tokens.unwrap_or(u64::MAX));
     }
 }
 
@@ -336,6 +412,99 @@ mod tests {
         let f = parse(r#"{"prompt":[1,2,3]}"#);
         assert_eq!(f.model, None);
         assert_eq!(f.prompt_chars, 0);
+    }
+
+    /// `field` set to `depth` nested lists around `inner`, inside an otherwise normal body.
+    fn nested(field: &str, depth: usize, inner: &str) -> String {
+        let value = format!("{}{inner}{}", "[".repeat(depth), "]".repeat(depth));
+        match field {
+            "content" => format!(r#"{{"model":"m","messages":[{{"role":"user","content":{value}}}]}}"#),
+            _ => format!(r#"{{"model":"m","{field}":{value}}}"#),
+        }
+    }
+
+    #[test]
+    fn absurd_nesting_in_each_text_field_is_refused_fast_without_recursion() {
+        // 100k levels overflowed the stack (one recursive call per level) and re-parsed every level.
+        for field in ["prompt", "input", "content", "unknown_field"] {
+            let body = nested(field, 100_000, "\"x\"");
+            let started = std::time::Instant::now();
+            let err = RequestFeatures::parse(body.as_bytes(), PrefixOptions::default()).expect_err(field);
+            assert!(err.to_string().contains("nest deeper than 100 levels"), "{field}: {err}");
+            assert!(started.elapsed() < std::time::Duration::from_secs(1), "{field}: {:?}", started.elapsed());
+        }
+    }
+
+    #[test]
+    fn nesting_up_to_the_limit_parses_and_deep_values_are_opaque() {
+        // The body's object is one level, `messages` two more, the message object a third.
+        let deepest = MAX_JSON_DEPTH - 3;
+        for field in ["prompt", "input", "content"] {
+            let ok = nested(field, deepest, "\"hidden\"");
+            let f = RequestFeatures::parse(ok.as_bytes(), PrefixOptions::default()).expect(field);
+            assert_eq!(f.prompt_chars, 0, "{field}: text below {MAX_TEXT_LISTS} lists is opaque");
+            let too_deep = nested(field, MAX_JSON_DEPTH, "\"hidden\"");
+            assert!(RequestFeatures::parse(too_deep.as_bytes(), PrefixOptions::default()).is_err(), "{field}");
+        }
+        // Brackets inside strings, escaped quotes included, are text and not nesting.
+        let brackets = format!(r#"{{"prompt":"\"{}"}}"#, "[{".repeat(5_000));
+        assert_eq!(parse(&brackets).prompt_chars, 1 + 10_000);
+    }
+
+    #[test]
+    fn nests_deeper_than_counts_arrays_and_objects_outside_strings() {
+        assert!(!nests_deeper_than(br#"{"a":[{"b":[]}]}"#, 4));
+        assert!(nests_deeper_than(br#"{"a":[{"b":[]}]}"#, 3));
+        assert!(!nests_deeper_than(br#"{"a":"[[[[\"[[[[\\"}"#, 1));
+        assert!(nests_deeper_than(br#"{"a":"\\","b":[[]]}"#, 2));
+        assert!(!nests_deeper_than(b"]]]]{}", 1), "stray closers do not go below zero");
+        // Found by the `request` fuzz target: a body ending in a backslash inside a string sliced past
+        // its end (a panic on a client's body).
+        for body in [&br#"{"a":"\"#[..], br#"{"a":"x\\\"#, br#"{"prompt":[["a"],["b\"#] {
+            assert!(!nests_deeper_than(body, 3));
+            assert!(RequestFeatures::parse(body, PrefixOptions::default()).is_err());
+        }
+    }
+
+    #[test]
+    fn every_openai_prompt_shape_yields_its_text() {
+        let string = parse(r#"{"model":"m","prompt":"abcdefghijkl"}"#);
+        let strings = parse(r#"{"model":"m","prompt":["abcdef","ghijkl"]}"#);
+        let nested_strings = parse(r#"{"model":"m","input":[["abcdef"],["ghijkl"]]}"#);
+        for f in [&strings, &nested_strings] {
+            assert_eq!(f.prompt_chars, 12);
+            assert_eq!(f.prefix_hashes, string.prefix_hashes);
+        }
+        assert!(!string.prefix_hashes.is_empty());
+        for tokens in [r#"{"prompt":[1,2,3]}"#, r#"{"prompt":[[1,2],[3]]}"#, r#"{"input":[[[1]]]}"#] {
+            assert_eq!(parse(tokens).prompt_chars, 0, "{tokens}");
+        }
+        // Content as parts, and parts one list deeper, still count; lists past the bound do not.
+        let parts = parse(r#"{"messages":[{"role":"user","content":[{"type":"text","text":"abc"},"de"]}]}"#);
+        assert_eq!(parts.prompt_chars, 5);
+        assert_eq!(parse(r#"{"messages":[{"role":"user","content":[[{"text":"abc"}]]}]}"#).prompt_chars, 3);
+        assert_eq!(parse(r#"{"messages":[{"role":"user","content":[[[{"text":"abc"}]]]}]}"#).prompt_chars, 0);
+    }
+
+    #[test]
+    fn huge_max_tokens_saturate_the_estimate() {
+        // Wrapped to 0 in release builds: a request that claims u64::MAX tokens passed token limits free.
+        let f = parse(r#"{"prompt":"abcd","max_tokens":18446744073709551615}"#);
+        assert_eq!(f.estimated_tokens(16), u64::MAX);
+        assert_eq!(parse(r#"{"prompt":"abcd"}"#).estimated_tokens(u64::MAX), u64::MAX);
+    }
+
+    #[test]
+    fn request_fuzz_corpus_replays() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus/request");
+        let mut files = 0;
+        for entry in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
+            let path = entry.expect("a directory entry").path();
+            let body = std::fs::read(&path).expect("a corpus file");
+            assert!(std::panic::catch_unwind(|| check_any_body(&body)).is_ok(), "{}", path.display());
+            files += 1;
+        }
+        assert!(files > 0, "{} is empty", dir.display());
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //! - [`admission`]: the admission queue in front of workers at capacity.
 //! - [`auth`], [`ratelimit`], [`ratelimit_redis`]: API keys and token-bucket limits, local or in Redis.
 //! - [`relay`], [`usage`]: the relayed response body that releases load when it ends.
+//! - [`sse`]: pure scanning of relayed event streams (`[DONE]` at the end, usage events).
 //! - [`metrics`]: every metric name.
 //! - [`server`]: the router (`app`) and the server lifecycle ([`server::Gateway`]).
 //! - [`connections`]: the accept loop and per-connection limits (timeouts, `max_connections`, out of
@@ -32,6 +33,8 @@ pub mod dashboard;
 pub mod demo;
 pub mod error;
 pub mod fleet;
+#[cfg(any(test, fuzzing))]
+pub mod fuzzing;
 pub mod metrics;
 pub mod probe;
 pub mod proxy;
@@ -41,6 +44,7 @@ pub mod relay;
 pub mod reload;
 pub mod scrape;
 pub mod server;
+pub mod sse;
 pub mod state;
 pub mod upstream;
 pub mod usage;

@@ -6,6 +6,7 @@
 //! request at once). A streamed (SSE) answer never ends silently: if the worker dies, stalls or closes
 //! early, the client gets one `data: {"error":...}` event and `data: [DONE]`.
 
+use crate::sse::SseTail;
 use crate::state::AppState;
 use crate::usage::UsageScanner;
 use crate::worker::LoadGuard;
@@ -259,8 +260,6 @@ enum State {
     Done,
 }
 
-/// Bytes kept from the end of the stream to tell whether `data: [DONE]` arrived.
-const TAIL: usize = 32;
 /// Most bytes gathered into one relayed chunk.
 const MAX_BATCH: usize = 64 * 1024;
 /// Yields without a new frame before a gathered batch goes out. The upstream connection's task may run on
@@ -272,7 +271,7 @@ pub struct RelayBody {
     upstream: Incoming,
     sse: bool,
     state: State,
-    tail: Vec<u8>,
+    tail: SseTail,
     idle_timeout: Duration,
     idle: Pin<Box<Sleep>>,
     deadline: Pin<Box<Sleep>>,
@@ -298,7 +297,7 @@ impl RelayBody {
             upstream,
             sse,
             state: State::Relaying,
-            tail: Vec::with_capacity(TAIL * 2),
+            tail: SseTail::default(),
             idle_timeout,
             idle: Box::pin(tokio::time::sleep(idle_timeout)),
             deadline: Box::pin(tokio::time::sleep_until(deadline)),
@@ -328,14 +327,7 @@ impl RelayBody {
             GatewayError::new(ErrorKind::UpstreamUnavailable, format!("worker {worker} failed mid-stream: {reason}"))
                 .with_code("upstream_stream_error");
         // Close any half-written event first so the error is an event of its own.
-        let sep = if self.tail.is_empty() || self.tail.ends_with(b"\n\n") {
-            ""
-        } else if self.tail.ends_with(b"\n") {
-            "\n"
-        } else {
-            "\n\n"
-        };
-        let event = format!("{sep}data: {}\n\ndata: [DONE]\n\n", error.body());
+        let event = format!("{}data: {}\n\ndata: [DONE]\n\n", self.tail.separator(), error.body());
         self.state = State::Done;
         Poll::Ready(Some(Ok(Frame::data(Bytes::from(event)))))
     }
@@ -348,7 +340,7 @@ impl RelayBody {
 
     /// The upstream body ended: an event stream must have carried `[DONE]`.
     fn end(&mut self) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        if self.sse && !self.saw_done() {
+        if self.sse && !self.tail.saw_done() {
             return self.fail(OutcomeKind::ServerError, "the stream ended before [DONE]".into());
         }
         self.end_ok();
@@ -360,22 +352,6 @@ impl RelayBody {
         let kind = self.inflight.as_ref().map_or(OutcomeKind::Success, InFlight::kind_by_status);
         self.finish(kind);
         self.state = State::Done;
-    }
-
-    fn remember_tail(&mut self, data: &[u8]) {
-        if data.len() >= TAIL {
-            self.tail.clear();
-            self.tail.extend_from_slice(&data[data.len() - TAIL..]);
-        } else {
-            self.tail.extend_from_slice(data);
-            let excess = self.tail.len().saturating_sub(TAIL);
-            self.tail.drain(..excess);
-        }
-    }
-
-    fn saw_done(&self) -> bool {
-        let trimmed = self.tail.trim_ascii_end();
-        trimmed.ends_with(b"data: [DONE]") || trimmed.ends_with(b"data:[DONE]")
     }
 }
 
@@ -424,7 +400,7 @@ impl Body for RelayBody {
                         return Poll::Ready(Some(Ok(frame)));
                     }
                     let data = data.clone();
-                    this.remember_tail(&data);
+                    this.tail.push(&data);
                     this.batch.extend_from_slice(&data);
                     // Progress since the last yield: another yield may bring more.
                     this.idle_yields = 0;
@@ -498,27 +474,6 @@ impl StripUsage {
     pub fn new(inner: axum::body::Body) -> Self {
         Self { inner, carry: bytes::BytesMut::new(), done: false }
     }
-
-    /// Complete events of the carry, minus usage events; the partial tail stays.
-    fn complete_events(&mut self) -> Bytes {
-        let Some(end) = self.carry.windows(2).rposition(|w| w == b"\n\n") else { return Bytes::new() };
-        let complete = self.carry.split_to(end + 2);
-        let mut out = bytes::BytesMut::with_capacity(complete.len());
-        for event in complete.split_inclusive(|&b| b == b'\n').collect::<Vec<_>>().split(|line| *line == b"\n") {
-            let is_usage = event.iter().any(|l| contains(l, b"\"choices\":[]") && contains(l, b"\"usage\""));
-            if !event.is_empty() && !is_usage {
-                for line in event {
-                    out.extend_from_slice(line);
-                }
-                out.extend_from_slice(b"\n");
-            }
-        }
-        out.freeze()
-    }
-}
-
-fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    hay.windows(needle.len()).any(|w| w == needle)
 }
 
 impl Body for StripUsage {
@@ -534,8 +489,7 @@ impl Body for StripUsage {
             match Pin::new(&mut this.inner).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
                     Ok(data) => {
-                        this.carry.extend_from_slice(&data);
-                        let out = this.complete_events();
+                        let out = crate::sse::strip_usage_events(&mut this.carry, &data);
                         if !out.is_empty() {
                             return Poll::Ready(Some(Ok(Frame::data(out))));
                         }
