@@ -46,6 +46,7 @@ pub async fn update(
     warn_restart_only(&old.config, &new);
 
     app.admission.reconfigure(&new.queue);
+    app.admission.set_batch_share(new.batch.max_share);
     let fleet = Fleet::rebuild(&old.fleet, &new.workers, &new.circuit_breaker, || app.next_worker_id());
     let policy = if new.routing == old.config.routing { Arc::clone(&old.policy) } else { routing::build(&new.routing) };
     let removed: Vec<_> =
