@@ -279,10 +279,9 @@ impl Admission {
             self.slot_freed(w);
         }
         match rx.await {
-            Ok(reservation) => Ok((
-                QueueTicket { position, estimated_wait: Duration::ZERO, waited: now.elapsed() },
-                Some(reservation),
-            )),
+            Ok(reservation) => {
+                Ok((QueueTicket { position, estimated_wait: Duration::ZERO, waited: now.elapsed() }, Some(reservation)))
+            }
             Err(_) => Err(GatewayError::new(ErrorKind::Internal, "the admission queue dropped a waiting batch line")),
         }
     }
@@ -438,8 +437,8 @@ mod tests {
     }
 
     fn admission() -> Arc<Admission> {
-        let rejected = prometheus::IntCounterVec::new(prometheus::Opts::new("r", "r"), &["model", "reason"])
-            .expect("metric");
+        let rejected =
+            prometheus::IntCounterVec::new(prometheus::Opts::new("r", "r"), &["model", "reason"]).expect("metric");
         Admission::new(&QueueConfig::default(), rejected)
     }
 

@@ -76,7 +76,13 @@ async fn get_batch(url: &str, key: Option<&str>, id: &str) -> Value {
 }
 
 /// Polls the batch until `cond` holds; panics after `deadline`.
-async fn wait_batch(url: &str, key: Option<&str>, id: &str, deadline: Duration, cond: impl Fn(&Value) -> bool) -> Value {
+async fn wait_batch(
+    url: &str,
+    key: Option<&str>,
+    id: &str,
+    deadline: Duration,
+    cond: impl Fn(&Value) -> bool,
+) -> Value {
     let end = tokio::time::Instant::now() + deadline;
     loop {
         let b = get_batch(url, key, id).await;

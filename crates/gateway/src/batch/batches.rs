@@ -94,7 +94,10 @@ async fn create(
         .await?
         .ok_or_else(|| not_found("file", &input_file_id))?;
     if file.purpose != "batch" {
-        return Err(bad_request("input_file_id", format!("file {} has purpose {:?}, not \"batch\"", file.id, file.purpose)));
+        return Err(bad_request(
+            "input_file_id",
+            format!("file {} has purpose {:?}, not \"batch\"", file.id, file.purpose),
+        ));
     }
     let now = unix_now();
     let row = BatchRow {
@@ -124,7 +127,8 @@ async fn retrieve(
 ) -> Result<Json<Value>, ApiError> {
     let owner = owner(&app, &headers)?;
     let wanted = id.clone();
-    let row = app.batch.db(move |s| s.batch(&wanted, owner.as_deref())).await?.ok_or_else(|| not_found("batch", &id))?;
+    let row =
+        app.batch.db(move |s| s.batch(&wanted, owner.as_deref())).await?.ok_or_else(|| not_found("batch", &id))?;
     Ok(Json(row.to_json()))
 }
 

@@ -86,10 +86,11 @@ async fn upload(
                 purpose = Some(String::from_utf8_lossy(&text).trim().to_string());
             }
             Some("file") if file.is_none() => {
-                let filename: String =
-                    field.file_name().unwrap_or("upload.jsonl").chars().take(MAX_FILENAME).collect();
+                let filename: String = field.file_name().unwrap_or("upload.jsonl").chars().take(MAX_FILENAME).collect();
                 let temp = TempFile(Some(temp_path.clone()));
-                let io = |e: std::io::Error| ApiError(GatewayError::new(ErrorKind::Internal, format!("storing the upload: {e}")));
+                let io = |e: std::io::Error| {
+                    ApiError(GatewayError::new(ErrorKind::Internal, format!("storing the upload: {e}")))
+                };
                 let mut out = tokio::fs::File::create(&temp_path).await.map_err(io)?;
                 let mut written: u64 = 0;
                 while let Some(chunk) = field.chunk().await.map_err(multipart_error)? {
@@ -116,7 +117,9 @@ async fn upload(
     }
     match purpose.as_deref() {
         Some("batch") => {}
-        Some(p) => return Err(bad_request("purpose", format!("purpose {p:?} is not supported; this gateway takes \"batch\""))),
+        Some(p) => {
+            return Err(bad_request("purpose", format!("purpose {p:?} is not supported; this gateway takes \"batch\"")))
+        }
         None => return Err(bad_request("purpose", "purpose is required (\"batch\")")),
     }
     let Some((temp, filename, bytes)) = file else {

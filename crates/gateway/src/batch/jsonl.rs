@@ -111,7 +111,12 @@ pub fn validate(text: &[u8], endpoint: &str, max_lines: usize) -> Result<Vec<New
         }
     }
     if count == 0 {
-        errors.push(LineError { line: None, code: "empty_file", message: "the input file has no lines".into(), param: None });
+        errors.push(LineError {
+            line: None,
+            code: "empty_file",
+            message: "the input file has no lines".into(),
+            param: None,
+        });
     }
     if !errors.is_empty() {
         return Err(errors);
@@ -122,11 +127,7 @@ pub fn validate(text: &[u8], endpoint: &str, max_lines: usize) -> Result<Vec<New
     for (rank, &idx) in order.iter().enumerate() {
         ord[idx] = rank as i64;
     }
-    Ok(lines
-        .into_iter()
-        .zip(ord)
-        .map(|((custom_id, body, _, _), ord)| NewLine { custom_id, ord, body })
-        .collect())
+    Ok(lines.into_iter().zip(ord).map(|((custom_id, body, _, _), ord)| NewLine { custom_id, ord, body }).collect())
 }
 
 type Parsed = (String, Vec<u8>, Option<String>, Vec<u64>);
@@ -145,7 +146,12 @@ fn parse_line(raw: &[u8], n: usize, endpoint: &str) -> Result<Parsed, LineError>
             ))
         }
         _ => {
-            return Err(LineError::at(n, "missing_custom_id", Some("custom_id"), "custom_id must be a non-empty string"))
+            return Err(LineError::at(
+                n,
+                "missing_custom_id",
+                Some("custom_id"),
+                "custom_id must be a non-empty string",
+            ))
         }
     };
     match &wire.method {

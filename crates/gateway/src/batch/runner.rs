@@ -255,7 +255,9 @@ impl Runner {
             let mut ids: Vec<(i64, String)> = self
                 .running
                 .iter()
-                .filter(|(_, r)| &r.owner == owner && r.status == status::IN_PROGRESS && !r.stop.load(Ordering::Relaxed))
+                .filter(|(_, r)| {
+                    &r.owner == owner && r.status == status::IN_PROGRESS && !r.stop.load(Ordering::Relaxed)
+                })
                 .map(|(id, r)| (r.expires_at, id.clone()))
                 .collect();
             ids.sort();
@@ -446,12 +448,8 @@ async fn send(app: &Arc<AppState>, job: &Job, max_bytes: usize) -> Attempt {
         Err(never) => match never {},
     };
     let status = resp.status();
-    let request_id = resp
-        .headers()
-        .get(&crate::proxy::X_REQUEST_ID)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_string();
+    let request_id =
+        resp.headers().get(&crate::proxy::X_REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
     let retry_after = resp
         .headers()
         .get(http::header::RETRY_AFTER)

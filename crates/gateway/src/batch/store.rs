@@ -339,9 +339,7 @@ impl Store {
     }
 
     fn next_seq(&self, table: &str) -> StoreResult<i64> {
-        self.conn
-            .query_row(&format!("SELECT COALESCE(MAX(seq), 0) + 1 FROM {table}"), [], |r| r.get(0))
-            .map_err(sql)
+        self.conn.query_row(&format!("SELECT COALESCE(MAX(seq), 0) + 1 FROM {table}"), [], |r| r.get(0)).map_err(sql)
     }
 
     /// Moves `temp` into place as file `row.id` and records it.
@@ -500,7 +498,9 @@ impl Store {
         let tx = self.conn.transaction().map_err(sql)?;
         {
             let mut insert = tx
-                .prepare("INSERT OR REPLACE INTO lines (batch_id, idx, ord, custom_id, body) VALUES (?1, ?2, ?3, ?4, ?5)")
+                .prepare(
+                    "INSERT OR REPLACE INTO lines (batch_id, idx, ord, custom_id, body) VALUES (?1, ?2, ?3, ?4, ?5)",
+                )
                 .map_err(sql)?;
             for (idx, line) in lines.iter().enumerate() {
                 insert.execute(params![id, idx as i64, line.ord, line.custom_id, line.body]).map_err(sql)?;
@@ -599,7 +599,13 @@ impl Store {
     /// Writes batch `id`'s output and error files in input order and moves it to `final_status`
     /// (`completed`, `expired` or `cancelled`) in one transaction with the files' rows. Lines never run
     /// go to the error file with `unrun_code` (`batch_expired`, `batch_cancelled`).
-    pub fn finalize(&mut self, id: &str, final_status: &str, unrun_code: &str, ttl_secs: i64) -> StoreResult<Finalized> {
+    pub fn finalize(
+        &mut self,
+        id: &str,
+        final_status: &str,
+        unrun_code: &str,
+        ttl_secs: i64,
+    ) -> StoreResult<Finalized> {
         let Some(batch) = self.batch(id, None)? else { return Ok(Finalized::default()) };
         let now = unix_now();
         let out_tmp = self.temp_path();
@@ -706,7 +712,10 @@ impl Store {
                     .map(|text| serde_json::from_str::<Value>(&text).unwrap_or(Value::String(text)))
                     .unwrap_or(Value::Null);
                 let resp = json!({"status_code": code, "request_id": request_id.unwrap_or_default(), "body": body});
-                (json!({"id": line_id, "custom_id": custom_id, "response": resp, "error": null}), (200..300).contains(&code))
+                (
+                    json!({"id": line_id, "custom_id": custom_id, "response": resp, "error": null}),
+                    (200..300).contains(&code),
+                )
             };
             let target = if ok {
                 n_out += 1;

@@ -76,7 +76,9 @@ pub enum BatchCommand {
 /// Runs a `batch` subcommand.
 pub async fn run(cmd: BatchCommand) -> Result<(), String> {
     match cmd {
-        BatchCommand::Submit { file, endpoint, wait, output, api } => submit(&api, &file, &endpoint, wait, output).await,
+        BatchCommand::Submit { file, endpoint, wait, output, api } => {
+            submit(&api, &file, &endpoint, wait, output).await
+        }
         BatchCommand::List { api } => {
             let list = call(&api, reqwest::Method::GET, "/v1/batches?limit=100", None).await?;
             print!("{}", render_list(&list));
@@ -158,8 +160,11 @@ async fn submit(api: &Api, file: &Path, endpoint: &str, wait: bool, output: Opti
         .send()
         .await
         .map_err(|e| format!("cannot reach {upload_url}: {}", error_chain(&e)))?;
-    let uploaded: Value =
-        answer(&upload_url, resp).await?.json().await.map_err(|e| format!("{upload_url}: the answer is not JSON: {e}"))?;
+    let uploaded: Value = answer(&upload_url, resp)
+        .await?
+        .json()
+        .await
+        .map_err(|e| format!("{upload_url}: the answer is not JSON: {e}"))?;
     let file_id = uploaded["id"].as_str().ok_or("the upload answer has no id")?.to_string();
     let body = serde_json::json!({"input_file_id": file_id, "endpoint": endpoint, "completion_window": "24h"});
     let batch = call(api, reqwest::Method::POST, "/v1/batches", Some(&body)).await?;
@@ -170,9 +175,11 @@ async fn submit(api: &Api, file: &Path, endpoint: &str, wait: bool, output: Opti
     }
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(
-        indicatif::ProgressStyle::with_template("{spinner} {msg:>12} [{bar:40}] {pos}/{len} lines ({per_sec}, eta {eta})")
-            .map_err(|e| e.to_string())?
-            .progress_chars("=> "),
+        indicatif::ProgressStyle::with_template(
+            "{spinner} {msg:>12} [{bar:40}] {pos}/{len} lines ({per_sec}, eta {eta})",
+        )
+        .map_err(|e| e.to_string())?
+        .progress_chars("=> "),
     );
     let finished = loop {
         let b = call(api, reqwest::Method::GET, &format!("/v1/batches/{id}"), None).await?;
