@@ -72,7 +72,7 @@ pub async fn run(app: Weak<AppState>) {
         }
     }
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
-    let mut runner = Runner { running: BTreeMap::new(), last_owner: None, in_flight: 0 };
+    let mut runner = Runner { running: BTreeMap::new(), last_owner: None, in_flight: 0, router: None };
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_cleanup: Option<tokio::time::Instant> = None;
@@ -113,6 +113,8 @@ struct Runner {
     running: BTreeMap<String, Running>,
     last_owner: Option<String>,
     in_flight: usize,
+    /// The gateway's router, built once (cloning it is cheap; building it per line is not).
+    router: Option<axum::Router>,
 }
 
 impl Runner {
@@ -226,9 +228,10 @@ impl Runner {
                 line,
                 stop: Arc::clone(&r.stop),
             };
+            let router = self.router.get_or_insert_with(|| crate::server::app(Arc::clone(app))).clone();
             let (app, batches, done_tx) = (Arc::downgrade(app), Arc::clone(batches), done_tx.clone());
             tokio::spawn(async move {
-                run_line(app, &batches, &job).await;
+                run_line(app, router, &batches, &job).await;
                 let _ = done_tx.send(Done { batch_id: job.batch_id });
             });
         }
@@ -363,7 +366,7 @@ enum Attempt {
 
 /// Runs one line to its final result and records it. Gives up without recording when the gateway shuts
 /// down or the batch stops (the line stays pending or unrun).
-async fn run_line(app: Weak<AppState>, batches: &Arc<Batches>, job: &Job) {
+async fn run_line(app: Weak<AppState>, router: axum::Router, batches: &Arc<Batches>, job: &Job) {
     let mut failures = 0u32;
     loop {
         let Some(state) = app.upgrade() else { return };
@@ -371,7 +374,7 @@ async fn run_line(app: Weak<AppState>, batches: &Arc<Batches>, job: &Job) {
             return;
         }
         let cfg = state.snapshot.load().config.batch.clone();
-        let attempt = send(&state, job, cfg.max_response_bytes).await;
+        let attempt = send(&state, router.clone(), job, cfg.max_response_bytes).await;
         let metrics = &state.metrics;
         let result = match attempt {
             Attempt::Final(r) => r,
@@ -413,7 +416,7 @@ fn backoff(base_ms: u64, max_ms: u64, n: u32) -> Duration {
 }
 
 /// Sends the line once through the gateway's router and classifies the answer.
-async fn send(app: &Arc<AppState>, job: &Job, max_bytes: usize) -> Attempt {
+async fn send(app: &Arc<AppState>, router: axum::Router, job: &Job, max_bytes: usize) -> Attempt {
     let snap = app.snapshot.load_full();
     let tenant = if snap.auth.enabled() {
         match snap.auth.tenant_named(&job.owner) {
@@ -443,7 +446,7 @@ async fn send(app: &Arc<AppState>, job: &Job, max_bytes: usize) -> Attempt {
     }
     req.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
     req.extensions_mut().insert(BatchOrigin { tenant });
-    let resp = match crate::server::app(Arc::clone(app)).oneshot(req).await {
+    let resp = match router.oneshot(req).await {
         Ok(resp) => resp,
         Err(never) => match never {},
     };
