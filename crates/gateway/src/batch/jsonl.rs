@@ -76,7 +76,7 @@ pub fn validate(text: &[u8], endpoint: &str, max_lines: usize) -> Result<Vec<New
         }
     };
     let mut seen = HashSet::new();
-    let mut lines: Vec<(String, Vec<u8>, Option<String>, Vec<u64>)> = Vec::new();
+    let mut lines: Vec<Parsed> = Vec::new();
     let mut count = 0usize;
     for (i, raw) in text.split(|b| *b == b'\n').enumerate() {
         let n = i + 1;
