@@ -50,3 +50,4 @@ echo "== dashboard in a browser"
 
 echo "== openai SDK compatibility"
 .venv/bin/python tests/sdk/test_openai_sdk.py target/release/llm-gateway
+.venv/bin/python tests/sdk/test_batch_sdk.py target/release/llm-gateway

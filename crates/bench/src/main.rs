@@ -12,7 +12,11 @@
 //!
 //! `cargo run --release -p bench -- soak`: ten minutes of mixed traffic through a real gateway process
 //! while its workers fail and its config is reloaded: requests by outcome, RSS and fds over time, a verdict.
+//!
+//! `cargo run --release -p bench -- batch`: live TTFT p50/p99 on a busy fleet with and without a large
+//! batch running, and the batch's lines per second against the fleet's capacity.
 
+mod batch;
 mod faults;
 mod load;
 mod overhead;
@@ -39,6 +43,8 @@ enum Cmd {
     Faults(faults::Args),
     /// Ten minutes of mixed traffic, worker faults and hot reloads: nothing lost, RSS and fds flat.
     Soak(soak::Args),
+    /// Live TTFT with and without a large batch running; the batch's lines/s against fleet capacity.
+    Batch(batch::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -50,6 +56,7 @@ fn main() -> anyhow::Result<()> {
             Cmd::Routing(args) => routing::run(args).await,
             Cmd::Faults(args) => faults::run(args).await,
             Cmd::Soak(args) => soak::run(args).await,
+            Cmd::Batch(args) => batch::run(args).await,
         }
     })
 }

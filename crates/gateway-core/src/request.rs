@@ -70,13 +70,18 @@ pub enum Priority {
     Normal,
     /// Served last (but aging lifts it).
     Low,
+    /// Batch API lines: below every live class and never aged; they take only spare capacity, and are
+    /// handed a slot only when no live request waits for it. Not settable by clients (`X-Priority`) nor
+    /// by config (an API key's `priority`).
+    #[serde(skip_deserializing)]
+    Batch,
 }
 
 impl Priority {
-    /// All classes, most urgent first.
+    /// The live classes, most urgent first ([`Priority::Batch`] is apart: it never enters the live queue).
     pub const ALL: [Priority; 4] = [Priority::Urgent, Priority::High, Priority::Normal, Priority::Low];
 
-    /// Rank, 0 for urgent to 3 for low.
+    /// Rank, 0 for urgent to 3 for low (4 for batch, which the live queue never holds).
     pub fn rank(self) -> usize {
         self as usize
     }
@@ -86,7 +91,8 @@ impl Priority {
         Self::ALL[self.rank().saturating_sub(1)]
     }
 
-    /// Parses `urgent|high|normal|low`, case-insensitive.
+    /// Parses `urgent|high|normal|low`, case-insensitive (never `batch`: only the gateway's own batch
+    /// runner sends batch lines).
     pub fn parse(s: &str) -> Option<Priority> {
         Self::ALL.into_iter().find(|p| p.as_str().eq_ignore_ascii_case(s.trim()))
     }
@@ -98,6 +104,7 @@ impl Priority {
             Self::High => "high",
             Self::Normal => "normal",
             Self::Low => "low",
+            Self::Batch => "batch",
         }
     }
 }
@@ -511,6 +518,8 @@ mod tests {
     fn priority_parse_and_raise() {
         assert_eq!(Priority::parse("HIGH"), Some(Priority::High));
         assert_eq!(Priority::parse("x"), None);
+        assert_eq!(Priority::parse("batch"), None, "clients cannot ask for the batch class");
+        assert!(Priority::Batch > Priority::Low);
         assert_eq!(Priority::Low.raised(), Priority::Normal);
         assert_eq!(Priority::Urgent.raised(), Priority::Urgent);
     }

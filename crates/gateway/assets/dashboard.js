@@ -379,3 +379,31 @@ function connect() {
   };
 }
 connect();
+
+// ---------------------------------------------------------------------------------------------
+// Batches: polled from GET /api/batches (the store is read off the request path, not in /ws)
+
+function renderBatches(b) {
+  set($("batch-pace"), `${fixed(b.lines_per_second, 1)} lines/s · ${num(b.lines_in_flight)} in flight · ${num(b.lines_pending)} pending`);
+  const rows = (b.batches || []).map((x) => {
+    const c = x.request_counts || {};
+    const tr = el("tr");
+    const bar = el("span", "bar"); const fill = el("span"); fill.style.width = `${Math.round((x.progress || 0) * 100)}%`;
+    bar.appendChild(fill);
+    const progress = el("td"); progress.append(bar, ` ${pct(x.progress)}`);
+    tr.append(el("td", null, x.id), el("td", null, x.tenant || "–"), el("td", null, x.status), progress,
+      el("td", "n", num(c.total)), el("td", "n", num(c.completed)), el("td", "n", num(c.failed)), el("td", null, x.endpoint));
+    return tr;
+  });
+  syncRows(document.querySelector("#batches tbody"), rows);
+  $("batches-empty").hidden = rows.length > 0;
+}
+
+async function pollBatches() {
+  try {
+    const resp = await fetch("/api/batches");
+    if (resp.ok) renderBatches(await resp.json());
+  } catch (e) { /* the live connection shows when the gateway is gone */ }
+  setTimeout(pollBatches, 2000);
+}
+pollBatches();

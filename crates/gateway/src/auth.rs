@@ -57,6 +57,11 @@ impl Auth {
         self.enabled
     }
 
+    /// The tenant named `name` in this table (the batch runner acts for a batch's tenant).
+    pub fn tenant_named(&self, name: &str) -> Option<Arc<Tenant>> {
+        self.by_digest.values().find(|t| &*t.name == name).cloned()
+    }
+
     /// The tenant of a request's `Authorization: Bearer` key: `Ok(None)` when auth is off, 401
     /// `invalid_api_key` when the key is missing or unknown.
     pub fn authenticate(&self, headers: &http::HeaderMap) -> Result<Option<Arc<Tenant>>, GatewayError> {

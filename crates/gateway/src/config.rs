@@ -39,6 +39,51 @@ pub struct Config {
     pub auth: AuthConfig,
     /// Token-bucket rate limits.
     pub rate_limit: RateLimitConfig,
+    /// The Batch API: its store, bounds and share of the fleet.
+    pub batch: BatchConfig,
+}
+
+/// `[batch]`: the Batch API (`/v1/files`, `/v1/batches`), run in the fleet's spare capacity.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BatchConfig {
+    /// Directory of the SQLite store and the files (`LLM_BATCH_DATA_DIR`); read once at start.
+    pub data_dir: PathBuf,
+    /// Share of each worker's slots batch lines may fill, 0..=1; the rest is kept for live traffic.
+    pub max_share: f64,
+    /// Batch lines out at once, all batches together (the only bound when the queue is off).
+    pub max_concurrency: usize,
+    /// Hours an uploaded or output file is kept.
+    pub file_ttl_hours: u64,
+    /// Largest file accepted by `POST /v1/files`, bytes (counted while it streams in).
+    pub max_file_bytes: u64,
+    /// Most lines in one batch's input file.
+    pub max_lines: usize,
+    /// Attempts for a line that meets 5xx or a connection error (429 waits for budget, uncounted).
+    pub max_attempts: u32,
+    /// First retry backoff of a line, ms; doubles per attempt up to `retry_max_ms`.
+    pub retry_base_ms: u64,
+    /// Longest retry backoff of a line, ms.
+    pub retry_max_ms: u64,
+    /// Largest response body kept for one line, bytes; larger answers are recorded as errors.
+    pub max_response_bytes: usize,
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("data"),
+            max_share: 0.8,
+            max_concurrency: 64,
+            file_ttl_hours: 720,
+            max_file_bytes: 200_000_000,
+            max_lines: 50_000,
+            max_attempts: 5,
+            retry_base_ms: 500,
+            retry_max_ms: 30_000,
+            max_response_bytes: 16 * 1024 * 1024,
+        }
+    }
 }
 
 /// `[auth]`: API keys required on `/v1/*` when enabled.
@@ -739,6 +784,24 @@ impl Config {
             return Err(format!("log.format: {:?}: expected \"text\" or \"json\"", self.log.format));
         }
         self.routing.validate()?;
+        let b = &self.batch;
+        if !(0.0..=1.0).contains(&b.max_share) {
+            return Err(format!("batch.max_share: {} is not in 0..=1", b.max_share));
+        }
+        for (key, v) in [
+            ("batch.max_concurrency", b.max_concurrency as u64),
+            ("batch.max_file_bytes", b.max_file_bytes),
+            ("batch.max_lines", b.max_lines as u64),
+            ("batch.max_attempts", u64::from(b.max_attempts)),
+            ("batch.max_response_bytes", b.max_response_bytes as u64),
+        ] {
+            if v == 0 {
+                return Err(format!("{key}: must be at least 1"));
+            }
+        }
+        if b.retry_base_ms > b.retry_max_ms {
+            return Err("batch.retry_base_ms: must not exceed batch.retry_max_ms".into());
+        }
         Ok(())
     }
 }

@@ -19,10 +19,12 @@
 //!   what keeps other sites' pages from using them.
 //! - [`reload`]: hot reload of the config (admin API, file change, `SIGHUP`).
 //! - [`demo`], [`cli`]: `--demo` workers and the command line (server flags and subcommands).
+//! - [`batch`]: the Batch API (`/v1/files`, `/v1/batches`), its SQLite store and its runner.
 
 pub mod admin;
 pub mod admission;
 pub mod auth;
+pub mod batch;
 pub mod breaker_api;
 pub mod budget;
 pub mod cli;

@@ -73,6 +73,16 @@ pub struct Metrics {
     pub rate_limiter_rejected: IntCounterVec,
     /// `llm_rate_limiter_fallback_total`: checks answered locally because Redis was unreachable.
     pub rate_limiter_fallback: IntCounter,
+    /// `llm_gateway_batch_lines_total{outcome}`: completed, failed, retried.
+    pub batch_lines: IntCounterVec,
+    /// `llm_gateway_batch_lines_in_flight`.
+    pub batch_lines_in_flight: IntGauge,
+    /// `llm_gateway_batch_lines_pending`.
+    pub batch_lines_pending: IntGauge,
+    /// `llm_gateway_batch_lines_per_second`.
+    pub batch_lines_per_second: Gauge,
+    /// `llm_gateway_batches{status}`.
+    pub batches: IntGaugeVec,
 }
 
 /// Registers collectors and remembers their names (a `Vec` metric with no series yet is absent from
@@ -213,6 +223,18 @@ impl Metrics {
                 "llm_rate_limiter_fallback_total",
                 "Rate-limit checks answered locally because Redis was unreachable",
             )?,
+            batch_lines: r.counters(
+                "llm_gateway_batch_lines_total",
+                "Batch lines finished (completed, failed) or retried",
+                &["outcome"],
+            )?,
+            batch_lines_in_flight: r.gauge("llm_gateway_batch_lines_in_flight", "Batch lines sent and not yet back")?,
+            batch_lines_pending: r.gauge("llm_gateway_batch_lines_pending", "Lines of open batches not yet done")?,
+            batch_lines_per_second: r.add(Gauge::new(
+                "llm_gateway_batch_lines_per_second",
+                "Batch lines finished per second over the last 10 s",
+            )?)?,
+            batches: r.gauges("llm_gateway_batches", "Batches in the store, by status", &["status"])?,
             names: std::mem::take(&mut r.names),
             labels: std::mem::take(&mut r.labels),
             registry: r.registry,

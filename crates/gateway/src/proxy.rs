@@ -102,8 +102,13 @@ async fn handle(
     let snap = app.snapshot.load_full();
     let client_addr = req.extensions().get::<axum::extract::ConnectInfo<std::net::SocketAddr>>().map(|c| c.0.ip());
     let (parts, body) = req.into_parts();
-    // Unknown callers are turned away before their body is read.
-    let tenant = snap.auth.authenticate(&parts.headers).map_err(|e| (e, None))?;
+    // Unknown callers are turned away before their body is read. A batch line carries its batch's
+    // tenant in an extension only the in-process runner can set.
+    let batch_line = parts.extensions.get::<crate::batch::BatchOrigin>().cloned();
+    let tenant = match &batch_line {
+        Some(origin) => origin.tenant.clone(),
+        None => snap.auth.authenticate(&parts.headers).map_err(|e| (e, None))?,
+    };
     check_content_type(&parts.headers).map_err(|e| (e, None))?;
     // The body's bytes stay counted in `server.max_buffered_bytes` until this request is answered.
     let (mut bytes, _buffered) =
@@ -116,6 +121,9 @@ async fn handle(
         features.priority = t.priority;
     }
     apply_headers(&mut features, &parts.headers);
+    if batch_line.is_some() {
+        features.priority = Priority::Batch;
+    }
     let model = resolve_model(&snap, &features).map_err(|e| (e, None))?;
     let fail = |e| (e, Some(Arc::clone(&model)));
     let rl = &snap.config.rate_limit;
@@ -405,9 +413,9 @@ async fn dispatch(
                 }
             }
             None => {
-                let default_cap = cfg.queue.default_worker_concurrency;
+                let class = features.priority;
                 let candidates: Vec<&Arc<Worker>> =
-                    all.iter().copied().filter(|w| !queueing || app.admission.has_room(w)).collect();
+                    all.iter().copied().filter(|w| !queueing || app.admission.has_room_for(w, class)).collect();
                 if candidates.is_empty() && !all.is_empty() {
                     return Err(Failed::NoRoom);
                 }
@@ -416,7 +424,7 @@ async fn dispatch(
                     return Err(Failed::Error(attempts.last_error.take().unwrap_or_else(|| no_worker(snap, model))));
                 };
                 let worker = Arc::clone(candidates[pick]);
-                let cap = if queueing { worker.capacity(default_cap) } else { u32::MAX };
+                let cap = if queueing { app.admission.slots_for(&worker, class) } else { u32::MAX };
                 match worker.acquire(breakers, cap, now) {
                     Ok(load) => (worker, load),
                     Err(Refused::Full) => return Err(Failed::NoRoom),

@@ -46,6 +46,7 @@ pub async fn update(
     warn_restart_only(&old.config, &new);
 
     app.admission.reconfigure(&new.queue);
+    app.admission.set_batch_share(new.batch.max_share);
     let fleet = Fleet::rebuild(&old.fleet, &new.workers, &new.circuit_breaker, || app.next_worker_id());
     let policy = if new.routing == old.config.routing { Arc::clone(&old.policy) } else { routing::build(&new.routing) };
     let removed: Vec<_> =
@@ -100,6 +101,9 @@ fn warn_restart_only(old: &Config, new: &Config) {
     }
     if old.upstream.connect_timeout_ms != new.upstream.connect_timeout_ms {
         tracing::warn!("upstream.connect_timeout_ms changed: takes effect after a restart");
+    }
+    if old.batch.data_dir != new.batch.data_dir {
+        tracing::warn!("batch.data_dir changed: takes effect after a restart");
     }
 }
 

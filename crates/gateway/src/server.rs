@@ -29,6 +29,7 @@ pub fn app(state: Arc<AppState>) -> Router {
         .merge(crate::breaker_api::routes())
         .route("/api/queue", get(crate::admission::queue_endpoint))
         .merge(crate::dashboard::routes())
+        .merge(crate::batch::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
@@ -107,6 +108,7 @@ impl Gateway {
         state.start_probes().await;
         let router = app(Arc::clone(&state));
         tokio::spawn(crate::admission::Admission::run_sweeper(Arc::downgrade(&state), Duration::from_millis(500)));
+        tokio::spawn(crate::batch::runner::run(Arc::downgrade(&state)));
         // The dashboard's charts have history from the start, not from the first page view.
         crate::dashboard::ensure_sampler(&state);
         let stop = state.shutdown.clone();

@@ -48,6 +48,8 @@ pub struct AppState {
     pub body_budget: Arc<crate::budget::ByteBudget>,
     /// Open client connections, bounded by `server.max_connections`.
     pub connections: Arc<crate::connections::Connections>,
+    /// The Batch API's store and runner figures (`batch.data_dir` is read once, here).
+    pub batch: Arc<crate::batch::Batches>,
     next_worker_id: AtomicU64,
     probes: Mutex<HashMap<WorkerId, CancellationToken>>,
 }
@@ -62,7 +64,9 @@ impl AppState {
         let policy = routing::build(&config.routing);
         let metrics = Metrics::new()?;
         let admission = crate::admission::Admission::new(&config.queue, metrics.queue_rejected.clone());
+        admission.set_batch_share(config.batch.max_share);
         Ok(Arc::new(Self {
+            batch: crate::batch::Batches::new(config.batch.data_dir.clone()),
             admission,
             client: upstream::client(&config.upstream),
             limiter: ArcSwap::new(crate::ratelimit::RateLimiter::new(&config.rate_limit)),
@@ -127,6 +131,7 @@ impl AppState {
         m.uptime.set(self.started.elapsed().as_secs_f64());
         m.prefix_index_entries.set(snap.policy.memory_entries() as i64);
         self.admission.export(m);
+        self.batch.export(m);
         for w in &snap.fleet.workers {
             let name = w.name.as_str();
             let s = &w.stats;

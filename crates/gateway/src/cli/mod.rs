@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+pub mod batch;
 pub mod loadtest;
 pub mod remote;
 
@@ -76,6 +77,9 @@ pub enum Command {
     Config(ConfigArgs),
     /// Closed-loop load on a gateway's /v1/chat/completions, then a latency and throughput report.
     Loadtest(loadtest::LoadtestArgs),
+    /// The Batch API: submit a JSONL file, list, status, cancel, results.
+    #[command(subcommand)]
+    Batch(batch::BatchCommand),
 }
 
 /// Where the running gateway is.
@@ -134,6 +138,7 @@ pub async fn run(cmd: Command) -> ExitCode {
         Command::Undrain(a) => remote::drain(&a.remote, &a.id, false).await,
         Command::Config(a) => remote::config(&a.remote, &a.set).await,
         Command::Loadtest(a) => loadtest::run(a).await,
+        Command::Batch(c) => batch::run(c).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -38,7 +38,7 @@ async fn call(remote: &Remote, method: reqwest::Method, path: &str, body: Option
 }
 
 /// An error with its sources, on one line (reqwest's own message hides the cause).
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {
