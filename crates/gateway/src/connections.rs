@@ -1,6 +1,6 @@
 //! Client connections: the accept loop and the limits on each connection that hyper leaves open.
 //!
-//! hyper serves every connection (HTTP/1.1 with half-close, HTTP/2 by prior knowledge, upgrades for
+//! hyper serves every connection (HTTP/1.1, HTTP/2 by prior knowledge, upgrades for
 //! `/ws`). Around it, this module bounds what a client can hold:
 //! - **Header read timeout**, counted from a request's first byte (and from accept for the first
 //!   request), and a separate **idle timeout** between requests. hyper's own `header_read_timeout`
@@ -483,8 +483,9 @@ where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    // A client that shuts down its sending side after the request still gets its answer.
-    builder.http1().half_close(true);
+    // No half-close: hyper cannot tell a client that only shut down its sending side from one that went
+    // away, and a client that leaves must release its queue place and its worker's generation at once.
+    builder.http1().half_close(false);
     // HTTP/2 WebSockets (`/ws`) use the extended CONNECT protocol.
     builder.http2().enable_connect_protocol();
     let served = builder.serve_connection_with_upgrades(TokioIo::new(io), service);

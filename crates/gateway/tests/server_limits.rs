@@ -1,6 +1,6 @@
 //! What a slow, idle, greedy or unusual client can hold of the server (issue 11, defects 3, 7 and 9):
 //! header, body and idle timeouts, `max_connections`, running out of file descriptors, the shared
-//! body budget, the bearer scheme in any case, 429 quota headers, HTTP/2 and half-closed clients.
+//! body budget, the bearer scheme in any case, 429 quota headers, and HTTP/2.
 //! Real gateways on loopback, raw TCP clients where a normal client would not misbehave. Timeouts are
 //! configured short (hundreds of ms) and asserted with wide margins; exact timings are proven on paused
 //! time in `connections.rs` and `proxy.rs`.
@@ -393,22 +393,4 @@ async fn an_h2c_upgrade_request_is_answered_over_http1() {
     let resp = read_response(&mut tcp).await;
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
     assert!(resp.contains("\"status\""), "{resp}");
-}
-
-#[tokio::test]
-async fn a_client_that_half_closes_after_its_request_gets_its_answer() {
-    let (_sims, cfg) = sim_config().await;
-    let gw = gateway(cfg).await;
-    let mut tcp = TcpStream::connect(gw.addr()).await.unwrap();
-    let body = chat_body();
-    let head = format!(
-        "POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
-        body.len()
-    );
-    tcp.write_all(head.as_bytes()).await.unwrap();
-    tcp.write_all(&body).await.unwrap();
-    tcp.shutdown().await.unwrap();
-    let (resp, _) = read_until_closed(&mut tcp, Duration::from_secs(10)).await;
-    assert!(resp.starts_with("HTTP/1.1 200"), "{resp:?}");
-    assert!(resp.contains("chat.completion"), "{resp}");
 }
