@@ -6,11 +6,11 @@
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use gateway_core::Priority;
-use llm_gateway::admission::Admission;
 use llm_gateway::config::{QueueConfig, RateLimitBackend, RateLimitConfig, WorkerConfig};
+use llm_gateway::fleet::worker::Worker;
+use llm_gateway::limits::RateLimiter;
 use llm_gateway::metrics::Metrics;
-use llm_gateway::ratelimit::RateLimiter;
-use llm_gateway::worker::Worker;
+use llm_gateway::proxy::admission::Admission;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 

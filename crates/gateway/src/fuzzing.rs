@@ -7,8 +7,8 @@
 //! also explores how a worker's connection splits what it sends.
 
 use crate::config::{Config, Overrides};
-use crate::sse::{is_usage_event, strip_usage_events, SseTail};
-use crate::usage::UsageScanner;
+use crate::proxy::sse::{is_usage_event, strip_usage_events, SseTail};
+use crate::proxy::usage::UsageScanner;
 use bytes::BytesMut;
 
 /// The relayed stream (input after its first four bytes) and the chunks it arrives in.

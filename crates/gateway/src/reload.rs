@@ -67,7 +67,7 @@ pub async fn update(
         != (old.config.rate_limit.backend, &old.config.rate_limit.redis_url)
     {
         // A new backend starts with fresh buckets; limits merely changed keep theirs.
-        app.limiter.store(crate::ratelimit::RateLimiter::new(&config.rate_limit));
+        app.limiter.store(crate::limits::RateLimiter::new(&config.rate_limit));
     }
     app.snapshot.store(Arc::new(Snapshot { config: Arc::clone(&config), fleet: Arc::new(fleet), policy, auth }));
 

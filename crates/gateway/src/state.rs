@@ -2,10 +2,10 @@
 //! loaded once per request, plus the long-lived parts (client, metrics, probe tasks).
 
 use crate::config::Config;
+use crate::fleet::worker::Worker;
 use crate::fleet::Fleet;
 use crate::metrics::Metrics;
-use crate::upstream::{self, Client};
-use crate::worker::Worker;
+use crate::proxy::upstream::{self, Client};
 use arc_swap::ArcSwap;
 use gateway_core::WorkerId;
 use parking_lot::Mutex;
@@ -41,13 +41,13 @@ pub struct AppState {
     /// Cancelled when the gateway shuts down.
     pub shutdown: CancellationToken,
     /// The admission queues.
-    pub admission: Arc<crate::admission::Admission>,
+    pub admission: Arc<crate::proxy::admission::Admission>,
     /// The rate limiter (replaced when its backend changes).
-    pub limiter: ArcSwap<crate::ratelimit::RateLimiter>,
+    pub limiter: ArcSwap<crate::limits::RateLimiter>,
     /// Bytes of request bodies held now, bounded by `server.max_buffered_bytes`.
-    pub body_budget: Arc<crate::budget::ByteBudget>,
+    pub body_budget: Arc<crate::server::budget::ByteBudget>,
     /// Open client connections, bounded by `server.max_connections`.
-    pub connections: Arc<crate::connections::Connections>,
+    pub connections: Arc<crate::server::connections::Connections>,
     /// The Batch API's store and runner figures (`batch.data_dir` is read once, here).
     pub batch: Arc<crate::batch::Batches>,
     next_worker_id: AtomicU64,
@@ -63,15 +63,15 @@ impl AppState {
         });
         let policy = routing::build(&config.routing);
         let metrics = Metrics::new()?;
-        let admission = crate::admission::Admission::new(&config.queue, metrics.queue_rejected.clone());
+        let admission = crate::proxy::admission::Admission::new(&config.queue, metrics.queue_rejected.clone());
         admission.set_batch_share(config.batch.max_share);
         Ok(Arc::new(Self {
             batch: crate::batch::Batches::new(config.batch.data_dir.clone()),
             admission,
             client: upstream::client(&config.upstream),
-            limiter: ArcSwap::new(crate::ratelimit::RateLimiter::new(&config.rate_limit)),
-            body_budget: crate::budget::ByteBudget::new(),
-            connections: crate::connections::Connections::new(),
+            limiter: ArcSwap::new(crate::limits::RateLimiter::new(&config.rate_limit)),
+            body_budget: crate::server::budget::ByteBudget::new(),
+            connections: crate::server::connections::Connections::new(),
             snapshot: ArcSwap::from_pointee(Snapshot {
                 auth: Arc::new(crate::auth::Auth::from_config(&config.auth).map_err(anyhow::Error::msg)?),
                 config: Arc::new(config),
@@ -95,13 +95,15 @@ impl AppState {
             let probes = self.probes.lock();
             snap.fleet.workers.iter().filter(|w| !probes.contains_key(&w.id)).cloned().collect()
         };
-        futures_util::future::join_all(fresh.iter().map(|w| crate::probe::probe_once(&self.client, w, &health, true)))
-            .await;
+        futures_util::future::join_all(
+            fresh.iter().map(|w| crate::fleet::probe::probe_once(&self.client, w, &health, true)),
+        )
+        .await;
         let mut probes = self.probes.lock();
         for w in fresh {
             let stop = self.shutdown.child_token();
             probes.insert(w.id, stop.clone());
-            tokio::spawn(crate::probe::run(Arc::downgrade(self), w, stop));
+            tokio::spawn(crate::fleet::probe::run(Arc::downgrade(self), w, stop));
         }
     }
 

@@ -11,7 +11,7 @@
 //!   finalizes, expires.
 //!
 //! Batch lines run in [`gateway_core::Priority::Batch`]: below every live class, only in spare
-//! capacity (see [`crate::admission`]). Ownership: with `[auth]` on, files and batches belong to the API
+//! capacity (see [`crate::proxy::admission`]). Ownership: with `[auth]` on, files and batches belong to the API
 //! key's tenant and are invisible (404) to other tenants; with auth off there is one owner.
 
 pub mod batches;

@@ -16,7 +16,7 @@ pub enum Refused {
     /// Its circuit breaker refused.
     Breaker(Rejected),
 }
-use crate::admission::Admission;
+use crate::proxy::admission::Admission;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 
@@ -85,7 +85,7 @@ pub struct WorkerStats {
     pub answer_ms: AtomicF64,
     /// Tokens generated as of the last scrape, to see generation progress between scrapes.
     pub scraped_generated: AtomicU64,
-    /// The metrics dialect of its engine ([`crate::scrape::Dialect`] as `u8`).
+    /// The metrics dialect of its engine ([`crate::fleet::scrape::Dialect`] as `u8`).
     pub dialect: std::sync::atomic::AtomicU8,
     /// When a real request on it last succeeded, in ms since [`Worker::epoch`].
     pub last_success_ms: AtomicU64,
@@ -188,8 +188,8 @@ impl Worker {
     }
 
     /// Its engine's metrics dialect, as last scraped.
-    pub fn dialect(&self) -> crate::scrape::Dialect {
-        crate::scrape::Dialect::from_u8(self.stats.dialect.load(Ordering::Relaxed))
+    pub fn dialect(&self) -> crate::fleet::scrape::Dialect {
+        crate::fleet::scrape::Dialect::from_u8(self.stats.dialect.load(Ordering::Relaxed))
     }
 
     /// Notes a sign of life at `now` (an answer, body bytes, generated tokens).
@@ -277,7 +277,7 @@ impl Worker {
         let sent = s.sent_since_scrape.load(Ordering::Relaxed);
         let in_flight = s.in_flight.load(Ordering::Relaxed);
         // Without engine metrics the gateway's own count is the load.
-        let scraped = self.dialect() != crate::scrape::Dialect::None;
+        let scraped = self.dialect() != crate::fleet::scrape::Dialect::None;
         WorkerView {
             id: self.id,
             weight: self.spec.weight,
@@ -321,7 +321,7 @@ impl Worker {
 
     /// Turns a slot reserved by the admission queue into an in-flight slot.
     pub fn acquire_reserved(
-        reservation: crate::admission::Reservation,
+        reservation: crate::proxy::admission::Reservation,
         breaker: bool,
         now: std::time::Instant,
     ) -> Result<LoadGuard, Refused> {

@@ -1,7 +1,7 @@
 //! The admin API under `/api`: what operators use to see and steer a running gateway without a restart.
 //!
 //! Reads (`GET`) are open and never show a secret ([`redact`]); mutations (`POST`, `PATCH`, `DELETE`)
-//! must come from the gateway's own page or a tool, never another site's page ([`crate::cross_site`]),
+//! must come from the gateway's own page or a tool, never another site's page ([`crate::admin::cross_site`]),
 //! need the admin token when `admin.token` is set, and must be `Content-Type: application/json`
 //! ([`check_mutation`], through [`AdminAuth`] or [`require_admin`]). Every change of
 //! config or fleet goes through [`crate::reload`], so it is validated, swapped in one store and never
@@ -16,11 +16,14 @@
 //! | `GET /api/routing/stats` | routing decisions per strategy and worker |
 //! | `GET /api/config`, `PATCH /api/config` | the running config (redacted); change it by JSON merge patch |
 
+pub mod breakers;
+pub mod cross_site;
+
 use crate::config::{Config, WorkerConfig};
 use crate::error::ApiError;
+use crate::fleet::worker::Worker;
 use crate::reload;
 use crate::state::AppState;
-use crate::worker::Worker;
 use axum::extract::{FromRequestParts, Path, Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -85,8 +88,8 @@ fn token_eq(given: &[u8], expected: &[u8]) -> bool {
 }
 
 /// Every check an admin mutation passes, in this order: not from another site's page (403,
-/// [`crate::cross_site::check_origin`]), the admin token ([`check_admin`], 401), a JSON content type
-/// (400, [`crate::cross_site::require_json`]). Reads (`GET`, `HEAD`, `OPTIONS`) pass.
+/// [`crate::admin::cross_site::check_origin`]), the admin token ([`check_admin`], 401), a JSON content type
+/// (400, [`crate::admin::cross_site::require_json`]). Reads (`GET`, `HEAD`, `OPTIONS`) pass.
 pub fn check_mutation(
     app: &AppState,
     method: &http::Method,
@@ -96,12 +99,12 @@ pub fn check_mutation(
     if matches!(*method, http::Method::GET | http::Method::HEAD | http::Method::OPTIONS) {
         return Ok(());
     }
-    crate::cross_site::check_origin(uri, headers).map_err(|e| {
+    crate::admin::cross_site::check_origin(uri, headers).map_err(|e| {
         tracing::warn!(method = %method, path = %echo(uri.path()), "admin request refused: {}", e.message);
         ApiError(e)
     })?;
     check_admin(app, method, headers)?;
-    crate::cross_site::require_json(headers)?;
+    crate::admin::cross_site::require_json(headers)?;
     Ok(())
 }
 

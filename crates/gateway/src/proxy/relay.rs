@@ -6,10 +6,10 @@
 //! request at once). A streamed (SSE) answer never ends silently: if the worker dies, stalls or closes
 //! early, the client gets one `data: {"error":...}` event and `data: [DONE]`.
 
-use crate::sse::SseTail;
+use crate::fleet::worker::LoadGuard;
+use crate::proxy::sse::SseTail;
+use crate::proxy::usage::UsageScanner;
 use crate::state::AppState;
-use crate::usage::UsageScanner;
-use crate::worker::LoadGuard;
 use bytes::Bytes;
 use gateway_core::{breaker_verdict, ErrorKind, GatewayError, Outcome, OutcomeKind, WorkerCondition};
 use http_body::{Body, Frame, SizeHint};
@@ -47,7 +47,7 @@ pub struct InFlight {
     /// Token counts seen in the body.
     pub usage: UsageScanner,
     /// Tokens charged up front by the rate limiter, settled with the real usage at the end.
-    pub charge: Option<crate::ratelimit::TokenCharge>,
+    pub charge: Option<crate::limits::TokenCharge>,
     /// The request's count in `llm_gateway_active_requests`, released with the body.
     pub active: Option<crate::proxy::Active>,
     /// The API key's tenant, for the log line.
@@ -176,7 +176,7 @@ impl InFlight {
 
     /// The worker's side of an outcome: its latency and error estimates, policy feedback, the breaker's
     /// verdict (a slow stream is a failure), and `llm_gateway_upstream_outcomes_total`.
-    fn record_attempt(&mut self, kind: OutcomeKind, now: Instant) -> Arc<crate::worker::Worker> {
+    fn record_attempt(&mut self, kind: OutcomeKind, now: Instant) -> Arc<crate::fleet::worker::Worker> {
         let worker = Arc::clone(self.load.worker());
         let output_tokens = self.usage.completion_tokens.unwrap_or(self.usage.events.saturating_sub(1)) as u32;
         let outcome = Outcome {
@@ -489,7 +489,7 @@ impl Body for StripUsage {
             match Pin::new(&mut this.inner).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
                     Ok(data) => {
-                        let out = crate::sse::strip_usage_events(&mut this.carry, &data);
+                        let out = crate::proxy::sse::strip_usage_events(&mut this.carry, &data);
                         if !out.is_empty() {
                             return Poll::Ready(Some(Ok(Frame::data(out))));
                         }

@@ -2,7 +2,7 @@
 //! piling onto a worker's own queue, and leave in priority, aging and fairness order (the ordering is
 //! the pure `guard::AdmissionQueue`).
 //!
-//! Dispatch is event-driven. When a load slot frees ([`crate::worker::LoadGuard`] drops), the best
+//! Dispatch is event-driven. When a load slot frees ([`crate::fleet::worker::LoadGuard`] drops), the best
 //! waiter that worker can serve is handed a [`Reservation`] on it through a oneshot channel: the slot
 //! is its, so a request arriving at that moment cannot take it, and nothing polls. A reservation that is
 //! never used (the waiter left) releases itself when dropped, which frees the slot for the next one.
@@ -17,9 +17,9 @@
 //! only the batch runner's own `batch.max_concurrency` bounds batch lines.
 
 use crate::config::QueueConfig;
+use crate::fleet::worker::Worker;
 use crate::fleet::Fleet;
 use crate::state::AppState;
-use crate::worker::Worker;
 use arc_swap::ArcSwap;
 use gateway_core::{ErrorKind, GatewayError, Priority};
 use guard::{AdmissionQueue, AvgWait, RateEstimator, Ticket};

@@ -17,7 +17,7 @@ pub fn routes() -> Router<Arc<AppState>> {
 }
 
 /// One worker's breaker as JSON: state, counts, last transition.
-pub fn breaker_json(w: &crate::worker::Worker, enabled: bool) -> Value {
+pub fn breaker_json(w: &crate::fleet::worker::Worker, enabled: bool) -> Value {
     let snap = w.breaker.lock().snapshot(std::time::Instant::now());
     json!({"id": w.id, "worker": w.name, "url": w.spec.display_url(), "enabled": enabled, "breaker": snap})
 }

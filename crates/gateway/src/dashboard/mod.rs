@@ -16,13 +16,13 @@
 //! buffer holds at most [`SERIES_LEN`] points. The sampler starts with the first page or socket of a
 //! gateway ([`ensure_sampler`]), holds only a `Weak` to it, and ends when it shuts down.
 //!
-//! A socket opened from another site's page is refused (403, [`crate::cross_site`]). Each socket has its
+//! A socket opened from another site's page is refused (403, [`crate::admin::cross_site`]). Each socket has its
 //! own sender task; it ends when the client leaves, when a send stalls for
 //! [`SEND_TIMEOUT`], or when the gateway shuts down.
 
 use crate::admin;
-use crate::admission;
-use crate::breaker_api;
+use crate::admin::breakers;
+use crate::proxy::admission;
 use crate::state::AppState;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
@@ -36,11 +36,11 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 /// The page (markup only; its style and script are served beside it).
-const PAGE_HTML: &str = include_str!("../assets/dashboard.html");
+const PAGE_HTML: &str = include_str!("../../assets/dashboard.html");
 /// The page's style sheet.
-const PAGE_CSS: &str = include_str!("../assets/dashboard.css");
+const PAGE_CSS: &str = include_str!("../../assets/dashboard.css");
 /// The page's script.
-const PAGE_JS: &str = include_str!("../assets/dashboard.js");
+const PAGE_JS: &str = include_str!("../../assets/dashboard.js");
 
 /// Points kept per series: five minutes at one point a second.
 pub const SERIES_LEN: usize = 300;
@@ -86,7 +86,7 @@ async fn ws(
     headers: http::HeaderMap,
     upgrade: WebSocketUpgrade,
 ) -> Response {
-    if let Err(e) = crate::cross_site::check_origin(&uri, &headers) {
+    if let Err(e) = crate::admin::cross_site::check_origin(&uri, &headers) {
         tracing::warn!("dashboard socket refused: {}", e.message);
         return crate::error::ApiError(e).into_response();
     }
@@ -133,7 +133,7 @@ pub fn state_json(app: &Arc<AppState>) -> Value {
         .iter()
         .map(|w| {
             let mut v = admin::worker_json(w);
-            let mut breaker = breaker_api::breaker_json(w, enabled).get("breaker").cloned().unwrap_or(Value::Null);
+            let mut breaker = breakers::breaker_json(w, enabled).get("breaker").cloned().unwrap_or(Value::Null);
             if let Value::Object(b) = &mut breaker {
                 b.insert("enabled".into(), Value::Bool(enabled));
             }

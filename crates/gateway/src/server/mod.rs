@@ -1,5 +1,8 @@
 //! The HTTP surface (`app`) and the server's lifecycle (`Gateway::start`, graceful shutdown); the
-//! connections themselves are accepted and bounded in [`crate::connections`].
+//! connections themselves are accepted and bounded in [`crate::server::connections`].
+
+pub mod budget;
+pub mod connections;
 
 use crate::config::Config;
 use crate::error::ApiError;
@@ -26,8 +29,8 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .merge(crate::admin::routes())
-        .merge(crate::breaker_api::routes())
-        .route("/api/queue", get(crate::admission::queue_endpoint))
+        .merge(crate::admin::breakers::routes())
+        .route("/api/queue", get(crate::proxy::admission::queue_endpoint))
         .merge(crate::dashboard::routes())
         .merge(crate::batch::routes())
         .fallback(not_found)
@@ -107,12 +110,15 @@ impl Gateway {
         let state = AppState::new(config)?;
         state.start_probes().await;
         let router = app(Arc::clone(&state));
-        tokio::spawn(crate::admission::Admission::run_sweeper(Arc::downgrade(&state), Duration::from_millis(500)));
+        tokio::spawn(crate::proxy::admission::Admission::run_sweeper(
+            Arc::downgrade(&state),
+            Duration::from_millis(500),
+        ));
         tokio::spawn(crate::batch::runner::run(Arc::downgrade(&state)));
         // The dashboard's charts have history from the start, not from the first page view.
         crate::dashboard::ensure_sampler(&state);
         let stop = state.shutdown.clone();
-        let server = tokio::spawn(crate::connections::serve(listener, router, Arc::clone(&state), stop));
+        let server = tokio::spawn(crate::server::connections::serve(listener, router, Arc::clone(&state), stop));
         tracing::info!(%addr, "llm-gateway listening");
         Ok(Gateway { state, addr, server })
     }

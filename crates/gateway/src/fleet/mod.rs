@@ -1,7 +1,11 @@
 //! The fleet: the workers in force, one immutable list swapped whole on change.
 
+pub mod probe;
+pub mod scrape;
+pub mod worker;
+
 use crate::config::WorkerConfig;
-use crate::worker::Worker;
+use crate::fleet::worker::Worker;
 use gateway_core::WorkerId;
 use std::collections::BTreeSet;
 use std::sync::Arc;

@@ -4,7 +4,7 @@
 //! (`TIME`: replicas' clocks never disagree), and charges them only if every one admits, so concurrent
 //! checks from many replicas can never overspend a bucket. Keys expire when idle.
 
-use crate::ratelimit::Quota;
+use crate::limits::Quota;
 use redis::aio::ConnectionManager;
 use std::sync::Arc;
 use std::time::Duration;

@@ -1,13 +1,19 @@
 //! The inference endpoints: read and parse the body, pick a worker, forward the original bytes, relay
 //! the answer. Failures before the first byte reaches the client are retried on another worker.
 
-use crate::admission::Reservation;
-use crate::budget::{ByteBudget, Held};
+pub mod admission;
+pub mod relay;
+pub mod sse;
+pub mod upstream;
+pub mod usage;
+
 use crate::config::ServerConfig;
 use crate::error::ApiError;
-use crate::relay::{status_label, InFlight, RelayBody};
+use crate::fleet::worker::{Refused, Worker};
+use crate::proxy::admission::Reservation;
+use crate::proxy::relay::{status_label, InFlight, RelayBody};
+use crate::server::budget::{ByteBudget, Held};
 use crate::state::{AppState, Snapshot};
-use crate::worker::{Refused, Worker};
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
@@ -183,7 +189,7 @@ async fn handle(
                     h.insert(X_ESTIMATED_WAIT.clone(), v);
                 }
                 if let Some(q) = &quota {
-                    crate::ratelimit::set_headers(h, q);
+                    crate::limits::set_headers(h, q);
                 }
                 return Ok(resp);
             }
@@ -200,7 +206,7 @@ struct Ctx<'a> {
     request_id: &'a Arc<str>,
     received: Instant,
     /// Tokens charged up front, handed to the response that answers.
-    charge: Option<crate::ratelimit::TokenCharge>,
+    charge: Option<crate::limits::TokenCharge>,
     /// Drop the usage chunk the gateway asked for on the client's behalf.
     strip_usage: bool,
     /// The request's count in the active-requests gauge, handed to the response that answers.
@@ -670,7 +676,7 @@ fn build_upstream_request(
 /// Makes a relayed stream drop the usage chunk the gateway asked for on the client's behalf.
 fn strip_usage_chunk(resp: Response) -> Response {
     let (parts, body) = resp.into_parts();
-    Response::from_parts(parts, Body::new(crate::relay::StripUsage::new(body)))
+    Response::from_parts(parts, Body::new(crate::proxy::relay::StripUsage::new(body)))
 }
 
 fn relay(

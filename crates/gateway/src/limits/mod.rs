@@ -12,6 +12,8 @@
 //! (`"deny"`); either way `llm_rate_limiter_fallback_total` counts it. Limits changed by a reload apply
 //! to existing buckets at their next use, keeping their level; unchanged buckets are untouched.
 
+pub mod redis;
+
 use crate::auth::Tenant;
 use crate::config::{RateLimitBackend, RateLimitConfig, RedisFailure};
 use crate::metrics::Metrics;
@@ -82,7 +84,7 @@ pub struct RateLimiter {
     global: Mutex<Option<TokenBucket>>,
     tenants: Mutex<HashMap<Arc<str>, TenantBuckets>>,
     workers: Mutex<HashMap<u64, TokenBucket>>,
-    redis: Option<crate::ratelimit_redis::RedisBuckets>,
+    redis: Option<crate::limits::redis::RedisBuckets>,
 }
 
 /// Tenant name used when too many distinct `user`s are tracked: they share one bucket set.
@@ -105,7 +107,7 @@ impl RateLimiter {
     /// A limiter for `cfg`; connects to Redis lazily when the backend is Redis.
     pub fn new(cfg: &RateLimitConfig) -> Arc<Self> {
         let redis = (cfg.backend == RateLimitBackend::Redis)
-            .then(|| crate::ratelimit_redis::RedisBuckets::new(&cfg.redis_url))
+            .then(|| crate::limits::redis::RedisBuckets::new(&cfg.redis_url))
             .and_then(Result::ok);
         Arc::new(Self {
             global: Mutex::new(None),
@@ -346,8 +348,8 @@ impl RateLimiter {
     }
 }
 
-fn limits_spec(l: &Limits) -> crate::ratelimit_redis::Spec {
-    crate::ratelimit_redis::Spec {
+fn limits_spec(l: &Limits) -> crate::limits::redis::Spec {
+    crate::limits::redis::Spec {
         rps: l.rps,
         burst: l.burst,
         rpm: l.rpm,

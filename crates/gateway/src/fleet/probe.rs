@@ -4,9 +4,9 @@
 //! does not mark unhealthy a worker whose real requests keep succeeding.
 
 use crate::config::HealthConfig;
-use crate::scrape::{parse_metrics, WorkerLoad};
-use crate::upstream::{self, Client};
-use crate::worker::{ProbePath, Worker};
+use crate::fleet::scrape::{parse_metrics, WorkerLoad};
+use crate::fleet::worker::{ProbePath, Worker};
+use crate::proxy::upstream::{self, Client};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
