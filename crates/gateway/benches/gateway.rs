@@ -28,14 +28,14 @@ fn admission(c: &mut Criterion) {
     worker.stats.healthy.store(true, Ordering::Relaxed);
     let model: Arc<str> = Arc::from("m");
     c.bench_function("admission/fast_path_admit", |b| {
-        b.to_async(&rt).iter(|| async { adm.admit(&model, &[&worker], Priority::Normal, 0).await.unwrap() })
+        b.to_async(&rt).iter(|| async { adm.admit(&model, &[&worker], Priority::Normal, 0, || None).await.unwrap() })
     });
     // The worker is full: the request is queued, a slot frees, the waiter gets the reservation.
     c.bench_function("admission/enqueue_and_dispatch", |b| {
         b.to_async(&rt).iter(|| async {
             let guard = worker.acquire(false, 1, std::time::Instant::now()).unwrap().notify(&adm);
             let candidates = [&worker];
-            let admit = adm.admit(&model, &candidates, Priority::Normal, 0);
+            let admit = adm.admit(&model, &candidates, Priority::Normal, 0, || None);
             let release = async {
                 tokio::task::yield_now().await;
                 drop(guard);

@@ -292,6 +292,43 @@ impl Metrics {
     }
 }
 
+/// One count in `llm_gateway_active_requests`, held from arrival until the response body ends (the
+/// relayed body takes it over) or the handler answers an error.
+pub struct Active(prometheus::IntGauge);
+
+impl Active {
+    /// Counts one active request.
+    pub fn new(gauge: &prometheus::IntGauge) -> Self {
+        gauge.inc();
+        Self(gauge.clone())
+    }
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// A bounded label for a status code.
+pub fn status_label(status: u16) -> &'static str {
+    const LABELS: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "other"];
+    match status {
+        200 => "200",
+        400 => "400",
+        401 => "401",
+        404 => "404",
+        413 => "413",
+        429 => "429",
+        499 => "499",
+        500 => "500",
+        502 => "502",
+        503 => "503",
+        504 => "504",
+        s => LABELS[usize::from(s / 100).saturating_sub(1).min(5)],
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

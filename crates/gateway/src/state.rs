@@ -35,7 +35,7 @@ pub struct AppState {
     /// Pooled client towards workers.
     pub client: Client,
     /// Every exported metric.
-    pub metrics: Metrics,
+    pub metrics: Arc<Metrics>,
     /// When the gateway started.
     pub started: Instant,
     /// Cancelled when the gateway shuts down.
@@ -62,7 +62,7 @@ impl AppState {
             next_worker_id.fetch_add(1, Ordering::Relaxed)
         });
         let policy = routing::build(&config.routing);
-        let metrics = Metrics::new()?;
+        let metrics = Arc::new(Metrics::new()?);
         let admission = crate::proxy::admission::Admission::new(&config.queue, metrics.queue_rejected.clone());
         admission.set_batch_share(config.batch.max_share);
         Ok(Arc::new(Self {

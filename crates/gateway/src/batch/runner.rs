@@ -451,8 +451,12 @@ async fn send(app: &Arc<AppState>, router: axum::Router, job: &Job, max_bytes: u
         Err(never) => match never {},
     };
     let status = resp.status();
-    let request_id =
-        resp.headers().get(&crate::proxy::X_REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
+    let request_id = resp
+        .headers()
+        .get(&crate::proxy::request::X_REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
     let retry_after = resp
         .headers()
         .get(http::header::RETRY_AFTER)

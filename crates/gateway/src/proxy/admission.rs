@@ -21,7 +21,7 @@ use crate::fleet::worker::Worker;
 use crate::fleet::Fleet;
 use crate::state::AppState;
 use arc_swap::ArcSwap;
-use gateway_core::{ErrorKind, GatewayError, Priority};
+use gateway_core::{ErrorKind, GatewayError, Priority, WorkerId};
 use guard::{AdmissionQueue, AvgWait, RateEstimator, Ticket};
 use parking_lot::Mutex;
 use serde_json::{json, Value};
@@ -54,7 +54,14 @@ pub struct ModelQueue {
 
 struct Waiter {
     tx: oneshot::Sender<Reservation>,
+    /// Prompt tokens each worker is predicted to hold of this request: a freed worker prefers the
+    /// waiter it holds the most of, among waiters of equal standing (see `guard::AdmissionQueue::pop_preferring`).
+    affinity: Option<Affinity>,
 }
+
+/// Prompt tokens of a waiting request the worker with this id holds in its prefix cache, as predicted
+/// by the routing policy (called under the queue's lock: the policy's lock is only ever taken inside it).
+pub type Affinity = Box<dyn Fn(WorkerId) -> u64 + Send + Sync>;
 
 /// A load slot held on a worker for one dequeued request; released when dropped unused.
 pub struct Reservation {
@@ -192,13 +199,15 @@ impl Admission {
 
     /// Lets a request for `model` through at once when a candidate has room and nobody waits; else
     /// queues it until a slot is reserved for it, the queue timeout passes (504), or the queue is
-    /// full (429). `candidates` are the eligible workers for the model.
+    /// full (429). `candidates` are the eligible workers for the model; `affinity` is asked for only
+    /// when the request waits.
     pub async fn admit(
         &self,
         model: &Arc<str>,
         candidates: &[&Arc<Worker>],
         class: Priority,
         tenant: u64,
+        affinity: impl FnOnce() -> Option<Affinity>,
     ) -> Result<(QueueTicket, Option<Reservation>), GatewayError> {
         let cfg = self.cfg.load_full();
         let queue = self.queue(model);
@@ -215,7 +224,7 @@ impl Admission {
         let (tx, rx) = oneshot::channel();
         let (ticket, position) = {
             let mut waiting = queue.waiting.lock();
-            match waiting.push(Waiter { tx }, class, tenant, now) {
+            match waiting.push(Waiter { tx, affinity: affinity() }, class, tenant, now) {
                 Ok(ticket) => (ticket, waiting.position(ticket, now).unwrap_or(waiting.len())),
                 Err(_) => {
                     drop(waiting);
@@ -272,7 +281,7 @@ impl Admission {
         let position = {
             let mut batch = queue.batch.lock();
             batch.retain(|w| !w.tx.is_closed());
-            batch.push_back(Waiter { tx });
+            batch.push_back(Waiter { tx, affinity: None });
             batch.len()
         };
         for w in candidates {
@@ -303,14 +312,16 @@ impl Admission {
         }
     }
 
-    /// Hands `worker`'s free slots to `queue`'s best waiters while it has room.
+    /// Hands `worker`'s free slots to `queue`'s best waiters while it has room; among waiters of equal
+    /// standing, the one whose prompt the worker holds the most of.
     fn dispatch_to(&self, queue: &ModelQueue, worker: &Arc<Worker>) {
         if !worker.is_available() {
             return;
         }
         let mut waiting = queue.waiting.lock();
+        let held = |w: &Waiter| w.affinity.as_ref().map_or(0, |f| f(worker.id));
         while self.has_room(worker) {
-            let Some((_, waiter)) = waiting.pop(Instant::now()) else { return };
+            let Some((_, waiter)) = waiting.pop_preferring(Instant::now(), |_| true, held) else { return };
             self.hand_over(worker, waiter);
         }
     }
@@ -473,13 +484,15 @@ mod tests {
         let batch = {
             let (a, model) = (Arc::clone(&a), Arc::clone(&model));
             let w = Arc::clone(&w);
-            tokio::spawn(async move { a.admit(&model, &[&w], Priority::Batch, 1).await.map(|(_, r)| r.is_some()) })
+            tokio::spawn(
+                async move { a.admit(&model, &[&w], Priority::Batch, 1, || None).await.map(|(_, r)| r.is_some()) },
+            )
         };
         // Let the batch line queue first, then a live request arrives behind it.
         while a.queue(&model).batch.lock().is_empty() {
             tokio::task::yield_now().await;
         }
-        let live = a.admit(&model, &cands, Priority::Low, 2);
+        let live = a.admit(&model, &cands, Priority::Low, 2, || None);
         tokio::pin!(live);
         assert!(futures_util::poll!(&mut live).is_pending(), "no room yet");
         // The slot frees: the live waiter gets it although the batch line waited longer.

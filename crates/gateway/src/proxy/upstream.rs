@@ -47,3 +47,21 @@ pub async fn get(
     };
     tokio::time::timeout(timeout, fetch).await.map_err(|_| format!("timed out after {timeout:?}"))?
 }
+
+/// Headers that describe one connection, not the message; never forwarded either way.
+pub fn is_hop_by_hop(name: &http::HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "host"
+            | "content-length"
+    )
+}

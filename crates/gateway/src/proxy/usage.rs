@@ -1,5 +1,16 @@
-//! Finds token counts (`"prompt_tokens": N`, `"completion_tokens": N`) in a relayed body without parsing
-//! it: the usage object sits at the end of a JSON answer or in the last SSE chunk.
+//! Token usage of relayed answers, and the one body rewrite the gateway makes for it.
+//!
+//! [`UsageScanner`] finds token counts (`"prompt_tokens": N`, `"completion_tokens": N`, and
+//! `"cached_tokens": N` from `prompt_tokens_details`) in a relayed body without parsing it: the usage
+//! object sits at the end of a JSON answer or in the last SSE chunk. Token limits need the usage of
+//! streams too, so [`with_include_usage`] asks the worker for it and [`StripUsage`] drops that event
+//! again when the client did not ask for it.
+
+use bytes::Bytes;
+use gateway_core::{ErrorKind, GatewayError};
+use http_body::{Body, Frame};
+use std::pin::Pin;
+use std::task::{Context, Poll};
 
 /// Bytes kept across chunk boundaries so a key split between two chunks is still found.
 const CARRY: usize = 48;
@@ -11,6 +22,8 @@ pub struct UsageScanner {
     pub prompt_tokens: Option<u64>,
     /// Last `completion_tokens` seen.
     pub completion_tokens: Option<u64>,
+    /// Last `cached_tokens` seen (prompt tokens the worker served from its prefix cache).
+    pub cached_tokens: Option<u64>,
     /// `data:` events seen (an estimate of streamed chunks).
     pub events: u64,
     carry: Vec<u8>,
@@ -28,6 +41,9 @@ impl UsageScanner {
         }
         if let Some(v) = last_number_after(&buf, b"\"completion_tokens\"") {
             self.completion_tokens = Some(v);
+        }
+        if let Some(v) = last_number_after(&buf, b"\"cached_tokens\"") {
+            self.cached_tokens = Some(v);
         }
         let keep = buf.len().min(CARRY);
         buf.drain(..buf.len() - keep);
@@ -50,6 +66,75 @@ fn last_number_after(hay: &[u8], key: &[u8]) -> Option<u64> {
         return None;
     }
     std::str::from_utf8(&rest[..digits]).ok()?.parse().ok()
+}
+
+/// The body with `stream_options.include_usage` set (the only case where the gateway rewrites a body).
+pub fn with_include_usage(body: &[u8]) -> Result<Bytes, GatewayError> {
+    let mut v: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|e| GatewayError::new(ErrorKind::InvalidJson, format!("invalid JSON body: {e}")))?;
+    if let Some(obj) = v.as_object_mut() {
+        let opts = obj.entry("stream_options").or_insert_with(|| serde_json::json!({}));
+        if let Some(opts) = opts.as_object_mut() {
+            opts.insert("include_usage".into(), serde_json::Value::Bool(true));
+        }
+    }
+    serde_json::to_vec(&v)
+        .map(Bytes::from)
+        .map_err(|e| GatewayError::new(ErrorKind::Internal, format!("re-encoding the body failed: {e}")))
+}
+
+/// Makes a relayed stream drop the usage event the gateway asked for on the client's behalf.
+pub fn strip_usage_event(resp: axum::response::Response) -> axum::response::Response {
+    let (parts, body) = resp.into_parts();
+    axum::response::Response::from_parts(parts, axum::body::Body::new(StripUsage::new(body)))
+}
+
+/// Drops the usage event (`"choices":[]` with `"usage"`) from an event stream: the gateway asked the
+/// worker for it to count tokens, and the client did not. Events are passed on whole; a partial event
+/// waits for the rest of it.
+pub struct StripUsage {
+    inner: axum::body::Body,
+    carry: bytes::BytesMut,
+    done: bool,
+}
+
+impl StripUsage {
+    /// Wraps a relayed event-stream body.
+    pub fn new(inner: axum::body::Body) -> Self {
+        Self { inner, carry: bytes::BytesMut::new(), done: false }
+    }
+}
+
+impl Body for StripUsage {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        let this = &mut *self;
+        loop {
+            if this.done {
+                return Poll::Ready(None);
+            }
+            match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) => {
+                        let out = crate::proxy::sse::strip_usage_events(&mut this.carry, &data);
+                        if !out.is_empty() {
+                            return Poll::Ready(Some(Ok(Frame::data(out))));
+                        }
+                    }
+                    Err(frame) => return Poll::Ready(Some(Ok(frame))),
+                },
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
+                Poll::Ready(None) => {
+                    this.done = true;
+                    let rest = this.carry.split().freeze();
+                    return Poll::Ready((!rest.is_empty()).then(|| Ok(Frame::data(rest))));
+                }
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -81,5 +166,27 @@ data: [DONE]
         let mut s = UsageScanner::default();
         s.scan(br#"{"id":"x","usage":{"prompt_tokens": 5, "completion_tokens" : 9}}"#);
         assert_eq!((s.prompt_tokens, s.completion_tokens, s.events), (Some(5), Some(9), 0));
+        assert_eq!(s.cached_tokens, None, "absent when the worker does not say");
+        s.scan(br#"{"usage":{"prompt_tokens":40,"prompt_tokens_details":{"cached_tokens":32},"completion_tokens":1}}"#);
+        assert_eq!((s.prompt_tokens, s.cached_tokens), (Some(40), Some(32)));
+    }
+}
+
+#[cfg(test)]
+mod strip_tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    #[tokio::test]
+    async fn usage_event_is_dropped_and_others_pass_whole() {
+        let stream = "data: {\"choices\":[{\"delta\":{}}]}\n\ndata: {\"choices\":[],\"usage\":{\"prompt_tokens\":1}}\n\ndata: [DONE]\n\n";
+        for split in [1usize, 5, 17, 1000] {
+            let chunks: Vec<Result<Bytes, std::io::Error>> =
+                stream.as_bytes().chunks(split).map(|c| Ok(Bytes::copy_from_slice(c))).collect();
+            let body = axum::body::Body::from_stream(futures_util::stream::iter(chunks));
+            let out = StripUsage::new(body).collect().await.expect("collects").to_bytes();
+            let out = String::from_utf8(out.to_vec()).expect("utf-8");
+            assert_eq!(out, "data: {\"choices\":[{\"delta\":{}}]}\n\ndata: [DONE]\n\n", "split {split}");
+        }
     }
 }

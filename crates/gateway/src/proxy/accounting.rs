@@ -1,0 +1,231 @@
+//! The record of one attempt at a worker, settled exactly once when the attempt ends: the worker's
+//! estimates, the policy's feedback, the breaker's verdict, token reconciliation, metrics, one log line.
+//!
+//! The record is judged by the snapshot the request loaded when it arrived (never a newer one a reload
+//! stored meanwhile), so breaker thresholds and the fleet it is compared against are the ones it started with.
+
+use crate::fleet::worker::{LoadGuard, Worker};
+use crate::metrics::{status_label, Active, Metrics};
+use crate::proxy::classify::{classify, AttemptEnd};
+use crate::proxy::usage::UsageScanner;
+use crate::state::Snapshot;
+use gateway_core::{breaker_verdict, Outcome, OutcomeKind, WorkerCondition};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// What every attempt of one request shares: who asked, for what, and the snapshot it is judged by.
+#[derive(Clone)]
+pub struct RequestInfo {
+    /// Where outcomes are counted.
+    pub metrics: Arc<Metrics>,
+    /// The snapshot the request loaded on arrival.
+    pub snap: Arc<Snapshot>,
+    /// Model label (a served model name).
+    pub model: Arc<str>,
+    /// The request id, for the log line.
+    pub request_id: Arc<str>,
+    /// The API key's tenant, for the log line.
+    pub tenant: Option<Arc<str>>,
+    /// When the client's request arrived.
+    pub received: Instant,
+    /// Whether the client asked for a stream.
+    pub stream: bool,
+    /// The request's own estimate of its prompt tokens, used when the worker reports no usage.
+    pub prompt_estimate: u32,
+}
+
+/// One attempt at a worker, from dispatch until its answer ends.
+pub struct RequestRecord {
+    info: RequestInfo,
+    load: LoadGuard,
+    status: u16,
+    dispatched: Instant,
+    retries: u32,
+    predicted_cached_tokens: Option<u32>,
+    /// Token counts seen in the body.
+    pub usage: UsageScanner,
+    /// Tokens charged up front by the rate limiter, settled with the real usage at the end.
+    pub charge: Option<crate::limits::TokenCharge>,
+    /// The request's count in `llm_gateway_active_requests`, released with the body.
+    pub active: Option<Active>,
+    /// Time spent in the admission queue.
+    pub queue_wait: Duration,
+    first_byte: Option<Instant>,
+    finished: bool,
+}
+
+impl RequestRecord {
+    /// A record for an attempt `load`'s worker answered with `status`. `retries` is the number of
+    /// attempts before this one; `predicted_cached_tokens` what the policy predicted the worker holds.
+    pub fn new(
+        info: RequestInfo,
+        load: LoadGuard,
+        status: u16,
+        dispatched: Instant,
+        retries: u32,
+        predicted_cached_tokens: Option<u32>,
+    ) -> Self {
+        Self {
+            info,
+            load,
+            status,
+            dispatched,
+            retries,
+            predicted_cached_tokens,
+            usage: UsageScanner::default(),
+            charge: None,
+            active: None,
+            queue_wait: Duration::ZERO,
+            first_byte: None,
+            finished: false,
+        }
+    }
+
+    /// The worker this attempt went to.
+    pub fn worker(&self) -> &Arc<Worker> {
+        self.load.worker()
+    }
+
+    /// Notes relayed bytes: a sign of life, the first byte's time, token counts.
+    pub fn on_data(&mut self, data: &[u8], now: Instant) {
+        self.load.worker().mark_alive(now);
+        if self.first_byte.is_none() && !data.is_empty() {
+            self.first_byte = Some(now);
+            if self.info.stream {
+                let ttft = now.duration_since(self.info.received).as_secs_f64();
+                self.info.metrics.ttft.with_label_values(&[&self.info.model]).observe(ttft);
+            }
+        }
+        self.usage.scan(data);
+    }
+
+    /// The outcome of a body delivered whole, by the worker's status.
+    pub fn delivered(&self) -> OutcomeKind {
+        classify(AttemptEnd::Status(self.status)).kind
+    }
+
+    /// Records the outcome once: the worker's side ([`RequestRecord::record_attempt`]), then the
+    /// request's metrics, token reconciliation and log line. For the answer the client receives.
+    pub fn finish(&mut self, kind: OutcomeKind) {
+        if std::mem::replace(&mut self.finished, true) {
+            return;
+        }
+        let now = Instant::now();
+        let worker = self.record_attempt(kind, now);
+        let (m, model) = (&self.info.metrics, &self.info.model);
+        let latency = now.duration_since(self.info.received);
+        let status = if kind == OutcomeKind::Cancelled { 499 } else { self.status };
+        m.requests.with_label_values(&[model, status_label(status)]).inc();
+        m.latency.with_label_values(&[model]).observe(latency.as_secs_f64());
+        if let (Some(charge), Some(p), Some(c)) =
+            (self.charge.take(), self.usage.prompt_tokens, self.usage.completion_tokens)
+        {
+            charge.reconcile(p + c);
+        }
+        if let Some(p) = self.usage.prompt_tokens {
+            m.tokens.with_label_values(&[model, "prompt"]).inc_by(p);
+        }
+        if let Some(c) = self.usage.completion_tokens {
+            m.tokens.with_label_values(&[model, "completion"]).inc_by(c);
+        }
+        tracing::info!(
+            request_id = %self.info.request_id,
+            model = %model,
+            worker = %worker.name,
+            status,
+            outcome = kind.as_str(),
+            stream = self.info.stream,
+            retries = self.retries,
+            tenant = self.info.tenant.as_deref(),
+            queue_wait_ms = self.queue_wait.as_millis() as u64,
+            ttft_ms = self
+                .first_byte
+                .filter(|_| self.info.stream)
+                .map(|t| t.duration_since(self.info.received).as_millis() as u64),
+            latency_ms = latency.as_millis() as u64,
+            prompt_tokens = self.usage.prompt_tokens,
+            cached_tokens = self.usage.cached_tokens,
+            completion_tokens = self.usage.completion_tokens,
+            "request"
+        );
+        self.active.take();
+    }
+
+    /// Records an attempt the client never sees (retried, or answered by the gateway's own error):
+    /// only the worker's side, so the request itself is counted and logged once, by whoever answers it.
+    pub fn finish_attempt(mut self, kind: OutcomeKind) {
+        self.finished = true;
+        let worker = self.record_attempt(kind, Instant::now());
+        tracing::warn!(
+            request_id = %self.info.request_id,
+            worker = %worker.name,
+            status = self.status,
+            outcome = kind.as_str(),
+            attempt = self.retries + 1,
+            "upstream attempt failed"
+        );
+    }
+
+    /// The worker's side of an outcome: its latency and error estimates, policy feedback, the breaker's
+    /// verdict (a slow stream is a failure), and `llm_gateway_upstream_outcomes_total`.
+    fn record_attempt(&mut self, kind: OutcomeKind, now: Instant) -> Arc<Worker> {
+        let worker = Arc::clone(self.load.worker());
+        let usage = &self.usage;
+        let tokens = |t: Option<u64>| t.map(|t| u32::try_from(t).unwrap_or(u32::MAX));
+        let outcome = Outcome {
+            worker: worker.id,
+            kind,
+            ttft: self.first_byte.filter(|_| self.info.stream).map(|t| t.duration_since(self.dispatched)),
+            latency: now.duration_since(self.dispatched),
+            output_tokens: tokens(usage.completion_tokens).unwrap_or(usage.events.saturating_sub(1) as u32),
+            prompt_tokens: tokens(usage.prompt_tokens).unwrap_or(self.info.prompt_estimate),
+            cached_tokens: tokens(usage.cached_tokens),
+            predicted_cached_tokens: self.predicted_cached_tokens,
+        };
+        let snap = &self.info.snap;
+        snap.policy.observe(&outcome);
+        // Slow calls are judged on streams only: a non-streamed answer arrives whole, so its time to
+        // first byte measures the length of the generation, not the worker's health. A slow success is
+        // a failure to the worker's health, in its breaker streak and its error window alike, unless the
+        // worker was merely full or is the last one admitting the model (`breaker_verdict`).
+        let breaker_cfg = &snap.config.circuit_breaker;
+        let slow = outcome.ttft.is_some_and(|t| t > Duration::from_millis(breaker_cfg.slow_call_threshold_ms));
+        if kind == OutcomeKind::Success {
+            worker.mark_success(now);
+        }
+        let condition = if slow && kind == OutcomeKind::Success {
+            let std_now = now.into_std();
+            let others_admit = snap.fleet.workers.iter().any(|w| {
+                w.id != worker.id
+                    && w.is_available()
+                    && w.serves(&self.info.model)
+                    && (!breaker_cfg.enabled || w.breaker_admits(std_now))
+            });
+            WorkerCondition {
+                slow,
+                full: worker.was_full(&self.load, snap.config.queue.default_worker_concurrency),
+                last_admitting: !others_admit,
+            }
+        } else {
+            WorkerCondition::default()
+        };
+        let verdict = breaker_verdict(kind, condition);
+        worker.record(&Outcome { kind: verdict, ..outcome }, now.into_std());
+        let m = &self.info.metrics;
+        if verdict.is_failure() {
+            m.breaker_failures.with_label_values(&[&worker.name]).inc();
+        }
+        let transition = self.load.settle(verdict, now.into_std(), breaker_cfg);
+        m.count_transition(&worker.name, transition);
+        m.upstream_outcomes.with_label_values(&[&worker.name, kind.as_str()]).inc();
+        worker
+    }
+}
+
+impl Drop for RequestRecord {
+    fn drop(&mut self) {
+        // Dropped before the body ended: the client went away.
+        self.finish(classify(AttemptEnd::ClientLeft).kind);
+    }
+}
