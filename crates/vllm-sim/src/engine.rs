@@ -110,6 +110,8 @@ impl Engine {
             running: inner.running.len(),
             waiting: inner.queue.len(),
             kv_usage: inner.kv.used() as f64 / cap as f64,
+            kv_blocks: inner.kv.capacity(),
+            block_size: self.block_size,
         }
     }
 

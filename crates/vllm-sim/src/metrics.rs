@@ -29,6 +29,8 @@ pub const GENERATION_TOKENS: &str = "vllm:generation_tokens";
 pub const TIME_TO_FIRST_TOKEN: &str = "vllm:time_to_first_token_seconds";
 /// Histogram (seconds): arrival to last token.
 pub const E2E_REQUEST_LATENCY: &str = "vllm:e2e_request_latency_seconds";
+/// Info gauge (always 1) whose labels describe the KV cache, as vLLM's `cache_config_info`.
+pub const CACHE_CONFIG_INFO: &str = "vllm:cache_config_info";
 
 /// vLLM's TTFT bucket bounds.
 const TTFT_BUCKETS: &[f64] = &[
@@ -119,6 +121,10 @@ pub struct Gauges {
     pub waiting: usize,
     /// KV usage, 0..=1.
     pub kv_usage: f64,
+    /// KV-cache blocks (`num_gpu_blocks`).
+    pub kv_blocks: usize,
+    /// Tokens per block.
+    pub block_size: usize,
 }
 
 impl Default for Metrics {
@@ -209,6 +215,13 @@ impl Metrics {
         gauge(&mut out, NUM_REQUESTS_WAITING, "Number of requests waiting to be processed.", g.waiting as f64);
         gauge(&mut out, KV_CACHE_USAGE_PERC, "KV-cache usage. 1 means 100 percent usage.", g.kv_usage);
         gauge(&mut out, GPU_CACHE_USAGE_PERC, "GPU KV-cache usage. 1 means 100 percent usage.", g.kv_usage);
+        let _ = writeln!(
+            out,
+            "# HELP {CACHE_CONFIG_INFO} Information of the LLMEngine CacheConfig\n# TYPE {CACHE_CONFIG_INFO} gauge\n\
+             {CACHE_CONFIG_INFO}{{block_size=\"{}\",cache_dtype=\"auto\",enable_prefix_caching=\"True\",\
+             num_cpu_blocks=\"None\",num_gpu_blocks=\"{}\"}} 1.0",
+            g.block_size, g.kv_blocks
+        );
         let counter = |out: &mut String, name: &str, help: &str, v: &AtomicU64| {
             let v = v.load(Ordering::Relaxed) as f64;
             let _ = writeln!(out, "# HELP {name}_total {help}\n# TYPE {name} counter\n{name}_total{{{labels}}} {v:?}");

@@ -126,6 +126,7 @@ async fn scrape_load(client: &Client, worker: &Worker, timeout: Duration) {
     s.scraped_running.store(load.running as u32, Ordering::Relaxed);
     s.scraped_waiting.store(load.waiting as u32, Ordering::Relaxed);
     s.kv_usage.set(load.kv_usage);
+    s.cache_tokens.store(load.cache_tokens as u64, Ordering::Relaxed);
     // Requests waiting inside the worker mean it runs all it can: that is its capacity.
     if load.waiting > 0.0 && load.running > 0.0 {
         s.learned_capacity.fetch_max(load.running as u32, Ordering::Relaxed);

@@ -67,6 +67,9 @@ pub struct WorkerLoad {
     pub kv_usage: f64,
     /// Tokens generated so far, summed: generation progress between two scrapes.
     pub generated: f64,
+    /// KV-cache capacity in tokens, when the engine says: vLLM's `cache_config_info`
+    /// (`num_gpu_blocks * block_size`), sglang's `max_total_num_tokens`; 0 when unknown.
+    pub cache_tokens: f64,
     /// Which names were read.
     pub dialect: Dialect,
 }
@@ -77,6 +80,9 @@ enum Fact {
     Waiting,
     KvUsage,
     Generated,
+    CacheTokens,
+    /// vLLM's `cache_config_info`: the capacity is in its labels.
+    CacheConfigInfo,
 }
 
 fn fact(name: &str) -> Option<(Dialect, Fact)> {
@@ -86,10 +92,12 @@ fn fact(name: &str) -> Option<(Dialect, Fact)> {
         "vllm:num_requests_waiting" => (Vllm, Fact::Waiting),
         "vllm:kv_cache_usage_perc" | "vllm:gpu_cache_usage_perc" => (Vllm, Fact::KvUsage),
         "vllm:generation_tokens_total" => (Vllm, Fact::Generated),
+        "vllm:cache_config_info" => (Vllm, Fact::CacheConfigInfo),
         "sglang:num_running_reqs" => (Sglang, Fact::Running),
         "sglang:num_queue_reqs" => (Sglang, Fact::Waiting),
         "sglang:token_usage" => (Sglang, Fact::KvUsage),
         "sglang:generation_tokens_total" => (Sglang, Fact::Generated),
+        "sglang:max_total_num_tokens" => (Sglang, Fact::CacheTokens),
         "llamacpp:requests_processing" => (LlamaCpp, Fact::Running),
         "llamacpp:requests_deferred" => (LlamaCpp, Fact::Waiting),
         "llamacpp:kv_cache_usage_ratio" => (LlamaCpp, Fact::KvUsage),
@@ -116,10 +124,37 @@ pub fn parse_metrics(text: &str) -> WorkerLoad {
             Fact::Waiting => load.waiting += value,
             Fact::KvUsage => load.kv_usage = load.kv_usage.max(value),
             Fact::Generated => load.generated += value,
+            Fact::CacheTokens => load.cache_tokens += value,
+            Fact::CacheConfigInfo => {
+                let number = |key| label(line, key).and_then(|v| v.parse::<f64>().ok()).filter(|v| v.is_finite());
+                if let (Some(blocks), Some(size)) = (number("num_gpu_blocks"), number("block_size")) {
+                    load.cache_tokens += blocks * size;
+                }
+            }
         }
     }
     load.kv_usage = load.kv_usage.clamp(0.0, 1.0);
     load
+}
+
+/// The value of label `key` in a sample line (`name{key="value",...} v`); escapes are not undone (the
+/// labels read are numbers).
+fn label<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    let labels = &line[line.find('{')? + 1..];
+    let mut rest = labels;
+    loop {
+        let eq = rest.find("=\"")?;
+        let name = rest[..eq].trim_start_matches([',', ' ']);
+        let value_start = eq + 2;
+        let len = rest[value_start..].find('"')?;
+        if name == key {
+            return Some(&rest[value_start..value_start + len]);
+        }
+        rest = &rest[value_start + len + 1..];
+        if rest.starts_with('}') {
+            return None;
+        }
+    }
 }
 
 /// `name{labels} value [timestamp]` to `(name, value)`.
@@ -172,7 +207,14 @@ vllm:generation_tokens_total{engine="1",model_name="m"} 2.0
         let load = parse_metrics(text);
         assert_eq!(
             load,
-            WorkerLoad { running: 5.0, waiting: 7.0, kv_usage: 0.5, generated: 42.0, dialect: Dialect::Vllm }
+            WorkerLoad {
+                running: 5.0,
+                waiting: 7.0,
+                kv_usage: 0.5,
+                generated: 42.0,
+                cache_tokens: 0.0,
+                dialect: Dialect::Vllm
+            }
         );
     }
 
@@ -194,6 +236,17 @@ vllm:generation_tokens_total{engine="1",model_name="m"} 2.0
         for d in [Dialect::None, Dialect::Vllm, Dialect::Sglang, Dialect::LlamaCpp, Dialect::Tgi] {
             assert_eq!(Dialect::from_u8(d.as_u8()), d);
         }
+    }
+
+    #[test]
+    fn reads_the_cache_capacity() {
+        let vllm = "vllm:cache_config_info{block_size=\"16\",cache_dtype=\"auto\",num_cpu_blocks=\"None\",num_gpu_blocks=\"2048\",swap_space=\"4\"} 1.0\n";
+        assert_eq!(parse_metrics(vllm).cache_tokens, 32768.0);
+        let sglang = "sglang:max_total_num_tokens{model_name=\"m\"} 471258.0\n";
+        assert_eq!(parse_metrics(sglang).cache_tokens, 471258.0);
+        let unknown = "vllm:cache_config_info{block_size=\"16\",num_gpu_blocks=\"None\"} 1.0\n";
+        assert_eq!(parse_metrics(unknown).cache_tokens, 0.0, "not yet profiled: unknown");
+        assert_eq!(parse_metrics("vllm:num_requests_running 3\n").cache_tokens, 0.0);
     }
 
     #[test]

@@ -85,6 +85,8 @@ pub struct WorkerStats {
     pub answer_ms: AtomicF64,
     /// Tokens generated as of the last scrape, to see generation progress between scrapes.
     pub scraped_generated: AtomicU64,
+    /// KV-cache capacity in tokens the engine reported (0: it did not; the policy then learns it).
+    pub cache_tokens: AtomicU64,
     /// The metrics dialect of its engine ([`crate::fleet::scrape::Dialect`] as `u8`).
     pub dialect: std::sync::atomic::AtomicU8,
     /// When a real request on it last succeeded, in ms since [`Worker::epoch`].
@@ -292,7 +294,7 @@ impl Worker {
                 u32::MAX => 0,
                 c => c,
             },
-            cache_tokens: 0,
+            cache_tokens: s.cache_tokens.load(Ordering::Relaxed),
         }
     }
 
