@@ -33,7 +33,12 @@ fn breaker(c: &mut Criterion) {
 fn queue(c: &mut Criterion) {
     let t0 = Instant::now();
     for fairness in [true, false] {
-        let mut q = AdmissionQueue::new(QueueConfig { max_size: 1_000, aging: Duration::from_secs(10), fairness });
+        let mut q = AdmissionQueue::new(QueueConfig {
+            max_size: 1_000,
+            aging: Duration::from_secs(10),
+            fairness,
+            ..QueueConfig::default()
+        });
         for i in 0..100u64 {
             q.push(i, Priority::ALL[(i % 4) as usize], i % 10, t0).ok();
         }

@@ -26,7 +26,7 @@ pub use circuit_breaker::{
     BreakerConfig, BreakerCounters, BreakerSnapshot, BreakerState, CircuitBreaker, Permit, Rejected, StateName,
     Transition,
 };
-pub use queue::{AdmissionQueue, Full, QueueConfig, Ticket};
+pub use queue::{AdmissionQueue, Full, QueueConfig, Ticket, DEFAULT_MAX_OVERTAKEN};
 pub use rate::{AvgWait, RateEstimator, SlidingErrorRate};
 pub use stall::{StallCheck, StallRule};
 pub use token_bucket::{Denied, TokenBucket, WindowCounter, MAX_RETRY_AFTER};

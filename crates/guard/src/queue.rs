@@ -33,7 +33,12 @@
 //! fairness, the same round-robin turn (the same tenant stamp). Within that group the highest score goes
 //! first, the older on ties. So class order, aging and the tenants' turns are exactly those of `pop`; what
 //! moves is arrival order inside one group. To keep that bounded too, the waiter `pop` would have
-//! returned is passed over at most [`MAX_BYPASS`] times; after that it goes first whatever the scores.
+//! returned is passed over only by a waiter whose saving on the freed worker (the prefill of the part of
+//! its prompt the worker holds) exceeds how much longer the passed one has waited: the saving counts as
+//! time already waited. So a waiter may wait for a warm worker about as long as a cold prefill would
+//! cost, not longer, and none is overtaken by one that arrived more than the largest saving after it.
+//! As a backstop whatever the savings, the waiter next in line is passed over at most
+//! [`QueueConfig::max_overtaken`] times.
 //!
 //! `pop` and [`AdmissionQueue::position`] scan the items: O(n) and O(n log n), with n at most
 //! `max_size` (100 by default); items point at their tenant's record by index (a small slab reused
@@ -46,9 +51,9 @@ use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
-/// Times the waiter next in line may be passed over by [`AdmissionQueue::pop_preferring`] for one of
+/// Default of [`QueueConfig::max_overtaken`]: times a waiter may be passed over by [`AdmissionQueue::pop_preferring`] for one of
 /// equal standing whose prefix the freed worker holds: about one round of hand-offs on a small fleet.
-pub const MAX_BYPASS: u32 = 4;
+pub const DEFAULT_MAX_OVERTAKEN: u32 = 16;
 
 /// Bounds and ordering switches of one queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,11 +64,14 @@ pub struct QueueConfig {
     pub aging: Duration,
     /// Round robin between tenants within a class (else pure arrival order).
     pub fairness: bool,
+    /// Times the waiter next in line may be passed over by [`AdmissionQueue::pop_preferring`] for
+    /// younger ones a freed worker saves more time; zero turns the preference off.
+    pub max_overtaken: u32,
 }
 
 impl Default for QueueConfig {
     fn default() -> Self {
-        Self { max_size: 100, aging: Duration::from_secs(10), fairness: true }
+        Self { max_size: 100, aging: Duration::from_secs(10), fairness: true, max_overtaken: DEFAULT_MAX_OVERTAKEN }
     }
 }
 
@@ -244,29 +252,33 @@ impl<T> AdmissionQueue<T> {
         self.serve(seq)
     }
 
-    /// Takes the next item for a freed worker among those `accept` approves, preferring by `score`
-    /// (higher first, e.g. the prompt tokens the worker holds of it) among items of equal standing;
-    /// see "Cache-aware hand-off" in the module docs.
+    /// Takes the next item for a freed worker among those `accept` approves. Among items of equal
+    /// standing, `saving` (the time the freed worker saves an item, e.g. the prefill of the prompt it
+    /// holds) counts as time already waited: the item with the longest wait plus saving goes first, the
+    /// older on ties. See "Cache-aware hand-off" in the module docs.
     pub fn pop_preferring(
         &mut self,
         now: Instant,
         mut accept: impl FnMut(&T) -> bool,
-        mut score: impl FnMut(&T) -> u64,
+        mut saving: impl FnMut(&T) -> Duration,
     ) -> Option<(Ticket, T)> {
         let aging = Aging::new(self.cfg.aging, now);
         let (standing, head) = self.next_in_line(&aging, &mut accept)?;
         let head_entry = self.entries.get(&head)?;
-        if head_entry.bypassed >= MAX_BYPASS {
+        if head_entry.bypassed >= self.cfg.max_overtaken {
             return self.serve(head);
         }
-        let mut best = (score(&head_entry.item), head);
+        let merit = |e: &Entry<T>, saving: &mut dyn FnMut(&T) -> Duration| {
+            now.saturating_duration_since(e.at).saturating_add(saving(&e.item))
+        };
+        let mut best = (merit(head_entry, &mut saving), head);
         for (&seq, e) in self.entries.range(head + 1..) {
             if self.standing(&aging, e) != standing || !accept(&e.item) {
                 continue;
             }
-            let s = score(&e.item);
-            if s > best.0 {
-                best = (s, seq);
+            let m = merit(e, &mut saving);
+            if m > best.0 {
+                best = (m, seq);
             }
         }
         if best.1 != head {
@@ -388,7 +400,7 @@ mod tests {
     }
 
     fn queue(max_size: usize, aging: u64, fairness: bool) -> AdmissionQueue<u32> {
-        AdmissionQueue::new(QueueConfig { max_size, aging: secs(aging), fairness })
+        AdmissionQueue::new(QueueConfig { max_size, aging: secs(aging), fairness, ..QueueConfig::default() })
     }
 
     fn drain(q: &mut AdmissionQueue<u32>, now: Instant) -> Vec<u32> {
@@ -569,9 +581,14 @@ mod tests {
         assert_eq!(drain(&mut q, t0 + secs(25)), vec![1, 2]);
     }
 
-    /// Scores for the hand-off tests: the worker holds the prefix of items divisible by 10.
-    fn held(v: &u32) -> u64 {
-        u64::from(v.is_multiple_of(10)) * 1_000
+    /// Savings for the hand-off tests: the worker holds the prefix of items divisible by 10, which saves
+    /// them a second of prefill.
+    fn held(v: &u32) -> Duration {
+        if v.is_multiple_of(10) {
+            secs(1)
+        } else {
+            Duration::ZERO
+        }
     }
 
     #[test]
@@ -618,14 +635,35 @@ mod tests {
         let mut q = queue(100, 0, false);
         q.push(1, Normal, 1, t0).unwrap(); // never held: passed over while held ones keep coming
         let mut served_at = None;
-        for k in 0..20u32 {
+        for k in 0..2 * DEFAULT_MAX_OVERTAKEN {
             q.push(10 * (k + 1), Normal, 1, t0).unwrap();
             if q.pop_preferring(t0, |_| true, held).map(|(_, v)| v) == Some(1) {
                 served_at = Some(k);
                 break;
             }
         }
-        assert_eq!(served_at, Some(MAX_BYPASS));
+        assert_eq!(served_at, Some(DEFAULT_MAX_OVERTAKEN));
+    }
+
+    #[test]
+    fn a_waiter_is_overtaken_only_by_ones_whose_saving_exceeds_its_longer_wait() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut q = queue(100, 0, false);
+        q.push(1, Normal, 1, t0).unwrap(); // never held
+                                           // Arrived 500 ms later, saves 1 s: 100 ms + 1 s beats 600 ms of waiting.
+        q.push(20, Normal, 1, t0 + ms(500)).unwrap();
+        assert_eq!(q.pop_preferring(t0 + ms(600), |_| true, held).map(|(_, v)| v), Some(20));
+        // Arrived 1.5 s later: 100 ms + 1 s no longer beats 1.6 s.
+        q.push(40, Normal, 1, t0 + ms(1500)).unwrap();
+        assert_eq!(q.pop_preferring(t0 + ms(1600), |_| true, held).map(|(_, v)| v), Some(1));
+        assert_eq!(q.pop_preferring(t0 + ms(1600), |_| true, held).map(|(_, v)| v), Some(40));
+        // Zero turns the preference off: strict order.
+        let mut q = AdmissionQueue::new(QueueConfig { max_overtaken: 0, ..QueueConfig::default() });
+        for v in [1, 20, 30] {
+            q.push(v, Normal, 1, t0).unwrap();
+        }
+        assert_eq!(q.pop_preferring(t0, |_| true, held).map(|(_, v)| v), Some(1));
     }
 
     #[test]
@@ -646,9 +684,8 @@ mod tests {
                 }
             }
             // With fairness, tenant 1's turn comes as soon as it competes as normal. Without, it is the
-            // oldest normal from 10 s and passed over at most MAX_BYPASS times.
-            let bound = if fairness { 10 } else { 10 + MAX_BYPASS };
-            assert_eq!(served_low_at, Some(bound), "fairness {fairness}");
+            // oldest normal from 10 s, and its 10 s of waiting outweigh a held one's 1 s saving.
+            assert_eq!(served_low_at, Some(10), "fairness {fairness}");
         }
     }
 
@@ -676,7 +713,7 @@ mod tests {
         ) {
             let t0 = Instant::now();
             let mut q: AdmissionQueue<usize> =
-                AdmissionQueue::new(QueueConfig { max_size, aging: secs(1_000_000), fairness });
+                AdmissionQueue::new(QueueConfig { max_size, aging: secs(1_000_000), fairness, ..QueueConfig::default() });
             let mut live: BTreeMap<Ticket, usize> = BTreeMap::new();
             let mut issued = Vec::new();
             for (i, op) in ops.into_iter().enumerate() {
@@ -694,7 +731,7 @@ mod tests {
                     }
                     Op::PopPreferring(salt) => {
                         let best = live.values().min().copied();
-                        let got = q.pop_preferring(now, |_| true, |&c| (c as u64 ^ salt).wrapping_mul(salt) % 7);
+                        let got = q.pop_preferring(now, |_| true, |&c| Duration::from_millis((c as u64 ^ salt).wrapping_mul(salt) % 7));
                         prop_assert_eq!(got.as_ref().map(|(_, c)| *c), best);
                         if let Some((t, _)) = got { live.remove(&t); }
                     }
@@ -714,7 +751,7 @@ mod tests {
 
         /// Whatever the scores, a preferred pop serves an item of the same standing (effective class and
         /// tenant turn, aging included) as `pop` would, and nobody is next in line and passed over more
-        /// than `MAX_BYPASS` times.
+        /// than `DEFAULT_MAX_OVERTAKEN` times.
         #[test]
         fn preference_keeps_standing_and_bounds_bypasses(
             fairness in any::<bool>(),
@@ -725,7 +762,7 @@ mod tests {
         ) {
             let t0 = Instant::now();
             let mut q: AdmissionQueue<u32> =
-                AdmissionQueue::new(QueueConfig { max_size: 50, aging: Duration::from_millis(40), fairness });
+                AdmissionQueue::new(QueueConfig { max_size: 50, aging: Duration::from_millis(40), fairness, ..QueueConfig::default() });
             let mut passed: HashMap<u64, u32> = HashMap::new();
             for (i, (push, salt)) in ops.into_iter().enumerate() {
                 let now = t0 + Duration::from_millis(i as u64);
@@ -737,12 +774,13 @@ mod tests {
                 let Some((standing, head)) = q.next_in_line(&aging, |_| true) else { continue };
                 let standing_of: HashMap<u64, (usize, u64)> =
                     q.entries.iter().map(|(&seq, e)| (seq, q.standing(&aging, e))).collect();
-                let (t, _) = q.pop_preferring(now, |_| true, |&v| u64::from((v ^ salt) % 5)).unwrap();
+                let (t, _) =
+                    q.pop_preferring(now, |_| true, |&v| Duration::from_millis(u64::from((v ^ salt) % 5) * 10)).unwrap();
                 prop_assert_eq!(standing_of[&t.0], standing);
                 if t.0 != head {
                     let n = passed.entry(head).or_default();
                     *n += 1;
-                    prop_assert!(*n <= MAX_BYPASS);
+                    prop_assert!(*n <= DEFAULT_MAX_OVERTAKEN);
                 }
             }
         }

@@ -58,10 +58,10 @@
 //!   `--enable-prompt-tokens-details`; vllm-sim always does); `ttft` only for streams (as today: a
 //!   non-streamed body's first byte is its end). Without `cached_tokens` the capacity is not learned;
 //!   without either token count the prefill rate stays at its prior.
-//! - Admission hand-off: keep the waiter's `Arc<RequestFeatures>` in `admission::Waiter`; in
-//!   `Admission::dispatch_to(queue, W)` pop with `waiting.pop_preferring(now, |_| true, |w|
-//!   policy.predicted_cached_tokens(&w.features, W.id))` instead of `pop(now)`. The policy's lock is
-//!   taken inside the queue's and never the other way round, so the order is safe.
+//! - Admission hand-off: a waiter keeps a closure over its features and the policy; when W frees a
+//!   slot, `pop_preferring` asks [`Policy::cache_saving`] (the prefill time W's cache saves it, at W's
+//!   learned prefill rate) and counts it as time already waited. The policy's lock is taken inside the
+//!   queue's and never the other way round, so the order is safe.
 
 use crate::config::{P2cConfig, PrefixConfig};
 use crate::policy::Policy;
@@ -76,6 +76,8 @@ use rand::{Rng, RngCore};
 const CAPACITY_STEP: f64 = 0.05;
 /// Tokens of one vLLM KV block: a prediction off by less than a block and a chunk is not a miss.
 const BLOCK_TOKENS: u64 = 16;
+/// Largest prefill saving a hand-off counts, seconds: a bound on how long a waiter may be passed over.
+const MAX_SAVING_SECS: f64 = 10.0;
 /// Predicted times closer than this, ms, count as equal (then load decides).
 const TIE_MS: f64 = 1.0;
 /// Workers holding the deepest match that are compared besides the two random draws.
@@ -172,6 +174,12 @@ impl P2cKv {
         st.index.capacity_of(worker).map(|c| c as u64 * st.chunk_tokens)
     }
 
+    /// Prompt tokens of `req` the model predicts `worker` holds, for tests and diagnostics.
+    pub fn predicted_cached_tokens(&self, req: &RequestFeatures, worker: WorkerId) -> u64 {
+        let matched = self.state.lock().index.match_len(worker, &req.prefix_hashes);
+        req.tokens_in_hashes(matched)
+    }
+
     /// Predicted TTFT, ms, of `req` on `w` now (what `select` ranks by), for tests and diagnostics.
     pub fn predicted_ttft_ms(&self, req: &RequestFeatures, w: &WorkerView) -> f64 {
         let mut st = self.state.lock();
@@ -263,9 +271,14 @@ impl Policy for P2cKv {
         Some(best.0)
     }
 
-    fn predicted_cached_tokens(&self, req: &RequestFeatures, worker: WorkerId) -> u64 {
-        let matched = self.state.lock().index.match_len(worker, &req.prefix_hashes);
-        req.tokens_in_hashes(matched)
+    fn cache_saving(&self, req: &RequestFeatures, worker: WorkerId) -> std::time::Duration {
+        let st = self.state.lock();
+        let cached = req.tokens_in_hashes(st.index.match_len(worker, &req.prefix_hashes)) as f64;
+        // At the worker's learned prefill rate (the slope of its TTFT against uncached tokens).
+        let default = WorkerRates::default();
+        let rates = st.workers.get(&worker).map_or(&default, |m| &m.rates);
+        let (_, per_token) = rates.line(&self.priors, 0.0);
+        std::time::Duration::from_secs_f64((cached * per_token / 1000.0).clamp(0.0, MAX_SAVING_SECS))
     }
 
     fn on_dispatch(&self, req: &RequestFeatures, worker: WorkerId) -> Option<u32> {
@@ -409,6 +422,11 @@ mod tests {
         assert_eq!(p.entries(), 32);
         assert_eq!(p.on_dispatch(&req(30, 2, 2), 11), Some(30 * 32), "the prediction handed to the outcome");
         assert_eq!(p.predicted_cached_tokens(&req(30, 5, 3), 11), 30 * 32);
+        // The hand-off's saving: those tokens' prefill at the prior rate until worker 11's is learned.
+        let per_token = P2cConfig::default().priors().prefill_ms_per_token;
+        let saving = p.cache_saving(&req(30, 5, 3), 11).as_secs_f64() * 1000.0;
+        assert!((saving - 30.0 * 32.0 * per_token).abs() < 0.01, "{saving}");
+        assert_eq!(p.cache_saving(&req(30, 5, 3), 12), std::time::Duration::ZERO, "worker 12 holds nothing");
     }
 
     #[test]

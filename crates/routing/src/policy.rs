@@ -24,11 +24,11 @@ pub trait Policy: Send + Sync {
         None
     }
 
-    /// Prompt tokens of `req` the policy predicts `worker` holds in its prefix cache (0 for policies
-    /// that model no cache): the admission queue's hand-off score, so a freed worker prefers the waiter
-    /// whose prompt it holds (`guard::AdmissionQueue::pop_preferring`).
-    fn predicted_cached_tokens(&self, _req: &RequestFeatures, _worker: WorkerId) -> u64 {
-        0
+    /// The prefill time `worker`'s prefix cache saves `req`, as predicted (zero for policies that model
+    /// no cache): the admission queue's hand-off counts it as time already waited, so a freed worker
+    /// prefers the waiter whose prompt it holds (`guard::AdmissionQueue::pop_preferring`).
+    fn cache_saving(&self, _req: &RequestFeatures, _worker: WorkerId) -> std::time::Duration {
+        std::time::Duration::ZERO
     }
 
     /// Told when a request finished on a worker (feeds learned estimates).

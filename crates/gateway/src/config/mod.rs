@@ -231,6 +231,9 @@ pub struct QueueConfig {
     pub enable_fairness: bool,
     /// Capacity of a worker with `max_concurrency = 0` until one is learned from its metrics (0 = unlimited).
     pub default_worker_concurrency: u32,
+    /// Cache-aware hand-off: a freed worker may serve a waiter whose prompt it holds before older ones
+    /// of equal standing, each of which may be overtaken this many times; 0 = strict order.
+    pub max_overtaken: u32,
 }
 
 impl Default for QueueConfig {
@@ -242,6 +245,7 @@ impl Default for QueueConfig {
             aging_secs: 10,
             enable_fairness: true,
             default_worker_concurrency: 0,
+            max_overtaken: guard::DEFAULT_MAX_OVERTAKEN,
         }
     }
 }
@@ -253,6 +257,7 @@ impl QueueConfig {
             max_size: self.max_size,
             aging: std::time::Duration::from_secs(self.aging_secs),
             fairness: self.enable_fairness,
+            max_overtaken: self.max_overtaken,
         }
     }
 }

@@ -54,14 +54,15 @@ pub struct ModelQueue {
 
 struct Waiter {
     tx: oneshot::Sender<Reservation>,
-    /// Prompt tokens each worker is predicted to hold of this request: a freed worker prefers the
-    /// waiter it holds the most of, among waiters of equal standing (see `guard::AdmissionQueue::pop_preferring`).
+    /// The prefill time each worker's cache would save this request: a freed worker counts it as time
+    /// already waited among waiters of equal standing (see `guard::AdmissionQueue::pop_preferring`).
     affinity: Option<Affinity>,
 }
 
-/// Prompt tokens of a waiting request the worker with this id holds in its prefix cache, as predicted
-/// by the routing policy (called under the queue's lock: the policy's lock is only ever taken inside it).
-pub type Affinity = Box<dyn Fn(WorkerId) -> u64 + Send + Sync>;
+/// The prefill time the prefix cache of the worker with this id would save a waiting request, as
+/// predicted by the routing policy (called under the queue's lock: the policy's lock is only ever taken
+/// inside it).
+pub type Affinity = Box<dyn Fn(WorkerId) -> Duration + Send + Sync>;
 
 /// A load slot held on a worker for one dequeued request; released when dropped unused.
 pub struct Reservation {
@@ -313,13 +314,13 @@ impl Admission {
     }
 
     /// Hands `worker`'s free slots to `queue`'s best waiters while it has room; among waiters of equal
-    /// standing, the one whose prompt the worker holds the most of.
+    /// standing, the one whose wait plus the prefill the worker's cache saves it is longest.
     fn dispatch_to(&self, queue: &ModelQueue, worker: &Arc<Worker>) {
         if !worker.is_available() {
             return;
         }
         let mut waiting = queue.waiting.lock();
-        let held = |w: &Waiter| w.affinity.as_ref().map_or(0, |f| f(worker.id));
+        let held = |w: &Waiter| w.affinity.as_ref().map_or(Duration::ZERO, |f| f(worker.id));
         while self.has_room(worker) {
             let Some((_, waiter)) = waiting.pop_preferring(Instant::now(), |_| true, held) else { return };
             self.hand_over(worker, waiter);

@@ -148,7 +148,7 @@ async fn handle(
         let eligible = dispatch::eligible(app, &snap, &model, &attempts.tried, Instant::now().into_std());
         let affinity = || {
             let (policy, features) = (Arc::clone(&snap.policy), features.clone());
-            let held: Affinity = Box::new(move |worker| policy.predicted_cached_tokens(&features, worker));
+            let held: Affinity = Box::new(move |worker| policy.cache_saving(&features, worker));
             Some(held)
         };
         let (ticket, reservation) =
