@@ -13,7 +13,6 @@ use std::str::FromStr;
 #[serde(rename_all = "snake_case")]
 pub enum Strategy {
     /// Rotate over the candidates.
-    #[default]
     RoundRobin,
     /// Smooth weighted round robin (nginx): proportional to weight, interleaved.
     Weighted,
@@ -21,7 +20,9 @@ pub enum Strategy {
     LeastQueue,
     /// Fewest requests in flight from this gateway, ties at random.
     LeastConnections,
-    /// Power of two choices over a KV/queue/latency/error cost, plus the best prefix-cache match.
+    /// Power of two choices ranked by predicted time to first token, plus the best prefix-cache match
+    /// (the default: it wins the routing bench's every scenario, see BENCHMARKS.md).
+    #[default]
     P2cKv,
     /// Consistent hashing of the session key with bounded loads.
     ConsistentHash,

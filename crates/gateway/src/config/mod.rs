@@ -3,7 +3,7 @@
 //!
 //! Environment keys: `LLM_HOST`, `LLM_PORT`, `LLM_WORKER_URLS` (comma-separated), and `LLM_<SECTION>_<KEY>`
 //! for any key of a section (`LLM_ROUTING_STRATEGY`, `LLM_HEALTH_INTERVAL_MS`, ...); `__` nests deeper
-//! (`LLM_ROUTING__P2C__W_KV`). `LLM_CONFIG` names the config file.
+//! (`LLM_ROUTING__P2C__KV_KNEE`). `LLM_CONFIG` names the config file.
 
 use figment::providers::{Format, Serialized, Toml};
 use figment::Figment;
