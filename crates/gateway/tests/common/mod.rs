@@ -43,6 +43,9 @@ pub fn test_config(workers: Vec<WorkerConfig>) -> Config {
     cfg.server.port = 0;
     cfg.health.interval_ms = 100;
     cfg.health.timeout_ms = 500;
+    // Round robin spreads deterministically, which the shape and count assertions rely on; the default
+    // strategy (p2c_kv) is held to `config/gateway.toml` by the config golden test.
+    cfg.routing.strategy = routing::Strategy::RoundRobin;
     cfg
 }
 
