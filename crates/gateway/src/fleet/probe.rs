@@ -268,3 +268,46 @@ async fn learn_models(client: &Client, worker: &Worker, timeout: Duration) -> Re
     let list: List = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
     Ok(list.data.into_iter().map(|m| m.id).collect())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{UpstreamConfig, WorkerConfig};
+
+    /// A worker on a port nothing listens on: its probes fail at once.
+    fn unreachable(id: WorkerId) -> Arc<Worker> {
+        Arc::new(Worker::new(id, WorkerConfig::from_url(&format!("http://127.0.0.1:1/{id}"))))
+    }
+
+    #[tokio::test]
+    async fn the_set_probes_new_workers_once_and_stops_those_that_left() {
+        let shutdown = CancellationToken::new();
+        let set =
+            ProbeSet::new(upstream::client(&UpstreamConfig::default()), HealthConfig::default(), shutdown.clone());
+        let fleet = Fleet { workers: vec![unreachable(1), unreachable(2)] };
+        set.start(&fleet, &HealthConfig::default()).await;
+        assert_eq!(set.len(), 2);
+        assert_eq!(fleet.workers[0].stats.probe_failures.load(Ordering::Relaxed), 1, "probed once before serving");
+        set.start(&fleet, &HealthConfig::default()).await;
+        assert_eq!(fleet.workers[0].stats.probe_failures.load(Ordering::Relaxed), 1, "a running task is not doubled");
+        let stop = set.tasks.lock()[&1].clone();
+        set.retain(&Fleet { workers: vec![Arc::clone(&fleet.workers[1])] });
+        assert_eq!(set.len(), 1);
+        assert!(stop.is_cancelled(), "the removed worker's task was told to stop");
+        shutdown.cancel();
+        assert!(set.tasks.lock()[&2].is_cancelled(), "shutdown stops every task");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_probe_task_ends_with_its_stop_token_or_its_settings() {
+        let client = upstream::client(&UpstreamConfig::default());
+        let (tx, rx) = watch::channel(HealthConfig::default());
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(run(client.clone(), unreachable(1), rx, stop.clone()));
+        stop.cancel();
+        task.await.expect("ends when stopped");
+        let task = tokio::spawn(run(client, unreachable(2), tx.subscribe(), CancellationToken::new()));
+        drop(tx);
+        task.await.expect("ends when the settings' sender is gone");
+    }
+}
