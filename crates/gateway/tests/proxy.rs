@@ -6,7 +6,8 @@ mod common;
 use common::*;
 use futures_util::StreamExt;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 use vllm_sim::{Faults, SimConfig};
 
 #[tokio::test]
