@@ -276,7 +276,7 @@ mod tests {
 
     /// A worker on a port nothing listens on: its probes fail at once.
     fn unreachable(id: WorkerId) -> Arc<Worker> {
-        Arc::new(Worker::new(id, WorkerConfig::from_url(&format!("http://127.0.0.1:1/{id}"))))
+        Arc::new(Worker::new(id, WorkerConfig::from_url(format!("http://127.0.0.1:1/{id}"))))
     }
 
     #[tokio::test]
