@@ -33,7 +33,7 @@ fn admission(c: &mut Criterion) {
     // The worker is full: the request is queued, a slot frees, the waiter gets the reservation.
     c.bench_function("admission/enqueue_and_dispatch", |b| {
         b.to_async(&rt).iter(|| async {
-            let guard = worker.acquire(false, 1, std::time::Instant::now()).unwrap().notify(&adm);
+            let guard = worker.acquire(false, 1, tokio::time::Instant::now(), adm.notify()).unwrap();
             let candidates = [&worker];
             let admit = adm.admit(&model, &candidates, Priority::Normal, 0, || None);
             let release = async {

@@ -7,10 +7,10 @@
 //! - [`proxy`]: the inference endpoints in the order a request meets them: parse, admit
 //!   ([`proxy::admission`]), pick and forward ([`proxy::upstream`]), relay the answer
 //!   ([`proxy::relay`], [`proxy::sse`], [`proxy::usage`]).
-//! - [`fleet`]: the workers in force ([`fleet::worker`], their load guards), active health probes
-//!   ([`fleet::probe`]) and engine `/metrics` scraping ([`fleet::scrape`]).
+//! - [`fleet`]: the workers in force ([`fleet::worker`]), their load slots and guards ([`fleet::slot`]),
+//!   active health probes ([`fleet::probe`]) and engine `/metrics` scraping ([`fleet::scrape`]).
 //! - [`limits`]: token-bucket limits, local or shared in Redis ([`limits::redis`]); [`auth`]: API keys.
-//! - [`admin`]: the admin API ([`admin::breakers`]; [`admin::cross_site`] keeps other sites' pages
+//! - [`admin`]: the admin API ([`admin::breakers`], [`admin::queue`]; [`admin::cross_site`] keeps other sites' pages
 //!   from using it); [`dashboard`]: the live page.
 //! - [`config`]: figment layering and validation; [`reload`]: hot reload (admin API, file, `SIGHUP`).
 //! - [`state`]: the composition root, [`state::Snapshot`] behind `ArcSwap` and [`state::AppState`].

@@ -2,15 +2,13 @@
 //! loaded once per request, plus the long-lived parts (client, metrics, probe tasks).
 
 use crate::config::Config;
-use crate::fleet::worker::Worker;
+use crate::fleet::probe::ProbeSet;
 use crate::fleet::Fleet;
 use crate::metrics::Metrics;
 use crate::proxy::upstream::{self, Client};
 use arc_swap::ArcSwap;
 use gateway_core::WorkerId;
-use parking_lot::Mutex;
 use routing::Policy;
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio::time::Instant;
@@ -51,7 +49,8 @@ pub struct AppState {
     /// The Batch API's store and runner figures (`batch.data_dir` is read once, here).
     pub batch: Arc<crate::batch::Batches>,
     next_worker_id: AtomicU64,
-    probes: Mutex<HashMap<WorkerId, CancellationToken>>,
+    /// One health probe task per worker of the fleet in force.
+    probes: ProbeSet,
 }
 
 impl AppState {
@@ -65,10 +64,13 @@ impl AppState {
         let metrics = Arc::new(Metrics::new()?);
         let admission = crate::proxy::admission::Admission::new(&config.queue, metrics.queue_rejected.clone());
         admission.set_batch_share(config.batch.max_share);
+        let client = upstream::client(&config.upstream);
+        let shutdown = CancellationToken::new();
+        let probes = ProbeSet::new(client.clone(), config.health.clone(), shutdown.clone());
         Ok(Arc::new(Self {
             batch: crate::batch::Batches::new(config.batch.data_dir.clone()),
             admission,
-            client: upstream::client(&config.upstream),
+            client,
             limiter: ArcSwap::new(crate::limits::RateLimiter::new(&config.rate_limit)),
             body_budget: crate::server::budget::ByteBudget::new(),
             connections: crate::server::connections::Connections::new(),
@@ -80,43 +82,22 @@ impl AppState {
             }),
             metrics,
             started: Instant::now(),
-            shutdown: CancellationToken::new(),
+            shutdown,
             next_worker_id,
-            probes: Mutex::new(HashMap::new()),
+            probes,
         }))
     }
 
     /// Probes every worker once (so health and models are known before serving), then starts one probe
-    /// task per worker that has none.
-    pub async fn start_probes(self: &Arc<Self>) {
+    /// task per worker that has none; running tasks follow the snapshot's `[health]` from now on.
+    pub async fn start_probes(&self) {
         let snap = self.snapshot.load_full();
-        let health = snap.config.health.clone();
-        let fresh: Vec<Arc<Worker>> = {
-            let probes = self.probes.lock();
-            snap.fleet.workers.iter().filter(|w| !probes.contains_key(&w.id)).cloned().collect()
-        };
-        futures_util::future::join_all(
-            fresh.iter().map(|w| crate::fleet::probe::probe_once(&self.client, w, &health, true)),
-        )
-        .await;
-        let mut probes = self.probes.lock();
-        for w in fresh {
-            let stop = self.shutdown.child_token();
-            probes.insert(w.id, stop.clone());
-            tokio::spawn(crate::fleet::probe::run(Arc::downgrade(self), w, stop));
-        }
+        self.probes.start(&snap.fleet, &snap.config.health).await;
     }
 
     /// Stops the probes of workers that left the fleet.
     pub fn stop_stale_probes(&self) {
-        let snap = self.snapshot.load();
-        self.probes.lock().retain(|id, stop| {
-            let keep = snap.fleet.workers.iter().any(|w| w.id == *id);
-            if !keep {
-                stop.cancel();
-            }
-            keep
-        });
+        self.probes.retain(&self.snapshot.load().fleet);
     }
 
     /// Mints an id for a new worker.
@@ -137,12 +118,12 @@ impl AppState {
         for w in &snap.fleet.workers {
             let name = w.name.as_str();
             let s = &w.stats;
-            m.worker_in_flight.with_label_values(&[name]).set(i64::from(s.in_flight.load(Ordering::Relaxed)));
+            m.worker_in_flight.with_label_values(&[name]).set(i64::from(s.slots.in_flight()));
             m.worker_running.with_label_values(&[name]).set(i64::from(s.scraped_running.load(Ordering::Relaxed)));
             m.worker_waiting.with_label_values(&[name]).set(i64::from(s.scraped_waiting.load(Ordering::Relaxed)));
             m.worker_kv_usage.with_label_values(&[name]).set(s.kv_usage.get());
             m.worker_healthy.with_label_values(&[name]).set(i64::from(s.healthy.load(Ordering::Relaxed)));
-            let state = match w.breaker.lock().state(std::time::Instant::now()).name() {
+            let state = match w.breaker_state(Instant::now()) {
                 guard::StateName::Closed => 0,
                 guard::StateName::Open => 1,
                 guard::StateName::HalfOpen => 2,

@@ -5,7 +5,8 @@
 mod common;
 
 use common::*;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 /// A real `llm-gateway` process on an ephemeral port in front of one worker; killed when dropped.
 struct GatewayProcess {

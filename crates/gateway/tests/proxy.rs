@@ -6,7 +6,8 @@ mod common;
 use common::*;
 use futures_util::StreamExt;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 use vllm_sim::{Faults, SimConfig};
 
 #[tokio::test]
@@ -86,7 +87,7 @@ async fn client_disconnect_cancels_upstream_and_releases_the_worker() {
     stream.next().await.unwrap().unwrap();
     assert_eq!(sims[0].running(), 1);
     let worker = gw.state.snapshot.load().fleet.workers[0].clone();
-    assert_eq!(worker.stats.in_flight.load(Ordering::Relaxed), 1);
+    assert_eq!(worker.stats.slots.in_flight(), 1);
     let active = || async {
         let m = client().get(format!("{}/metrics", gw.url())).send().await.unwrap().text().await.unwrap();
         metric_value(&m, "llm_gateway_active_requests")
@@ -95,7 +96,7 @@ async fn client_disconnect_cancels_upstream_and_releases_the_worker() {
     drop(stream);
     wait_for("the sim to stop running the request", Duration::from_secs(5), || async { sims[0].running() == 0 }).await;
     wait_for("the gateway to release the slot", Duration::from_secs(5), || async {
-        worker.stats.in_flight.load(Ordering::Relaxed) == 0
+        worker.stats.slots.in_flight() == 0
     })
     .await;
     wait_for("the active gauge to drop", Duration::from_secs(5), || async { active().await == 0.0 }).await;
@@ -115,8 +116,7 @@ async fn upstream_death_mid_stream_ends_with_an_error_event() {
     assert_eq!(err["error"]["code"], "upstream_stream_error", "{body}");
     assert!(events.len() >= 3, "the tokens before the failure were relayed: {body}");
     let worker = gw.state.snapshot.load().fleet.workers[0].clone();
-    wait_for("slot release", Duration::from_secs(5), || async { worker.stats.in_flight.load(Ordering::Relaxed) == 0 })
-        .await;
+    wait_for("slot release", Duration::from_secs(5), || async { worker.stats.slots.in_flight() == 0 }).await;
 }
 
 #[tokio::test]

@@ -122,25 +122,9 @@ async fn positions_count_up_for_equal_requests() {
     assert_eq!(*order.lock(), ["busy", "1", "2", "3", "4", "5"]);
 }
 
-#[tokio::test]
-async fn aging_lifts_a_waiting_low_request() {
-    let (_sims, gw) = setup(1, 1, 1500, |c| c.queue.aging_secs = 1).await;
-    let order = Arc::new(parking_lot::Mutex::new(Vec::new()));
-    let busy = send(&gw.url(), "x", "normal", order.clone(), "busy");
-    wait_for("the slot to be taken", Duration::from_secs(5), || async {
-        gw.state.snapshot.load().fleet.workers[0].view().in_flight == 1
-    })
-    .await;
-    let mut handles = enqueue_in_order(&gw.url(), &[("a", "low", "low")], &order).await;
-    tokio::time::sleep(Duration::from_millis(1100)).await; // let the low request age one class
-    handles.push(send(&gw.url(), "b", "normal", order.clone(), "normal"));
-    wait_for("both queued", Duration::from_secs(5), || async { queue_len(&gw.url()).await == 2 }).await;
-    busy.await.unwrap();
-    for h in handles {
-        assert_eq!(h.await.unwrap().0, 200);
-    }
-    assert_eq!(*order.lock(), ["busy", "low", "normal"], "aged low ranks with normal and arrived first");
-}
+// Aging and the queue timeout's exact timing are tested on paused time in `proxy::admission`'s unit
+// tests (`an_aged_low_request_leaves_before_a_newer_normal_one`, `a_waiter_gets_504_exactly_at_the_queue_timeout`):
+// over real HTTP they could only be shown by sleeping on the wall clock.
 
 #[tokio::test]
 async fn a_light_tenant_is_not_stuck_behind_a_flooding_one() {
@@ -199,10 +183,8 @@ async fn a_full_queue_answers_429_with_retry_after_and_a_long_wait_504() {
     let body: serde_json::Value = resp.json().await.unwrap();
     assert_eq!(body["error"]["type"], "queue_full");
     assert_eq!(body["error"]["code"], "queue_full");
-    let started = std::time::Instant::now();
     let (status, _) = waiting.into_iter().next().unwrap().await.unwrap();
     assert_eq!(status, 504, "waited past queue.timeout_secs");
-    assert!(started.elapsed() < Duration::from_secs(3));
     assert_eq!(queue_len(&gw.url()).await, 0);
     let m = client().get(format!("{}/metrics", gw.url())).send().await.unwrap().text().await.unwrap();
     for reason in ["queue_full", "queue_timeout"] {

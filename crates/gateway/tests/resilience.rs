@@ -68,14 +68,14 @@ async fn a_killed_worker_process_is_retried_around_and_comes_back_through_half_o
     // A new sim on the same port: after the open timeout, trials close the breaker again.
     let port = procs[1].port;
     procs[1] = SimProcess::start(port, &["--itl-ms", "1", "--output-tokens", "2"]);
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
         let resp = client().post(&url).json(&chat("demo-model", "hi", false)).send().await.unwrap();
         assert_eq!(resp.status(), 200);
         if resp.headers()["x-gateway-worker"] == "sim-1" && breaker_state(&gw.url(), 1).await == "closed" {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "sim-1 did not come back through half-open");
+        assert!(tokio::time::Instant::now() < deadline, "sim-1 did not come back through half-open");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -136,7 +136,7 @@ async fn a_hanging_worker_times_out_and_opens_its_breaker() {
     cfg.upstream.first_byte_timeout_ms = 200;
     let gw = gateway(cfg).await;
     let url = format!("{}/v1/chat/completions", gw.url());
-    let started = std::time::Instant::now();
+    let started = tokio::time::Instant::now();
     let done = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
     for _ in 0..20 {

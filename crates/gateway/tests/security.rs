@@ -250,9 +250,9 @@ impl Binary {
     async fn stop(mut self) -> String {
         let pid = self.child.id().to_string();
         assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         while self.child.try_wait().unwrap().is_none() {
-            assert!(std::time::Instant::now() < deadline, "the gateway did not exit");
+            assert!(tokio::time::Instant::now() < deadline, "the gateway did not exit");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         std::fs::read_to_string(&self.log).unwrap()

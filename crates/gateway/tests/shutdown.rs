@@ -49,12 +49,12 @@ async fn sigterm_lets_running_streams_finish_and_exits_zero() {
         assert!(body.trim_end().ends_with("data: [DONE]"), "{body}");
         assert!(!body.contains("\"error\""), "{body}");
     }
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     let code = loop {
         if let Some(status) = child.try_wait().unwrap() {
             break status;
         }
-        assert!(std::time::Instant::now() < deadline, "the gateway did not exit");
+        assert!(tokio::time::Instant::now() < deadline, "the gateway did not exit");
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert_eq!(code.code(), Some(0));

@@ -10,6 +10,7 @@ use axum::{Json, Router};
 use gateway_core::{echo, ErrorKind, GatewayError};
 use serde_json::{json, Value};
 use std::sync::Arc;
+use tokio::time::Instant;
 
 /// Breaker routes, merged into the app by `server::app`.
 pub fn routes() -> Router<Arc<AppState>> {
@@ -18,7 +19,7 @@ pub fn routes() -> Router<Arc<AppState>> {
 
 /// One worker's breaker as JSON: state, counts, last transition.
 pub fn breaker_json(w: &crate::fleet::worker::Worker, enabled: bool) -> Value {
-    let snap = w.breaker.lock().snapshot(std::time::Instant::now());
+    let snap = w.breaker_snapshot(Instant::now());
     json!({"id": w.id, "worker": w.name, "url": w.spec.display_url(), "enabled": enabled, "breaker": snap})
 }
 
@@ -38,7 +39,7 @@ async fn reset(
         .fleet
         .find(&id)
         .ok_or_else(|| ApiError(GatewayError::new(ErrorKind::NotFound, format!("no worker {:?}", echo(&id)))))?;
-    let t = w.log_transition(w.breaker.lock().reset(std::time::Instant::now()));
+    let t = w.reset_breaker(Instant::now());
     app.metrics.count_transition(&w.name, t);
     tracing::info!(worker = %w.name, "circuit breaker reset by admin");
     Ok(Json(breaker_json(w, snap.config.circuit_breaker.enabled)))

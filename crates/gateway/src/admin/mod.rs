@@ -18,6 +18,7 @@
 
 pub mod breakers;
 pub mod cross_site;
+pub mod queue;
 
 use crate::config::{Config, WorkerConfig};
 use crate::error::ApiError;
@@ -257,7 +258,7 @@ pub fn worker_json(w: &Worker) -> Value {
         "max_concurrency": w.spec.max_concurrency,
         "healthy": s.healthy.load(Ordering::Relaxed),
         "draining": s.draining.load(Ordering::Relaxed),
-        "in_flight": s.in_flight.load(Ordering::Relaxed),
+        "in_flight": s.slots.in_flight(),
         "running": s.scraped_running.load(Ordering::Relaxed),
         "waiting": s.scraped_waiting.load(Ordering::Relaxed),
         "kv_usage": s.kv_usage.get(),
@@ -350,7 +351,7 @@ fn set_draining(app: &AppState, id: &str, on: bool) -> Result<Json<Value>, ApiEr
     let w = find(app, id)?;
     let was = w.stats.draining.swap(on, Ordering::Relaxed);
     if was != on {
-        let in_flight = w.stats.in_flight.load(Ordering::Relaxed);
+        let in_flight = w.stats.slots.in_flight();
         if on {
             tracing::info!(worker = %w.name, in_flight, "worker draining: no new requests");
         } else {

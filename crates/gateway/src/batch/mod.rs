@@ -146,7 +146,7 @@ impl Batches {
 
     /// Lines finished per second, recently.
     pub fn lines_per_second(&self) -> f64 {
-        self.stats.finished.lock().per_sec(std::time::Instant::now())
+        self.stats.finished.lock().per_sec(tokio::time::Instant::now().into_std())
     }
 }
 

@@ -401,7 +401,7 @@ async fn run_line(app: Weak<AppState>, router: axum::Router, batches: &Arc<Batch
         match batches.db(move |s| s.finish_line(&id, idx, &result)).await {
             Ok(_) => {
                 metrics.batch_lines.with_label_values(&[outcome]).inc();
-                batches.stats.finished.lock().record(std::time::Instant::now());
+                batches.stats.finished.lock().record(tokio::time::Instant::now().into_std());
             }
             Err(e) => tracing::error!(batch = %job.batch_id, line = idx, error = %e, "recording a batch line"),
         }

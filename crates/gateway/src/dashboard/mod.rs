@@ -5,7 +5,7 @@
 //! # The snapshot ([`state_json`])
 //! `{"status", "workers", "routing", "queue", "rate_limit", "series", "strategies", "auth"}`: the admin
 //! API's own views ([`admin::status_json`], [`admin::worker_json`] with the worker's `"breaker"`
-//! snapshot, [`admin::routing_stats_json`], [`admission::queue_json`]), the rate-limit rejections by
+//! snapshot, [`admin::routing_stats_json`], [`crate::admin::queue::queue_json`]), the rate-limit rejections by
 //! limit, and the time series of the last five minutes.
 //!
 //! # The time series ([`Series`])
@@ -22,7 +22,6 @@
 
 use crate::admin;
 use crate::admin::breakers;
-use crate::proxy::admission;
 use crate::state::AppState;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
@@ -148,7 +147,7 @@ pub fn state_json(app: &Arc<AppState>) -> Value {
         "status": admin::status_json(app),
         "workers": workers,
         "routing": admin::routing_stats_json(app),
-        "queue": admission::queue_json(app),
+        "queue": crate::admin::queue::queue_json(app),
         "rate_limit": {"rejected": rate_limit_rejections(app)},
         "series": series,
         "strategies": routing::Strategy::ALL.iter().map(|s| s.as_str()).collect::<Vec<_>>(),

@@ -2,6 +2,7 @@
 
 pub mod probe;
 pub mod scrape;
+pub mod slot;
 pub mod worker;
 
 use crate::config::WorkerConfig;
@@ -94,7 +95,7 @@ mod tests {
             id += 1;
             id
         });
-        let _g = f1.workers[0].acquire(false, u32::MAX, std::time::Instant::now());
+        let _g = f1.workers[0].acquire(false, u32::MAX, tokio::time::Instant::now(), None);
         let specs2 = vec![WorkerConfig::from_url("http://a:1"), WorkerConfig::from_url("http://c:1")];
         f1.workers[1].stats.draining.store(true, std::sync::atomic::Ordering::Relaxed);
         let mut specs2 = specs2;

@@ -2,14 +2,24 @@
 //! else `/v1/models`, else relies on real traffic alone), scrapes `/metrics` for load in its engine's
 //! dialect, and learns the served models from `/v1/models` when the config names none. A failed probe
 //! does not mark unhealthy a worker whose real requests keep succeeding.
+//!
+//! [`ProbeSet`] owns the tasks (one per worker id) and the `[health]` settings they read, so a task
+//! holds only its client, its worker, its stop token and a receiver of those settings: never the
+//! gateway's whole state.
 
 use crate::config::HealthConfig;
 use crate::fleet::scrape::{parse_metrics, WorkerLoad};
 use crate::fleet::worker::{ProbePath, Worker};
+use crate::fleet::Fleet;
 use crate::proxy::upstream::{self, Client};
+use gateway_core::WorkerId;
+use parking_lot::Mutex;
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::watch;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 /// Largest probe answer read.
@@ -17,27 +27,93 @@ const MAX_PROBE_BYTES: usize = 4 * 1024 * 1024;
 /// Probes between two refreshes of the learned model list.
 const MODEL_REFRESH_EVERY: u32 = 30;
 
-/// Runs probes of `worker` until `stop` is cancelled, reading `[health]` from `app`'s snapshot as it
-/// goes, so a reload that changes the interval or thresholds reaches running probes within a second.
-pub async fn run(app: std::sync::Weak<crate::state::AppState>, worker: Arc<Worker>, stop: CancellationToken) {
-    let mut round: u32 = 0;
-    let mut last = tokio::time::Instant::now();
-    loop {
-        let Some((client, cfg)) = app.upgrade().map(|a| (a.client.clone(), a.snapshot.load().config.health.clone()))
-        else {
-            return;
-        };
-        let due = last + Duration::from_millis(cfg.interval_ms);
-        if tokio::time::Instant::now() < due {
-            // Wake at least once a second to pick up a changed interval.
-            let wake = due.min(tokio::time::Instant::now() + Duration::from_secs(1));
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = tokio::time::sleep_until(wake) => {}
+/// The probe tasks of the fleet in force, one per worker, and the `[health]` settings they follow.
+pub struct ProbeSet {
+    client: Client,
+    health: watch::Sender<HealthConfig>,
+    /// Parent of every task's stop token (the gateway's shutdown).
+    shutdown: CancellationToken,
+    tasks: Mutex<HashMap<WorkerId, CancellationToken>>,
+}
+
+impl ProbeSet {
+    /// No probes yet; tasks will probe with `client`, follow `health`, and stop with `shutdown`.
+    pub fn new(client: Client, health: HealthConfig, shutdown: CancellationToken) -> Self {
+        Self { client, health: watch::Sender::new(health), shutdown, tasks: Mutex::default() }
+    }
+
+    /// Hands `health` to the running tasks, probes every worker of `fleet` that has no task once (so
+    /// its health and models are known before it is routed to), then starts a task for each.
+    pub async fn start(&self, fleet: &Fleet, health: &HealthConfig) {
+        self.health.send_if_modified(|cur| {
+            let changed = cur != health;
+            if changed {
+                *cur = health.clone();
             }
-            continue;
+            changed
+        });
+        let fresh: Vec<Arc<Worker>> = {
+            let tasks = self.tasks.lock();
+            fleet.workers.iter().filter(|w| !tasks.contains_key(&w.id)).cloned().collect()
+        };
+        futures_util::future::join_all(fresh.iter().map(|w| probe_once(&self.client, w, health, true))).await;
+        let mut tasks = self.tasks.lock();
+        for w in fresh {
+            if tasks.contains_key(&w.id) {
+                continue;
+            }
+            let stop = self.shutdown.child_token();
+            tasks.insert(w.id, stop.clone());
+            tokio::spawn(run(self.client.clone(), w, self.health.subscribe(), stop));
         }
-        last = tokio::time::Instant::now();
+    }
+
+    /// Stops the tasks of workers not in `fleet`.
+    pub fn retain(&self, fleet: &Fleet) {
+        self.tasks.lock().retain(|id, stop| {
+            let keep = fleet.workers.iter().any(|w| w.id == *id);
+            if !keep {
+                stop.cancel();
+            }
+            keep
+        });
+    }
+
+    /// Workers with a running probe task.
+    pub fn len(&self) -> usize {
+        self.tasks.lock().len()
+    }
+
+    /// Whether no probe task runs.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Probes `worker` with `client` every `health.interval_ms` until `stop` is cancelled or the settings'
+/// sender is gone. A changed `[health]` (a reload) takes effect at once: the wait is recomputed.
+pub async fn run(
+    client: Client,
+    worker: Arc<Worker>,
+    mut health: watch::Receiver<HealthConfig>,
+    stop: CancellationToken,
+) {
+    let mut round: u32 = 0;
+    let mut last = Instant::now();
+    loop {
+        let cfg = health.borrow_and_update().clone();
+        let due = last + Duration::from_millis(cfg.interval_ms);
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            changed = health.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                continue;
+            }
+            _ = tokio::time::sleep_until(due) => {}
+        }
+        last = Instant::now();
         round = round.wrapping_add(1);
         probe_once(&client, &worker, &cfg, round.is_multiple_of(MODEL_REFRESH_EVERY)).await;
     }
@@ -69,7 +145,7 @@ pub async fn probe_once(client: &Client, worker: &Worker, cfg: &HealthConfig, re
         }
     }
     update_health(worker, cfg, ok, &evidence);
-    worker.refresh_error_rate(std::time::Instant::now());
+    worker.refresh_error_rate(Instant::now());
 }
 
 /// Asks the worker's health path (resolving `auto` on the way): whether it is healthy, and why.
@@ -135,7 +211,7 @@ async fn scrape_load(client: &Client, worker: &Worker, timeout: Duration) {
     // (the stall rule's evidence for long non-streamed generations).
     let generated = load.generated as u64;
     if s.scraped_generated.swap(generated, Ordering::Relaxed) < generated {
-        worker.mark_alive(tokio::time::Instant::now());
+        worker.mark_alive(Instant::now());
     }
     s.sent_since_scrape.store(0, Ordering::Relaxed);
 }
@@ -160,7 +236,7 @@ fn update_health(worker: &Worker, cfg: &HealthConfig, ok: bool, evidence: &str) 
     }
     // Real traffic is the stronger evidence: a busy worker that answers its probe late (one request at a
     // time, say) but completes real requests is healthy.
-    let now = tokio::time::Instant::now();
+    let now = Instant::now();
     if was_healthy && worker.last_success().is_some_and(|t| now.saturating_duration_since(t) <= passive_window(cfg)) {
         tracing::debug!(worker = %worker.name, evidence, "probe failed, but real requests succeed: kept healthy");
         return;
@@ -191,4 +267,47 @@ async fn learn_models(client: &Client, worker: &Worker, timeout: Duration) -> Re
     }
     let list: List = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
     Ok(list.data.into_iter().map(|m| m.id).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{UpstreamConfig, WorkerConfig};
+
+    /// A worker on a port nothing listens on: its probes fail at once.
+    fn unreachable(id: WorkerId) -> Arc<Worker> {
+        Arc::new(Worker::new(id, WorkerConfig::from_url(format!("http://127.0.0.1:1/{id}"))))
+    }
+
+    #[tokio::test]
+    async fn the_set_probes_new_workers_once_and_stops_those_that_left() {
+        let shutdown = CancellationToken::new();
+        let set =
+            ProbeSet::new(upstream::client(&UpstreamConfig::default()), HealthConfig::default(), shutdown.clone());
+        let fleet = Fleet { workers: vec![unreachable(1), unreachable(2)] };
+        set.start(&fleet, &HealthConfig::default()).await;
+        assert_eq!(set.len(), 2);
+        assert_eq!(fleet.workers[0].stats.probe_failures.load(Ordering::Relaxed), 1, "probed once before serving");
+        set.start(&fleet, &HealthConfig::default()).await;
+        assert_eq!(fleet.workers[0].stats.probe_failures.load(Ordering::Relaxed), 1, "a running task is not doubled");
+        let stop = set.tasks.lock()[&1].clone();
+        set.retain(&Fleet { workers: vec![Arc::clone(&fleet.workers[1])] });
+        assert_eq!(set.len(), 1);
+        assert!(stop.is_cancelled(), "the removed worker's task was told to stop");
+        shutdown.cancel();
+        assert!(set.tasks.lock()[&2].is_cancelled(), "shutdown stops every task");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_probe_task_ends_with_its_stop_token_or_its_settings() {
+        let client = upstream::client(&UpstreamConfig::default());
+        let (tx, rx) = watch::channel(HealthConfig::default());
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(run(client.clone(), unreachable(1), rx, stop.clone()));
+        stop.cancel();
+        task.await.expect("ends when stopped");
+        let task = tokio::spawn(run(client, unreachable(2), tx.subscribe(), CancellationToken::new()));
+        drop(tx);
+        task.await.expect("ends when the settings' sender is gone");
+    }
 }

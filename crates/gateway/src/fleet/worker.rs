@@ -4,21 +4,15 @@
 //! It lives in [`Worker`] (shared by `Arc`) so a config reload that keeps a worker keeps its counters.
 
 use crate::config::WorkerConfig;
+use crate::fleet::slot::{LoadGuard, Notify, Slots};
 use arc_swap::ArcSwap;
-use gateway_core::{Outcome, OutcomeKind, WorkerId, WorkerView};
-use guard::{Permit, Rejected, Transition};
-
-/// Why a worker refused a request.
-#[derive(Debug)]
-pub enum Refused {
-    /// No slot free below its capacity.
-    Full,
-    /// Its circuit breaker refused.
-    Breaker(Rejected),
-}
-use crate::proxy::admission::Admission;
+use gateway_core::{Outcome, WorkerId, WorkerView};
+use guard::Transition;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
+use tokio::time::Instant;
+
+pub use crate::fleet::slot::Refused;
 
 /// An `f64` stored in an `AtomicU64`.
 #[derive(Debug, Default)]
@@ -46,8 +40,9 @@ impl AtomicF64 {
 /// Live counters of one worker.
 #[derive(Debug, Default)]
 pub struct WorkerStats {
-    /// Requests the gateway has in flight on it (guard-counted: moves on every path, never reset).
-    pub in_flight: AtomicU32,
+    /// Requests in flight on it and slots reserved for dequeued requests, in one word moved only by
+    /// the guards of [`crate::fleet::slot`] (on every path, never reset).
+    pub slots: Slots,
     /// Passed its health probes.
     pub healthy: AtomicBool,
     /// An operator drained it: no new requests.
@@ -70,8 +65,6 @@ pub struct WorkerStats {
     pub errors: parking_lot::Mutex<guard::SlidingErrorRate>,
     /// Requests dispatched to it, ever.
     pub requests_total: AtomicU64,
-    /// Slots handed to dequeued requests that have not sent yet (count against capacity).
-    pub reserved: AtomicU32,
     /// Requests it was seen running while others waited in its own queue: its `max_num_seqs`.
     pub learned_capacity: AtomicU32,
     /// Consecutive failed probes.
@@ -144,7 +137,7 @@ pub struct Worker {
     /// The worker's circuit breaker (short, never-awaited critical sections).
     pub breaker: parking_lot::Mutex<guard::CircuitBreaker>,
     /// Origin of the millisecond clock of [`WorkerStats::last_alive_ms`].
-    pub epoch: tokio::time::Instant,
+    pub epoch: Instant,
     /// What its health probe asks (resolved by the probe when `auto`).
     pub probe_path: ArcSwap<ProbePath>,
 }
@@ -171,20 +164,20 @@ impl Worker {
             spec,
             stats: WorkerStats::default(),
             breaker: parking_lot::Mutex::new(guard::CircuitBreaker::default()),
-            epoch: tokio::time::Instant::now(),
+            epoch: Instant::now(),
             probe_path: ArcSwap::from_pointee(ProbePath::Auto),
         }
     }
 
     /// Notes a real request that succeeded at `now` (passive health evidence), which is also life.
-    pub fn mark_success(&self, now: tokio::time::Instant) {
+    pub fn mark_success(&self, now: Instant) {
         self.mark_alive(now);
         let ms = now.saturating_duration_since(self.epoch).as_millis() as u64;
         self.stats.last_success_ms.fetch_max(ms, Ordering::Relaxed);
     }
 
     /// When a real request on it last succeeded, if ever.
-    pub fn last_success(&self) -> Option<tokio::time::Instant> {
+    pub fn last_success(&self) -> Option<Instant> {
         let ms = self.stats.last_success_ms.load(Ordering::Relaxed);
         (ms > 0).then(|| self.epoch + std::time::Duration::from_millis(ms))
     }
@@ -195,13 +188,13 @@ impl Worker {
     }
 
     /// Notes a sign of life at `now` (an answer, body bytes, generated tokens).
-    pub fn mark_alive(&self, now: tokio::time::Instant) {
+    pub fn mark_alive(&self, now: Instant) {
         let ms = now.saturating_duration_since(self.epoch).as_millis() as u64;
         self.stats.last_alive_ms.fetch_max(ms, Ordering::Relaxed);
     }
 
     /// When it last showed a sign of life (its creation if never).
-    pub fn last_alive(&self) -> tokio::time::Instant {
+    pub fn last_alive(&self) -> Instant {
         self.epoch + std::time::Duration::from_millis(self.stats.last_alive_ms.load(Ordering::Relaxed))
     }
 
@@ -217,20 +210,36 @@ impl Worker {
     }
 
     /// Opens its breaker now (a stalled worker); returns the transition for the caller to count.
-    pub fn trip_breaker(&self, now: std::time::Instant) -> Option<Transition> {
-        let t = self.breaker.lock().trip(now);
+    pub fn trip_breaker(&self, now: Instant) -> Option<Transition> {
+        let t = self.breaker.lock().trip(now.into_std());
         self.log_transition(t)
     }
 
     /// Whether it is full: it reports requests waiting in its own queue, or the gateway held more than
     /// its capacity (`default` as in [`Worker::capacity`]) on it when `load` was taken.
     pub fn was_full(&self, load: &LoadGuard, default: u32) -> bool {
-        self.stats.scraped_waiting.load(Ordering::Relaxed) > 0 || load.load_at_dispatch > self.capacity(default)
+        self.stats.scraped_waiting.load(Ordering::Relaxed) > 0 || load.load_at_dispatch() > self.capacity(default)
     }
 
     /// Whether its breaker would let a request through now.
-    pub fn breaker_admits(&self, now: std::time::Instant) -> bool {
-        self.breaker.lock().would_admit(now)
+    pub fn breaker_admits(&self, now: Instant) -> bool {
+        self.breaker.lock().would_admit(now.into_std())
+    }
+
+    /// Its breaker's state, counts and last transition as of `now`.
+    pub fn breaker_snapshot(&self, now: Instant) -> guard::BreakerSnapshot {
+        self.breaker.lock().snapshot(now.into_std())
+    }
+
+    /// Its breaker's state name as of `now`.
+    pub fn breaker_state(&self, now: Instant) -> guard::StateName {
+        self.breaker.lock().state(now.into_std()).name()
+    }
+
+    /// Closes its breaker (an operator's reset), logging the transition; returns it for the caller to count.
+    pub fn reset_breaker(&self, now: Instant) -> Option<Transition> {
+        let t = self.breaker.lock().reset(now.into_std());
+        self.log_transition(t)
     }
 
     /// Logs a breaker transition and, when the breaker closed, starts its error window afresh (old
@@ -277,7 +286,7 @@ impl Worker {
     pub fn view(&self) -> WorkerView {
         let s = &self.stats;
         let sent = s.sent_since_scrape.load(Ordering::Relaxed);
-        let in_flight = s.in_flight.load(Ordering::Relaxed);
+        let in_flight = s.slots.in_flight();
         // Without engine metrics the gateway's own count is the load.
         let scraped = self.dialect() != crate::fleet::scrape::Dialect::None;
         WorkerView {
@@ -299,65 +308,35 @@ impl Worker {
     }
 
     /// Lets old outcomes age out of the error rate (called by the probe, so an idle worker recovers).
-    pub fn refresh_error_rate(&self, now: std::time::Instant) {
-        let rate = self.stats.errors.lock().rate(now);
+    pub fn refresh_error_rate(&self, now: Instant) {
+        let rate = self.stats.errors.lock().rate(now.into_std());
         self.stats.error_rate.set(rate);
     }
 
     /// Takes an in-flight slot if one is free below `cap` (reserved slots count as taken) and, when
-    /// `breaker` is on, the breaker's permit. The check and the increment are one atomic step, so
-    /// concurrent requests never push the worker past its capacity.
-    pub fn acquire(self: &Arc<Self>, breaker: bool, cap: u32, now: std::time::Instant) -> Result<LoadGuard, Refused> {
-        let s = &self.stats;
-        let before = s
-            .in_flight
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n.saturating_add(s.reserved.load(Ordering::Acquire)) < cap).then_some(n + 1)
-            })
-            .map_err(|_| Refused::Full)?;
-        let load = before.saturating_add(1).saturating_add(s.reserved.load(Ordering::Relaxed));
-        self.take_permit(breaker, now, load).inspect_err(|_| {
-            s.in_flight.fetch_sub(1, Ordering::Relaxed);
-        })
-    }
-
-    /// Turns a slot reserved by the admission queue into an in-flight slot.
-    pub fn acquire_reserved(
-        reservation: crate::proxy::admission::Reservation,
-        breaker: bool,
-        now: std::time::Instant,
-    ) -> Result<LoadGuard, Refused> {
-        let worker = Arc::clone(reservation.worker());
-        let before = worker.stats.in_flight.fetch_add(1, Ordering::AcqRel);
-        let load = before.saturating_add(worker.stats.reserved.load(Ordering::Relaxed));
-        reservation.consume();
-        worker.take_permit(breaker, now, load).inspect_err(|_| {
-            worker.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
-        })
-    }
-
-    fn take_permit(
+    /// `breaker` is on, the breaker's permit. The capacity check and the increment are one atomic step
+    /// that creates the guard, so concurrent requests never push the worker past its capacity; a
+    /// breaker refusal drops the guard. `notify` is told when the slot frees.
+    pub fn acquire(
         self: &Arc<Self>,
         breaker: bool,
-        now: std::time::Instant,
-        load_at_dispatch: u32,
+        cap: u32,
+        now: Instant,
+        notify: Notify,
     ) -> Result<LoadGuard, Refused> {
-        let (permit, transition) = if breaker {
-            let mut permit = self.breaker.lock().try_acquire(now).map_err(Refused::Breaker)?;
-            let t = permit.transition.take();
-            (Some(permit), t)
-        } else {
-            (None, None)
-        };
-        self.log_transition(transition);
+        LoadGuard::try_take(self, cap, notify).ok_or(Refused::Full)?.admit(breaker, now)
+    }
+
+    /// Counts a request sent to it (the scrape correction and the total).
+    pub(crate) fn count_dispatch(&self) {
         self.stats.sent_since_scrape.fetch_add(1, Ordering::Relaxed);
         self.stats.requests_total.fetch_add(1, Ordering::Relaxed);
-        Ok(LoadGuard { worker: Arc::clone(self), permit, transition, admission: None, load_at_dispatch })
     }
 
     /// Feeds a finished request into the latency and error estimates.
-    pub fn record(&self, outcome: &Outcome, now: std::time::Instant) {
+    pub fn record(&self, outcome: &Outcome, now: Instant) {
         let s = &self.stats;
+        let now = now.into_std();
         let failed = outcome.kind.is_failure();
         // Only verdicts on the worker count: client errors, overload and cancels say nothing of its health.
         if failed || outcome.kind == gateway_core::OutcomeKind::Success {
@@ -376,81 +355,18 @@ impl Worker {
     }
 }
 
-/// Holds one in-flight slot on a worker, and the breaker's permit for it. Dropped on every path
-/// (success, error, client disconnect, stream end), so the count can never drift; a permit never settled
-/// with a verdict is cancelled, which frees a half-open trial slot without judging the worker.
-#[derive(Debug)]
-pub struct LoadGuard {
-    worker: Arc<Worker>,
-    permit: Option<Permit>,
-    transition: Option<Transition>,
-    admission: Option<Weak<Admission>>,
-    /// Requests in flight or reserved on the worker, this one included, when the slot was taken.
-    load_at_dispatch: u32,
-}
-
-impl LoadGuard {
-    /// Tells `admission` when this slot frees, so a queued request can take it at once.
-    pub fn notify(mut self, admission: &Arc<Admission>) -> Self {
-        self.admission = Some(Arc::downgrade(admission));
-        self
-    }
-
-    /// The worker this slot is on.
-    pub fn worker(&self) -> &Arc<Worker> {
-        &self.worker
-    }
-
-    /// The breaker transition taking the permit made (open to half-open), once.
-    pub fn take_transition(&mut self) -> Option<Transition> {
-        self.transition.take()
-    }
-
-    /// Reports the request's verdict to the breaker (once). A failure also opens the breaker when the
-    /// worker's recent failure rate reaches `error_rate_threshold` over at least `min_requests` outcomes
-    /// (its window must be fed first).
-    pub fn settle(
-        &mut self,
-        kind: OutcomeKind,
-        now: std::time::Instant,
-        cfg: &crate::config::CircuitBreakerConfig,
-    ) -> Option<Transition> {
-        let permit = self.permit.take()?;
-        let mut breaker = self.worker.breaker.lock();
-        let mut t = breaker.on_outcome(permit, kind, now);
-        if t.is_none() && kind.is_failure() && cfg.error_rate_threshold > 0.0 {
-            let (total, failures) = self.worker.stats.errors.lock().counts(now);
-            if total >= cfg.min_requests.max(1) && failures as f64 >= cfg.error_rate_threshold * total as f64 {
-                t = breaker.trip(now);
-            }
-        }
-        drop(breaker);
-        self.worker.log_transition(t)
-    }
-}
-
-impl Drop for LoadGuard {
-    fn drop(&mut self) {
-        if let Some(permit) = self.permit.take() {
-            self.worker.breaker.lock().on_cancel(permit);
-        }
-        self.worker.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
-        if let Some(admission) = self.admission.as_ref().and_then(Weak::upgrade) {
-            admission.slot_freed(&self.worker);
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fleet::slot::Reservation;
+    use gateway_core::OutcomeKind;
 
     #[test]
     fn guard_counts_and_releases() {
         let w = Arc::new(Worker::new(1, WorkerConfig::from_url("http://127.0.0.1:1")));
-        let now = std::time::Instant::now();
-        let g1 = w.acquire(true, u32::MAX, now).unwrap();
-        let g2 = w.acquire(false, u32::MAX, now).unwrap();
+        let now = Instant::now();
+        let g1 = w.acquire(true, u32::MAX, now, None).unwrap();
+        let g2 = w.acquire(false, u32::MAX, now, None).unwrap();
         assert_eq!(w.view().in_flight, 2);
         assert_eq!(w.view().running, 2, "sent since scrape corrects running");
         drop(g1);
@@ -463,36 +379,40 @@ mod tests {
     #[test]
     fn guards_settle_the_breaker_with_their_verdicts() {
         let w = Arc::new(Worker::new(1, WorkerConfig::from_url("http://h:1")));
-        let now = std::time::Instant::now();
+        let now = Instant::now();
         let cfg = crate::config::CircuitBreakerConfig::default();
         for _ in 0..4 {
-            let mut g = w.acquire(true, u32::MAX, now).unwrap();
+            let mut g = w.acquire(true, u32::MAX, now, None).unwrap();
             g.settle(OutcomeKind::Timeout, now, &cfg);
         }
         // Cancels and overload say nothing about the worker: the streak goes on.
-        drop(w.acquire(true, u32::MAX, now).unwrap());
-        w.acquire(true, u32::MAX, now).unwrap().settle(OutcomeKind::Overloaded, now, &cfg);
+        drop(w.acquire(true, u32::MAX, now, None).unwrap());
+        w.acquire(true, u32::MAX, now, None).unwrap().settle(OutcomeKind::Overloaded, now, &cfg);
         assert!(w.breaker_admits(now));
-        let t = w.acquire(true, u32::MAX, now).unwrap().settle(OutcomeKind::ConnectError, now, &cfg);
+        let t = w.acquire(true, u32::MAX, now, None).unwrap().settle(OutcomeKind::ConnectError, now, &cfg);
         assert_eq!(t.map(|t| t.to), Some(guard::StateName::Open), "the fifth consecutive failure opens it");
         assert!(!w.breaker_admits(now));
-        assert!(matches!(w.acquire(true, u32::MAX, now), Err(Refused::Breaker(_))));
+        assert!(matches!(w.acquire(true, u32::MAX, now, None), Err(Refused::Breaker(_))));
         assert_eq!(w.view().in_flight, 0, "a refused acquire takes no slot");
-        assert!(w.acquire(false, u32::MAX, now).is_ok(), "with breakers off nothing is refused");
+        assert!(w.acquire(false, u32::MAX, now, None).is_ok(), "with breakers off nothing is refused");
     }
 
     #[test]
     fn acquire_respects_capacity_and_reservations() {
         let w = Arc::new(Worker::new(1, WorkerConfig::from_url("http://h:1")));
-        let now = std::time::Instant::now();
-        let a = w.acquire(false, 2, now).unwrap();
-        w.stats.reserved.store(1, Ordering::Relaxed);
-        assert!(matches!(w.acquire(false, 2, now), Err(Refused::Full)), "one in flight plus one reserved is full");
-        w.stats.reserved.store(0, Ordering::Relaxed);
-        let _b = w.acquire(false, 2, now).unwrap();
-        assert!(matches!(w.acquire(false, 2, now), Err(Refused::Full)));
+        let now = Instant::now();
+        let a = w.acquire(false, 2, now, None).unwrap();
+        let r = Reservation::try_take(&w, 2, None).unwrap();
+        assert!(
+            matches!(w.acquire(false, 2, now, None), Err(Refused::Full)),
+            "one in flight plus one reserved is full"
+        );
+        assert!(Reservation::try_take(&w, 2, None).is_none());
+        drop(r);
+        let _b = w.acquire(false, 2, now, None).unwrap();
+        assert!(matches!(w.acquire(false, 2, now, None), Err(Refused::Full)));
         drop(a);
-        assert!(w.acquire(false, 2, now).is_ok());
+        assert!(w.acquire(false, 2, now, None).is_ok());
         assert_eq!(w.capacity(0), u32::MAX);
         assert_eq!(w.capacity(7), 7);
         w.stats.learned_capacity.store(4, Ordering::Relaxed);
@@ -502,7 +422,7 @@ mod tests {
     #[test]
     fn a_high_failure_rate_trips_the_breaker_without_a_streak() {
         let w = Arc::new(Worker::new(1, WorkerConfig::from_url("http://h:1")));
-        let now = std::time::Instant::now();
+        let now = Instant::now();
         let cfg = crate::config::CircuitBreakerConfig { min_requests: 10, ..Default::default() };
         let out = |kind| Outcome::new(1, kind, None, Default::default());
         // Alternating success and failure: never two failures in a row, half of them failed.
@@ -510,14 +430,14 @@ mod tests {
         for i in 0..20 {
             let kind = if i % 2 == 0 { OutcomeKind::Success } else { OutcomeKind::ServerError };
             w.record(&out(kind), now);
-            let t = w.acquire(true, u32::MAX, now).unwrap().settle(kind, now, &cfg);
+            let t = w.acquire(true, u32::MAX, now, None).unwrap().settle(kind, now, &cfg);
             if t.is_some() {
                 opened = Some(i);
                 break;
             }
         }
         assert_eq!(opened, Some(9), "trips at the first failure once 10 outcomes are in the window");
-        let closed = w.log_transition(w.breaker.lock().reset(now));
+        let closed = w.reset_breaker(now);
         assert!(closed.is_some());
         assert_eq!(w.stats.error_rate.get(), 0.0, "closing starts the window afresh");
     }
@@ -526,7 +446,7 @@ mod tests {
     fn error_rate_rises_and_decays() {
         let w = Worker::new(1, WorkerConfig::from_url("http://h:1"));
         let out = |kind| Outcome::new(1, kind, None, Default::default());
-        let t0 = std::time::Instant::now();
+        let t0 = Instant::now();
         for _ in 0..5 {
             w.record(&out(gateway_core::OutcomeKind::ServerError), t0);
         }
@@ -537,5 +457,27 @@ mod tests {
         assert_eq!(w.stats.error_rate.get(), 0.5, "client errors are not verdicts on the worker");
         w.refresh_error_rate(t0 + std::time::Duration::from_secs(31));
         assert_eq!(w.stats.error_rate.get(), 0.0, "old outcomes age out");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_open_breaker_admits_trials_after_its_timeout_and_closes_on_their_success() {
+        let w = Arc::new(Worker::new(1, WorkerConfig::from_url("http://h:1")));
+        let cfg = crate::config::CircuitBreakerConfig { timeout_seconds: 30, ..Default::default() };
+        w.breaker.lock().reconfigure(cfg.breaker());
+        let opened = w.trip_breaker(Instant::now());
+        assert_eq!(opened.map(|t| t.to), Some(guard::StateName::Open));
+        tokio::time::advance(std::time::Duration::from_millis(29_999)).await;
+        assert!(!w.breaker_admits(Instant::now()), "still open just before the timeout");
+        assert!(matches!(w.acquire(true, 1, Instant::now(), None), Err(Refused::Breaker(_))));
+        assert_eq!(w.stats.slots.taken(), 0, "the refusal gave its slot back");
+        tokio::time::advance(std::time::Duration::from_millis(1)).await;
+        assert_eq!(w.breaker_state(Instant::now()), guard::StateName::HalfOpen);
+        for i in 0..cfg.success_threshold {
+            let mut g = w.acquire(true, 1, Instant::now(), None).expect("a trial is admitted");
+            let t = g.take_transition().map(|t| t.to);
+            assert_eq!(t, (i == 0).then_some(guard::StateName::HalfOpen), "the first trial moves it to half-open");
+            g.settle(OutcomeKind::Success, Instant::now(), &cfg);
+        }
+        assert_eq!(w.breaker_state(Instant::now()), guard::StateName::Closed);
     }
 }

@@ -4,7 +4,8 @@
 //! The record is judged by the snapshot the request loaded when it arrived (never a newer one a reload
 //! stored meanwhile), so breaker thresholds and the fleet it is compared against are the ones it started with.
 
-use crate::fleet::worker::{LoadGuard, Worker};
+use crate::fleet::slot::LoadGuard;
+use crate::fleet::worker::Worker;
 use crate::metrics::{status_label, Active, Metrics};
 use crate::proxy::classify::{classify, AttemptEnd};
 use crate::proxy::usage::UsageScanner;
@@ -195,12 +196,11 @@ impl RequestRecord {
             worker.mark_success(now);
         }
         let condition = if slow && kind == OutcomeKind::Success {
-            let std_now = now.into_std();
             let others_admit = snap.fleet.workers.iter().any(|w| {
                 w.id != worker.id
                     && w.is_available()
                     && w.serves(&self.info.model)
-                    && (!breaker_cfg.enabled || w.breaker_admits(std_now))
+                    && (!breaker_cfg.enabled || w.breaker_admits(now))
             });
             WorkerCondition {
                 slow,
@@ -211,12 +211,12 @@ impl RequestRecord {
             WorkerCondition::default()
         };
         let verdict = breaker_verdict(kind, condition);
-        worker.record(&Outcome { kind: verdict, ..outcome }, now.into_std());
+        worker.record(&Outcome { kind: verdict, ..outcome }, now);
         let m = &self.info.metrics;
         if verdict.is_failure() {
             m.breaker_failures.with_label_values(&[&worker.name]).inc();
         }
-        let transition = self.load.settle(verdict, now.into_std(), breaker_cfg);
+        let transition = self.load.settle(verdict, now, breaker_cfg);
         m.count_transition(&worker.name, transition);
         m.upstream_outcomes.with_label_values(&[&worker.name, kind.as_str()]).inc();
         worker

@@ -2,10 +2,12 @@
 //! piling onto a worker's own queue, and leave in priority, aging and fairness order (the ordering is
 //! the pure `guard::AdmissionQueue`).
 //!
-//! Dispatch is event-driven. When a load slot frees ([`crate::fleet::worker::LoadGuard`] drops), the best
-//! waiter that worker can serve is handed a [`Reservation`] on it through a oneshot channel: the slot
-//! is its, so a request arriving at that moment cannot take it, and nothing polls. A reservation that is
-//! never used (the waiter left) releases itself when dropped, which frees the slot for the next one.
+//! Dispatch is event-driven. When a load slot frees ([`crate::fleet::slot::LoadGuard`] drops and tells
+//! the queue through [`SlotFreed`]), the best waiter that worker can serve is handed a [`Reservation`] on
+//! it through a oneshot channel: the slot is its, so a request arriving at that moment cannot take it,
+//! and nothing polls. A reservation that is never used (the waiter left) releases itself when dropped,
+//! which frees the slot for the next one. The slot counts themselves are only moved by those guards
+//! ([`crate::fleet::slot`]); this module decides who gets a slot, never counts one by hand.
 //! A slow sweep ([`Admission::run_sweeper`]) only covers capacity that appears without a slot freeing
 //! (a worker added, recovered or learned larger).
 //!
@@ -17,19 +19,20 @@
 //! only the batch runner's own `batch.max_concurrency` bounds batch lines.
 
 use crate::config::QueueConfig;
+use crate::fleet::slot::{Notify, Reservation, SlotFreed};
 use crate::fleet::worker::Worker;
 use crate::fleet::Fleet;
-use crate::state::AppState;
 use arc_swap::ArcSwap;
 use gateway_core::{ErrorKind, GatewayError, Priority, WorkerId};
 use guard::{AdmissionQueue, AvgWait, RateEstimator, Ticket};
 use parking_lot::Mutex;
-use serde_json::{json, Value};
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::sync::oneshot;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 /// Every model's queue, and the queue settings in force.
 pub struct Admission {
@@ -63,37 +66,6 @@ struct Waiter {
 /// predicted by the routing policy (called under the queue's lock: the policy's lock is only ever taken
 /// inside it).
 pub type Affinity = Box<dyn Fn(WorkerId) -> Duration + Send + Sync>;
-
-/// A load slot held on a worker for one dequeued request; released when dropped unused.
-pub struct Reservation {
-    worker: Arc<Worker>,
-    admission: Weak<Admission>,
-    live: bool,
-}
-
-impl Reservation {
-    /// The worker the slot is on.
-    pub fn worker(&self) -> &Arc<Worker> {
-        &self.worker
-    }
-
-    /// Gives the slot up to the request's load guard: the caller now counts it as in flight.
-    pub fn consume(mut self) {
-        self.live = false;
-        self.worker.stats.reserved.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-impl Drop for Reservation {
-    fn drop(&mut self) {
-        if self.live {
-            self.worker.stats.reserved.fetch_sub(1, Ordering::Relaxed);
-            if let Some(admission) = self.admission.upgrade() {
-                admission.slot_freed(&self.worker);
-            }
-        }
-    }
-}
 
 /// What a request learned from the queue: its position when it entered (0 = did not wait) and the
 /// estimated wait then.
@@ -164,11 +136,15 @@ impl Admission {
         }))
     }
 
+    /// Whom a load guard or reservation tells when its slot frees: this queue.
+    pub fn notify(&self) -> Notify {
+        let me: Weak<dyn SlotFreed> = self.me.clone();
+        Some(me)
+    }
+
     /// Whether `worker` can take one more request (in flight plus reserved below its capacity).
     pub fn has_room(&self, worker: &Worker) -> bool {
-        let cap = worker.capacity(self.cfg.load().default_worker_concurrency);
-        let s = &worker.stats;
-        s.in_flight.load(Ordering::Relaxed) + s.reserved.load(Ordering::Relaxed) < cap
+        worker.stats.slots.has_room(worker.capacity(self.cfg.load().default_worker_concurrency))
     }
 
     /// Slots of `worker` a request of `class` may fill: all of them for live classes, `batch.max_share`
@@ -184,9 +160,7 @@ impl Admission {
     /// Whether a batch line may take a slot on `worker` now (in flight plus reserved below
     /// [`Admission::slots_for`] the batch class).
     pub fn has_batch_room(&self, worker: &Worker) -> bool {
-        let s = &worker.stats;
-        s.in_flight.load(Ordering::Relaxed) + s.reserved.load(Ordering::Relaxed)
-            < self.slots_for(worker, Priority::Batch)
+        worker.stats.slots.has_room(self.slots_for(worker, Priority::Batch))
     }
 
     /// [`Admission::has_room`] for a request of `class`.
@@ -225,12 +199,12 @@ impl Admission {
         let (tx, rx) = oneshot::channel();
         let (ticket, position) = {
             let mut waiting = queue.waiting.lock();
-            match waiting.push(Waiter { tx, affinity: affinity() }, class, tenant, now) {
-                Ok(ticket) => (ticket, waiting.position(ticket, now).unwrap_or(waiting.len())),
+            match waiting.push(Waiter { tx, affinity: affinity() }, class, tenant, now.into_std()) {
+                Ok(ticket) => (ticket, waiting.position(ticket, now.into_std()).unwrap_or(waiting.len())),
                 Err(_) => {
                     drop(waiting);
                     self.rejected.with_label_values(&[model, "queue_full"]).inc();
-                    let wait = queue.dispatches.lock().estimated_wait(1, now);
+                    let wait = queue.dispatches.lock().estimated_wait(1, now.into_std());
                     return Err(GatewayError::new(
                         ErrorKind::QueueFull,
                         format!("the queue for model `{model}` is full ({} waiting); retry later", cfg.max_size),
@@ -239,7 +213,7 @@ impl Admission {
                 }
             }
         };
-        let estimated_wait = queue.dispatches.lock().estimated_wait(position, now);
+        let estimated_wait = queue.dispatches.lock().estimated_wait(position, now.into_std());
         let mut leave =
             Leave { queue: &queue, ticket: Some(ticket), rejected: &self.rejected, model, reason: "cancelled" };
         // Room may exist already (the queue was not empty, or capacity grew): hand it out now.
@@ -314,16 +288,22 @@ impl Admission {
     }
 
     /// Hands `worker`'s free slots to `queue`'s best waiters while it has room; among waiters of equal
-    /// standing, the one whose wait plus the prefill the worker's cache saves it is longest.
+    /// standing, the one whose wait plus the prefill the worker's cache saves it is longest. The slot
+    /// is reserved (a compare-and-swap against capacity) before a waiter is taken from the queue.
     fn dispatch_to(&self, queue: &ModelQueue, worker: &Arc<Worker>) {
         if !worker.is_available() {
             return;
         }
+        let cap = worker.capacity(self.cfg.load().default_worker_concurrency);
         let mut waiting = queue.waiting.lock();
         let held = |w: &Waiter| w.affinity.as_ref().map_or(Duration::ZERO, |f| f(worker.id));
-        while self.has_room(worker) {
-            let Some((_, waiter)) = waiting.pop_preferring(Instant::now(), |_| true, held) else { return };
-            self.hand_over(worker, waiter);
+        while !waiting.is_empty() {
+            let Some(slot) = Reservation::try_take(worker, cap, self.notify()) else { return };
+            let Some((_, waiter)) = waiting.pop_preferring(Instant::now().into_std(), |_| true, held) else {
+                slot.return_quietly();
+                return;
+            };
+            hand_over(waiter, slot);
         }
     }
 
@@ -332,21 +312,15 @@ impl Admission {
         if !worker.is_available() {
             return;
         }
+        let cap = self.slots_for(worker, Priority::Batch);
         let mut batch = queue.batch.lock();
-        while self.has_batch_room(worker) {
-            let Some(waiter) = batch.pop_front() else { return };
-            self.hand_over(worker, waiter);
-        }
-    }
-
-    /// Reserves a slot on `worker` for `waiter`.
-    fn hand_over(&self, worker: &Arc<Worker>, waiter: Waiter) {
-        worker.stats.reserved.fetch_add(1, Ordering::Relaxed);
-        let reservation = Reservation { worker: Arc::clone(worker), admission: self.me.clone(), live: true };
-        if let Err(mut unsent) = waiter.tx.send(reservation) {
-            // The waiter is gone: take the slot back here (no re-entry while the queue is locked).
-            unsent.live = false;
-            worker.stats.reserved.fetch_sub(1, Ordering::Relaxed);
+        while !batch.is_empty() {
+            let Some(slot) = Reservation::try_take(worker, cap, self.notify()) else { return };
+            let Some(waiter) = batch.pop_front() else {
+                slot.return_quietly();
+                return;
+            };
+            hand_over(waiter, slot);
         }
     }
 
@@ -354,7 +328,7 @@ impl Admission {
     /// and how long it waited.
     pub fn record_dispatch(&self, model: &Arc<str>, waited: Duration) {
         let q = self.queue(model);
-        let now = Instant::now();
+        let now = Instant::now().into_std();
         q.dispatches.lock().record(now);
         q.waits.lock().record(now, waited);
     }
@@ -373,15 +347,21 @@ impl Admission {
         }
     }
 
-    /// Runs [`Admission::sweep`] every `period` until `app` shuts down.
-    pub async fn run_sweeper(app: Weak<AppState>, period: Duration) {
+    /// Runs [`Admission::sweep`] every `period` over the workers `fleet` returns (the fleet in force;
+    /// `None` once the gateway is gone) until `stop` is cancelled.
+    pub async fn run_sweeper(
+        self: Arc<Self>,
+        period: Duration,
+        stop: CancellationToken,
+        fleet: impl Fn() -> Option<Arc<Fleet>>,
+    ) {
         loop {
-            tokio::time::sleep(period).await;
-            let Some(app) = app.upgrade() else { return };
-            if app.shutdown.is_cancelled() {
-                return;
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(period) => {}
             }
-            app.admission.sweep(&app.snapshot.load().fleet);
+            let Some(fleet) = fleet() else { return };
+            self.sweep(&fleet);
         }
     }
 
@@ -392,27 +372,59 @@ impl Admission {
         }
     }
 
-    /// The body of `GET /api/queue` for the models queued so far.
-    pub fn models_json(&self) -> serde_json::Map<String, Value> {
-        let now = Instant::now();
+    /// Each model's queue as of now (the models queued so far), for the admin API.
+    pub fn stats(&self) -> Vec<QueueStats> {
+        let now = Instant::now().into_std();
         self.queues
             .lock()
             .iter()
             .map(|(model, q)| {
                 let waiting = q.waiting.lock();
-                let c = waiting.counts_by_class();
-                let v = json!({
-                    "length": waiting.len(),
-                    "by_class": {"urgent": c[0], "high": c[1], "normal": c[2], "low": c[3]},
-                    "batch_waiting": q.batch.lock().len(),
-                    "oldest_wait_ms": waiting.oldest_wait(now).map(|d| d.as_millis() as u64),
-                    "avg_wait_ms_1h": q.waits.lock().average(now).map(|d| d.as_millis() as u64),
-                    "dispatch_rate": q.dispatches.lock().per_sec(now),
-                });
-                (model.to_string(), v)
+                QueueStats {
+                    model: Arc::clone(model),
+                    length: waiting.len(),
+                    by_class: waiting.counts_by_class(),
+                    batch_waiting: q.batch.lock().len(),
+                    oldest_wait: waiting.oldest_wait(now),
+                    avg_wait_1h: q.waits.lock().average(now),
+                    dispatch_rate: q.dispatches.lock().per_sec(now),
+                }
             })
             .collect()
     }
+}
+
+impl SlotFreed for Admission {
+    fn slot_freed(&self, worker: &Arc<Worker>) {
+        Admission::slot_freed(self, worker);
+    }
+}
+
+/// Sends `slot` to `waiter`; a waiter that has left gets nothing, and the slot goes back without a
+/// notification (the caller holds the queue lock a notification would take again).
+fn hand_over(waiter: Waiter, slot: Reservation) {
+    if let Err(unsent) = waiter.tx.send(slot) {
+        unsent.return_quietly();
+    }
+}
+
+/// One model's queue at a moment.
+#[derive(Debug, Clone)]
+pub struct QueueStats {
+    /// The model.
+    pub model: Arc<str>,
+    /// Live requests waiting.
+    pub length: usize,
+    /// Of those, per class: urgent, high, normal, low.
+    pub by_class: [usize; 4],
+    /// Batch lines waiting for spare capacity.
+    pub batch_waiting: usize,
+    /// How long the oldest live waiter has waited.
+    pub oldest_wait: Option<Duration>,
+    /// Average wait of the requests dispatched in the last hour.
+    pub avg_wait_1h: Option<Duration>,
+    /// Dispatches per second, recently.
+    pub dispatch_rate: f64,
 }
 
 /// `share` of `cap` slots, rounded down: the most a batch may fill on a worker of capacity `cap`.
@@ -420,24 +432,11 @@ fn batch_slots(cap: u32, share: f64) -> u32 {
     (f64::from(cap) * share).floor() as u32
 }
 
-/// The body of `GET /api/queue`: per model `{"length","by_class":{"urgent","high","normal","low"},
-/// "oldest_wait_ms","avg_wait_ms_1h","dispatch_rate"}`, and `"in_flight"` per worker name.
-pub fn queue_json(app: &AppState) -> Value {
-    let snap = app.snapshot.load();
-    let in_flight: serde_json::Map<String, Value> =
-        snap.fleet.workers.iter().map(|w| (w.name.clone(), json!(w.stats.in_flight.load(Ordering::Relaxed)))).collect();
-    json!({"models": app.admission.models_json(), "in_flight": in_flight})
-}
-
-/// `GET /api/queue`.
-pub async fn queue_endpoint(axum::extract::State(app): axum::extract::State<Arc<AppState>>) -> axum::Json<Value> {
-    axum::Json(queue_json(&app))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::config::WorkerConfig;
+    use crate::fleet::slot::LoadGuard;
 
     fn worker(cap: u32) -> Arc<Worker> {
         let mut spec = WorkerConfig::from_url("http://127.0.0.1:1");
@@ -448,10 +447,33 @@ mod tests {
         w
     }
 
-    fn admission() -> Arc<Admission> {
+    fn admission_with(cfg: QueueConfig) -> Arc<Admission> {
         let rejected =
             prometheus::IntCounterVec::new(prometheus::Opts::new("r", "r"), &["model", "reason"]).expect("metric");
-        Admission::new(&QueueConfig::default(), rejected)
+        Admission::new(&cfg, rejected)
+    }
+
+    fn admission() -> Arc<Admission> {
+        admission_with(QueueConfig::default())
+    }
+
+    /// A request for model `m` of `class` from `tenant`, admitted in the background: whether it got a
+    /// reserved slot, held until the task's result is dropped.
+    fn spawn_admit(
+        a: &Arc<Admission>,
+        w: &Arc<Worker>,
+        class: Priority,
+        tenant: u64,
+    ) -> tokio::task::JoinHandle<Result<Option<Reservation>, GatewayError>> {
+        let (a, w) = (Arc::clone(a), Arc::clone(w));
+        tokio::spawn(async move { a.admit(&Arc::from("m"), &[&w], class, tenant, || None).await.map(|(_, r)| r) })
+    }
+
+    /// Yields until `n` live requests wait for model `m`.
+    async fn until_waiting(a: &Admission, n: usize) {
+        while a.queue(&Arc::from("m")).waiting.lock().len() != n {
+            tokio::task::yield_now().await;
+        }
     }
 
     #[test]
@@ -469,7 +491,7 @@ mod tests {
         let w = worker(4);
         assert_eq!(a.slots_for(&w, Priority::Batch), 2);
         assert_eq!(a.slots_for(&w, Priority::Low), 4);
-        w.stats.in_flight.store(2, Ordering::Relaxed);
+        let _held: Vec<_> = (0..2).map(|_| LoadGuard::try_take(&w, 4, None).expect("room")).collect();
         assert!(!a.has_batch_room(&w), "the batch share is full");
         assert!(a.has_room_for(&w, Priority::Normal), "live traffic still has room");
     }
@@ -479,7 +501,7 @@ mod tests {
         let a = admission();
         a.set_batch_share(1.0);
         let w = worker(1);
-        w.stats.in_flight.store(1, Ordering::Relaxed);
+        let busy = LoadGuard::try_take(&w, 1, a.notify()).expect("room");
         let model: Arc<str> = Arc::from("m");
         let cands = [&w];
         let batch = {
@@ -497,13 +519,56 @@ mod tests {
         tokio::pin!(live);
         assert!(futures_util::poll!(&mut live).is_pending(), "no room yet");
         // The slot frees: the live waiter gets it although the batch line waited longer.
-        w.stats.in_flight.store(0, Ordering::Relaxed);
-        a.slot_freed(&w);
+        drop(busy);
         let (_, reservation) = live.await.expect("admitted");
         let reservation = reservation.expect("a reservation");
+        assert_eq!(w.stats.slots.reserved(), 1);
         assert!(!batch.is_finished(), "the batch line still waits");
         // The live request ends: now the batch line gets the slot.
         drop(reservation);
         assert!(batch.await.expect("joins").expect("admitted"), "reserved for the batch line");
+        assert_eq!(w.stats.slots.taken(), 0, "the batch line's reservation was dropped with its task");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_waiter_gets_504_exactly_at_the_queue_timeout() {
+        let a = admission_with(QueueConfig { timeout_secs: 5, ..QueueConfig::default() });
+        let w = worker(1);
+        let _busy = LoadGuard::try_take(&w, 1, a.notify()).expect("room");
+        let started = Instant::now();
+        let model: Arc<str> = Arc::from("m");
+        let cands = [&w];
+        let wait = a.admit(&model, &cands, Priority::Normal, 1, || None);
+        tokio::pin!(wait);
+        assert!(futures_util::poll!(&mut wait).is_pending(), "queued");
+        tokio::time::advance(Duration::from_millis(4_999)).await;
+        assert!(futures_util::poll!(&mut wait).is_pending(), "still waiting just before the timeout");
+        tokio::time::advance(Duration::from_millis(1)).await;
+        let Err(err) = wait.await else { panic!("admitted without a free slot") };
+        assert_eq!((err.kind, err.status()), (ErrorKind::QueueTimeout, 504));
+        assert_eq!(started.elapsed(), Duration::from_secs(5));
+        assert_eq!(a.queue(&model).waiting.lock().len(), 0, "the waiter left the queue");
+        assert_eq!(a.rejected.with_label_values(&["m", "queue_timeout"]).get(), 1);
+        assert_eq!(w.stats.slots.taken(), 1, "only the busy request holds a slot");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_aged_low_request_leaves_before_a_newer_normal_one() {
+        for (waited_ms, first) in [(999, Priority::Normal), (1_000, Priority::Low)] {
+            let a = admission_with(QueueConfig { aging_secs: 1, ..QueueConfig::default() });
+            let w = worker(1);
+            let busy = LoadGuard::try_take(&w, 1, a.notify()).expect("room");
+            let low = spawn_admit(&a, &w, Priority::Low, 1);
+            until_waiting(&a, 1).await;
+            tokio::time::advance(Duration::from_millis(waited_ms)).await;
+            let normal = spawn_admit(&a, &w, Priority::Normal, 2);
+            until_waiting(&a, 2).await;
+            drop(busy);
+            let (winner, loser) = if first == Priority::Low { (low, normal) } else { (normal, low) };
+            let slot = winner.await.expect("joins").expect("admitted").expect("a reserved slot");
+            assert_eq!(a.queue(&Arc::from("m")).waiting.lock().len(), 1, "after {waited_ms} ms: {first:?} left first");
+            drop(slot);
+            assert!(loser.await.expect("joins").expect("admitted").is_some(), "the other one follows");
+        }
     }
 }

@@ -4,10 +4,10 @@
 //! Re-selecting on retry (rather than an ordered fallback list) lets the policy see load as it is after
 //! the failure.
 
-use crate::fleet::worker::{LoadGuard, Refused, Worker};
+use crate::fleet::slot::{LoadGuard, Reservation};
+use crate::fleet::worker::{Refused, Worker};
 use crate::metrics::Active;
 use crate::proxy::accounting::{RequestInfo, RequestRecord};
-use crate::proxy::admission::Reservation;
 use crate::proxy::classify::{classify, AttemptEnd, Meaning};
 use crate::proxy::relay::relayed_response;
 use crate::proxy::request::X_REQUEST_ID;
@@ -151,10 +151,10 @@ fn pick(
     let (breakers, queueing) = (cfg.circuit_breaker.enabled, cfg.queue.enabled);
     let model = &out.info.model;
     loop {
-        let now = Instant::now().into_std();
+        let now = Instant::now();
         let all = eligible(app, snap, model, &attempts.tried, now);
         let load = match reservation.take() {
-            Some(r) => match Worker::acquire_reserved(r, breakers, now) {
+            Some(r) => match LoadGuard::from(r).admit(breakers, now) {
                 Ok(load) => load,
                 Err(_) => continue,
             },
@@ -171,7 +171,7 @@ fn pick(
                 };
                 let worker = candidates[choice];
                 let cap = if queueing { app.admission.slots_for(worker, class) } else { u32::MAX };
-                match worker.acquire(breakers, cap, now) {
+                match worker.acquire(breakers, cap, now, app.admission.notify()) {
                     Ok(load) => load,
                     Err(Refused::Full) => return Err(Failed::NoRoom),
                     // Another request took the last half-open trial: not an attempt, pick again.
@@ -182,7 +182,7 @@ fn pick(
                 }
             }
         };
-        let mut load = load.notify(&app.admission);
+        let mut load = load;
         let transition = load.take_transition();
         let worker = load.worker();
         attempts.tried.push(worker.id);
@@ -200,7 +200,7 @@ pub fn eligible<'a>(
     snap: &'a Snapshot,
     model: &str,
     tried: &[WorkerId],
-    now: std::time::Instant,
+    now: Instant,
 ) -> Vec<&'a Arc<Worker>> {
     let breakers = snap.config.circuit_breaker.enabled;
     let rl = &snap.config.rate_limit;
@@ -249,7 +249,7 @@ async fn send(
 /// A stalled worker is cut off: its breaker opens at once (when breakers are on) and it is logged.
 fn on_stall(app: &AppState, snap: &Snapshot, worker: &Worker, silent: Duration) {
     if snap.config.circuit_breaker.enabled {
-        let transition = worker.trip_breaker(Instant::now().into_std());
+        let transition = worker.trip_breaker(Instant::now());
         app.metrics.count_transition(&worker.name, transition);
     }
     tracing::warn!(

@@ -145,7 +145,7 @@ async fn handle(
     };
     let mut attempts = Attempts::default();
     loop {
-        let eligible = dispatch::eligible(app, &snap, &model, &attempts.tried, Instant::now().into_std());
+        let eligible = dispatch::eligible(app, &snap, &model, &attempts.tried, Instant::now());
         let affinity = || {
             let (policy, features) = (Arc::clone(&snap.policy), features.clone());
             let held: Affinity = Box::new(move |worker| policy.cache_saving(&features, worker));

@@ -30,7 +30,7 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/metrics", get(metrics))
         .merge(crate::admin::routes())
         .merge(crate::admin::breakers::routes())
-        .route("/api/queue", get(crate::proxy::admission::queue_endpoint))
+        .route("/api/queue", get(crate::admin::queue::endpoint))
         .merge(crate::dashboard::routes())
         .merge(crate::batch::routes())
         .fallback(not_found)
@@ -110,10 +110,13 @@ impl Gateway {
         let state = AppState::new(config)?;
         state.start_probes().await;
         let router = app(Arc::clone(&state));
-        tokio::spawn(crate::proxy::admission::Admission::run_sweeper(
-            Arc::downgrade(&state),
-            Duration::from_millis(500),
-        ));
+        let fleet = {
+            let state = Arc::downgrade(&state);
+            move || state.upgrade().map(|s| Arc::clone(&s.snapshot.load().fleet))
+        };
+        let sweeper =
+            Arc::clone(&state.admission).run_sweeper(Duration::from_millis(500), state.shutdown.clone(), fleet);
+        tokio::spawn(sweeper);
         tokio::spawn(crate::batch::runner::run(Arc::downgrade(&state)));
         // The dashboard's charts have history from the start, not from the first page view.
         crate::dashboard::ensure_sampler(&state);

@@ -171,7 +171,7 @@ impl RedisServer {
             .expect("redis-server must be installed (apt-get install redis-server; scripts/test.sh does it)");
         // Owned at once, so a failed start still kills and reaps it.
         let server = RedisServer { child, port };
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         loop {
             if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
                 use std::io::{Read, Write};
@@ -180,7 +180,7 @@ impl RedisServer {
                     return server;
                 }
             }
-            assert!(std::time::Instant::now() < deadline, "redis-server did not come up");
+            assert!(tokio::time::Instant::now() < deadline, "redis-server did not come up");
             std::thread::sleep(Duration::from_millis(20));
         }
     }
