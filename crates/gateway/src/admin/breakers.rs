@@ -16,10 +16,21 @@ pub fn routes() -> Router<Arc<AppState>> {
     Router::new().route("/api/circuit-breaker/stats", get(stats)).route("/api/circuit-breaker/{id}/reset", post(reset))
 }
 
-/// One worker's breaker as JSON: state, counts, last transition.
+/// One worker's breaker as `/api/circuit-breaker/stats` lists it: the worker, whether breakers are on,
+/// and the breaker ([`state_json`]).
 pub fn breaker_json(w: &crate::fleet::worker::Worker, enabled: bool) -> Value {
-    let snap = w.breaker.lock().snapshot(std::time::Instant::now());
-    json!({"id": w.id, "worker": w.name, "url": w.spec.display_url(), "enabled": enabled, "breaker": snap})
+    json!({"id": w.id, "worker": w.name, "url": w.spec.display_url(), "enabled": enabled, "breaker": state_json(w, enabled)})
+}
+
+/// One worker's breaker: state, counts, last transition, and `"enabled"` (whether breakers are on),
+/// as the breaker list and the dashboard show it.
+pub fn state_json(w: &crate::fleet::worker::Worker, enabled: bool) -> Value {
+    let snap = w.breaker.lock().snapshot(tokio::time::Instant::now().into_std());
+    let mut v = json!(snap);
+    if let Value::Object(m) = &mut v {
+        m.insert("enabled".into(), Value::Bool(enabled));
+    }
+    v
 }
 
 async fn stats(State(app): State<Arc<AppState>>) -> Json<Value> {
@@ -38,7 +49,9 @@ async fn reset(
         .fleet
         .find(&id)
         .ok_or_else(|| ApiError(GatewayError::new(ErrorKind::NotFound, format!("no worker {:?}", echo(&id)))))?;
-    let t = w.log_transition(w.breaker.lock().reset(std::time::Instant::now()));
+    // The breaker's lock is released before the transition is logged.
+    let reset = w.breaker.lock().reset(tokio::time::Instant::now().into_std());
+    let t = w.log_transition(reset);
     app.metrics.count_transition(&w.name, t);
     tracing::info!(worker = %w.name, "circuit breaker reset by admin");
     Ok(Json(breaker_json(w, snap.config.circuit_breaker.enabled)))
