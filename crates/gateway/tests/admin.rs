@@ -374,7 +374,7 @@ async fn admin_token_guards_mutations_and_config_is_redacted() {
 #[tokio::test]
 async fn config_file_rewritten_on_disk_is_picked_up() {
     let sims = sims(2, |_| fast_sim()).await;
-    let dir = std::env::temp_dir().join(format!("llm-gateway-reload-{}", uuid::Uuid::new_v4()));
+    let dir = common::temp_path("reload");
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("gateway.toml");
     let toml = |workers: &[(usize, &SimHandle)], strategy: &str| {

@@ -303,4 +303,21 @@ mod tests {
         assert_eq!(err.body()["error"]["code"], "rate_limiter_unavailable");
         assert_eq!(m.rate_limiter_fallback.get(), 3);
     }
+
+    #[tokio::test(start_paused = true)]
+    async fn offered_twice_the_limit_admits_the_limit_on_the_paused_clock() {
+        let m = Metrics::new().unwrap();
+        let c = RateLimitConfig { requests_per_second: 100.0, burst_size: 5.0, per_user_rpm: 0, ..cfg() };
+        let rl = RateLimiter::new(&c);
+        let mut admitted = 0;
+        for i in 0..800 {
+            if i > 0 {
+                tokio::time::advance(Duration::from_millis(5)).await; // offered at 200/s
+            }
+            admitted += usize::from(rl.check(&c, &m, None, None, 1).await.is_ok());
+        }
+        // The burst, then one per 10 ms over the 3.995 s of offers.
+        assert_eq!(admitted, 5 + 399);
+        assert_eq!(m.rate_limiter_rejected.with_label_values(&[Limit::GlobalRps.as_str()]).get(), 800 - 404);
+    }
 }
