@@ -400,4 +400,20 @@ mod tests {
         assert!(auth.tenant_named("two").is_some() && auth.tenant_named("one").is_none());
         let _ = std::fs::remove_file(keys);
     }
+
+    #[tokio::test]
+    async fn two_gateways_in_one_process_share_no_reload_lock_and_no_sampler() {
+        let a = AppState::new(Config::default()).expect("state a");
+        let b = AppState::new(Config::default()).expect("state b");
+        let _a_reloading = a.reload.lock().await;
+        let mut c = Config::default();
+        c.queue.max_size = 3;
+        tokio::time::timeout(Duration::from_secs(10), apply(&b, c))
+            .await
+            .expect("b's reload does not wait for a's")
+            .expect("b reloads");
+        assert_eq!(b.admission.config().max_size, 3);
+        assert_ne!(a.admission.config().max_size, 3);
+        assert!(!Arc::ptr_eq(&a.sampler, &b.sampler));
+    }
 }

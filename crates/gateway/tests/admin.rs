@@ -13,11 +13,6 @@ use vllm_sim::{SimConfig, SimHandle};
 
 // ---- harness: the shared helpers of tests/common, plus what only these tests need ----
 
-/// A chat request for the demo model (shadows `common::chat`, which takes model and content too).
-fn chat(stream: bool) -> Value {
-    json!({"model": "demo-model", "stream": stream, "messages": [{"role": "user", "content": "hi"}]})
-}
-
 async fn get(gw: &Gateway, path: &str) -> (u16, Value) {
     let resp = client().get(format!("{}{path}", gw.url())).send().await.expect("GET answers");
     (resp.status().as_u16(), resp.json().await.expect("JSON answer"))
@@ -35,8 +30,12 @@ async fn send(gw: &Gateway, method: reqwest::Method, path: &str, body: Option<Va
 
 /// Sends one chat request; the worker that served it, or the failure.
 async fn one_chat(c: &reqwest::Client, url: &str, stream: bool) -> Result<String, String> {
-    let resp =
-        c.post(format!("{url}/v1/chat/completions")).json(&chat(stream)).send().await.map_err(|e| e.to_string())?;
+    let resp = c
+        .post(format!("{url}/v1/chat/completions"))
+        .json(&common::chat("demo-model", "hi", stream))
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
     let status = resp.status();
     let worker = resp.headers().get("x-gateway-worker").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
     let body = resp.text().await.map_err(|e| e.to_string())?;
@@ -180,7 +179,12 @@ async fn drain_stops_new_requests_while_in_flight_stream_finishes() {
     let gw = gateway(test_config(worker_configs(&sims))).await;
     let c = client();
     // A long stream in flight on one worker.
-    let resp = c.post(format!("{}/v1/chat/completions", gw.url())).json(&chat(true)).send().await.unwrap();
+    let resp = c
+        .post(format!("{}/v1/chat/completions", gw.url()))
+        .json(&common::chat("demo-model", "hi", true))
+        .send()
+        .await
+        .unwrap();
     let busy = resp.headers()["x-gateway-worker"].to_str().unwrap().to_string();
     let stream = tokio::spawn(async move { resp.text().await.unwrap() });
 
