@@ -36,17 +36,17 @@ pub struct LocalBuckets {
 }
 
 /// A bucket with `rate`/`burst`, re-configured in place (keeping its level) when they changed.
-fn bucket(slot: &mut Option<TokenBucket>, rate: f64, burst: f64, now: std::time::Instant) -> &mut TokenBucket {
-    let b = slot.get_or_insert_with(|| TokenBucket::new(rate, burst, now));
+fn bucket(slot: &mut Option<TokenBucket>, rate: f64, burst: f64, now: Instant) -> &mut TokenBucket {
+    let b = slot.get_or_insert_with(|| TokenBucket::new(rate, burst, now.into_std()));
     if b.rate_per_sec() != rate || b.burst() != burst {
-        b.reconfigure(rate, burst, now);
+        b.reconfigure(rate, burst, now.into_std());
     }
     b
 }
 
 /// `Ok` when `b` holds `need` now, else the refusal of `limit` (nothing is taken either way).
-fn admits(b: &mut TokenBucket, need: f64, limit: Limit, now: std::time::Instant) -> Result<(), Refusal> {
-    b.check(need, now).map_err(|d| Refusal { limit, retry_after: d.retry_after })
+fn admits(b: &mut TokenBucket, need: f64, limit: Limit, now: Instant) -> Result<(), Refusal> {
+    b.check(need, now.into_std()).map_err(|d| Refusal { limit, retry_after: d.retry_after })
 }
 
 impl LocalBuckets {
@@ -64,7 +64,7 @@ impl LocalBuckets {
     ) -> Verdict {
         let (at, mut quota) = (now.into_std(), Quota::default());
         let mut global_slot = self.global.lock();
-        let mut global = if l.rps > 0.0 { Some(bucket(&mut global_slot, l.rps, l.burst, at)) } else { None };
+        let mut global = if l.rps > 0.0 { Some(bucket(&mut global_slot, l.rps, l.burst, now)) } else { None };
         let mut tenants = self.tenants.lock();
         let mut t = match tenant.filter(|_| l.per_tenant()) {
             Some(name) => {
@@ -83,7 +83,7 @@ impl LocalBuckets {
 
         // Check everything first.
         if let Some(g) = global.as_deref_mut() {
-            admits(g, 1.0, Limit::GlobalRps, at)?;
+            admits(g, 1.0, Limit::GlobalRps, now)?;
         }
         if let Some(t) = t.as_deref_mut() {
             if l.rpd > 0 {
@@ -97,13 +97,13 @@ impl LocalBuckets {
             }
             if l.rpm > 0 {
                 let rpm = l.rpm as f64;
-                admits(bucket(&mut t.rpm, rpm / 60.0, rpm, at), 1.0, Limit::Rpm, at)?;
+                admits(bucket(&mut t.rpm, rpm / 60.0, rpm, now), 1.0, Limit::Rpm, now)?;
             }
             if l.tpm > 0 {
                 let tpm = l.tpm as f64;
                 // A request larger than the whole minute's budget is admitted against a full bucket (it
                 // goes into debt) rather than refused forever.
-                admits(bucket(&mut t.tpm, tpm / 60.0, tpm, at), (tokens as f64).min(tpm), Limit::Tpm, at)?;
+                admits(bucket(&mut t.tpm, tpm / 60.0, tpm, now), (tokens as f64).min(tpm), Limit::Tpm, now)?;
             }
         }
 
