@@ -268,7 +268,7 @@ async fn worker_url_credentials_show_nowhere_not_even_in_the_trace_log() {
     // One worker named by its URL (host:port), one named in the config; both carry a password.
     let unnamed = sims[0].url().trim_start_matches("http://").to_string();
     let config = format!(
-        "[health]\ninterval_ms = 100\n[circuit_breaker]\nfailure_threshold = 2\n\
+        "[routing]\nstrategy = \"round_robin\"\n[health]\ninterval_ms = 100\n[circuit_breaker]\nfailure_threshold = 2\n\
          [[workers]]\nurl = \"{}\"\n[[workers]]\nname = \"sim-b\"\nurl = \"{}/\"\n",
         with_creds(&sims[0], "alice"),
         with_creds(&sims[1], "bob"),
