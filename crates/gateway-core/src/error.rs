@@ -54,8 +54,6 @@ pub enum ErrorKind {
     UpstreamUnavailable,
     /// The worker did not answer within the configured timeout.
     UpstreamTimeout,
-    /// The gateway is shutting down and accepts no new requests.
-    ShuttingDown,
     /// The gateway holds as many connections or buffered body bytes as it may (`server.max_connections`,
     /// `server.max_buffered_bytes`); the client should retry shortly.
     ServerBusy,
@@ -97,7 +95,6 @@ impl ErrorKind {
             NotFound => (404, "invalid_request_error", "not_found", Side::Client),
             UpstreamUnavailable => (502, "upstream_error", "upstream_unavailable", Side::Upstream),
             UpstreamTimeout => (504, "upstream_error", "upstream_timeout", Side::Upstream),
-            ShuttingDown => (503, "service_unavailable", "shutting_down", Side::Internal),
             ServerBusy => (503, "service_unavailable", "server_busy", Side::Internal),
             Internal => (500, "internal_error", "internal_error", Side::Internal),
         };

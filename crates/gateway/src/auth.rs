@@ -16,8 +16,6 @@ use subtle::ConstantTimeEq;
 pub struct Tenant {
     /// The tenant's name from config.
     pub name: Arc<str>,
-    /// First 8 hex digits of the key's SHA-256, for logs.
-    pub key_hash: String,
     /// Default priority of its requests.
     pub priority: Priority,
     /// Requests per minute, overriding `rate_limit.per_user_rpm`.
@@ -28,8 +26,9 @@ pub struct Tenant {
     pub rpd: Option<u64>,
 }
 
-/// The key table in force.
-#[derive(Debug, Default)]
+/// The key table in force. Comparable, so a reload whose config is unchanged still notices a changed
+/// keys file.
+#[derive(Debug, Default, PartialEq)]
 pub struct Auth {
     enabled: bool,
     by_digest: HashMap<[u8; 32], Arc<Tenant>>,
@@ -45,11 +44,15 @@ pub fn short_hash(key: &str) -> String {
 }
 
 impl Auth {
-    /// The table for `cfg` (keys from config and `keys_file`).
+    /// The table for `cfg` (keys from config and `keys_file`, which is read here).
     pub fn from_config(cfg: &AuthConfig) -> Result<Self, String> {
-        let keys = cfg.all_keys()?;
-        let by_digest = keys.iter().map(|k: &ApiKeyConfig| (digest(&k.key), Arc::new(tenant(k)))).collect();
-        Ok(Self { enabled: cfg.enabled, by_digest })
+        Ok(Self::new(cfg.enabled, &cfg.all_keys()?))
+    }
+
+    /// The table of `keys`, already read and checked ([`crate::config::Config::validate_reading_keys`]).
+    pub fn new(enabled: bool, keys: &[ApiKeyConfig]) -> Self {
+        let by_digest = keys.iter().map(|k| (digest(&k.key), Arc::new(tenant(k)))).collect();
+        Self { enabled, by_digest }
     }
 
     /// Whether keys are required.
@@ -98,7 +101,6 @@ pub fn bearer_token(headers: &http::HeaderMap) -> Option<&str> {
 fn tenant(k: &ApiKeyConfig) -> Tenant {
     Tenant {
         name: Arc::from(k.name.as_str()),
-        key_hash: short_hash(&k.key),
         priority: k.priority,
         rpm: k.requests_per_minute,
         tpm: k.tokens_per_minute,
@@ -142,7 +144,6 @@ mod tests {
         let t = auth.authenticate(&headers("Bearer   sk-gold ")).expect("known").expect("enabled");
         assert_eq!(&*t.name, "gold");
         assert_eq!(t.priority, Priority::High);
-        assert_eq!(t.key_hash.len(), 8);
         for bad in ["Bearer sk-golden", "Bearer ", "Basic sk-gold", "sk-gold", "Bearersk-gold", "Bear sk-gold"] {
             let err = auth.authenticate(&headers(bad)).unwrap_err();
             assert_eq!(err.status(), 401, "{bad}");

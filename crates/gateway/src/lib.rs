@@ -9,10 +9,13 @@
 //!   ([`proxy::relay`], [`proxy::sse`], [`proxy::usage`]).
 //! - [`fleet`]: the workers in force ([`fleet::worker`]), their load slots and guards ([`fleet::slot`]),
 //!   active health probes ([`fleet::probe`]) and engine `/metrics` scraping ([`fleet::scrape`]).
-//! - [`limits`]: token-bucket limits, local or shared in Redis ([`limits::redis`]); [`auth`]: API keys.
-//! - [`admin`]: the admin API ([`admin::breakers`], [`admin::queue`]; [`admin::cross_site`] keeps other sites' pages
-//!   from using it); [`dashboard`]: the live page.
-//! - [`config`]: figment layering and validation; [`reload`]: hot reload (admin API, file, `SIGHUP`).
+//! - [`limits`]: token-bucket limits ([`limits::quota`] names them), local ([`limits::local`]) or
+//!   shared in Redis ([`limits::redis`]), reported in [`limits::headers`]; [`auth`]: API keys.
+//! - [`admin`]: the admin API, a file per job ([`admin::views`], [`admin::workers`], [`admin::config`],
+//!   [`admin::breakers`], [`admin::queue`]; [`admin::cross_site`] keeps other sites' pages from using
+//!   it); [`dashboard`]: the live page and its per-second [`dashboard::series`].
+//! - [`config`]: figment layering and validation; [`reload`]: hot reload (admin API, file, `SIGHUP`),
+//!   a fallible build, then an infallible commit.
 //! - [`state`]: the composition root, [`state::Snapshot`] behind `ArcSwap` and [`state::AppState`].
 //! - [`metrics`]: every metric name; [`error`]: the one error response.
 //! - [`batch`]: the Batch API (`/v1/files`, `/v1/batches`), its SQLite store and its runner.

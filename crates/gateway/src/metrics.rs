@@ -11,6 +11,7 @@ use prometheus::{
     Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
 };
+use std::collections::BTreeMap;
 
 /// Buckets for request latency, seconds: 5 ms to 10 min.
 const LATENCY_BUCKETS: &[f64] =
@@ -284,6 +285,27 @@ impl Metrics {
         }
     }
 
+    /// Requests answered so far: the sum of the `requests` family over its label sets.
+    pub fn requests_total(&self) -> u64 {
+        sum_by(&self.requests, &[]).values().sum()
+    }
+
+    /// Routing decisions so far, by strategy and then worker name.
+    pub fn routing_decisions_by_strategy(&self) -> BTreeMap<String, BTreeMap<String, u64>> {
+        let mut out: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
+        for (labels, n) in sum_by(&self.routing_decisions, &["strategy", "worker"]) {
+            if let [strategy, worker] = labels.as_slice() {
+                *out.entry(strategy.clone()).or_default().entry(worker.clone()).or_default() += n;
+            }
+        }
+        out
+    }
+
+    /// Rate-limit refusals so far, by limit name (empty until a limit refuses something).
+    pub fn rate_limit_rejections(&self) -> BTreeMap<String, u64> {
+        sum_by(&self.rate_limiter_rejected, &["limit"]).into_iter().map(|(l, n)| (l.concat(), n)).collect()
+    }
+
     /// Counts a breaker transition of the worker named `worker`.
     pub fn count_transition(&self, worker: &str, t: Option<guard::Transition>) {
         if let Some(t) = t {
@@ -327,6 +349,21 @@ pub fn status_label(status: u16) -> &'static str {
         504 => "504",
         s => LABELS[usize::from(s / 100).saturating_sub(1).min(5)],
     }
+}
+
+/// The counts of a counter family summed by the values of `keys` (a missing label reads `unknown`).
+fn sum_by(family: &IntCounterVec, keys: &[&str]) -> BTreeMap<Vec<String>, u64> {
+    let mut out = BTreeMap::new();
+    for mf in family.collect() {
+        for m in mf.get_metric() {
+            let values = keys
+                .iter()
+                .map(|k| m.get_label().iter().find(|l| l.name() == *k).map_or("unknown", |l| l.value()).to_string())
+                .collect();
+            *out.entry(values).or_default() += m.get_counter().get_value() as u64;
+        }
+    }
+    out
 }
 
 #[cfg(test)]

@@ -48,6 +48,10 @@ pub struct AppState {
     pub connections: Arc<crate::server::connections::Connections>,
     /// The Batch API's store and runner figures (`batch.data_dir` is read once, here).
     pub batch: Arc<crate::batch::Batches>,
+    /// Serializes this gateway's reloads ([`crate::reload::update`]); async, as it is held across probes.
+    pub reload: tokio::sync::Mutex<()>,
+    /// The per-second sampler of the dashboard's series and `/api/status`'s qps.
+    pub sampler: Arc<crate::dashboard::series::Sampler>,
     next_worker_id: AtomicU64,
     /// One health probe task per worker of the fleet in force.
     probes: ProbeSet,
@@ -73,6 +77,8 @@ impl AppState {
             client,
             limiter: ArcSwap::new(crate::limits::RateLimiter::new(&config.rate_limit)),
             body_budget: crate::server::budget::ByteBudget::new(),
+            reload: tokio::sync::Mutex::new(()),
+            sampler: crate::dashboard::series::Sampler::new(),
             connections: crate::server::connections::Connections::new(),
             snapshot: ArcSwap::from_pointee(Snapshot {
                 auth: Arc::new(crate::auth::Auth::from_config(&config.auth).map_err(anyhow::Error::msg)?),

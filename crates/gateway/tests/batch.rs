@@ -16,7 +16,7 @@ struct DataDir(PathBuf);
 
 impl DataDir {
     fn new() -> Self {
-        let p = std::env::temp_dir().join(format!("llm-gateway-batch-{}", uuid::Uuid::new_v4().simple()));
+        let p = temp_path("batch");
         std::fs::create_dir_all(&p).unwrap();
         Self(p)
     }

@@ -114,7 +114,7 @@ async fn mutations_need_the_admin_token() {
 #[tokio::test]
 async fn loadtest_reports_throughput_and_writes_json() {
     let (_sims, gw) = setup(None).await;
-    let dir = std::env::temp_dir().join(format!("llm-gateway-cli-{}", uuid::Uuid::new_v4()));
+    let dir = common::temp_path("cli");
     std::fs::create_dir_all(&dir).unwrap();
     let out = dir.join("report.json");
     let r = run(&["loadtest", &gw.url(), "-c", "4", "-d", "2", "--stream", "-o", out.to_str().unwrap()]).await;

@@ -5,6 +5,8 @@
 //! The Prometheus test is `#[ignore]`d so `cargo test --workspace` runs without the binary;
 //! `scripts/check-deploy.sh` installs it and runs `cargo test -p llm-gateway --test deploy -- --include-ignored`.
 
+mod common;
+
 use llm_gateway::config::Overrides;
 use llm_gateway::Config;
 use serde_json::Value;
@@ -364,7 +366,7 @@ fn prometheus_binary() -> PathBuf {
 
 /// A running Prometheus and its scratch directory; killed and removed on drop.
 struct Prometheus {
-    child: std::process::Child,
+    server: common::ExternalServer,
     dir: PathBuf,
     url: String,
 }
@@ -377,8 +379,7 @@ impl Prometheus {
 
 impl Drop for Prometheus {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.server.kill();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -401,22 +402,24 @@ fn scrape_config(gateway: &str, sims: &[String]) -> String {
 }
 
 fn start_prometheus(config: &str) -> Prometheus {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
-    let dir = std::env::temp_dir().join(format!("llm-gateway-deploy-{}-{nanos}", std::process::id()));
+    let dir = common::temp_path("deploy");
     std::fs::create_dir_all(dir.join("data")).expect("temp dir");
     std::fs::write(dir.join("prometheus.yml"), config).expect("write config");
-    // Prometheus binds its own port: take a free one and release it just before.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port();
-    let log = std::fs::File::create(dir.join("prometheus.log")).expect("log file");
-    let child = std::process::Command::new(prometheus_binary())
-        .arg(format!("--config.file={}", dir.join("prometheus.yml").display()))
-        .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
-        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-        .stdout(log.try_clone().expect("log file"))
-        .stderr(log)
-        .spawn()
-        .expect("prometheus starts");
-    Prometheus { child, dir, url: format!("http://127.0.0.1:{port}") }
+    // Prometheus binds its own port: a free one, retried if taken meanwhile.
+    let command = |port: u16| {
+        let log = std::fs::File::create(dir.join("prometheus.log")).expect("log file");
+        let mut cmd = std::process::Command::new(prometheus_binary());
+        cmd.arg(format!("--config.file={}", dir.join("prometheus.yml").display()))
+            .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(log.try_clone().expect("log file"))
+            .stderr(log);
+        cmd
+    };
+    let listening = |port: u16| std::net::TcpStream::connect(("127.0.0.1", port)).is_ok();
+    let server = common::start_on_free_port("prometheus", command, listening);
+    let url = format!("http://127.0.0.1:{}", server.port);
+    Prometheus { server, dir, url }
 }
 
 /// The instant vector of `query`, or `None` while Prometheus cannot answer.

@@ -8,41 +8,14 @@ use common::*;
 use std::time::Duration;
 use tokio::time::Instant;
 
-/// A real `llm-gateway` process on an ephemeral port in front of one worker; killed when dropped.
-struct GatewayProcess {
-    child: tokio::process::Child,
-    url: String,
-    config: std::path::PathBuf,
+/// A real `llm-gateway` process in front of `worker`.
+async fn start_gateway(worker: &str) -> GatewayProcess {
+    GatewayProcess::start(&format!("[[workers]]\nurl = \"{worker}\"\n[health]\ninterval_ms = 100\n"), &[]).await
 }
 
-impl Drop for GatewayProcess {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.config);
-    }
-}
-
-impl GatewayProcess {
-    async fn start(worker: &str) -> GatewayProcess {
-        use tokio::io::AsyncBufReadExt;
-        let path = std::env::temp_dir().join(format!("llm-gateway-hostile-{}.toml", std::process::id()));
-        std::fs::write(&path, format!("[[workers]]\nurl = \"{worker}\"\n[health]\ninterval_ms = 100\n")).unwrap();
-        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_llm-gateway"))
-            .args(["--config", path.to_str().unwrap(), "--host", "127.0.0.1", "--port", "0"])
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
-        let line = lines.next_line().await.unwrap().expect("a listening line");
-        let url = line.split_whitespace().find(|w| w.starts_with("http://")).unwrap().to_string();
-        GatewayProcess { child, url, config: path }
-    }
-
-    /// Panics if the process has exited (a crash, e.g. an aborted stack overflow).
-    fn assert_alive(&mut self) {
-        assert!(self.child.try_wait().unwrap().is_none(), "the gateway process died");
-    }
+/// Panics if the process has exited (a crash, e.g. an aborted stack overflow).
+fn assert_alive(gw: &mut GatewayProcess) {
+    assert!(gw.process.child.try_wait().unwrap().is_none(), "the gateway process died");
 }
 
 /// `(endpoint, body)` with `depth` nested lists around a string in the endpoint's text field.
@@ -72,14 +45,14 @@ async fn normal_chat_succeeds(gw: &str) -> bool {
 
 #[tokio::test]
 async fn absurdly_nested_text_fields_get_a_fast_400_and_the_gateway_keeps_serving() {
-    let sim = SimProcess::start(0, &["--ttft-ms", "1", "--itl-ms", "1", "--output-tokens", "2"]);
-    let mut gw = GatewayProcess::start(&sim.url).await;
-    wait_for("the sim to be routable", Duration::from_secs(10), || normal_chat_succeeds(&gw.url)).await;
+    let sim = SimProcess::start(&["--ttft-ms", "1", "--itl-ms", "1", "--output-tokens", "2"]).await;
+    let mut gw = start_gateway(sim.url()).await;
+    wait_for("the sim to be routable", Duration::from_secs(10), || normal_chat_succeeds(gw.url())).await;
 
     // 100k levels (200 KB): this aborted the whole process with a stack overflow.
     for (endpoint, body) in nested_bodies(100_000) {
         let started = Instant::now();
-        let (status, json) = post(&format!("{}{endpoint}", gw.url), body).await;
+        let (status, json) = post(&format!("{}{endpoint}", gw.url()), body).await;
         let took = started.elapsed();
         assert_eq!(status, 400, "{endpoint}: {json}");
         assert_eq!(json["error"]["type"], "invalid_request_error", "{endpoint}: {json}");
@@ -87,19 +60,19 @@ async fn absurdly_nested_text_fields_get_a_fast_400_and_the_gateway_keeps_servin
         let message = json["error"]["message"].as_str().unwrap();
         assert!(message.contains("nest deeper than 100 levels"), "{endpoint}: {message}");
         assert!(took < Duration::from_secs(2), "{endpoint} took {took:?}");
-        gw.assert_alive();
-        assert!(normal_chat_succeeds(&gw.url).await, "a normal request after {endpoint}");
+        assert_alive(&mut gw);
+        assert!(normal_chat_succeeds(gw.url()).await, "a normal request after {endpoint}");
     }
 
     // Nesting within the gateway's limit passes through: the worker's own answer comes back unchanged.
     for (endpoint, body) in nested_bodies(90) {
-        let (direct, direct_json) = post(&format!("{}{endpoint}", sim.url), body.clone()).await;
-        let (status, json) = post(&format!("{}{endpoint}", gw.url), body).await;
+        let (direct, direct_json) = post(&format!("{}{endpoint}", sim.url()), body.clone()).await;
+        let (status, json) = post(&format!("{}{endpoint}", gw.url()), body).await;
         assert_eq!(status, direct, "{endpoint}: {json}");
         if status != 200 {
             assert_eq!(json, direct_json, "{endpoint}: the worker's error passes through");
         }
     }
-    gw.assert_alive();
-    assert!(normal_chat_succeeds(&gw.url).await);
+    assert_alive(&mut gw);
+    assert!(normal_chat_succeeds(gw.url()).await);
 }

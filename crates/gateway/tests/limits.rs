@@ -5,7 +5,8 @@ mod common;
 
 use common::*;
 use llm_gateway::config::{ApiKeyConfig, RateLimitBackend};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 use vllm_sim::SimConfig;
 
 fn tiny_sim() -> SimConfig {
@@ -91,7 +92,7 @@ async fn offer(gateways: &[String], rate: f64, n: usize) -> (usize, Duration) {
     let mut tasks = Vec::new();
     for i in 0..n {
         let at = start + Duration::from_secs_f64(i as f64 / rate);
-        tokio::time::sleep_until(at.into()).await;
+        tokio::time::sleep_until(at).await;
         let (c, gw) = (c.clone(), gateways[i % gateways.len()].clone());
         tasks.push(tokio::spawn(async move {
             let body = serde_json::json!({"model": "demo-model", "max_tokens": 1, "prompt": "x"});
@@ -108,53 +109,9 @@ async fn offer(gateways: &[String], rate: f64, n: usize) -> (usize, Duration) {
     (admitted, elapsed)
 }
 
-#[tokio::test]
-async fn offered_twice_the_limit_admits_the_limit_within_two_percent() {
-    let sims = sims(1, |_| tiny_sim()).await;
-    let mut cfg = test_config(worker_configs(&sims));
-    cfg.rate_limit.enabled = true;
-    cfg.rate_limit.requests_per_second = 100.0;
-    cfg.rate_limit.burst_size = 5.0;
-    cfg.rate_limit.per_user_rpm = 0;
-    cfg.rate_limit.per_worker_qps = 0.0;
-    let gw = gateway(cfg).await;
-    let (admitted, elapsed) = offer(&[gw.url()], 200.0, 800).await;
-    let expected = 5.0 + 100.0 * elapsed.as_secs_f64();
-    let error = (admitted as f64 - expected).abs() / expected;
-    assert!(error <= 0.02, "admitted {admitted}, expected {expected:.0} over {elapsed:?} ({:.1}% off)", error * 100.0);
-}
-
-/// A real `llm-gateway` process with `config` (TOML), on an ephemeral port; killed when dropped.
-struct GatewayProcess {
-    child: tokio::process::Child,
-    url: String,
-}
-
-impl GatewayProcess {
-    async fn start(config: &str) -> GatewayProcess {
-        use tokio::io::AsyncBufReadExt;
-        let path = std::env::temp_dir().join(format!("llm-gateway-test-{}-{}.toml", std::process::id(), rand_suffix()));
-        std::fs::write(&path, config).unwrap();
-        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_llm-gateway"))
-            .args(["--config", path.to_str().unwrap(), "--host", "127.0.0.1", "--port", "0"])
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
-        let line = lines.next_line().await.unwrap().expect("a listening line");
-        let url = line.split_whitespace().find(|w| w.starts_with("http://")).unwrap().to_string();
-        GatewayProcess { child, url }
-    }
-}
-
-fn rand_suffix() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u8(0);
-    h.finish()
-}
+// The refill rate of the local buckets is tested on tokio's paused clock in
+// `limits::tests::offered_twice_the_limit_admits_the_limit_on_the_paused_clock`; over HTTP, only the
+// shared (Redis) buckets below, which run on Redis's clock.
 
 #[tokio::test]
 async fn two_gateway_processes_sharing_redis_enforce_one_limit() {
@@ -181,22 +138,20 @@ level = "warn"
     );
     let mut gateways = Vec::new();
     for _ in 0..2 {
-        gateways.push(GatewayProcess::start(&config).await);
+        gateways.push(GatewayProcess::start(&config, &[]).await);
     }
-    let urls: Vec<String> = gateways.iter().map(|g| g.url.clone()).collect();
+    let urls: Vec<String> = gateways.iter().map(|g| g.url().to_string()).collect();
     let (admitted, elapsed) = offer(&urls, 100.0, 300).await;
     let expected = 5.0 + 50.0 * elapsed.as_secs_f64();
     let error = (admitted as f64 - expected).abs() / expected;
     assert!(error <= 0.05, "admitted {admitted} by both, expected {expected:.0} ({:.1}% off)", error * 100.0);
     for g in &gateways {
-        let m = client().get(format!("{}/metrics", g.url)).send().await.unwrap().text().await.unwrap();
+        let m = client().get(format!("{}/metrics", g.url())).send().await.unwrap().text().await.unwrap();
         assert_eq!(metric_value(&m, "llm_rate_limiter_fallback_total"), 0.0, "Redis answered every check");
         // Which replica refuses depends on the phase of arrivals against refills; only the sum is fixed.
         assert_eq!(metric_value(&m, "llm_rate_limiter_requests_total"), 150.0, "each replica checked its half");
     }
-    for mut g in gateways {
-        let _ = g.child.kill().await;
-    }
+    drop(gateways);
 }
 
 #[tokio::test]
@@ -261,9 +216,8 @@ async fn a_reload_keeps_buckets_whose_limits_did_not_change() {
     assert_eq!(post(&c, &gw.url(), None, &body).await.status(), 429, "the user's bucket was not reset");
     assert_eq!(patch(serde_json::json!({"rate_limit": {"per_user_rpm": 600}})).await.unwrap().status(), 200);
     // Same level, faster refill (10/s): admitted again within a fraction of a second.
-    let deadline = Instant::now() + Duration::from_secs(3);
-    while post(&c, &gw.url(), None, &body).await.status() != 200 {
-        assert!(Instant::now() < deadline, "the new limit applies");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for("the new limit to apply", Duration::from_secs(3), || async {
+        post(&c, &gw.url(), None, &body).await.status() == 200
+    })
+    .await;
 }

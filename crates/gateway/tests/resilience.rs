@@ -22,14 +22,14 @@ fn fault_config(workers: Vec<llm_gateway::config::WorkerConfig>) -> llm_gateway:
 #[tokio::test]
 async fn a_killed_worker_process_is_retried_around_and_comes_back_through_half_open() {
     let mut procs = [
-        SimProcess::start(0, &["--itl-ms", "20", "--output-tokens", "30", "--ttft-ms", "1"]),
-        SimProcess::start(0, &["--itl-ms", "20", "--output-tokens", "30", "--ttft-ms", "1"]),
+        SimProcess::start(&["--itl-ms", "20", "--output-tokens", "30", "--ttft-ms", "1"]).await,
+        SimProcess::start(&["--itl-ms", "20", "--output-tokens", "30", "--ttft-ms", "1"]).await,
     ];
     let workers: Vec<_> = procs
         .iter()
         .enumerate()
         .map(|(i, p)| {
-            let mut w = llm_gateway::config::WorkerConfig::from_url(p.url.clone());
+            let mut w = llm_gateway::config::WorkerConfig::from_url(p.url());
             w.name = Some(format!("sim-{i}"));
             w
         })
@@ -43,7 +43,7 @@ async fn a_killed_worker_process_is_retried_around_and_comes_back_through_half_o
         assert_eq!(resp.status(), 200);
         streams.push(resp);
     }
-    procs[1].kill();
+    procs[1].kill().await;
     let mut broken = 0;
     for resp in streams {
         let worker = resp.headers()["x-gateway-worker"].to_str().unwrap().to_string();
@@ -67,17 +67,17 @@ async fn a_killed_worker_process_is_retried_around_and_comes_back_through_half_o
     assert!(stats[1]["breaker"]["counters"]["opens"].as_u64() >= Some(1), "sim-1's breaker opened: {stats}");
     // A new sim on the same port: after the open timeout, trials close the breaker again.
     let port = procs[1].port;
-    procs[1] = SimProcess::start(port, &["--itl-ms", "1", "--output-tokens", "2"]);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let resp = client().post(&url).json(&chat("demo-model", "hi", false)).send().await.unwrap();
-        assert_eq!(resp.status(), 200);
-        if resp.headers()["x-gateway-worker"] == "sim-1" && breaker_state(&gw.url(), 1).await == "closed" {
-            break;
+    procs[1] = SimProcess::restart_on(port, &["--itl-ms", "1", "--output-tokens", "2"]).await;
+    let (c, gw_url) = (client(), gw.url());
+    wait_for("sim-1 to come back through half-open", Duration::from_secs(10), || {
+        let (c, url, gw_url) = (c.clone(), url.clone(), gw_url.clone());
+        async move {
+            let resp = c.post(&url).json(&chat("demo-model", "hi", false)).send().await.unwrap();
+            assert_eq!(resp.status(), 200);
+            resp.headers()["x-gateway-worker"] == "sim-1" && breaker_state(&gw_url, 1).await == "closed"
         }
-        assert!(tokio::time::Instant::now() < deadline, "sim-1 did not come back through half-open");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -114,11 +114,7 @@ async fn with_retries_a_failing_worker_costs_the_client_nothing() {
         assert_eq!(resp.status(), 200);
     }
     let metrics = client().get(format!("{}/metrics", gw.url())).send().await.unwrap().text().await.unwrap();
-    let retries: u64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("llm_gateway_retries_total "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap();
+    let retries = metric_value(&metrics, "llm_gateway_retries_total") as u64;
     assert!(retries > 0, "the failures were retried, not hidden");
     // Each client request is counted once, by its answer; failed attempts count only as upstream outcomes.
     assert_eq!(metric_value(&metrics, "llm_gateway_requests_total{model=\"demo-model\",status=\"200\"}"), 60.0);

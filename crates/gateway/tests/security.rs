@@ -13,7 +13,6 @@ mod common;
 
 use common::*;
 use serde_json::{json, Value};
-use std::io::BufRead;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -216,9 +215,9 @@ async fn require_token_refuses_a_start_and_a_reload_without_a_token() {
 // ---------------------------------------------------------------------------------------------------
 // The real binary, its log captured
 
-/// A running `llm-gateway` process whose stderr goes to a file; SIGTERMed and reaped when dropped.
+/// A running `llm-gateway` process whose stderr goes to a file; killed when dropped.
 struct Binary {
-    child: std::process::Child,
+    child: tokio::process::Child,
     url: String,
     log: PathBuf,
     dir: PathBuf,
@@ -226,43 +225,33 @@ struct Binary {
 
 impl Binary {
     /// Starts the binary on `127.0.0.1:0` with `config` (TOML) and the log filter `level`.
-    fn start(config: &str, level: &str) -> Binary {
-        let dir = std::env::temp_dir().join(format!("llm-gateway-security-{}", uuid::Uuid::new_v4()));
+    async fn start(config: &str, level: &str) -> Binary {
+        let dir = temp_path("security");
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("gateway.toml");
         std::fs::write(&file, config).unwrap();
         let log = dir.join("stderr.log");
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_llm-gateway"))
-            .args(["--config", file.to_str().unwrap(), "--host", "127.0.0.1", "--port", "0"])
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_llm-gateway"));
+        cmd.args(["--config", file.to_str().unwrap(), "--host", "127.0.0.1", "--port", "0"])
             .env("RUST_LOG", level)
             .env_remove("LLM_ADMIN_TOKEN")
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("the gateway binary starts");
-        let stdout = child.stdout.take().expect("piped");
-        let line = std::io::BufReader::new(stdout).lines().next().expect("a line").expect("utf-8");
-        let url = line.split_whitespace().find(|w| w.starts_with("http://")).expect("listening url").to_string();
+            .stderr(std::fs::File::create(&log).unwrap());
+        let Listening { child, url } = spawn_listening(cmd).await;
         Binary { child, url, log, dir }
     }
 
     /// SIGTERM, wait for the exit, and answer the whole log.
     async fn stop(mut self) -> String {
-        let pid = self.child.id().to_string();
+        let pid = self.child.id().expect("running").to_string();
         assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        while self.child.try_wait().unwrap().is_none() {
-            assert!(tokio::time::Instant::now() < deadline, "the gateway did not exit");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        tokio::time::timeout(Duration::from_secs(20), self.child.wait()).await.expect("the gateway exits").unwrap();
         std::fs::read_to_string(&self.log).unwrap()
     }
 }
 
 impl Drop for Binary {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let _ = self.child.start_kill();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -279,12 +268,12 @@ async fn worker_url_credentials_show_nowhere_not_even_in_the_trace_log() {
     // One worker named by its URL (host:port), one named in the config; both carry a password.
     let unnamed = sims[0].url().trim_start_matches("http://").to_string();
     let config = format!(
-        "[health]\ninterval_ms = 100\n[circuit_breaker]\nfailure_threshold = 2\n\
+        "[routing]\nstrategy = \"round_robin\"\n[health]\ninterval_ms = 100\n[circuit_breaker]\nfailure_threshold = 2\n\
          [[workers]]\nurl = \"{}\"\n[[workers]]\nname = \"sim-b\"\nurl = \"{}/\"\n",
         with_creds(&sims[0], "alice"),
         with_creds(&sims[1], "bob"),
     );
-    let gw = Binary::start(&config, "trace");
+    let gw = Binary::start(&config, "trace").await;
     let url = gw.url.clone();
     let c = client();
     wait_for("both workers healthy", Duration::from_secs(10), || async {
@@ -368,7 +357,7 @@ async fn worker_url_credentials_show_nowhere_not_even_in_the_trace_log() {
 async fn a_hostile_model_name_is_bounded_and_escaped_in_the_answer_and_the_log() {
     let sims = sims(1, |_| fast_sim()).await;
     let config = format!("[health]\ninterval_ms = 100\n[[workers]]\nname = \"sim-0\"\nurl = \"{}\"\n", sims[0].url());
-    let gw = Binary::start(&config, "info");
+    let gw = Binary::start(&config, "info").await;
     let forged_line = "2026-01-01T00:00:00.000000Z  INFO llm_gateway::admin: FORGED admin token accepted";
     let model = format!("nope\n{forged_line}\n\u{1b}[2J\u{1b}[31mred\u{7}{}", "m".repeat(1 << 20));
     let body = json!({"model": model, "messages": [{"role": "user", "content": "hi"}]});

@@ -10,7 +10,6 @@ mod common;
 
 use common::*;
 use llm_gateway::config::{ApiKeyConfig, Config};
-use std::io::BufRead;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -227,24 +226,19 @@ fn fd_warnings(log: &str) -> usize {
 #[tokio::test]
 async fn health_answers_while_idle_sockets_exhaust_file_descriptors() {
     let sims = sims(1, |_| fast_sim()).await;
-    let log_path = std::env::temp_dir().join(format!("server-limits-fd-{}.log", std::process::id()));
+    let log_path = temp_path("server-limits-fd.log");
     let log = std::fs::File::create(&log_path).unwrap();
     // 64 descriptors: a handful for the runtime, the listener and the worker, the rest for clients.
     // Timeouts far longer than the test: only closing quiet connections can free descriptors.
-    let mut child = std::process::Command::new("prlimit")
-        .args(["--nofile=64:64", "--"])
+    let mut cmd = tokio::process::Command::new("prlimit");
+    cmd.args(["--nofile=64:64", "--"])
         .arg(env!("CARGO_BIN_EXE_llm-gateway"))
         .args(["--host", "127.0.0.1", "--port", "0", "--workers", &sims[0].url()])
         .env("LLM_SERVER_HEADER_READ_TIMEOUT_MS", "120000")
         .env("LLM_SERVER_IDLE_TIMEOUT_MS", "120000")
         .env("RUST_LOG", "info")
-        .stdout(std::process::Stdio::piped())
-        .stderr(log)
-        .spawn()
-        .expect("prlimit runs the gateway");
-    let stdout = child.stdout.take().unwrap();
-    let line = std::io::BufReader::new(stdout).lines().next().expect("a line").unwrap();
-    let url = line.split_whitespace().find(|w| w.starts_with("http://")).expect("listening url").to_string();
+        .stderr(log);
+    let Listening { mut child, url } = spawn_listening(cmd).await;
     let addr = url.trim_start_matches("http://").to_string();
     // 150 idle sockets: more than the process has descriptors.
     let mut idle = Vec::new();
@@ -261,8 +255,7 @@ async fn health_answers_while_idle_sockets_exhaust_file_descriptors() {
     let resp = c.get(format!("{url}/health")).send().await.expect("still serving");
     assert!(resp.status().is_success() || resp.status() == 503);
     assert!(child.try_wait().unwrap().is_none(), "the gateway is still running");
-    let _ = child.kill();
-    let _ = child.wait();
+    let _ = child.kill().await;
     let log = std::fs::read_to_string(&log_path).unwrap();
     let _ = std::fs::remove_file(&log_path);
     let warnings = fd_warnings(&log);

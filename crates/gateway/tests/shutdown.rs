@@ -6,21 +6,15 @@ mod common;
 
 use common::*;
 use futures_util::StreamExt;
-use std::io::BufRead;
 use std::time::Duration;
 
 #[tokio::test]
 async fn sigterm_lets_running_streams_finish_and_exits_zero() {
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_llm-gateway"))
-        .args(["--demo", "2", "--host", "127.0.0.1", "--port", "0"])
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_llm-gateway"));
+    cmd.args(["--demo", "2", "--host", "127.0.0.1", "--port", "0"])
         .env("LLM_SERVER_SHUTDOWN_GRACE_SECS", "20")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("the gateway binary starts");
-    let stdout = child.stdout.take().expect("piped");
-    let line = std::io::BufReader::new(stdout).lines().next().expect("a line").expect("utf-8");
-    let url = line.split_whitespace().find(|w| w.starts_with("http://")).expect("listening url").to_string();
+        .stderr(std::process::Stdio::null());
+    let Listening { mut child, url } = spawn_listening(cmd).await;
     let c = client();
     // Long enough streams (100 tokens at the demo's ~10 ms) to be mid-flight at SIGTERM.
     let mut streams = Vec::new();
@@ -33,7 +27,8 @@ async fn sigterm_lets_running_streams_finish_and_exits_zero() {
         let first = s.next().await.expect("a first chunk").unwrap();
         streams.push((String::from_utf8_lossy(&first).to_string(), s));
     }
-    let status = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    let pid = child.id().expect("running").to_string();
+    let status = std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap();
     assert!(status.success());
     // New connections are refused once the listener closed.
     let addr = url.trim_start_matches("http://").to_string();
@@ -49,13 +44,6 @@ async fn sigterm_lets_running_streams_finish_and_exits_zero() {
         assert!(body.trim_end().ends_with("data: [DONE]"), "{body}");
         assert!(!body.contains("\"error\""), "{body}");
     }
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    let code = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "the gateway did not exit");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let code = tokio::time::timeout(Duration::from_secs(20), child.wait()).await.expect("the gateway exits").unwrap();
     assert_eq!(code.code(), Some(0));
 }

@@ -115,8 +115,9 @@ impl TokenBucket {
         }
     }
 
-    /// Takes `n` tokens if the bucket holds them now; otherwise takes nothing and says how long to wait.
-    pub fn try_take(&mut self, n: f64, now: Instant) -> Result<(), Denied> {
+    /// Whether `n` tokens could be taken now, without taking them: `Ok`, or how long to wait. Lets a
+    /// caller check every bucket a request needs before charging any (no take-then-give-back).
+    pub fn check(&mut self, n: f64, now: Instant) -> Result<(), Denied> {
         let n = sane(n);
         if self.unlimited() || n == 0.0 {
             return Ok(());
@@ -126,13 +127,22 @@ impl TokenBucket {
             return Err(Denied::forever());
         }
         if self.level >= n {
-            self.level -= n;
             return Ok(());
         }
         if self.rate_per_sec == 0.0 {
             return Err(Denied::forever());
         }
         Err(Denied { retry_after: wait_for(n - self.level, self.rate_per_sec), never: false })
+    }
+
+    /// Takes `n` tokens if the bucket holds them now; otherwise takes nothing and says how long to wait.
+    pub fn try_take(&mut self, n: f64, now: Instant) -> Result<(), Denied> {
+        self.check(n, now)?;
+        let n = sane(n);
+        if !self.unlimited() {
+            self.level -= n;
+        }
+        Ok(())
     }
 
     /// Returns `n` tokens taken for an over-estimate; the level stays at most `burst`.
@@ -384,6 +394,20 @@ mod tests {
         assert!(d.retry_after > Duration::from_secs(6) && d.retry_after <= ms(6_001), "{d:?}");
         assert!(b.try_take(10.0, t0 + Duration::from_secs(5)).is_err());
         b.try_take(10.0, t0 + Duration::from_secs(6)).unwrap();
+    }
+
+    #[test]
+    fn check_takes_nothing() {
+        let t0 = Instant::now();
+        let mut b = TokenBucket::new(1.0, 2.0, t0);
+        for _ in 0..5 {
+            assert_eq!(b.check(2.0, t0), Ok(()));
+        }
+        assert_eq!(b.remaining(t0), 2.0);
+        assert!(b.try_take(2.0, t0).is_ok());
+        let d = b.check(1.0, t0).expect_err("empty");
+        assert_eq!(d, b.try_take(1.0, t0).expect_err("empty"), "check and take agree");
+        assert!(b.check(3.0, t0).expect_err("above the burst").never);
     }
 
     #[test]

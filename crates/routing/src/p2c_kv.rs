@@ -163,11 +163,6 @@ impl P2cKv {
         Self { priors: cfg.priors(), cfg, default_cache_tokens: prefix.cache_tokens, state: Mutex::new(state) }
     }
 
-    /// `(prefix hash, worker)` pairs the prefix index holds now, for metrics.
-    pub fn entries(&self) -> usize {
-        self.state.lock().index.entries()
-    }
-
     /// The worker's modelled cache capacity in tokens, `None` when unknown (for tests and the admin API).
     pub fn cache_capacity_tokens(&self, worker: WorkerId) -> Option<u64> {
         let st = self.state.lock();
@@ -198,7 +193,7 @@ impl P2cKv {
 
 impl Policy for P2cKv {
     fn memory_entries(&self) -> usize {
-        self.entries()
+        self.state.lock().index.entries()
     }
 
     fn name(&self) -> &'static str {
@@ -419,7 +414,7 @@ mod tests {
         // of draws; with the best-prefix candidate it goes there every time (960 tokens of prefill saved).
         let c = counts(&p, &req(30, 2, 2), &ws, 200, 4);
         assert_eq!(c[11], 200, "{c:?}");
-        assert_eq!(p.entries(), 32);
+        assert_eq!(p.memory_entries(), 32);
         assert_eq!(p.on_dispatch(&req(30, 2, 2), 11), Some(30 * 32), "the prediction handed to the outcome");
         assert_eq!(p.predicted_cached_tokens(&req(30, 5, 3), 11), 30 * 32);
         // The hand-off's saving: those tokens' prefill at the prior rate until worker 11's is learned.
@@ -622,9 +617,9 @@ mod tests {
         let p = policy(P2cConfig::default());
         p.on_dispatch(&req(8, 0, 0), 3);
         p.on_dispatch(&req(8, 0, 0), 4);
-        assert_eq!(p.entries(), 16);
+        assert_eq!(p.memory_entries(), 16);
         p.forget(3);
-        assert_eq!(p.entries(), 8);
+        assert_eq!(p.memory_entries(), 8);
         // Late outcomes of a forgotten worker leave nothing behind.
         p.observe(&done(3, 100, 256, Some(0), Some(256)));
         assert!(!p.state.lock().workers.contains_key(&3));
@@ -660,7 +655,7 @@ mod tests {
             let pick = p.select(&req(shared, 2, 99), &ws, &mut rng(seed));
             prop_assert_eq!(pick.is_none(), ws.is_empty());
             prop_assert!(pick.iter().all(|&i| i < ws.len()));
-            prop_assert!(p.entries() <= 30);
+            prop_assert!(p.memory_entries() <= 30);
             for w in &ws {
                 prop_assert!(p.predicted_ttft_ms(&req(shared, 2, 99), w).is_finite());
             }

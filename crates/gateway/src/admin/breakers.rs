@@ -17,10 +17,20 @@ pub fn routes() -> Router<Arc<AppState>> {
     Router::new().route("/api/circuit-breaker/stats", get(stats)).route("/api/circuit-breaker/{id}/reset", post(reset))
 }
 
-/// One worker's breaker as JSON: state, counts, last transition.
+/// One worker's breaker as `/api/circuit-breaker/stats` lists it: the worker, whether breakers are on,
+/// and the breaker ([`state_json`]).
 pub fn breaker_json(w: &crate::fleet::worker::Worker, enabled: bool) -> Value {
-    let snap = w.breaker_snapshot(Instant::now());
-    json!({"id": w.id, "worker": w.name, "url": w.spec.display_url(), "enabled": enabled, "breaker": snap})
+    json!({"id": w.id, "worker": w.name, "url": w.spec.display_url(), "enabled": enabled, "breaker": state_json(w, enabled)})
+}
+
+/// One worker's breaker: state, counts, last transition, and `"enabled"` (whether breakers are on),
+/// as the breaker list and the dashboard show it.
+pub fn state_json(w: &crate::fleet::worker::Worker, enabled: bool) -> Value {
+    let mut v = json!(w.breaker_snapshot(Instant::now()));
+    if let Value::Object(m) = &mut v {
+        m.insert("enabled".into(), Value::Bool(enabled));
+    }
+    v
 }
 
 async fn stats(State(app): State<Arc<AppState>>) -> Json<Value> {

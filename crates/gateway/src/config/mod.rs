@@ -653,13 +653,20 @@ impl Config {
         if let Some(strategy) = &overrides.strategy {
             fig = fig.merge(Serialized::default("routing.strategy", strategy));
         }
-        let config: Config = fig.extract().map_err(|e| one_line(&e))?;
+        let config: Config = fig.extract().map_err(|e| one_line_error(&e))?;
         config.validate()?;
         Ok(config)
     }
 
-    /// Checks what serde cannot: URLs, ranges, cross-field rules. Names the bad key.
+    /// Checks what serde cannot: URLs, ranges, cross-field rules. Names the bad key. Reads
+    /// `auth.keys_file` (see [`Config::validate_reading_keys`]).
     pub fn validate(&self) -> Result<(), String> {
+        self.validate_reading_keys().map(|_| ())
+    }
+
+    /// [`Config::validate`], returning the API keys it read (`auth.keys` plus `auth.keys_file`), so a
+    /// reload reads the keys file once and builds its key table from exactly what was checked.
+    pub fn validate_reading_keys(&self) -> Result<Vec<ApiKeyConfig>, String> {
         let mut names = std::collections::HashSet::new();
         for (i, w) in self.workers.iter().enumerate() {
             // Error messages are logged and answered: the URL in them is redacted and bounded.
@@ -762,6 +769,8 @@ impl Config {
             if !matches!(u.scheme(), "redis" | "rediss" | "unix" | "redis+unix") {
                 return Err(format!("rate_limit.redis_url: scheme {:?} is not a Redis URL", u.scheme()));
             }
+            // Opening a client only parses the URL (it connects on first use): what it refuses, refuse here.
+            redis::Client::open(rl.redis_url.as_str()).map_err(|e| format!("rate_limit.redis_url: {e}"))?;
         }
         if self.queue.timeout_secs == 0 {
             return Err("queue.timeout_secs: must be greater than 0".into());
@@ -807,7 +816,7 @@ impl Config {
         if b.retry_base_ms > b.retry_max_ms {
             return Err("batch.retry_base_ms: must not exceed batch.retry_max_ms".into());
         }
-        Ok(())
+        Ok(keys)
     }
 }
 
@@ -865,12 +874,15 @@ fn parse_env_value(v: &str) -> serde_json::Value {
     }
 }
 
-fn one_line(e: &figment::Error) -> String {
+/// A figment error as one line naming the key and, for a file, the layer it came from:
+/// `routing.strategy: unknown variant ... (from TOML file)`. Values set in code (env, flags, the admin
+/// API's merge patch) have no useful layer name: only the key is given.
+pub fn one_line_error(e: &figment::Error) -> String {
     let first = e.clone().into_iter().next().unwrap_or_else(|| e.clone());
     let key = if first.path.is_empty() { String::new() } else { format!("{}: ", first.path.join(".")) };
     let source = match &first.metadata {
-        Some(md) => format!(" (from {})", md.name),
-        None => String::new(),
+        Some(md) if !matches!(md.source, Some(figment::Source::Code(_))) => format!(" (from {})", md.name),
+        _ => String::new(),
     };
     format!("{key}{}{source}", first.kind).replace('\n', " ")
 }

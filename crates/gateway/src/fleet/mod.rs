@@ -23,7 +23,10 @@ impl Fleet {
     /// Builds a fleet for `specs`, reusing workers of `old` whose config entry is unchanged, minting ids
     /// for the rest with `next_id`. A worker whose entry changed (same URL, new weight say) is rebuilt but
     /// keeps its health and drain flags, so a reload neither undrains it nor hides it until its next probe.
-    /// Every breaker gets `breakers`' thresholds (keeping its state).
+    ///
+    /// Only the new workers' breakers get `breakers`' thresholds: the kept workers are shared with the
+    /// fleet in force and are not touched, so a reload refused after this leaves them as they were. The
+    /// reload applies the thresholds to every worker ([`Fleet::configure_breakers`]) when it commits.
     pub fn rebuild(
         old: &Fleet,
         specs: &[WorkerConfig],
@@ -37,6 +40,7 @@ impl Fleet {
                 Some(kept) => Arc::clone(kept),
                 None => {
                     let fresh = Worker::new(next_id(), spec.clone());
+                    fresh.breaker.lock().reconfigure(breakers.breaker());
                     if let Some(prev) = old.workers.iter().find(|w| w.spec.url == spec.url) {
                         fresh.stats.healthy.store(prev.stats.healthy.load(Relaxed), Relaxed);
                         fresh.stats.draining.store(prev.stats.draining.load(Relaxed), Relaxed);
@@ -45,9 +49,7 @@ impl Fleet {
                 }
             })
             .collect();
-        let fleet = Fleet { workers };
-        fleet.configure_breakers(breakers);
-        fleet
+        Fleet { workers }
     }
 
     /// Applies `[circuit_breaker]` thresholds to every worker's breaker (keeps their state).

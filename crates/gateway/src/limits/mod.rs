@@ -11,45 +11,30 @@
 //! `redis_timeout_ms`, the local buckets decide (`redis_failure = "local"`) or the request is refused
 //! (`"deny"`); either way `llm_rate_limiter_fallback_total` counts it. Limits changed by a reload apply
 //! to existing buckets at their next use, keeping their level; unchanged buckets are untouched.
+//!
+//! # Layout
+//! [`quota`] holds what both stores speak ([`Limit`], [`Quota`], the refusal); [`local`] the buckets of
+//! this process; [`redis`] the shared ones; [`headers`] the `x-ratelimit-*` headers. This facade picks
+//! the store, counts, and turns a refusal into a 429.
 
+pub mod headers;
+pub mod local;
+pub mod quota;
 pub mod redis;
+
+pub use headers::set_headers;
+pub use quota::{Limit, Quota};
 
 use crate::auth::Tenant;
 use crate::config::{RateLimitBackend, RateLimitConfig, RedisFailure};
+use crate::limits::local::LocalBuckets;
+use crate::limits::quota::{Limits, Refusal};
+use crate::limits::redis::RedisBuckets;
 use crate::metrics::Metrics;
 use gateway_core::{ErrorKind, GatewayError};
-use guard::{TokenBucket, WindowCounter};
-use parking_lot::Mutex;
-use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-
-/// The limits that apply to one request, resolved from config and its tenant.
-#[derive(Debug, Clone, Copy, PartialEq)]
-struct Limits {
-    rps: f64,
-    burst: f64,
-    rpm: u64,
-    tpm: u64,
-    rpd: u64,
-}
-
-/// What the OpenAI-style `x-ratelimit-*` headers report.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct Quota {
-    /// The request limit reported (per-tenant RPM, else the global burst).
-    pub limit_requests: u64,
-    /// Requests left in it.
-    pub remaining_requests: u64,
-    /// Until it is full again.
-    pub reset_requests: Duration,
-    /// The tenant's tokens per minute, when limited.
-    pub limit_tokens: Option<u64>,
-    /// Tokens left.
-    pub remaining_tokens: u64,
-    /// Until the token bucket is full again.
-    pub reset_tokens: Duration,
-}
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::time::Instant;
 
 /// Tokens charged up front for a request, to reconcile with its real usage.
 pub struct TokenCharge {
@@ -71,50 +56,42 @@ impl TokenCharge {
     }
 }
 
-#[derive(Debug)]
-struct TenantBuckets {
-    rpm: Option<TokenBucket>,
-    tpm: Option<TokenBucket>,
-    rpd: Option<WindowCounter>,
-    last_used: Instant,
+/// Where shared buckets live when `backend = "redis"`.
+enum Shared {
+    /// The local backend: nothing shared.
+    Off,
+    /// A lazily connected Redis.
+    Redis(RedisBuckets),
+    /// The Redis client could not be made (validation refuses such a URL, so only a bug gets here):
+    /// every check is a Redis failure, counted as a fallback, never a silent switch to local buckets.
+    Broken,
 }
 
 /// Every bucket of this process, and the Redis connection when shared.
 pub struct RateLimiter {
-    global: Mutex<Option<TokenBucket>>,
-    tenants: Mutex<HashMap<Arc<str>, TenantBuckets>>,
-    workers: Mutex<HashMap<u64, TokenBucket>>,
-    redis: Option<crate::limits::redis::RedisBuckets>,
+    local: LocalBuckets,
+    shared: Shared,
 }
-
-/// Tenant name used when too many distinct `user`s are tracked: they share one bucket set.
-const OVERFLOW_TENANT: &str = "(overflow)";
 
 fn unix_secs() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
-/// A bucket with `rate`/`burst`, re-configured in place (keeping its level) when they changed.
-fn bucket(slot: &mut Option<TokenBucket>, rate: f64, burst: f64, now: Instant) -> &mut TokenBucket {
-    let b = slot.get_or_insert_with(|| TokenBucket::new(rate, burst, now));
-    if b.rate_per_sec() != rate || b.burst() != burst {
-        b.reconfigure(rate, burst, now);
-    }
-    b
-}
-
 impl RateLimiter {
-    /// A limiter for `cfg`; connects to Redis lazily when the backend is Redis.
+    /// A limiter for `cfg`; connects to Redis lazily when the backend is Redis. A Redis URL the client
+    /// refuses is logged once here, and each check then counts a fallback.
     pub fn new(cfg: &RateLimitConfig) -> Arc<Self> {
-        let redis = (cfg.backend == RateLimitBackend::Redis)
-            .then(|| crate::limits::redis::RedisBuckets::new(&cfg.redis_url))
-            .and_then(Result::ok);
-        Arc::new(Self {
-            global: Mutex::new(None),
-            tenants: Mutex::new(HashMap::new()),
-            workers: Mutex::new(HashMap::new()),
-            redis,
-        })
+        let shared = match cfg.backend {
+            RateLimitBackend::Local => Shared::Off,
+            RateLimitBackend::Redis => match RedisBuckets::new(&cfg.redis_url) {
+                Ok(r) => Shared::Redis(r),
+                Err(e) => {
+                    tracing::error!(error = %e, "rate_limit.redis_url: no Redis client; every check counts as a Redis failure");
+                    Shared::Broken
+                }
+            },
+        };
+        Arc::new(Self { local: LocalBuckets::default(), shared })
     }
 
     fn limits(cfg: &RateLimitConfig, tenant: Option<&Tenant>) -> Limits {
@@ -140,34 +117,32 @@ impl RateLimiter {
         metrics.rate_limiter_requests.inc();
         let limits = Self::limits(cfg, tenant);
         let name: Option<Arc<str>> = tenant.map(|t| Arc::clone(&t.name)).or_else(|| tenant_name.map(Arc::from));
-        let outcome = match (&self.redis, cfg.backend) {
-            (Some(redis), RateLimitBackend::Redis) => {
+        let local =
+            || self.local.check(&limits, name.as_deref(), tokens, cfg.max_tracked_users, Instant::now(), unix_secs());
+        let verdict = match (&self.shared, cfg.backend) {
+            (Shared::Off, _) | (_, RateLimitBackend::Local) => local(),
+            (Shared::Redis(redis), RateLimitBackend::Redis) => {
                 let timeout = Duration::from_millis(cfg.redis_timeout_ms.max(1));
-                match tokio::time::timeout(timeout, redis.check(&limits_spec(&limits), name.as_deref(), tokens)).await {
-                    Ok(Ok(outcome)) => outcome,
+                let day = unix_secs() / 86_400;
+                match tokio::time::timeout(timeout, redis.check(&limits, day, name.as_deref(), tokens)).await {
+                    Ok(Ok(verdict)) => verdict,
                     failure => {
-                        metrics.rate_limiter_fallback.inc();
                         let why = match failure {
                             Ok(Err(e)) => e,
                             _ => format!("no answer within {timeout:?}"),
                         };
                         tracing::warn!(error = %why, "rate limiter: Redis unavailable");
-                        if cfg.redis_failure == RedisFailure::Deny {
-                            metrics.rate_limiter_rejected.with_label_values(&["redis_unavailable"]).inc();
-                            return Err(GatewayError::new(
-                                ErrorKind::RateLimited,
-                                "the shared rate limiter is unavailable; retry shortly",
-                            )
-                            .with_code("rate_limiter_unavailable")
-                            .with_retry_after(1));
-                        }
-                        self.check_local(cfg, &limits, name.as_deref(), tokens)
+                        self.redis_failed(cfg, metrics)?;
+                        local()
                     }
                 }
             }
-            _ => self.check_local(cfg, &limits, name.as_deref(), tokens),
+            (Shared::Broken, RateLimitBackend::Redis) => {
+                self.redis_failed(cfg, metrics)?;
+                local()
+            }
         };
-        match outcome {
+        match verdict {
             Ok(quota) => {
                 let charge = (limits.tpm > 0).then(|| name.clone()).flatten().map(|tenant| TokenCharge {
                     limiter: Arc::clone(self),
@@ -176,122 +151,24 @@ impl RateLimiter {
                 });
                 Ok((quota, charge))
             }
-            Err((code, retry_after)) => {
-                metrics.rate_limiter_rejected.with_label_values(&[code]).inc();
-                let secs = retry_after.as_secs_f64().ceil().max(1.0) as u64;
-                let mut err = GatewayError::new(
-                    ErrorKind::RateLimited,
-                    format!("Rate limit reached: {}. Retry in {secs}s.", describe(code)),
-                )
-                .with_code(code)
-                .with_retry_after(secs);
-                err.headers = refusal_headers(code, &limits, retry_after);
-                Err(err)
-            }
+            Err(refusal) => Err(refused(metrics, &refusal, &limits)),
         }
     }
 
-    /// The local decision: every applicable bucket must admit, then all are charged.
-    fn check_local(
-        &self,
-        cfg: &RateLimitConfig,
-        l: &Limits,
-        tenant: Option<&str>,
-        tokens: u64,
-    ) -> Result<Quota, (&'static str, Duration)> {
-        let now = Instant::now();
-        let mut global = self.global.lock();
-        let mut quota = Quota::default();
-        if l.rps > 0.0 {
-            let g = bucket(&mut global, l.rps, l.burst, now);
-            if let Err(d) = g.try_take(1.0, now) {
-                return Err(("global_rps", d.retry_after));
-            }
-            quota.limit_requests = l.burst as u64;
-            quota.remaining_requests = g.remaining(now) as u64;
-            quota.reset_requests = g.reset_after(now);
+    /// Counts a Redis failure; `Err` (a 503-style 429) when `redis_failure = "deny"`, else the caller
+    /// falls back to the local buckets.
+    fn redis_failed(&self, cfg: &RateLimitConfig, metrics: &Metrics) -> Result<(), GatewayError> {
+        metrics.rate_limiter_fallback.inc();
+        if cfg.redis_failure == RedisFailure::Deny {
+            metrics.rate_limiter_rejected.with_label_values(&[Limit::Unavailable.as_str()]).inc();
+            return Err(GatewayError::new(
+                ErrorKind::RateLimited,
+                "the shared rate limiter is unavailable; retry shortly",
+            )
+            .with_code("rate_limiter_unavailable")
+            .with_retry_after(1));
         }
-        let Some(tenant) = tenant else { return Ok(quota) };
-        if l.rpm == 0 && l.tpm == 0 && l.rpd == 0 {
-            return Ok(quota);
-        }
-        let mut tenants = self.tenants.lock();
-        let key = self.tenant_key(&mut tenants, tenant, cfg.max_tracked_users, now);
-        let t = tenants.entry(key).or_insert_with(|| TenantBuckets { rpm: None, tpm: None, rpd: None, last_used: now });
-        t.last_used = now;
-        let undo_global = |global: &mut Option<TokenBucket>| {
-            if let Some(g) = global.as_mut() {
-                g.give_back(1.0);
-            }
-        };
-        let day = unix_secs();
-        if l.rpd > 0 {
-            let c = t.rpd.get_or_insert_with(|| WindowCounter::per_day(l.rpd));
-            if c.limit() != l.rpd {
-                c.set_limit(l.rpd);
-            }
-            if c.remaining(day) < 1 {
-                undo_global(&mut global);
-                return Err(("per_user_rpd", c.reset_after(day)));
-            }
-        }
-        if l.rpm > 0 {
-            let rpm = l.rpm as f64;
-            let b = bucket(&mut t.rpm, rpm / 60.0, rpm, now);
-            if b.remaining(now) < 1.0 {
-                undo_global(&mut global);
-                return Err(("per_user_rpm", b.try_take(1.0, now).err().map_or(Duration::ZERO, |d| d.retry_after)));
-            }
-        }
-        if l.tpm > 0 {
-            let tpm = l.tpm as f64;
-            let b = bucket(&mut t.tpm, tpm / 60.0, tpm, now);
-            // A request larger than the whole minute's budget is admitted against a full bucket (it
-            // goes into debt) rather than refused forever.
-            let need = (tokens as f64).min(tpm);
-            if b.remaining(now) < need {
-                undo_global(&mut global);
-                return Err(("per_user_tpm", b.try_take(need, now).err().map_or(Duration::ZERO, |d| d.retry_after)));
-            }
-        }
-        // Every bucket admits: charge them all.
-        if let Some(c) = t.rpd.as_mut() {
-            let _ = c.try_take(1, day);
-        }
-        if let Some(b) = t.rpm.as_mut() {
-            let _ = b.try_take(1.0, now);
-            quota.limit_requests = l.rpm;
-            quota.remaining_requests = b.remaining(now) as u64;
-            quota.reset_requests = b.reset_after(now);
-        }
-        if let Some(b) = t.tpm.as_mut() {
-            b.take_debt(tokens as f64, now);
-            quota.limit_tokens = Some(l.tpm);
-            quota.remaining_tokens = b.remaining(now) as u64;
-            quota.reset_tokens = b.reset_after(now);
-        }
-        Ok(quota)
-    }
-
-    /// The bucket key for `tenant`, bounded: past `max` tenants, idle ones are dropped, and if still
-    /// full the newcomer shares the overflow bucket (client-chosen `user`s must not grow memory).
-    fn tenant_key(
-        &self,
-        tenants: &mut HashMap<Arc<str>, TenantBuckets>,
-        tenant: &str,
-        max: usize,
-        now: Instant,
-    ) -> Arc<str> {
-        if let Some((k, _)) = tenants.get_key_value(tenant) {
-            return Arc::clone(k);
-        }
-        if tenants.len() >= max.max(1) {
-            tenants.retain(|_, t| now.duration_since(t.last_used) < Duration::from_secs(60));
-        }
-        if tenants.len() >= max.max(1) {
-            return Arc::from(OVERFLOW_TENANT);
-        }
-        Arc::from(tenant)
+        Ok(())
     }
 
     /// Gives back (positive) or charges (negative) tokens after the real usage is known.
@@ -299,7 +176,7 @@ impl RateLimiter {
         if delta == 0.0 {
             return;
         }
-        if let Some(redis) = &self.redis {
+        if let Shared::Redis(redis) = &self.shared {
             let (redis, tenant) = (redis.clone(), Arc::clone(tenant));
             tokio::spawn(async move {
                 if let Err(e) = redis.adjust_tokens(&tenant, delta).await {
@@ -307,123 +184,39 @@ impl RateLimiter {
                 }
             });
         }
-        let now = Instant::now();
-        if let Some(b) = self.tenants.lock().get_mut(tenant).and_then(|t| t.tpm.as_mut()) {
-            if delta > 0.0 {
-                b.give_back(delta);
-            } else {
-                b.take_debt(-delta, now);
-            }
-        }
+        self.local.adjust_tokens(tenant, delta, Instant::now());
     }
 
     /// Whether `worker` is below `qps` now (routing skips workers at their rate).
     pub fn worker_has_budget(&self, worker: u64, qps: f64) -> bool {
-        if qps <= 0.0 {
-            return true;
-        }
-        let now = Instant::now();
-        let mut workers = self.workers.lock();
-        let b = workers.entry(worker).or_insert_with(|| TokenBucket::new(qps, qps.max(1.0), now));
-        if b.rate_per_sec() != qps {
-            b.reconfigure(qps, qps.max(1.0), now);
-        }
-        b.remaining(now) >= 1.0
+        qps <= 0.0 || self.local.worker_has_budget(worker, qps, Instant::now())
     }
 
     /// Charges one request to `worker`'s rate.
     pub fn charge_worker(&self, worker: u64, qps: f64) {
-        if qps <= 0.0 {
-            return;
-        }
-        let now = Instant::now();
-        if let Some(b) = self.workers.lock().get_mut(&worker) {
-            let _ = b.try_take(1.0, now);
+        if qps > 0.0 {
+            self.local.charge_worker(worker, Instant::now());
         }
     }
 
     /// Tenants tracked by the local buckets (bounded by `max_tracked_users`).
     pub fn tracked_tenants(&self) -> usize {
-        self.tenants.lock().len()
+        self.local.tracked_tenants()
     }
 }
 
-fn limits_spec(l: &Limits) -> crate::limits::redis::Spec {
-    crate::limits::redis::Spec {
-        rps: l.rps,
-        burst: l.burst,
-        rpm: l.rpm,
-        tpm: l.tpm,
-        rpd: l.rpd,
-        day: unix_secs() / 86_400,
-    }
-}
-
-fn describe(code: &str) -> &'static str {
-    match code {
-        "global_rps" => "the gateway's global requests per second",
-        "per_user_rpm" => "requests per minute for this key",
-        "per_user_tpm" => "tokens per minute for this key",
-        "per_user_rpd" => "requests per day for this key",
-        _ => "a limit",
-    }
-}
-
-/// OpenAI's `x-ratelimit-*` headers on a refusal: the limit that refused, nothing left of it, and when
-/// it has room again (the same moment as `Retry-After`).
-fn refusal_headers(code: &str, l: &Limits, retry_after: Duration) -> Vec<(&'static str, String)> {
-    let reset = format_duration(retry_after);
-    let (kind, limit) = match code {
-        "per_user_tpm" => ("tokens", l.tpm),
-        "per_user_rpm" => ("requests", l.rpm),
-        "per_user_rpd" => ("requests", l.rpd),
-        _ => ("requests", l.burst as u64),
-    };
-    if kind == "tokens" {
-        vec![
-            ("x-ratelimit-limit-tokens", limit.to_string()),
-            ("x-ratelimit-remaining-tokens", "0".into()),
-            ("x-ratelimit-reset-tokens", reset),
-        ]
-    } else {
-        vec![
-            ("x-ratelimit-limit-requests", limit.to_string()),
-            ("x-ratelimit-remaining-requests", "0".into()),
-            ("x-ratelimit-reset-requests", reset),
-        ]
-    }
-}
-
-/// Sets OpenAI's `x-ratelimit-*` headers from a quota.
-pub fn set_headers(headers: &mut http::HeaderMap, q: &Quota) {
-    let mut put = |name: &'static str, value: String| {
-        if let Ok(v) = http::HeaderValue::from_str(&value) {
-            headers.insert(http::HeaderName::from_static(name), v);
-        }
-    };
-    put("x-ratelimit-limit-requests", q.limit_requests.to_string());
-    put("x-ratelimit-remaining-requests", q.remaining_requests.to_string());
-    put("x-ratelimit-reset-requests", format_duration(q.reset_requests));
-    if let Some(limit) = q.limit_tokens {
-        put("x-ratelimit-limit-tokens", limit.to_string());
-        put("x-ratelimit-remaining-tokens", q.remaining_tokens.to_string());
-        put("x-ratelimit-reset-tokens", format_duration(q.reset_tokens));
-    }
-}
-
-/// OpenAI's duration format: `20ms`, `1s`, `6m0s`, `1h2m3s`.
-pub fn format_duration(d: Duration) -> String {
-    let ms = d.as_millis() as u64;
-    if ms < 1000 {
-        return format!("{ms}ms");
-    }
-    let secs = d.as_secs_f64().ceil() as u64;
-    let (h, m, s) = (secs / 3600, secs / 60 % 60, secs % 60);
-    match (h, m) {
-        (0, 0) => format!("{s}s"),
-        (0, _) => format!("{m}m{s}s"),
-        _ => format!("{h}h{m}m{s}s"),
-    }
+/// The 429 of a refusal: counted by limit, naming it, with `Retry-After` and `x-ratelimit-*` headers.
+fn refused(metrics: &Metrics, r: &Refusal, limits: &Limits) -> GatewayError {
+    metrics.rate_limiter_rejected.with_label_values(&[r.limit.as_str()]).inc();
+    let secs = r.retry_after.as_secs_f64().ceil().max(1.0) as u64;
+    let mut err = GatewayError::new(
+        ErrorKind::RateLimited,
+        format!("Rate limit reached: {}. Retry in {secs}s.", r.limit.describe()),
+    )
+    .with_code(r.limit.as_str())
+    .with_retry_after(secs);
+    err.headers = headers::refusal_headers(r, limits);
+    err
 }
 
 #[cfg(test)]
@@ -491,11 +284,40 @@ mod tests {
         assert!(m.render().contains("llm_rate_limiter_rejected_total{limit=\"global_rps\"} 1"));
     }
 
-    #[test]
-    fn openai_duration_format() {
-        assert_eq!(format_duration(Duration::from_millis(20)), "20ms");
-        assert_eq!(format_duration(Duration::from_secs(1)), "1s");
-        assert_eq!(format_duration(Duration::from_secs(360)), "6m0s");
-        assert_eq!(format_duration(Duration::from_secs(3723)), "1h2m3s");
+    #[tokio::test]
+    async fn a_bad_redis_client_counts_every_check_as_a_fallback() {
+        let m = Metrics::new().unwrap();
+        let c = RateLimitConfig {
+            backend: RateLimitBackend::Redis,
+            redis_url: "redis://127.0.0.1:1/not-a-db".into(),
+            per_user_rpm: 1,
+            ..cfg()
+        };
+        let rl = RateLimiter::new(&c);
+        assert!(matches!(rl.shared, Shared::Broken), "the client error is kept, not dropped");
+        rl.check(&c, &m, None, Some("a"), 1).await.expect("local buckets decide");
+        assert_eq!(rl.check(&c, &m, None, Some("a"), 1).await.unwrap_err().body()["error"]["code"], "per_user_rpm");
+        assert_eq!(m.rate_limiter_fallback.get(), 2);
+        let deny = RateLimitConfig { redis_failure: RedisFailure::Deny, ..c };
+        let err = rl.check(&deny, &m, None, Some("b"), 1).await.unwrap_err();
+        assert_eq!(err.body()["error"]["code"], "rate_limiter_unavailable");
+        assert_eq!(m.rate_limiter_fallback.get(), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn offered_twice_the_limit_admits_the_limit_on_the_paused_clock() {
+        let m = Metrics::new().unwrap();
+        let c = RateLimitConfig { requests_per_second: 100.0, burst_size: 5.0, per_user_rpm: 0, ..cfg() };
+        let rl = RateLimiter::new(&c);
+        let mut admitted = 0;
+        for i in 0..800 {
+            if i > 0 {
+                tokio::time::advance(Duration::from_millis(5)).await; // offered at 200/s
+            }
+            admitted += usize::from(rl.check(&c, &m, None, None, 1).await.is_ok());
+        }
+        // The burst, then one per 10 ms over the 3.995 s of offers.
+        assert_eq!(admitted, 5 + 399);
+        assert_eq!(m.rate_limiter_rejected.with_label_values(&[Limit::GlobalRps.as_str()]).get(), 800 - 404);
     }
 }

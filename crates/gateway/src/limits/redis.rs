@@ -4,28 +4,11 @@
 //! (`TIME`: replicas' clocks never disagree), and charges them only if every one admits, so concurrent
 //! checks from many replicas can never overspend a bucket. Keys expire when idle.
 
-use crate::limits::Quota;
+use crate::limits::quota::{Limit, Limits, Quota, Refusal, Verdict};
 use redis::aio::ConnectionManager;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::OnceCell;
-
-/// The limits of one check, as the script takes them.
-#[derive(Debug, Clone, Copy)]
-pub struct Spec {
-    /// Global requests per second (0 = off).
-    pub rps: f64,
-    /// Global burst.
-    pub burst: f64,
-    /// Tenant requests per minute (0 = off).
-    pub rpm: u64,
-    /// Tenant tokens per minute (0 = off).
-    pub tpm: u64,
-    /// Tenant requests per day (0 = off).
-    pub rpd: u64,
-    /// The UTC day number, which names the day's counter.
-    pub day: u64,
-}
 
 /// Each bucket takes five arguments: kind (`tb` token bucket or `win` day counter), rate or window end,
 /// burst or limit, tokens needed, tokens charged. Returns `{allowed, failing index, retry ms, then per
@@ -115,68 +98,49 @@ impl RedisBuckets {
             .map_err(|e| e.to_string())
     }
 
-    /// Checks and charges the buckets of one request. The outer `Result` is Redis's; the inner one the
-    /// limit's verdict, as the local limiter gives it.
-    pub async fn check(
-        &self,
-        spec: &Spec,
-        tenant: Option<&str>,
-        tokens: u64,
-    ) -> Result<Result<Quota, (&'static str, Duration)>, String> {
-        let mut names: Vec<&'static str> = Vec::new();
+    /// Checks and charges the buckets of one request with `limits` on UTC day number `day` (which names
+    /// the day's counter). The outer `Result` is Redis's; the inner one the limits' verdict, as the
+    /// local buckets give it.
+    pub async fn check(&self, limits: &Limits, day: u64, tenant: Option<&str>, tokens: u64) -> Result<Verdict, String> {
+        let mut order: Vec<Limit> = Vec::new();
         let mut inv = self.check.prepare_invoke();
-        if spec.rps > 0.0 {
-            inv.key("llmgw:rl:global").arg("tb").arg(spec.rps).arg(spec.burst).arg(1).arg(1);
-            names.push("global_rps");
+        if limits.rps > 0.0 {
+            inv.key("llmgw:rl:global").arg("tb").arg(limits.rps).arg(limits.burst).arg(1).arg(1);
+            order.push(Limit::GlobalRps);
         }
         if let Some(t) = tenant {
-            if spec.rpd > 0 {
-                let day_end = (spec.day + 1) * 86_400;
-                inv.key(format!("llmgw:rl:{t}:rpd:{}", spec.day)).arg("win").arg(day_end).arg(spec.rpd).arg(1).arg(1);
-                names.push("per_user_rpd");
+            if limits.rpd > 0 {
+                let day_end = (day + 1) * 86_400;
+                inv.key(format!("llmgw:rl:{t}:rpd:{day}")).arg("win").arg(day_end).arg(limits.rpd).arg(1).arg(1);
+                order.push(Limit::Rpd);
             }
-            if spec.rpm > 0 {
-                let rpm = spec.rpm as f64;
+            if limits.rpm > 0 {
+                let rpm = limits.rpm as f64;
                 inv.key(format!("llmgw:rl:{t}:rpm")).arg("tb").arg(rpm / 60.0).arg(rpm).arg(1).arg(1);
-                names.push("per_user_rpm");
+                order.push(Limit::Rpm);
             }
-            if spec.tpm > 0 {
-                let tpm = spec.tpm as f64;
+            if limits.tpm > 0 {
+                let tpm = limits.tpm as f64;
                 let need = (tokens as f64).min(tpm);
                 inv.key(format!("llmgw:rl:{t}:tpm")).arg("tb").arg(tpm / 60.0).arg(tpm).arg(need).arg(tokens);
-                names.push("per_user_tpm");
+                order.push(Limit::Tpm);
             }
         }
-        if names.is_empty() {
+        if order.is_empty() {
             return Ok(Ok(Quota::default()));
         }
         let mut conn = self.conn().await?;
         let out: Vec<i64> = inv.invoke_async(&mut conn).await.map_err(|e| e.to_string())?;
         let get = |i: usize| out.get(i).copied().unwrap_or(0).max(0) as u64;
         if get(0) == 0 {
-            let failing = names.get((get(1) as usize).saturating_sub(1)).copied().unwrap_or("global_rps");
-            return Ok(Err((failing, Duration::from_millis(get(2)))));
+            let limit = order.get((get(1) as usize).saturating_sub(1)).copied().unwrap_or(Limit::GlobalRps);
+            return Ok(Err(Refusal { limit, retry_after: Duration::from_millis(get(2)) }));
         }
         let mut quota = Quota::default();
-        for (i, name) in names.iter().enumerate() {
-            let (remaining, reset) = (get(3 + 2 * i), Duration::from_millis(get(4 + 2 * i)));
-            match *name {
-                "global_rps" => {
-                    quota.limit_requests = spec.burst as u64;
-                    quota.remaining_requests = remaining;
-                    quota.reset_requests = reset;
-                }
-                "per_user_rpm" => {
-                    quota.limit_requests = spec.rpm;
-                    quota.remaining_requests = remaining;
-                    quota.reset_requests = reset;
-                }
-                "per_user_tpm" => {
-                    quota.limit_tokens = Some(spec.tpm);
-                    quota.remaining_tokens = remaining;
-                    quota.reset_tokens = reset;
-                }
-                _ => {}
+        for (i, limit) in order.into_iter().enumerate() {
+            // The day counter is not one of the headers' limits.
+            if limit != Limit::Rpd {
+                quota.report(limits, limit, get(3 + 2 * i), Duration::from_millis(get(4 + 2 * i)));
             }
         }
         Ok(Ok(quota))

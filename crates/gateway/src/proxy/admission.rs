@@ -116,6 +116,11 @@ impl Admission {
         self.batch_share.store(share.clamp(0.0, 1.0).to_bits(), Ordering::Relaxed);
     }
 
+    /// The settings in force.
+    pub fn config(&self) -> Arc<QueueConfig> {
+        self.cfg.load_full()
+    }
+
     /// Applies new settings; queued requests stay.
     pub fn reconfigure(&self, cfg: &QueueConfig) {
         self.cfg.store(Arc::new(cfg.clone()));
