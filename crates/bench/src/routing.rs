@@ -63,7 +63,7 @@ pub struct Args {
     /// Directory holding the `vllm-sim` and `llm-gateway` binaries (default: beside this one).
     #[arg(long)]
     bin_dir: Option<PathBuf>,
-    /// Directory for the child processes' logs.
+    /// Directory for the child processes' logs and each run's per-request samples (`TAG-samples.csv`: end, TTFT or error).
     #[arg(long, default_value = "target/bench-routing")]
     logs: PathBuf,
     /// Open loop: most requests in flight; arrivals beyond it are dropped and counted as errors.
@@ -320,7 +320,8 @@ async fn run_once(
         let (mut proc, url, ready_path) = start_router(env, router, &urls, tag).await?;
         let out = async {
             wait_ready(&env.client, &url, ready_path, urls.len(), &mut proc).await?;
-            measure(env, args, &urls, &url, corpus, load, arrivals).await
+            let samples_csv = env.logs.join(format!("{tag}-samples.csv"));
+            measure(env, args, &urls, &url, corpus, load, arrivals, &samples_csv).await
         }
         .await;
         // A router that died mid-run says why (unless the error already did).
@@ -390,6 +391,7 @@ async fn wait_ready(client: &HttpClient, url: &str, path: &str, n: usize, proc: 
     anyhow::bail!("not ready within 60 s (last {path}: {last:?}): {}", proc.log_tail(3))
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn measure(
     env: &Env,
     args: &Args,
@@ -398,6 +400,7 @@ async fn measure(
     corpus: &Arc<Corpus>,
     load: Load,
     arrivals: Option<&Arc<Vec<workload::Arrival>>>,
+    samples_csv: &std::path::Path,
 ) -> anyhow::Result<RunResult> {
     let duration = Duration::from_secs(args.duration);
     let before = read_counters(&env.client, sims).await?;
@@ -407,8 +410,24 @@ async fn measure(
         (Load::Open { .. }, None) => anyhow::bail!("open loop without a schedule"),
     };
     let after = read_counters(&env.client, sims).await?;
+    write_samples(samples_csv, &samples)?;
     let delta: Vec<Counters> = after.iter().zip(&before).map(|(a, b)| a.since(b)).collect();
     Ok(summarise(&samples, dropped, &delta, duration))
+}
+
+/// Every request's end and TTFT (or error), one CSV line each, so a tail can be placed in time.
+fn write_samples(path: &std::path::Path, samples: &[Sample]) -> anyhow::Result<()> {
+    use std::fmt::Write as _;
+    let mut out = String::from("done_ms,ttft_ms,error\n");
+    for s in samples {
+        let done = s.done.as_millis();
+        let _ = match s.outcome {
+            Outcome::Ok { ttft } => writeln!(out, "{done},{},", ttft.as_millis()),
+            Outcome::Err(kind) => writeln!(out, "{done},,{kind}"),
+        };
+    }
+    std::fs::write(path, out)?;
+    Ok(())
 }
 
 async fn read_counters(client: &HttpClient, sims: &[String]) -> anyhow::Result<Vec<Counters>> {

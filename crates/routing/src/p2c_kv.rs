@@ -43,25 +43,23 @@
 //! that remain the same rule applies (two draws plus the deepest match), so affinity is kept while the
 //! overloaded worker drains.
 //!
-//! # Feeding it from the gateway (design note for the wiring)
-//! - [`WorkerView`] per pick: `running`, `waiting`, `kv_usage` from the scrape (as today);
-//!   `max_running` = the worker's slot capacity (`Worker::capacity`, 0 when unlimited/unknown);
-//!   `cache_tokens` = the engine's cache size when scraped (vLLM exports
-//!   `vllm:cache_config_info{num_gpu_blocks=..,block_size=..}`; parse it in `scrape.rs`, keep it in an
-//!   atomic of `WorkerStats`), else a per-worker configured value, else 0; `ttft_ms` and `error_rate` as
-//!   today (the TTFT EWMA is the model's prior until it has its own points).
-//! - [`Policy::on_dispatch`] returns the prompt tokens predicted cached on the chosen worker; keep it in
-//!   `InFlight` and copy it into [`Outcome::predicted_cached_tokens`].
-//! - [`Outcome`] at the end of the request: `prompt_tokens` from `usage.prompt_tokens` (the relay's usage
-//!   scanner already finds it) or `RequestFeatures::prompt_tokens`; `cached_tokens` from
-//!   `usage.prompt_tokens_details.cached_tokens` when the worker reports it (vLLM does with
-//!   `--enable-prompt-tokens-details`; vllm-sim always does); `ttft` only for streams (as today: a
+//! # What the gateway feeds it
+//! - [`WorkerView`] per pick: `running`, `waiting`, `kv_usage` from the worker's last scrape;
+//!   `max_running` = its slot capacity (0 when unlimited or unknown); `cache_tokens` = the engine's cache
+//!   size when it reports one (vLLM's `vllm:cache_config_info{num_gpu_blocks, block_size}`, SGLang's
+//!   `sglang:max_total_num_tokens`), else 0; `ttft_ms` and `error_rate` (the TTFT average is the model's
+//!   prior until it has points of its own).
+//! - [`Policy::on_dispatch`] returns the prompt tokens predicted cached on the chosen worker; the request's
+//!   record carries it into [`Outcome::predicted_cached_tokens`].
+//! - [`Outcome`] at the request's end: `prompt_tokens` from the worker's `usage` (else the gateway's
+//!   estimate); `cached_tokens` from `usage.prompt_tokens_details.cached_tokens` when the worker reports
+//!   it (vLLM with `--enable-prompt-tokens-details`; vllm-sim always); `ttft` for streams only (a
 //!   non-streamed body's first byte is its end). Without `cached_tokens` the capacity is not learned;
-//!   without either token count the prefill rate stays at its prior.
-//! - Admission hand-off: a waiter keeps a closure over its features and the policy; when W frees a
-//!   slot, `pop_preferring` asks [`Policy::cache_saving`] (the prefill time W's cache saves it, at W's
+//!   without token counts the prefill rate keeps its prior.
+//! - Admission hand-off: a waiter holds a closure over its features and the policy; when worker W frees a
+//!   slot, the queue asks [`Policy::cache_saving`] (the prefill time W's cache saves that waiter, at W's
 //!   learned prefill rate) and counts it as time already waited. The policy's lock is taken inside the
-//!   queue's and never the other way round, so the order is safe.
+//!   queue's and never the other way round.
 
 use crate::config::{P2cConfig, PrefixConfig};
 use crate::policy::Policy;
