@@ -270,7 +270,10 @@ async fn per_model_rpm_is_shared_by_tenants_and_names_its_limit() {
     let retry_after: u64 = resp.headers()["retry-after"].to_str().unwrap().parse().unwrap();
     assert!((1..=31).contains(&retry_after), "{retry_after}");
     let err: serde_json::Value = resp.json().await.unwrap();
-    assert_eq!((err["error"]["type"].as_str(), err["error"]["code"].as_str()), (Some("rate_limit_exceeded"), Some("per_model_rpm")));
+    assert_eq!(
+        (err["error"]["type"].as_str(), err["error"]["code"].as_str()),
+        (Some("rate_limit_exceeded"), Some("per_model_rpm"))
+    );
     let m = c.get(format!("{}/metrics", gw.url())).send().await.unwrap().text().await.unwrap();
     assert_eq!(metric_value(&m, "llm_rate_limiter_rejected_total{limit=\"per_model_rpm\"}"), 1.0);
     // A reload changing another setting keeps the model's bucket where it was.
@@ -319,7 +322,8 @@ async fn an_alias_reaches_the_worker_as_the_served_name_and_is_listed() {
         assert!(text.contains("\"model\":\"demo-model\""), "{text}");
     }
     assert_eq!(post(&c, &gw.url(), None, &chat("slow", "hi", false)).await.status(), 404, "not an alias");
-    let models: serde_json::Value = c.get(format!("{}/v1/models", gw.url())).send().await.unwrap().json().await.unwrap();
+    let models: serde_json::Value =
+        c.get(format!("{}/v1/models", gw.url())).send().await.unwrap().json().await.unwrap();
     let ids: Vec<&str> = models["data"].as_array().unwrap().iter().filter_map(|m| m["id"].as_str()).collect();
     assert_eq!(ids, ["demo-model", "fast", "gpt-4o-mini"]);
     assert_eq!(models["data"][1]["root"], "demo-model");
@@ -355,7 +359,10 @@ async fn queue_mode_admits_the_budget_then_serves_the_rest_as_it_refills() {
     let mut other = chat("demo-model", "hi", false);
     other["user"] = "b".into();
     let resp = post(&c, &gw.url(), None, &other).await;
-    assert_eq!((resp.status(), &resp.headers()["x-queue-position"]), (reqwest::StatusCode::OK, &"0".parse::<reqwest::header::HeaderValue>().unwrap()));
+    assert_eq!(
+        (resp.status(), &resp.headers()["x-queue-position"]),
+        (reqwest::StatusCode::OK, &"0".parse::<reqwest::header::HeaderValue>().unwrap())
+    );
     assert!(start.elapsed() < Duration::from_millis(1500), "b answered while a's requests wait");
     let mut results = Vec::new();
     for t in tasks {

@@ -274,7 +274,8 @@ async fn x_request_timeout_shorter_than_the_queue_timeout_gives_504_at_the_deadl
     })
     .await;
     let url = format!("{}/v1/chat/completions", gw.url());
-    let with_timeout = |v: &'static str| client().post(&url).header("x-request-timeout", v).json(&chat("demo-model", "hi", false));
+    let with_timeout =
+        |v: &'static str| client().post(&url).header("x-request-timeout", v).json(&chat("demo-model", "hi", false));
     let start = tokio::time::Instant::now();
     let resp = with_timeout("0.5").send().await.unwrap();
     let took = start.elapsed();

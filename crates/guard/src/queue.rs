@@ -933,7 +933,12 @@ mod tests {
         let fits = |v: &u32| *v != 1;
         assert_eq!(q.peek_scored(t0 + secs(1), |_| true, fits), Some(Ticket(1)), "the one that fits");
         assert_eq!(q.peek_scored(t0 + secs(30), |_| true, fits), Some(Ticket(0)), "aged out: arrival decides");
-        let q2 = { let mut q = with_scoring(Scoring::default(), false); q.push(1, High, 1, t0).unwrap(); q.push(2, Normal, 1, t0).unwrap(); q };
+        let q2 = {
+            let mut q = with_scoring(Scoring::default(), false);
+            q.push(1, High, 1, t0).unwrap();
+            q.push(2, Normal, 1, t0).unwrap();
+            q
+        };
         assert_eq!(q2.peek_scored(t0 + secs(1), |_| true, fits), Some(Ticket(0)), "default: fit is one class, a tie");
         // retries = 1: a request back in the queue twice passes a fresh one a class above.
         let mut q = with_scoring(Scoring { retries: 1.0, ..Scoring::default() }, false);

@@ -693,7 +693,9 @@ impl Default for LogConfig {
 /// environment can never miss a section added later; longest first, so `rate_limit_x` never matches `rate`.
 fn sections() -> Vec<String> {
     let mut names: Vec<String> = match serde_json::to_value(Config::default()) {
-        Ok(serde_json::Value::Object(map)) => map.into_iter().map(|(k, _)| k).filter(|k| k != "workers" && k != "models").collect(),
+        Ok(serde_json::Value::Object(map)) => {
+            map.into_iter().map(|(k, _)| k).filter(|k| k != "workers" && k != "models").collect()
+        }
         _ => Vec::new(),
     };
     names.sort_by_key(|n| std::cmp::Reverse(n.len()));

@@ -161,7 +161,9 @@ impl RateLimiter {
             (Shared::Redis(redis), RateLimitBackend::Redis) => {
                 let timeout = Duration::from_millis(cfg.redis_timeout_ms.max(1));
                 let day = unix_secs() / 86_400;
-                match tokio::time::timeout(timeout, redis.check(&limits, day, name.as_deref(), model_name, tokens)).await {
+                match tokio::time::timeout(timeout, redis.check(&limits, day, name.as_deref(), model_name, tokens))
+                    .await
+                {
                     Ok(Ok(verdict)) => verdict,
                     failure => {
                         let why = match failure {
@@ -368,7 +370,10 @@ mod tests {
         let rl = RateLimiter::new(&c);
         assert!(matches!(rl.shared, Shared::Broken), "the client error is kept, not dropped");
         rl.check(&c, &m, None, Some("a"), None, 1).await.expect("local buckets decide");
-        assert_eq!(rl.check(&c, &m, None, Some("a"), None, 1).await.unwrap_err().body()["error"]["code"], "per_user_rpm");
+        assert_eq!(
+            rl.check(&c, &m, None, Some("a"), None, 1).await.unwrap_err().body()["error"]["code"],
+            "per_user_rpm"
+        );
         assert_eq!(m.rate_limiter_fallback.get(), 2);
         let deny = RateLimitConfig { redis_failure: RedisFailure::Deny, ..c };
         let err = rl.check(&deny, &m, None, Some("b"), None, 1).await.unwrap_err();

@@ -159,7 +159,10 @@ impl ModelSlots {
 fn queue_timeout(model: &str, allowed: Duration) -> GatewayError {
     GatewayError::new(
         ErrorKind::QueueTimeout,
-        format!("waited {:.1}s in the queue for model `{model}` (its deadline) without being admitted", allowed.as_secs_f64()),
+        format!(
+            "waited {:.1}s in the queue for model `{model}` (its deadline) without being admitted",
+            allowed.as_secs_f64()
+        ),
     )
 }
 
@@ -428,7 +431,8 @@ impl Admission {
                 }
             }
         };
-        let mut leave = Leave { queue: &queue, ticket: Some(ticket), rejected: &self.rejected, model, reason: "cancelled" };
+        let mut leave =
+            Leave { queue: &queue, ticket: Some(ticket), rejected: &self.rejected, model, reason: "cancelled" };
         let aging = Duration::from_secs(cfg.aging_secs);
         loop {
             // Registered before looking, so a leave between the look and the wait is not missed.
@@ -775,7 +779,9 @@ mod tests {
         tenant: u64,
     ) -> tokio::task::JoinHandle<Result<Option<Reservation>, GatewayError>> {
         let (a, w) = (Arc::clone(a), Arc::clone(w));
-        tokio::spawn(async move { a.admit(&Arc::from("m"), &[&w], &spec(&a, class, tenant), || None).await.map(|(_, r)| r) })
+        tokio::spawn(
+            async move { a.admit(&Arc::from("m"), &[&w], &spec(&a, class, tenant), || None).await.map(|(_, r)| r) },
+        )
     }
 
     /// Yields until `n` live requests wait for model `m`.
@@ -816,9 +822,9 @@ mod tests {
         let batch = {
             let (a, model) = (Arc::clone(&a), Arc::clone(&model));
             let w = Arc::clone(&w);
-            tokio::spawn(
-                async move { a.admit(&model, &[&w], &spec(&a, Priority::Batch, 1), || None).await.map(|(_, r)| r.is_some()) },
-            )
+            tokio::spawn(async move {
+                a.admit(&model, &[&w], &spec(&a, Priority::Batch, 1), || None).await.map(|(_, r)| r.is_some())
+            })
         };
         // Let the batch line queue first, then a live request arrives behind it.
         while a.queue(&model).batch.lock().is_empty() {

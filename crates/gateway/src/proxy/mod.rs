@@ -137,9 +137,8 @@ async fn handle(
         // Budget keys: the tenant's (its fairness key) and the model's, shared by all tenants.
         let key_of = |limit: crate::limits::Limit| if limit.per_model() { MODEL_BUDGET } else { fairness };
         // A newcomer behind waiters for its budget joins them rather than taking the budget first.
-        let behind = [fairness, MODEL_BUDGET]
-            .into_iter()
-            .find(|&k| queue_mode && app.admission.has_budget_waiters(&model, k));
+        let behind =
+            [fairness, MODEL_BUDGET].into_iter().find(|&k| queue_mode && app.admission.has_budget_waiters(&model, k));
         let first = match behind {
             Some(key) => Err((key, Instant::now())),
             None => match check().await.map_err(fail)? {

@@ -101,7 +101,8 @@ mod tests {
 
     #[test]
     fn only_the_top_level_model_string_changes() {
-        let body = r#"{"messages":[{"role":"user","content":"{\"model\": \"x\"}","model":"inner"}], "model" : "fast","n":1}"#;
+        let body =
+            r#"{"messages":[{"role":"user","content":"{\"model\": \"x\"}","model":"inner"}], "model" : "fast","n":1}"#;
         assert_eq!(
             rewrite(body, "org/Llama-3"),
             r#"{"messages":[{"role":"user","content":"{\"model\": \"x\"}","model":"inner"}], "model" : "org/Llama-3","n":1}"#
