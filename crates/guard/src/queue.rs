@@ -1091,7 +1091,7 @@ mod tests {
                                 aged.insert(t, (live.range(..t).count(), 0));
                             }
                         }
-                        let fits = |v: &u32| (v ^ fit_salt) % 3 != 0;
+                        let fits = |v: &u32| !(v ^ fit_salt).is_multiple_of(3);
                         let Some(got) = q.peek_scored(now, |_| true, fits) else { continue };
                         q.serve_ticket(got).unwrap();
                         let (tenant, _) = live.remove(&got).unwrap();
