@@ -26,6 +26,8 @@ pub enum ErrorKind {
     InvalidJson,
     /// The `Content-Type` is not `application/json`.
     UnsupportedContentType,
+    /// A request header the gateway reads has a value it cannot use (e.g. `X-Request-Timeout`).
+    InvalidHeader,
     /// The body is larger than `server.max_body_bytes`.
     BodyTooLarge,
     /// The body did not arrive whole within `server.body_read_timeout_ms`.
@@ -81,6 +83,7 @@ impl ErrorKind {
         let (status, kind, code, side) = match self {
             InvalidJson => (400, "invalid_request_error", "invalid_json", Side::Client),
             UnsupportedContentType => (400, "invalid_request_error", "invalid_content_type", Side::Client),
+            InvalidHeader => (400, "invalid_request_error", "invalid_header", Side::Client),
             BodyTooLarge => (413, "invalid_request_error", "request_too_large", Side::Client),
             RequestTimeout => (408, "invalid_request_error", "request_timeout", Side::Client),
             ModelNotFound => (404, "invalid_request_error", "model_not_found", Side::Client),

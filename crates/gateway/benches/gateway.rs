@@ -10,7 +10,7 @@ use llm_gateway::config::{QueueConfig, RateLimitBackend, RateLimitConfig, Worker
 use llm_gateway::fleet::worker::Worker;
 use llm_gateway::limits::RateLimiter;
 use llm_gateway::metrics::Metrics;
-use llm_gateway::proxy::admission::Admission;
+use llm_gateway::proxy::admission::{Admission, WaitSpec};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -27,15 +27,20 @@ fn admission(c: &mut Criterion) {
     let worker = Arc::new(Worker::new(1, spec));
     worker.stats.healthy.store(true, Ordering::Relaxed);
     let model: Arc<str> = Arc::from("m");
+    let wait = |adm: &Admission| {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+        WaitSpec { class: Priority::Normal, tenant: 0, deadline, retries: 0, max_size: adm.config().max_size }
+    };
     c.bench_function("admission/fast_path_admit", |b| {
-        b.to_async(&rt).iter(|| async { adm.admit(&model, &[&worker], Priority::Normal, 0, || None).await.unwrap() })
+        b.to_async(&rt).iter(|| async { adm.admit(&model, &[&worker], &wait(&adm), || None).await.unwrap() })
     });
     // The worker is full: the request is queued, a slot frees, the waiter gets the reservation.
     c.bench_function("admission/enqueue_and_dispatch", |b| {
         b.to_async(&rt).iter(|| async {
             let guard = worker.acquire(false, 1, tokio::time::Instant::now(), adm.notify()).unwrap();
             let candidates = [&worker];
-            let admit = adm.admit(&model, &candidates, Priority::Normal, 0, || None);
+            let spec = wait(&adm);
+            let admit = adm.admit(&model, &candidates, &spec, || None);
             let release = async {
                 tokio::task::yield_now().await;
                 drop(guard);
@@ -63,7 +68,7 @@ fn rate_limits(c: &mut Criterion) {
     // A check and its reconciliation with the real usage, as one request does.
     c.bench_function("rate_limit/local_check", |b| {
         b.to_async(&rt).iter(|| async {
-            let (_, charge) = local.check(&cfg, &metrics, None, Some("tenant-a"), 300).await.unwrap();
+            let (_, charge) = local.check(&cfg, &metrics, None, Some("tenant-a"), None, 300).await.unwrap();
             charge.expect("tokens are limited").reconcile(300);
         })
     });
@@ -86,7 +91,7 @@ fn rate_limits(c: &mut Criterion) {
     let shared = RateLimiter::new(&redis_cfg);
     c.bench_function("rate_limit/redis_check", |b| {
         b.to_async(&rt)
-            .iter(|| async { shared.check(&redis_cfg, &metrics, None, Some("tenant-a"), 300).await.unwrap() })
+            .iter(|| async { shared.check(&redis_cfg, &metrics, None, Some("tenant-a"), None, 300).await.unwrap() })
     });
     assert_eq!(
         metrics.render().lines().find(|l| l.starts_with("llm_rate_limiter_fallback_total ")),

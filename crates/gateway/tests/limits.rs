@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use llm_gateway::config::{ApiKeyConfig, RateLimitBackend};
+use llm_gateway::config::{ApiKeyConfig, ModelConfig, OnLimit, RateLimitBackend};
 use std::time::Duration;
 use tokio::time::Instant;
 use vllm_sim::SimConfig;
@@ -220,4 +220,207 @@ async fn a_reload_keeps_buckets_whose_limits_did_not_change() {
         post(&c, &gw.url(), None, &body).await.status() == 200
     })
     .await;
+}
+
+/// A `[[models]]` table for the sims' `demo-model` with no limits.
+fn demo_model() -> ModelConfig {
+    ModelConfig {
+        name: "demo-model".into(),
+        aliases: Vec::new(),
+        requests_per_minute: 0,
+        tokens_per_minute: 0,
+        requests_per_day: 0,
+        max_concurrency: 0,
+        queue_max_size: None,
+        queue_timeout_secs: None,
+        priority: None,
+    }
+}
+
+/// Rate limits on, with only the limits a test sets (no global rate, no per-user minute).
+fn limited(sims: &[vllm_sim::SimHandle], model: ModelConfig) -> llm_gateway::Config {
+    let mut cfg = test_config(worker_configs(sims));
+    cfg.rate_limit.enabled = true;
+    cfg.rate_limit.requests_per_second = 0.0;
+    cfg.rate_limit.per_user_rpm = 0;
+    cfg.models = vec![model];
+    cfg
+}
+
+#[tokio::test]
+async fn per_model_rpm_is_shared_by_tenants_and_names_its_limit() {
+    let sims = sims(1, |_| tiny_sim()).await;
+    let gw = gateway(limited(&sims, ModelConfig { requests_per_minute: 2, ..demo_model() })).await;
+    let c = client();
+    for (user, remaining) in [("a", "1"), ("b", "0")] {
+        let mut body = chat("demo-model", "hi", false);
+        body["user"] = user.into();
+        let resp = post(&c, &gw.url(), None, &body).await;
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.headers()["x-ratelimit-limit-requests"], "2");
+        assert_eq!(resp.headers()["x-ratelimit-remaining-requests"], remaining);
+    }
+    let mut body = chat("demo-model", "hi", false);
+    body["user"] = "c".into();
+    let resp = post(&c, &gw.url(), None, &body).await;
+    assert_eq!(resp.status(), 429, "a third tenant meets the model's limit");
+    assert_eq!(resp.headers()["x-ratelimit-limit-requests"], "2");
+    assert_eq!(resp.headers()["x-ratelimit-remaining-requests"], "0");
+    assert!(resp.headers().contains_key("x-ratelimit-reset-requests"));
+    let retry_after: u64 = resp.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=31).contains(&retry_after), "{retry_after}");
+    let err: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(
+        (err["error"]["type"].as_str(), err["error"]["code"].as_str()),
+        (Some("rate_limit_exceeded"), Some("per_model_rpm"))
+    );
+    let m = c.get(format!("{}/metrics", gw.url())).send().await.unwrap().text().await.unwrap();
+    assert_eq!(metric_value(&m, "llm_rate_limiter_rejected_total{limit=\"per_model_rpm\"}"), 1.0);
+    // A reload changing another setting keeps the model's bucket where it was.
+    let patch = serde_json::json!({"rate_limit": {"burst_size": 300.0}});
+    assert_eq!(c.patch(format!("{}/api/config", gw.url())).json(&patch).send().await.unwrap().status(), 200);
+    assert_eq!(post(&c, &gw.url(), None, &body).await.status(), 429, "the model's bucket was not reset");
+}
+
+#[tokio::test]
+async fn per_model_tpm_counts_tokens_in_flight_and_names_its_limit() {
+    // Streams held open for ~1 s: the first one's estimate is still charged when the second arrives.
+    let sims = sims(1, |_| SimConfig { itl_ms: 200.0, output_tokens: (5, 5), ..fast_sim() }).await;
+    let gw = gateway(limited(&sims, ModelConfig { tokens_per_minute: 300, ..demo_model() })).await;
+    let c = client();
+    let mut body = chat("demo-model", "hi", true);
+    body["max_tokens"] = 200.into();
+    let first = post(&c, &gw.url(), None, &body).await;
+    assert_eq!(first.status(), 200);
+    assert_eq!(first.headers()["x-ratelimit-limit-tokens"], "300");
+    assert_eq!(first.headers()["x-ratelimit-remaining-tokens"], "99", "300 - (1 prompt + 200 max) tokens");
+    let resp = post(&c, &gw.url(), None, &body).await;
+    assert_eq!(resp.status(), 429);
+    assert_eq!(resp.headers()["x-ratelimit-limit-tokens"], "300");
+    assert_eq!(resp.headers()["x-ratelimit-remaining-tokens"], "0");
+    let err: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(err["error"]["code"], "per_model_tpm");
+    assert!(first.text().await.unwrap().trim_end().ends_with("data: [DONE]"));
+}
+
+#[tokio::test]
+async fn an_alias_reaches_the_worker_as_the_served_name_and_is_listed() {
+    let sims = sims(1, |_| tiny_sim()).await;
+    let mut cfg = test_config(worker_configs(&sims));
+    cfg.models = vec![ModelConfig { aliases: vec!["fast".into(), "gpt-4o-mini".into()], ..demo_model() }];
+    let gw = gateway(cfg).await;
+    let c = client();
+    wait_for("the sim's model to be known", Duration::from_secs(5), || async {
+        gw.state.snapshot.load().fleet.knows_model("demo-model")
+    })
+    .await;
+    for stream in [false, true] {
+        // The sim answers 404 to any name but its own: a 200 means it received the served name.
+        let resp = post(&c, &gw.url(), None, &chat("fast", "hi", stream)).await;
+        assert_eq!(resp.status(), 200, "stream {stream}");
+        let text = resp.text().await.unwrap();
+        assert!(text.contains("\"model\":\"demo-model\""), "{text}");
+    }
+    assert_eq!(post(&c, &gw.url(), None, &chat("slow", "hi", false)).await.status(), 404, "not an alias");
+    let models: serde_json::Value =
+        c.get(format!("{}/v1/models", gw.url())).send().await.unwrap().json().await.unwrap();
+    let ids: Vec<&str> = models["data"].as_array().unwrap().iter().filter_map(|m| m["id"].as_str()).collect();
+    assert_eq!(ids, ["demo-model", "fast", "gpt-4o-mini"]);
+    assert_eq!(models["data"][1]["root"], "demo-model");
+}
+
+#[tokio::test]
+async fn queue_mode_admits_the_budget_then_serves_the_rest_as_it_refills() {
+    let sims = sims(1, |_| tiny_sim()).await;
+    let mut cfg = limited(&sims, demo_model());
+    // 30 per minute: a burst of 30, then one every 2 s.
+    cfg.rate_limit.per_user_rpm = 30;
+    cfg.rate_limit.on_limit = OnLimit::Queue;
+    let gw = gateway(cfg).await;
+    let c = reqwest::Client::builder().timeout(Duration::from_secs(30)).pool_max_idle_per_host(64).build().unwrap();
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..32 {
+        let (c, url) = (c.clone(), gw.url());
+        tasks.push(tokio::spawn(async move {
+            let mut body = chat("demo-model", "hi", false);
+            body["user"] = "a".into();
+            let resp = post(&c, &url, None, &body).await;
+            let position: usize = resp.headers()["x-queue-position"].to_str().unwrap().parse().unwrap();
+            (resp.status().as_u16(), position, start.elapsed())
+        }));
+    }
+    // The two over budget wait in the queue, counted in its length.
+    wait_for("two budget waiters", Duration::from_secs(5), || async {
+        gw.state.admission.stats().iter().any(|q| q.length == 2)
+    })
+    .await;
+    // Another tenant is not held up by tenant a's wait.
+    let mut other = chat("demo-model", "hi", false);
+    other["user"] = "b".into();
+    let resp = post(&c, &gw.url(), None, &other).await;
+    assert_eq!(
+        (resp.status(), &resp.headers()["x-queue-position"]),
+        (reqwest::StatusCode::OK, &"0".parse::<reqwest::header::HeaderValue>().unwrap())
+    );
+    assert!(start.elapsed() < Duration::from_millis(1500), "b answered while a's requests wait");
+    let mut results = Vec::new();
+    for t in tasks {
+        results.push(t.await.unwrap());
+    }
+    assert!(results.iter().all(|(status, _, _)| *status == 200), "nothing lost: {results:?}");
+    let (waited, direct): (Vec<_>, Vec<_>) = results.iter().partition(|(_, position, _)| *position > 0);
+    assert_eq!(direct.len(), 30, "exactly the budget went through at once");
+    let mut done: Vec<Duration> = waited.iter().map(|(_, _, at)| *at).collect();
+    done.sort();
+    // One refills every 2 s: the first waiter at ~2 s, the second at ~4 s.
+    assert!(done[0] >= Duration::from_millis(1900) && done[1] >= Duration::from_millis(3900), "{done:?}");
+    assert!(done[1] < Duration::from_secs(8), "{done:?}");
+}
+
+#[tokio::test]
+async fn queue_mode_gives_up_with_429_when_the_budget_cannot_refill_in_time() {
+    let sims = sims(1, |_| tiny_sim()).await;
+    let mut cfg = limited(&sims, ModelConfig { requests_per_minute: 1, ..demo_model() });
+    cfg.rate_limit.on_limit = OnLimit::Queue;
+    cfg.queue.timeout_secs = 5;
+    let gw = gateway(cfg).await;
+    let c = client();
+    let body = chat("demo-model", "hi", false);
+    assert_eq!(post(&c, &gw.url(), None, &body).await.status(), 200);
+    // The next request refills in 60 s, past the 5 s queue timeout: refused at once, not after 5 s.
+    let start = Instant::now();
+    let resp = post(&c, &gw.url(), None, &body).await;
+    assert_eq!(resp.status(), 429);
+    assert!(start.elapsed() < Duration::from_secs(2));
+    let err: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(err["error"]["code"], "per_model_rpm");
+}
+
+#[tokio::test]
+async fn model_max_concurrency_holds_requests_until_a_stream_ends() {
+    let sims = sims(2, |_| SimConfig { itl_ms: 100.0, output_tokens: (8, 8), ..fast_sim() }).await;
+    let mut cfg = test_config(worker_configs(&sims));
+    cfg.models = vec![ModelConfig { max_concurrency: 1, ..demo_model() }];
+    let gw = gateway(cfg).await;
+    let c = client();
+    let busy = post(&c, &gw.url(), None, &chat("demo-model", "hi", true)).await;
+    assert_eq!(busy.status(), 200);
+    assert_eq!(gw.state.admission.model_in_flight("demo-model"), 1, "held while the stream runs");
+    let start = Instant::now();
+    let resp = c
+        .post(format!("{}/v1/chat/completions", gw.url()))
+        .header("x-request-timeout", "0.3")
+        .json(&chat("demo-model", "hi", false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 504, "two workers free, but the model allows one in flight");
+    assert!(start.elapsed() >= Duration::from_millis(290));
+    assert!(busy.text().await.unwrap().trim_end().ends_with("data: [DONE]"));
+    wait_for("the permit to be released", Duration::from_secs(5), || async {
+        gw.state.admission.model_in_flight("demo-model") == 0
+    })
+    .await;
+    assert_eq!(post(&c, &gw.url(), None, &chat("demo-model", "hi", false)).await.status(), 200);
 }

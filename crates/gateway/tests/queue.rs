@@ -263,3 +263,60 @@ async fn five_hundred_concurrent_requests_never_overload_a_worker() {
     assert!(q["models"]["demo-model"]["dispatch_rate"].as_f64().unwrap() > 0.0);
     assert_eq!(q["in_flight"]["sim-0"], 0);
 }
+
+#[tokio::test]
+async fn x_request_timeout_shorter_than_the_queue_timeout_gives_504_at_the_deadline() {
+    let (_sims, gw) = setup(1, 1, 3000, |c| c.queue.timeout_secs = 60).await;
+    let order = Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let _busy = send(&gw.url(), "x", "normal", order.clone(), "busy");
+    wait_for("the slot to be taken", Duration::from_secs(5), || async {
+        gw.state.snapshot.load().fleet.workers[0].view().in_flight == 1
+    })
+    .await;
+    let url = format!("{}/v1/chat/completions", gw.url());
+    let with_timeout =
+        |v: &'static str| client().post(&url).header("x-request-timeout", v).json(&chat("demo-model", "hi", false));
+    let start = tokio::time::Instant::now();
+    let resp = with_timeout("0.5").send().await.unwrap();
+    let took = start.elapsed();
+    assert_eq!(resp.status(), 504);
+    assert!(took >= Duration::from_millis(490) && took < Duration::from_millis(2000), "{took:?}");
+    let err: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(err["error"]["code"], "queue_timeout");
+    assert_eq!(queue_len(&gw.url()).await, 0, "it left the queue");
+    for bad in ["soon", "0", "-3"] {
+        let resp = with_timeout(bad).send().await.unwrap();
+        assert_eq!(resp.status(), 400, "{bad}");
+        let err: serde_json::Value = resp.json().await.unwrap();
+        assert_eq!(err["error"]["code"], "invalid_header");
+        assert!(err["error"]["message"].as_str().unwrap().contains("X-Request-Timeout"));
+    }
+}
+
+#[tokio::test]
+async fn scoring_weights_change_the_order_as_documented() {
+    // `priority = 0`: classes count for nothing, so (with fairness off) requests leave in arrival order,
+    // the reverse of `priority_classes_leave_in_order_with_headers`.
+    let (_sims, gw) = setup(1, 1, 150, |c| {
+        c.queue.scoring.priority = 0.0;
+        c.queue.enable_fairness = false;
+    })
+    .await;
+    let order = Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let busy = send(&gw.url(), "x", "normal", order.clone(), "busy");
+    wait_for("the slot to be taken", Duration::from_secs(5), || async {
+        gw.state.snapshot.load().fleet.workers[0].view().in_flight == 1
+    })
+    .await;
+    let handles = enqueue_in_order(
+        &gw.url(),
+        &[("a", "low", "low"), ("b", "normal", "normal"), ("c", "high", "high"), ("d", "urgent", "urgent")],
+        &order,
+    )
+    .await;
+    busy.await.unwrap();
+    for h in handles {
+        assert_eq!(h.await.unwrap().0, 200);
+    }
+    assert_eq!(*order.lock(), ["busy", "low", "normal", "high", "urgent"]);
+}

@@ -6,7 +6,8 @@
 //!   (requests per day).
 //! - [`circuit_breaker`]: [`CircuitBreaker`], one per worker, Closed / Open / HalfOpen.
 //! - [`queue`]: [`AdmissionQueue`], which waiting request a freed worker serves next (priority classes,
-//!   aging, per-tenant round robin, and among equals the one whose prefix the worker holds).
+//!   aging, weighted scoring, deadlines, per-tenant round robin, and among equals the one whose prefix
+//!   the worker holds).
 //! - [`rate`]: [`RateEstimator`] (dispatches per second, estimated waits), [`SlidingErrorRate`] and
 //!   [`AvgWait`], all fixed-memory ring buffers.
 //! - [`stall`]: [`StallRule`], when a worker holding requests has stopped answering (hung, not busy).
@@ -26,7 +27,7 @@ pub use circuit_breaker::{
     BreakerConfig, BreakerCounters, BreakerSnapshot, BreakerState, CircuitBreaker, Permit, Rejected, StateName,
     Transition,
 };
-pub use queue::{AdmissionQueue, Full, QueueConfig, Ticket, DEFAULT_MAX_OVERTAKEN};
+pub use queue::{AdmissionQueue, Full, Meta, QueueConfig, Scoring, Ticket, DEFAULT_MAX_OVERTAKEN, RETRY_CAP};
 pub use rate::{AvgWait, RateEstimator, SlidingErrorRate};
 pub use stall::{StallCheck, StallRule};
 pub use token_bucket::{Denied, TokenBucket, WindowCounter, MAX_RETRY_AFTER};

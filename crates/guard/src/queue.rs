@@ -6,16 +6,42 @@
 //! flooding the queue from delaying everyone else by the length of its backlog.
 //!
 //! # Algorithm
-//! Each item has a base class ([`Priority`]), a tenant (e.g. a hash of the API key) and an arrival
-//! time. The next item is the minimum of the key `(effective class, tenant's last-served stamp,
-//! arrival sequence)`:
-//! 1. *Effective class*: the base class raised one step per full `aging` waited (so a low request
-//!    waiting `3 * aging` competes as urgent). Urgent is the top. `aging = 0` disables aging.
-//! 2. *Fairness* (when on): among items of the best effective class, the tenant served least
-//!    recently goes first. Every pop stamps its tenant with an increasing serve counter, so tenants
-//!    with waiting work take turns (round robin) whatever their backlogs. With fairness off this
-//!    component is constant: pure arrival order within the class.
-//! 3. *Arrival order*: the tenant's oldest item; ties between tenants go to the older item.
+//! Each item has a base class ([`Priority`]), a tenant (e.g. a hash of the API key), an arrival
+//! time and optionally a deadline and a retry count ([`Meta`]). The next item is the minimum of the
+//! key `(standing, deadline, arrival sequence)`, where standing is `(level, tenant's turn)`:
+//! 1. *Level* (higher goes first): a weighted score ([`Scoring`]),
+//!    `priority * class_points + aging_steps + wait * seconds_waited + token_fit * fits + retries * n`,
+//!    where `class_points` is 3 for urgent down to 0 for low and `aging_steps` counts the full `aging`
+//!    periods waited. It is capped at `top = 3 * priority + token_fit + retries * RETRY_CAP`, the
+//!    most a fresh request can score, and an item that has waited `3 * aging` is *aged out*: it scores
+//!    `top` whatever the weights. With the default weights (`priority = 1`, `token_fit = 1`, the rest
+//!    0) and every item fitting, the level is `3 - effective class + 1`: the order is exactly the
+//!    class-with-aging order of before (a low request waiting `3 * aging` competes as urgent).
+//!    `aging = 0` disables aging (and aging out).
+//! 2. *Fairness* (when on): among items of the best level, the tenant served least recently goes
+//!    first. Every pop stamps its tenant with an increasing serve counter, so tenants with waiting
+//!    work take turns (round robin) whatever their backlogs. With fairness off this component is
+//!    constant: pure arrival order within the level.
+//! 3. *Deadline*: within one standing, aged-out items first, then the earlier deadline, then items
+//!    without one (a caller's `X-Request-Timeout` makes its deadline earlier).
+//! 4. *Arrival order*: ties go to the older item.
+//!
+//! # Aging bounds every wait, whatever the weights
+//! An aged-out item has the highest level any item can have, and among aged-out items of a tenant
+//! arrival decides (their deadlines are ignored). So once an item has waited `3 * aging`, only items
+//! that arrived before it (and, with fairness, one item per other tenant per round) can go first.
+//! The property test `aging_bounds_every_wait_whatever_the_weights` checks it.
+//!
+//! # Examples of each weight
+//! - `priority = 2`: class counts double, so it takes two aging steps (not one) to lift a normal
+//!   request to high's level.
+//! - `wait = 0.5`: every two seconds waited count as one class, on top of the aging steps (aging
+//!   that is continuous rather than stepwise).
+//! - `token_fit = 2`: a request whose token estimate fits its budget left (the caller's `fits`)
+//!   scores two classes above one that does not: among budget waiters, the one that can go now goes
+//!   before the one that must still wait for its budget, until the latter ages out.
+//! - `retries = 1`: a request sent back to the queue (its worker failed before any byte, its budget
+//!   check failed again) rises one class per return, at most [`RETRY_CAP`] times.
 //!
 //! Tenant records exist only while a tenant has something queued, so they never outnumber the items
 //! (at most `max_size`). A tenant that arrives, or comes back after its queue emptied, is stamped with
@@ -29,15 +55,14 @@
 //! cache: its prefill is skipped, the slot frees sooner, and the prefix stays where it lives instead of
 //! being copied onto whichever worker freed first. [`AdmissionQueue::pop_preferring`] keeps the order
 //! above for everything it guarantees, and uses the caller's score (e.g. the prompt tokens W holds of
-//! each waiter) only among waiters of *equal standing*: same effective class after aging and, with
-//! fairness, the same round-robin turn (the same tenant stamp). Within that group the highest score goes
-//! first, the older on ties. So class order, aging and the tenants' turns are exactly those of `pop`; what
-//! moves is arrival order inside one group. To keep that bounded too, the waiter `pop` would have
-//! returned is passed over only by a waiter whose saving on the freed worker (the prefill of the part of
-//! its prompt the worker holds) exceeds how much longer the passed one has waited: the saving counts as
-//! time already waited. So a waiter may wait for a warm worker about as long as a cold prefill would
-//! cost, not longer, and none is overtaken by one that arrived more than the largest saving after it.
-//! As a backstop whatever the savings, the waiter next in line is passed over at most
+//! each waiter) only among waiters of *equal standing*: same level and, with fairness, the same
+//! round-robin turn (the same tenant stamp). Within that group the highest score goes first, the older
+//! on ties. So levels, aging and the tenants' turns are exactly those of `pop`; what moves is the order
+//! inside one group. To keep that bounded too, the waiter `pop` would have returned is passed over
+//! only by a waiter whose saving on the freed worker (the prefill of the part of its prompt the worker
+//! holds) exceeds how much longer the passed one has waited: the saving counts as time already waited.
+//! So a waiter may wait for a warm worker about as long as a cold prefill would cost, not longer. As a
+//! backstop whatever the savings, the waiter next in line is passed over at most
 //! [`QueueConfig::max_overtaken`] times.
 //!
 //! `pop` and [`AdmissionQueue::position`] scan the items: O(n) and O(n log n), with n at most
@@ -55,23 +80,84 @@ use std::time::{Duration, Instant};
 /// equal standing whose prefix the freed worker holds: about one round of hand-offs on a small fleet.
 pub const DEFAULT_MAX_OVERTAKEN: u32 = 16;
 
+/// Returns to the queue counted by [`Scoring::retries`] at most (so retries cannot outgrow the cap).
+pub const RETRY_CAP: u32 = 3;
+
+/// Aging steps after which an item is aged out (scores the top level whatever the weights).
+const AGED_OUT_STEPS: usize = 3;
+
+/// Weights of the level an item is ordered by (`[queue.scoring]`); see the module docs. The defaults
+/// give the plain class-with-aging order.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Scoring {
+    /// Per class point (urgent 3, high 2, normal 1, low 0).
+    pub priority: f64,
+    /// Per second waited, on top of the aging steps.
+    pub wait: f64,
+    /// When the item's token estimate fits its budget left.
+    pub token_fit: f64,
+    /// Per return to the queue, at most [`RETRY_CAP`].
+    pub retries: f64,
+}
+
+impl Default for Scoring {
+    fn default() -> Self {
+        Self { priority: 1.0, wait: 0.0, token_fit: 1.0, retries: 0.0 }
+    }
+}
+
+impl Scoring {
+    /// The most any item can score, which an aged-out item scores.
+    fn top(&self) -> f64 {
+        3.0 * self.priority + self.token_fit + self.retries * f64::from(RETRY_CAP)
+    }
+}
+
 /// Bounds and ordering switches of one queue.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct QueueConfig {
     /// Most items waiting at once; 0 refuses every push.
     pub max_size: usize,
-    /// Waiting this long raises an item's class by one step (`aging_secs` in the config); zero disables aging.
+    /// Waiting this long raises an item's level by one step (`aging_secs` in the config); zero disables aging.
     pub aging: Duration,
-    /// Round robin between tenants within a class (else pure arrival order).
+    /// Round robin between tenants within a level (else pure arrival order).
     pub fairness: bool,
     /// Times the waiter next in line may be passed over by [`AdmissionQueue::pop_preferring`] for
     /// younger ones a freed worker saves more time; zero turns the preference off.
     pub max_overtaken: u32,
+    /// Weights of the level.
+    pub scoring: Scoring,
 }
 
 impl Default for QueueConfig {
     fn default() -> Self {
-        Self { max_size: 100, aging: Duration::from_secs(10), fairness: true, max_overtaken: DEFAULT_MAX_OVERTAKEN }
+        Self {
+            max_size: 100,
+            aging: Duration::from_secs(10),
+            fairness: true,
+            max_overtaken: DEFAULT_MAX_OVERTAKEN,
+            scoring: Scoring::default(),
+        }
+    }
+}
+
+/// What an item is ordered by besides its arrival.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Meta {
+    /// Base class.
+    pub class: Priority,
+    /// Its tenant, for fairness.
+    pub tenant: u64,
+    /// When it must have left the queue; earlier goes first within a standing.
+    pub deadline: Option<Instant>,
+    /// Times it came back to the queue.
+    pub retries: u32,
+}
+
+impl Meta {
+    /// An item of `class` for `tenant`, without deadline or retries.
+    pub fn new(class: Priority, tenant: u64) -> Self {
+        Self { class, tenant, deadline: None, retries: 0 }
     }
 }
 
@@ -97,6 +183,8 @@ struct Entry<T> {
     /// Index of the tenant's record in `slots`.
     slot: usize,
     at: Instant,
+    deadline: Option<Instant>,
+    retries: u32,
     /// Times `pop_preferring` served another of equal standing while this one was next in line.
     bypassed: u32,
 }
@@ -108,25 +196,60 @@ struct TenantRec {
     stamp: u64,
 }
 
-/// Thresholds of one scan: an item that arrived at or before `cutoffs[k]` has aged `k + 1` steps.
-struct Aging {
-    cutoffs: [Option<Instant>; 3],
+/// An item's standing: its level negated (lower goes first), then its tenant's turn.
+type Standing = (i64, u64);
+/// Within a standing: aged out first (0), then by deadline (1), then none (2); then arrival.
+type Tiebreak = (u8, Option<Instant>, u64);
+
+/// What one scan needs: aging thresholds (an item that arrived at or before `cutoffs[k]` has aged
+/// `k + 1` steps) and the weights.
+struct Scan {
+    cutoffs: [Option<Instant>; AGED_OUT_STEPS],
+    now: Instant,
+    scoring: Scoring,
 }
 
-impl Aging {
-    fn new(aging: Duration, now: Instant) -> Self {
-        let mut cutoffs = [None; 3];
-        if !aging.is_zero() {
+impl Scan {
+    fn new(cfg: &QueueConfig, now: Instant) -> Self {
+        let mut cutoffs = [None; AGED_OUT_STEPS];
+        if !cfg.aging.is_zero() {
             for (k, c) in cutoffs.iter_mut().enumerate() {
-                *c = aging.checked_mul(k as u32 + 1).and_then(|d| now.checked_sub(d));
+                *c = cfg.aging.checked_mul(k as u32 + 1).and_then(|d| now.checked_sub(d));
             }
         }
-        Self { cutoffs }
+        Self { cutoffs, now, scoring: cfg.scoring }
     }
 
-    fn rank<T>(&self, e: &Entry<T>) -> usize {
-        let steps = self.cutoffs.iter().take_while(|c| c.is_some_and(|c| e.at <= c)).count();
-        e.class.rank().saturating_sub(steps)
+    fn steps<T>(&self, e: &Entry<T>) -> usize {
+        self.cutoffs.iter().take_while(|c| c.is_some_and(|c| e.at <= c)).count()
+    }
+
+    /// The level, quantized so that equal inputs compare equal. See the module docs.
+    fn level<T>(&self, e: &Entry<T>, fits: bool) -> i64 {
+        let w = &self.scoring;
+        let steps = self.steps(e);
+        let top = w.top();
+        let level = if steps >= AGED_OUT_STEPS {
+            top
+        } else {
+            let class_points = 3.0 - e.class.rank().min(3) as f64;
+            let waited = self.now.saturating_duration_since(e.at).as_secs_f64();
+            let raw = w.priority * class_points
+                + steps as f64
+                + w.wait * waited
+                + if fits { w.token_fit } else { 0.0 }
+                + w.retries * f64::from(e.retries.min(RETRY_CAP));
+            raw.min(top)
+        };
+        (level * 1_000_000.0).round() as i64
+    }
+
+    fn tiebreak<T>(&self, seq: u64, e: &Entry<T>) -> Tiebreak {
+        match e.deadline {
+            _ if self.steps(e) >= AGED_OUT_STEPS => (0, None, seq),
+            Some(d) => (1, Some(d), seq),
+            None => (2, None, seq),
+        }
     }
 }
 
@@ -190,6 +313,23 @@ impl<T> AdmissionQueue<T> {
         self.entries.is_empty()
     }
 
+    /// The items waiting, in arrival order.
+    pub fn items(&self) -> impl Iterator<Item = &T> {
+        self.entries.values().map(|e| &e.item)
+    }
+
+    /// The queued item of `ticket`, to change what the caller keeps in it.
+    pub fn get_mut(&mut self, ticket: Ticket) -> Option<&mut T> {
+        self.entries.get_mut(&ticket.0).map(|e| &mut e.item)
+    }
+
+    /// Counts one more return to the queue for `ticket` ([`Scoring::retries`]).
+    pub fn note_retry(&mut self, ticket: Ticket) {
+        if let Some(e) = self.entries.get_mut(&ticket.0) {
+            e.retries = e.retries.saturating_add(1);
+        }
+    }
+
     /// Tenants with something queued (the size of the fairness bookkeeping).
     pub fn tenant_count(&self) -> usize {
         self.tenants.len()
@@ -207,6 +347,11 @@ impl<T> AdmissionQueue<T> {
 
     /// Queues `item` of class `class` for `tenant`, or hands it back when the queue is full.
     pub fn push(&mut self, item: T, class: Priority, tenant: u64, now: Instant) -> Result<Ticket, Full<T>> {
+        self.push_with(item, Meta::new(class, tenant), now)
+    }
+
+    /// Queues `item` ordered by `meta`, or hands it back when the queue is full.
+    pub fn push_with(&mut self, item: T, meta: Meta, now: Instant) -> Result<Ticket, Full<T>> {
         if self.entries.len() >= self.cfg.max_size {
             return Err(Full(item));
         }
@@ -215,10 +360,10 @@ impl<T> AdmissionQueue<T> {
         let seq = self.next_seq;
         self.next_seq += 1;
         let serves = self.serves;
-        let slot = match self.tenants.get(&tenant) {
+        let slot = match self.tenants.get(&meta.tenant) {
             Some(&slot) => slot,
             None => {
-                let rec = TenantRec { id: tenant, queued: 0, stamp: serves };
+                let rec = TenantRec { id: meta.tenant, queued: 0, stamp: serves };
                 let slot = match self.free.pop() {
                     Some(slot) => {
                         self.slots[slot] = rec;
@@ -229,13 +374,15 @@ impl<T> AdmissionQueue<T> {
                         self.slots.len() - 1
                     }
                 };
-                self.tenants.insert(tenant, slot);
+                self.tenants.insert(meta.tenant, slot);
                 slot
             }
         };
         self.slots[slot].queued += 1;
-        self.counts[class.rank()] += 1;
-        self.entries.insert(seq, Entry { item, class, slot, at, bypassed: 0 });
+        self.counts[meta.class.rank().min(3)] += 1;
+        let entry =
+            Entry { item, class: meta.class, slot, at, deadline: meta.deadline, retries: meta.retries, bypassed: 0 };
+        self.entries.insert(seq, entry);
         Ok(Ticket(seq))
     }
 
@@ -247,9 +394,21 @@ impl<T> AdmissionQueue<T> {
     /// Takes the next item in dispatch order among those `accept` approves (a freed worker that
     /// serves only some of the queued items' models).
     pub fn pop_where(&mut self, now: Instant, accept: impl FnMut(&T) -> bool) -> Option<(Ticket, T)> {
-        let aging = Aging::new(self.cfg.aging, now);
-        let (_, seq) = self.next_in_line(&aging, accept)?;
+        let scan = Scan::new(&self.cfg, now);
+        let (_, seq) = self.next_in_line(&scan, accept, |_| true)?;
         self.serve(seq)
+    }
+
+    /// The ticket `pop_where(now, accept)` would take, with `fits` telling whose token estimate fits
+    /// its budget left ([`Scoring::token_fit`]); nothing changes.
+    pub fn peek_scored(
+        &self,
+        now: Instant,
+        accept: impl FnMut(&T) -> bool,
+        fits: impl FnMut(&T) -> bool,
+    ) -> Option<Ticket> {
+        let scan = Scan::new(&self.cfg, now);
+        self.next_in_line(&scan, accept, fits).map(|(_, seq)| Ticket(seq))
     }
 
     /// Takes the next item for a freed worker among those `accept` approves. Among items of equal
@@ -262,22 +421,22 @@ impl<T> AdmissionQueue<T> {
         mut accept: impl FnMut(&T) -> bool,
         mut saving: impl FnMut(&T) -> Duration,
     ) -> Option<(Ticket, T)> {
-        let aging = Aging::new(self.cfg.aging, now);
-        let (standing, head) = self.next_in_line(&aging, &mut accept)?;
+        let scan = Scan::new(&self.cfg, now);
+        let (standing, head) = self.next_in_line(&scan, &mut accept, |_| true)?;
         let head_entry = self.entries.get(&head)?;
         if head_entry.bypassed >= self.cfg.max_overtaken {
             return self.serve(head);
         }
-        let merit = |e: &Entry<T>, saving: &mut dyn FnMut(&T) -> Duration| {
-            now.saturating_duration_since(e.at).saturating_add(saving(&e.item))
-        };
-        let mut best = (merit(head_entry, &mut saving), head);
-        for (&seq, e) in self.entries.range(head + 1..) {
-            if self.standing(&aging, e) != standing || !accept(&e.item) {
+        let head_saving = saving(&head_entry.item);
+        let mut best = (now.saturating_duration_since(head_entry.at).saturating_add(head_saving), head);
+        for (&seq, e) in &self.entries {
+            if seq == head || self.standing(&scan, e, true) != standing || !accept(&e.item) {
                 continue;
             }
-            let m = merit(e, &mut saving);
-            if m > best.0 {
+            // Only a larger saving can pass the head: an older item of a later deadline never does.
+            let s = saving(&e.item);
+            let m = now.saturating_duration_since(e.at).saturating_add(s);
+            if s > head_saving && (m > best.0 || (m == best.0 && seq < best.1)) {
                 best = (m, seq);
             }
         }
@@ -289,27 +448,30 @@ impl<T> AdmissionQueue<T> {
         self.serve(best.1)
     }
 
-    /// An entry's standing: effective class, then (with fairness) its tenant's turn. Lower goes first.
-    fn standing(&self, aging: &Aging, e: &Entry<T>) -> (usize, u64) {
+    /// An entry's standing: its level (negated), then (with fairness) its tenant's turn. Lower goes first.
+    fn standing(&self, scan: &Scan, e: &Entry<T>, fits: bool) -> Standing {
         let stamp = if self.cfg.fairness { self.slots[e.slot].stamp } else { 0 };
-        (aging.rank(e), stamp)
+        (-scan.level(e, fits), stamp)
     }
 
-    /// The best standing among accepted items and its oldest item: what `pop` serves.
-    fn next_in_line(&self, aging: &Aging, mut accept: impl FnMut(&T) -> bool) -> Option<((usize, u64), u64)> {
-        let mut best: Option<((usize, u64), u64)> = None;
+    /// The best standing among accepted items and its first item by tiebreak: what `pop` serves.
+    fn next_in_line(
+        &self,
+        scan: &Scan,
+        mut accept: impl FnMut(&T) -> bool,
+        mut fits: impl FnMut(&T) -> bool,
+    ) -> Option<(Standing, u64)> {
+        let mut best: Option<(Standing, Tiebreak)> = None;
         for (&seq, e) in &self.entries {
             if !accept(&e.item) {
                 continue;
             }
-            let key = self.standing(aging, e);
-            // Entries iterate in arrival order, so the first of a standing is its oldest.
-            match best {
-                Some((k, _)) if k <= key => {}
-                _ => best = Some((key, seq)),
+            let key = (self.standing(scan, e, fits(&e.item)), scan.tiebreak(seq, e));
+            if best.is_none_or(|b| key < b) {
+                best = Some(key);
             }
         }
-        best
+        best.map(|(standing, (_, _, seq))| (standing, seq))
     }
 
     /// Removes `seq` as served: its tenant's turn is stamped.
@@ -320,6 +482,12 @@ impl<T> AdmissionQueue<T> {
             rec.stamp = self.serves;
         }
         Some((Ticket(seq), e.item))
+    }
+
+    /// Removes `ticket` as served (e.g. the one [`AdmissionQueue::peek_scored`] named): its tenant's
+    /// turn is stamped, as by a pop.
+    pub fn serve_ticket(&mut self, ticket: Ticket) -> Option<T> {
+        self.serve(ticket.0).map(|(_, item)| item)
     }
 
     /// Removes an item (its client timed out or went away).
@@ -338,36 +506,42 @@ impl<T> AdmissionQueue<T> {
     /// Every queued ticket in the order successive `pop(now)`s would return them (for positions and
     /// the admin API's queue view).
     pub fn dispatch_order(&self, now: Instant) -> Vec<Ticket> {
-        let aging = Aging::new(self.cfg.aging, now);
-        let mut groups: [Vec<(u64, usize)>; 4] = Default::default();
+        let scan = Scan::new(&self.cfg, now);
+        // Levels do not depend on pops: group by level, best first.
+        let mut groups: BTreeMap<i64, Vec<(Tiebreak, usize)>> = BTreeMap::new();
         for (&seq, e) in &self.entries {
-            groups[aging.rank(e)].push((seq, e.slot));
+            groups.entry(-scan.level(e, true)).or_default().push((scan.tiebreak(seq, e), e.slot));
         }
         let mut order = Vec::with_capacity(self.entries.len());
         if !self.cfg.fairness {
-            for group in groups {
-                order.extend(group.into_iter().map(|(seq, _)| Ticket(seq)));
+            for (_, mut group) in groups {
+                group.sort_unstable();
+                order.extend(group.into_iter().map(|((_, _, seq), _)| Ticket(seq)));
             }
             return order;
         }
-        // Replays the round robin: per class, tenants by (stamp, oldest seq); each serve restamps.
+        // Replays the round robin: per level, tenants by (stamp, first tiebreak); each serve restamps.
         let mut stamps: Vec<u64> = self.slots.iter().map(|r| r.stamp).collect();
-        let mut per_tenant: Vec<VecDeque<u64>> = vec![VecDeque::new(); self.slots.len()];
         let mut serves = self.serves;
-        for group in groups {
-            let mut heap = BinaryHeap::new();
-            for (seq, slot) in group {
-                if per_tenant[slot].is_empty() {
-                    heap.push(Reverse((stamps[slot], seq, slot)));
-                }
-                per_tenant[slot].push_back(seq);
+        for (_, mut group) in groups {
+            group.sort_unstable();
+            let mut per_tenant: HashMap<usize, VecDeque<Tiebreak>> = HashMap::new();
+            for (tb, slot) in group {
+                per_tenant.entry(slot).or_default().push_back(tb);
             }
-            while let Some(Reverse((_, seq, slot))) = heap.pop() {
-                order.push(Ticket(seq));
+            let mut heap = BinaryHeap::new();
+            for (&slot, items) in &per_tenant {
+                if let Some(&first) = items.front() {
+                    heap.push(Reverse((stamps[slot], first, slot)));
+                }
+            }
+            while let Some(Reverse((_, tb, slot))) = heap.pop() {
+                order.push(Ticket(tb.2));
                 serves += 1;
                 stamps[slot] = serves;
-                per_tenant[slot].pop_front();
-                if let Some(&next) = per_tenant[slot].front() {
+                let Some(items) = per_tenant.get_mut(&slot) else { continue };
+                items.pop_front();
+                if let Some(&next) = items.front() {
                     heap.push(Reverse((serves, next, slot)));
                 }
             }
@@ -377,7 +551,7 @@ impl<T> AdmissionQueue<T> {
 
     fn take(&mut self, seq: u64) -> Option<Entry<T>> {
         let e = self.entries.remove(&seq)?;
-        self.counts[e.class.rank()] -= 1;
+        self.counts[e.class.rank().min(3)] -= 1;
         if let Some(rec) = self.slots.get_mut(e.slot) {
             rec.queued -= 1;
             if rec.queued == 0 {
@@ -689,6 +863,92 @@ mod tests {
         }
     }
 
+    fn with_scoring(scoring: Scoring, fairness: bool) -> AdmissionQueue<u32> {
+        AdmissionQueue::new(QueueConfig { max_size: 100, aging: secs(10), fairness, scoring, ..QueueConfig::default() })
+    }
+
+    fn meta(class: Priority, tenant: u64, deadline: Option<Instant>) -> Meta {
+        Meta { class, tenant, deadline, retries: 0 }
+    }
+
+    #[test]
+    fn earlier_deadlines_go_first_within_a_class_never_across() {
+        let t0 = Instant::now();
+        for fairness in [true, false] {
+            let mut q = queue(10, 10, fairness);
+            q.push_with(1, meta(Normal, 1, None), t0).unwrap();
+            q.push_with(2, meta(Normal, 1, Some(t0 + secs(30))), t0).unwrap();
+            q.push_with(3, meta(Normal, 1, Some(t0 + secs(5))), t0 + secs(1)).unwrap();
+            q.push_with(4, meta(High, 1, Some(t0 + secs(50))), t0 + secs(1)).unwrap();
+            let order = q.dispatch_order(t0 + secs(2));
+            assert_eq!(drain(&mut q, t0 + secs(2)), vec![4, 3, 2, 1], "fairness {fairness}");
+            assert_eq!(order.len(), 4);
+        }
+        // An aged-out item goes before an earlier deadline of its standing: deadlines cannot starve it.
+        let mut q = queue(10, 10, false);
+        q.push_with(1, meta(Urgent, 1, None), t0).unwrap();
+        q.push_with(2, meta(Urgent, 1, Some(t0 + secs(31))), t0 + secs(29)).unwrap();
+        assert_eq!(drain(&mut q, t0 + secs(30)), vec![1, 2]);
+    }
+
+    #[test]
+    fn default_weights_give_the_class_with_aging_order() {
+        let t0 = Instant::now();
+        // Same pushes, same pops: the default scoring and one with only priority differ in nothing.
+        let plain = Scoring { priority: 1.0, wait: 0.0, token_fit: 0.0, retries: 0.0 };
+        for fairness in [true, false] {
+            let (mut a, mut b) = (with_scoring(Scoring::default(), fairness), with_scoring(plain, fairness));
+            for i in 0..40u32 {
+                let at = t0 + Duration::from_millis(u64::from(i) * 900);
+                let class = Priority::ALL[(i * 7 % 4) as usize];
+                a.push(i, class, u64::from(i % 3), at).unwrap();
+                b.push(i, class, u64::from(i % 3), at).unwrap();
+            }
+            let now = t0 + secs(45);
+            assert_eq!(drain(&mut a, now), drain(&mut b, now), "fairness {fairness}");
+        }
+    }
+
+    #[test]
+    fn each_weight_changes_the_order_as_documented() {
+        let t0 = Instant::now();
+        // priority = 2: a normal request aged one step (10 s) no longer reaches a fresh high one.
+        let mut q = with_scoring(Scoring { priority: 2.0, ..Scoring::default() }, false);
+        q.push(1, Normal, 1, t0).unwrap();
+        q.push(2, High, 1, t0 + secs(10)).unwrap();
+        assert_eq!(drain(&mut q, t0 + secs(10)), vec![2, 1]);
+        let mut q = with_scoring(Scoring::default(), false);
+        q.push(1, Normal, 1, t0).unwrap();
+        q.push(2, High, 1, t0 + secs(10)).unwrap();
+        assert_eq!(drain(&mut q, t0 + secs(10)), vec![1, 2], "default: one step lifts normal to high");
+        // wait = 0.5: four seconds of waiting outweigh one class (two points > one).
+        let mut q = with_scoring(Scoring { wait: 0.5, ..Scoring::default() }, false);
+        q.push(1, Low, 1, t0).unwrap();
+        q.push(2, Normal, 1, t0 + secs(4)).unwrap();
+        assert_eq!(drain(&mut q, t0 + secs(4)), vec![1, 2]);
+        // token_fit = 2: the item that fits goes first across a class, until the other ages out.
+        let mut q = with_scoring(Scoring { token_fit: 2.0, ..Scoring::default() }, false);
+        q.push(1, High, 1, t0).unwrap(); // does not fit
+        q.push(2, Normal, 1, t0).unwrap(); // fits
+        let fits = |v: &u32| *v != 1;
+        assert_eq!(q.peek_scored(t0 + secs(1), |_| true, fits), Some(Ticket(1)), "the one that fits");
+        assert_eq!(q.peek_scored(t0 + secs(30), |_| true, fits), Some(Ticket(0)), "aged out: arrival decides");
+        let q2 = {
+            let mut q = with_scoring(Scoring::default(), false);
+            q.push(1, High, 1, t0).unwrap();
+            q.push(2, Normal, 1, t0).unwrap();
+            q
+        };
+        assert_eq!(q2.peek_scored(t0 + secs(1), |_| true, fits), Some(Ticket(0)), "default: fit is one class, a tie");
+        // retries = 1: a request back in the queue twice passes a fresh one a class above.
+        let mut q = with_scoring(Scoring { retries: 1.0, ..Scoring::default() }, false);
+        let back = q.push(1, Low, 1, t0).unwrap();
+        q.note_retry(back);
+        q.note_retry(back);
+        q.push(2, Normal, 1, t0).unwrap();
+        assert_eq!(drain(&mut q, t0), vec![1, 2]);
+    }
+
     #[derive(Debug, Clone)]
     enum Op {
         Push(usize, u64),
@@ -770,10 +1030,10 @@ mod tests {
                     let _ = q.push(i as u32, Priority::ALL[c], tenant, now);
                     continue;
                 }
-                let aging = Aging::new(q.cfg.aging, now);
-                let Some((standing, head)) = q.next_in_line(&aging, |_| true) else { continue };
-                let standing_of: HashMap<u64, (usize, u64)> =
-                    q.entries.iter().map(|(&seq, e)| (seq, q.standing(&aging, e))).collect();
+                let scan = Scan::new(&q.cfg, now);
+                let Some((standing, head)) = q.next_in_line(&scan, |_| true, |_| true) else { continue };
+                let standing_of: HashMap<u64, Standing> =
+                    q.entries.iter().map(|(&seq, e)| (seq, q.standing(&scan, e, true))).collect();
                 let (t, _) =
                     q.pop_preferring(now, |_| true, |&v| Duration::from_millis(u64::from((v ^ salt) % 5) * 10)).unwrap();
                 prop_assert_eq!(standing_of[&t.0], standing);
@@ -781,6 +1041,69 @@ mod tests {
                     let n = passed.entry(head).or_default();
                     *n += 1;
                     prop_assert!(*n <= DEFAULT_MAX_OVERTAKEN);
+                }
+            }
+        }
+    }
+
+    proptest! {
+        /// Whatever the weights, the deadlines and who fits: once an item has waited `3 * aging` it is
+        /// passed over only by items that arrived before it, or (with fairness) by other tenants taking
+        /// their turn, at most once each per serve of its own tenant.
+        #[test]
+        fn aging_bounds_every_wait_whatever_the_weights(
+            w in (0u32..8, 0u32..8, 0u32..8, 0u32..8),
+            fairness in any::<bool>(),
+            ops in proptest::collection::vec(prop_oneof![
+                3 => (0usize..4, 0u64..4, proptest::option::of(0u64..200), 0u32..5)
+                    .prop_map(|(c, t, d, r)| Some((c, t, d, r))),
+                2 => Just(None),
+            ], 1..300),
+            fit_salt in any::<u32>(),
+        ) {
+            let scoring = Scoring {
+                priority: f64::from(w.0) / 2.0,
+                wait: f64::from(w.1) / 4.0,
+                token_fit: f64::from(w.2),
+                retries: f64::from(w.3) / 2.0,
+            };
+            let aging = Duration::from_millis(20);
+            let mut q: AdmissionQueue<u32> =
+                AdmissionQueue::new(QueueConfig { max_size: 50, aging, fairness, scoring, ..QueueConfig::default() });
+            let t0 = Instant::now();
+            // ticket -> (tenant, arrival)
+            let mut live: BTreeMap<Ticket, (u64, Instant)> = BTreeMap::new();
+            // ticket -> (items older than it when it aged out, pops since)
+            let mut aged: HashMap<Ticket, (usize, usize)> = HashMap::new();
+            for (i, op) in ops.into_iter().enumerate() {
+                let now = t0 + Duration::from_millis(i as u64);
+                match op {
+                    Some((c, tenant, d, retries)) => {
+                        let deadline = d.map(|d| now + Duration::from_millis(d));
+                        let m = Meta { class: Priority::ALL[c], tenant, deadline, retries };
+                        if let Ok(t) = q.push_with(i as u32, m, now) {
+                            live.insert(t, (tenant, now));
+                        }
+                    }
+                    None => {
+                        for (&t, &(_, at)) in &live {
+                            if now.duration_since(at) >= aging * 3 && !aged.contains_key(&t) {
+                                aged.insert(t, (live.range(..t).count(), 0));
+                            }
+                        }
+                        let fits = |v: &u32| !(v ^ fit_salt).is_multiple_of(3);
+                        let Some(got) = q.peek_scored(now, |_| true, fits) else { continue };
+                        q.serve_ticket(got).unwrap();
+                        let (tenant, _) = live.remove(&got).unwrap();
+                        aged.remove(&got);
+                        for (x, (older, pops)) in aged.iter_mut() {
+                            *pops += 1;
+                            let (x_tenant, _) = live[x];
+                            prop_assert!(got < *x || (fairness && tenant != x_tenant),
+                                "{got:?} went before the aged-out {x:?}");
+                            prop_assert!(*pops <= 4 * (*older + 1), "{x:?} passed over {pops} times");
+                        }
+                    }
                 }
             }
         }

@@ -21,6 +21,8 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     /// The fleet.
     pub workers: Vec<WorkerConfig>,
+    /// Per-model settings (`[[models]]`): aliases, limits, queue overrides, default class.
+    pub models: Vec<ModelConfig>,
     /// Which strategy picks a worker, and its knobs.
     pub routing: RoutingConfig,
     /// Active health probes.
@@ -41,6 +43,61 @@ pub struct Config {
     pub rate_limit: RateLimitConfig,
     /// The Batch API: its store, bounds and share of the fleet.
     pub batch: BatchConfig,
+}
+
+/// One `[[models]]` table: a served model's client-facing aliases, its own limits (0 = unlimited) and
+/// queue overrides.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// The served name (what workers list and receive).
+    pub name: String,
+    /// Names clients may use instead; the body's `model` is rewritten to `name` before forwarding.
+    #[serde(default)]
+    pub aliases: Vec<String>,
+    /// Requests per minute to this model over all tenants.
+    #[serde(default)]
+    pub requests_per_minute: u64,
+    /// Tokens per minute to this model (estimated up front, reconciled with real usage).
+    #[serde(default)]
+    pub tokens_per_minute: u64,
+    /// Requests per UTC day to this model.
+    #[serde(default)]
+    pub requests_per_day: u64,
+    /// Requests in flight at once to this model over all workers; more wait (bounded by the queue
+    /// timeout).
+    #[serde(default)]
+    pub max_concurrency: u32,
+    /// Overrides `queue.max_size` for this model.
+    #[serde(default)]
+    pub queue_max_size: Option<usize>,
+    /// Overrides `queue.timeout_secs` for this model.
+    #[serde(default)]
+    pub queue_timeout_secs: Option<u64>,
+    /// Default class of its requests when neither `X-Priority` nor the API key sets one.
+    #[serde(default)]
+    pub priority: Option<gateway_core::Priority>,
+}
+
+/// Most `[[models]]` tables (each is a set of buckets and a queue).
+pub const MAX_MODELS: usize = 1024;
+
+impl Config {
+    /// The `[[models]]` table of the served model `name`.
+    pub fn model(&self, name: &str) -> Option<&ModelConfig> {
+        self.models.iter().find(|m| m.name == name)
+    }
+
+    /// The served name a client's `model` stands for: the model whose alias it is, else itself.
+    pub fn served_name<'a>(&'a self, requested: &'a str) -> &'a str {
+        self.models.iter().find(|m| m.aliases.iter().any(|a| a == requested)).map_or(requested, |m| m.name.as_str())
+    }
+
+    /// The queue wait a request for `model` is allowed (its `queue_timeout_secs`, else `queue.timeout_secs`).
+    pub fn queue_timeout(&self, model: &str) -> std::time::Duration {
+        let secs = self.model(model).and_then(|m| m.queue_timeout_secs).unwrap_or(self.queue.timeout_secs);
+        std::time::Duration::from_secs(secs)
+    }
 }
 
 /// `[batch]`: the Batch API (`/v1/files`, `/v1/batches`), run in the fleet's spare capacity.
@@ -152,6 +209,17 @@ pub enum RateLimitBackend {
     Redis,
 }
 
+/// What a request over a per-key or per-model budget gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnLimit {
+    /// 429 `rate_limit_exceeded` at once.
+    #[default]
+    Reject,
+    /// Wait in the admission queue until the budget allows it (at most the queue timeout).
+    Queue,
+}
+
 /// What to do when Redis cannot be reached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -193,6 +261,8 @@ pub struct RateLimitConfig {
     pub redis_timeout_ms: u64,
     /// Per-user buckets kept at most (users are client-chosen when auth is off).
     pub max_tracked_users: usize,
+    /// `reject` (429) or `queue` (wait for budget) when a per-key or per-model limit is reached.
+    pub on_limit: OnLimit,
 }
 
 impl Default for RateLimitConfig {
@@ -211,6 +281,7 @@ impl Default for RateLimitConfig {
             redis_failure: RedisFailure::Local,
             redis_timeout_ms: 100,
             max_tracked_users: 100_000,
+            on_limit: OnLimit::Reject,
         }
     }
 }
@@ -234,6 +305,32 @@ pub struct QueueConfig {
     /// Cache-aware hand-off: a freed worker may serve a waiter whose prompt it holds before older ones
     /// of equal standing, each of which may be overtaken this many times; 0 = strict order.
     pub max_overtaken: u32,
+    /// Weights of the order waiting requests leave in.
+    pub scoring: ScoringConfig,
+}
+
+/// `[queue.scoring]`: a waiter's level is `priority * class points (urgent 3 .. low 0) + aging steps +
+/// wait * seconds waited + token_fit * (fits its budget left) + retries * returns to the queue`;
+/// higher leaves first. The defaults give the plain class-with-aging order. Whatever the weights, a
+/// request that has waited `3 * aging_secs` scores the top level (aging still bounds every wait).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ScoringConfig {
+    /// Weight of the class.
+    pub priority: f64,
+    /// Weight of each second waited.
+    pub wait: f64,
+    /// Weight of fitting the budget left (among requests waiting for their rate-limit budget).
+    pub token_fit: f64,
+    /// Weight of each return to the queue (at most 3 count).
+    pub retries: f64,
+}
+
+impl Default for ScoringConfig {
+    fn default() -> Self {
+        let d = guard::Scoring::default();
+        Self { priority: d.priority, wait: d.wait, token_fit: d.token_fit, retries: d.retries }
+    }
 }
 
 impl Default for QueueConfig {
@@ -246,6 +343,7 @@ impl Default for QueueConfig {
             enable_fairness: true,
             default_worker_concurrency: 0,
             max_overtaken: guard::DEFAULT_MAX_OVERTAKEN,
+            scoring: ScoringConfig::default(),
         }
     }
 }
@@ -258,6 +356,12 @@ impl QueueConfig {
             aging: std::time::Duration::from_secs(self.aging_secs),
             fairness: self.enable_fairness,
             max_overtaken: self.max_overtaken,
+            scoring: guard::Scoring {
+                priority: self.scoring.priority,
+                wait: self.scoring.wait,
+                token_fit: self.scoring.token_fit,
+                retries: self.scoring.retries,
+            },
         }
     }
 }
@@ -589,7 +693,9 @@ impl Default for LogConfig {
 /// environment can never miss a section added later; longest first, so `rate_limit_x` never matches `rate`.
 fn sections() -> Vec<String> {
     let mut names: Vec<String> = match serde_json::to_value(Config::default()) {
-        Ok(serde_json::Value::Object(map)) => map.into_iter().map(|(k, _)| k).filter(|k| k != "workers").collect(),
+        Ok(serde_json::Value::Object(map)) => {
+            map.into_iter().map(|(k, _)| k).filter(|k| k != "workers" && k != "models").collect()
+        }
         _ => Vec::new(),
     };
     names.sort_by_key(|n| std::cmp::Reverse(n.len()));
@@ -772,6 +878,18 @@ impl Config {
             // Opening a client only parses the URL (it connects on first use): what it refuses, refuse here.
             redis::Client::open(rl.redis_url.as_str()).map_err(|e| format!("rate_limit.redis_url: {e}"))?;
         }
+        self.validate_models()?;
+        let sc = &self.queue.scoring;
+        for (key, v) in [
+            ("queue.scoring.priority", sc.priority),
+            ("queue.scoring.wait", sc.wait),
+            ("queue.scoring.token_fit", sc.token_fit),
+            ("queue.scoring.retries", sc.retries),
+        ] {
+            if !v.is_finite() || !(0.0..=1_000.0).contains(&v) {
+                return Err(format!("{key}: {v} must be a number from 0 to 1000"));
+            }
+        }
         if self.queue.timeout_secs == 0 {
             return Err("queue.timeout_secs: must be greater than 0".into());
         }
@@ -817,6 +935,36 @@ impl Config {
             return Err("batch.retry_base_ms: must not exceed batch.retry_max_ms".into());
         }
         Ok(keys)
+    }
+}
+
+impl Config {
+    /// `[[models]]`: names and aliases non-empty, printable and used once; overrides in range.
+    fn validate_models(&self) -> Result<(), String> {
+        if self.models.len() > MAX_MODELS {
+            return Err(format!("models: {} tables, at most {MAX_MODELS}", self.models.len()));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, m) in self.models.iter().enumerate() {
+            for (what, name) in std::iter::once(("name", &m.name)).chain(m.aliases.iter().map(|a| ("aliases", a))) {
+                if name.is_empty() || name.len() > 256 || name.chars().any(char::is_control) {
+                    return Err(format!(
+                        "models[{i}].{what}: {:?} must be 1 to 256 bytes without control characters",
+                        gateway_core::echo(name)
+                    ));
+                }
+                if !seen.insert(name.as_str()) {
+                    return Err(format!("models[{i}].{what}: {:?} is named twice", gateway_core::echo(name)));
+                }
+            }
+            if m.queue_timeout_secs == Some(0) {
+                return Err(format!("models[{i}].queue_timeout_secs: must be greater than 0"));
+            }
+            if m.priority == Some(gateway_core::Priority::Batch) {
+                return Err(format!("models[{i}].priority: batch is not a class a model can default to"));
+            }
+        }
+        Ok(())
     }
 }
 

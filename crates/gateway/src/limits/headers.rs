@@ -68,7 +68,7 @@ mod tests {
 
     #[test]
     fn a_refusal_reports_its_own_limit() {
-        let limits = Limits { rps: 1.0, burst: 5.0, rpm: 60, tpm: 1000, rpd: 9 };
+        let limits = Limits { rps: 1.0, burst: 5.0, rpm: 60, tpm: 1000, rpd: 9, ..Limits::default() };
         let tpm = refusal_headers(&Refusal { limit: Limit::Tpm, retry_after: Duration::from_secs(6) }, &limits);
         assert_eq!(tpm[0], ("x-ratelimit-limit-tokens", "1000".to_string()));
         assert_eq!(tpm[2], ("x-ratelimit-reset-tokens", "6s".to_string()));

@@ -1,5 +1,5 @@
-//! Token-bucket rate limits: global requests per second, per tenant requests per minute, tokens per
-//! minute and requests per day, and per worker requests per second.
+//! Token-bucket rate limits: global requests per second, per tenant and per model (`[[models]]`)
+//! requests per minute, tokens per minute and requests per day, and per worker requests per second.
 //!
 //! A tenant is an API key's name, or the request's `user` when auth is off. Tokens are charged before
 //! dispatch with an estimate (prompt characters / 4 + `max_tokens`) and reconciled with the real
@@ -23,12 +23,11 @@ pub mod quota;
 pub mod redis;
 
 pub use headers::set_headers;
-pub use quota::{Limit, Quota};
+pub use quota::{Limit, Limits, Quota, Refusal};
 
 use crate::auth::Tenant;
-use crate::config::{RateLimitBackend, RateLimitConfig, RedisFailure};
+use crate::config::{ModelConfig, RateLimitBackend, RateLimitConfig, RedisFailure};
 use crate::limits::local::LocalBuckets;
-use crate::limits::quota::{Limits, Refusal};
 use crate::limits::redis::RedisBuckets;
 use crate::metrics::Metrics;
 use gateway_core::{ErrorKind, GatewayError};
@@ -39,20 +38,33 @@ use tokio::time::Instant;
 /// Tokens charged up front for a request, to reconcile with its real usage.
 pub struct TokenCharge {
     limiter: Arc<RateLimiter>,
-    tenant: Arc<str>,
+    /// The tenant whose token bucket was charged, if it has one.
+    tenant: Option<Arc<str>>,
+    /// The model whose token bucket was charged, if it has one.
+    model: Option<Arc<str>>,
     estimated: u64,
 }
 
 impl std::fmt::Debug for TokenCharge {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TokenCharge").field("tenant", &self.tenant).field("estimated", &self.estimated).finish()
+        f.debug_struct("TokenCharge")
+            .field("tenant", &self.tenant)
+            .field("model", &self.model)
+            .field("estimated", &self.estimated)
+            .finish()
     }
 }
 
 impl TokenCharge {
     /// Settles the charge with the tokens really used (prompt + completion).
     pub fn reconcile(self, used: u64) {
-        self.limiter.adjust_tokens(&self.tenant, self.estimated as f64 - used as f64);
+        let delta = self.estimated as f64 - used as f64;
+        if let Some(tenant) = &self.tenant {
+            self.limiter.adjust_tokens(tenant, delta);
+        }
+        if let Some(model) = &self.model {
+            self.limiter.adjust_model_tokens(model, delta);
+        }
     }
 }
 
@@ -94,37 +106,64 @@ impl RateLimiter {
         Arc::new(Self { local: LocalBuckets::default(), shared })
     }
 
-    fn limits(cfg: &RateLimitConfig, tenant: Option<&Tenant>) -> Limits {
+    fn limits(cfg: &RateLimitConfig, tenant: Option<&Tenant>, model: Option<&ModelConfig>) -> Limits {
         Limits {
             rps: cfg.requests_per_second,
             burst: cfg.burst_size.max(1.0),
             rpm: tenant.and_then(|t| t.rpm).unwrap_or(cfg.per_user_rpm),
             tpm: tenant.and_then(|t| t.tpm).unwrap_or(cfg.per_user_tpm),
             rpd: tenant.and_then(|t| t.rpd).unwrap_or(cfg.per_user_rpd),
+            model_rpm: model.map_or(0, |m| m.requests_per_minute),
+            model_tpm: model.map_or(0, |m| m.tokens_per_minute),
+            model_rpd: model.map_or(0, |m| m.requests_per_day),
         }
     }
 
-    /// Checks and charges one request of `tenant_name` costing `tokens` (estimated). On success, returns
-    /// the quota to report and the token charge to reconcile; on refusal, a 429 naming the limit.
+    /// Checks and charges one request of `tenant_name` to `model` costing `tokens` (estimated). On
+    /// success, returns the quota to report and the token charge to reconcile; on refusal, a 429
+    /// naming the limit.
     pub async fn check(
         self: &Arc<Self>,
         cfg: &RateLimitConfig,
         metrics: &Metrics,
         tenant: Option<&Tenant>,
         tenant_name: Option<&str>,
+        model: Option<&ModelConfig>,
         tokens: u64,
     ) -> Result<(Quota, Option<TokenCharge>), GatewayError> {
+        match self.try_check(cfg, metrics, tenant, tenant_name, model, tokens).await? {
+            Ok(admitted) => Ok(admitted),
+            Err(refused) => Err(refused.into_error(metrics)),
+        }
+    }
+
+    /// [`RateLimiter::check`], with a refusal handed back as such (to wait for budget, or to turn into
+    /// a 429 with [`Refused::into_error`]). `Err` only when Redis fails and `redis_failure = "deny"`.
+    pub async fn try_check(
+        self: &Arc<Self>,
+        cfg: &RateLimitConfig,
+        metrics: &Metrics,
+        tenant: Option<&Tenant>,
+        tenant_name: Option<&str>,
+        model: Option<&ModelConfig>,
+        tokens: u64,
+    ) -> Result<Result<(Quota, Option<TokenCharge>), Refused>, GatewayError> {
         metrics.rate_limiter_requests.inc();
-        let limits = Self::limits(cfg, tenant);
+        let limits = Self::limits(cfg, tenant, model);
         let name: Option<Arc<str>> = tenant.map(|t| Arc::clone(&t.name)).or_else(|| tenant_name.map(Arc::from));
-        let local =
-            || self.local.check(&limits, name.as_deref(), tokens, cfg.max_tracked_users, Instant::now(), unix_secs());
+        let model_name = model.map(|m| m.name.as_str());
+        let local = || {
+            let (now, unix) = (Instant::now(), unix_secs());
+            self.local.check(&limits, name.as_deref(), model_name, tokens, cfg.max_tracked_users, now, unix)
+        };
         let verdict = match (&self.shared, cfg.backend) {
             (Shared::Off, _) | (_, RateLimitBackend::Local) => local(),
             (Shared::Redis(redis), RateLimitBackend::Redis) => {
                 let timeout = Duration::from_millis(cfg.redis_timeout_ms.max(1));
                 let day = unix_secs() / 86_400;
-                match tokio::time::timeout(timeout, redis.check(&limits, day, name.as_deref(), tokens)).await {
+                match tokio::time::timeout(timeout, redis.check(&limits, day, name.as_deref(), model_name, tokens))
+                    .await
+                {
                     Ok(Ok(verdict)) => verdict,
                     failure => {
                         let why = match failure {
@@ -142,17 +181,20 @@ impl RateLimiter {
                 local()
             }
         };
-        match verdict {
+        Ok(match verdict {
             Ok(quota) => {
-                let charge = (limits.tpm > 0).then(|| name.clone()).flatten().map(|tenant| TokenCharge {
+                let tenant = name.filter(|_| limits.tpm > 0);
+                let model = model.filter(|_| limits.model_tpm > 0).map(|m| Arc::from(m.name.as_str()));
+                let charge = (tenant.is_some() || model.is_some()).then(|| TokenCharge {
                     limiter: Arc::clone(self),
                     tenant,
+                    model,
                     estimated: tokens,
                 });
                 Ok((quota, charge))
             }
-            Err(refusal) => Err(refused(metrics, &refusal, &limits)),
-        }
+            Err(refusal) => Err(Refused { refusal, limits }),
+        })
     }
 
     /// Counts a Redis failure; `Err` (a 503-style 429) when `redis_failure = "deny"`, else the caller
@@ -187,6 +229,22 @@ impl RateLimiter {
         self.local.adjust_tokens(tenant, delta, Instant::now());
     }
 
+    /// [`RateLimiter::adjust_tokens`] for a model's token bucket.
+    fn adjust_model_tokens(self: &Arc<Self>, model: &Arc<str>, delta: f64) {
+        if delta == 0.0 {
+            return;
+        }
+        if let Shared::Redis(redis) = &self.shared {
+            let (redis, model) = (redis.clone(), Arc::clone(model));
+            tokio::spawn(async move {
+                if let Err(e) = redis.adjust_model_tokens(&model, delta).await {
+                    tracing::debug!(error = %e, "rate limiter: model token reconcile in Redis failed");
+                }
+            });
+        }
+        self.local.adjust_model_tokens(model, delta, Instant::now());
+    }
+
     /// Whether `worker` is below `qps` now (routing skips workers at their rate).
     pub fn worker_has_budget(&self, worker: u64, qps: f64) -> bool {
         qps <= 0.0 || self.local.worker_has_budget(worker, qps, Instant::now())
@@ -202,6 +260,22 @@ impl RateLimiter {
     /// Tenants tracked by the local buckets (bounded by `max_tracked_users`).
     pub fn tracked_tenants(&self) -> usize {
         self.local.tracked_tenants()
+    }
+}
+
+/// A request over one of its limits, with the limits it was checked against.
+#[derive(Debug, Clone, Copy)]
+pub struct Refused {
+    /// Which limit refused, and when it has room.
+    pub refusal: Refusal,
+    /// The request's limits.
+    pub limits: Limits,
+}
+
+impl Refused {
+    /// The 429 of this refusal (counted).
+    pub fn into_error(self, metrics: &Metrics) -> GatewayError {
+        refused(metrics, &self.refusal, &self.limits)
     }
 }
 
@@ -232,9 +306,9 @@ mod tests {
         let m = Metrics::new().unwrap();
         let rl = RateLimiter::new(&cfg());
         for _ in 0..2 {
-            rl.check(&cfg(), &m, None, Some("alice"), 10).await.expect("within the limit");
+            rl.check(&cfg(), &m, None, Some("alice"), None, 10).await.expect("within the limit");
         }
-        let err = rl.check(&cfg(), &m, None, Some("alice"), 10).await.unwrap_err();
+        let err = rl.check(&cfg(), &m, None, Some("alice"), None, 10).await.unwrap_err();
         assert_eq!(err.status(), 429);
         assert_eq!(err.body()["error"]["code"], "per_user_rpm");
         assert_eq!(err.body()["error"]["type"], "rate_limit_exceeded");
@@ -243,7 +317,7 @@ mod tests {
         assert_eq!(header("x-ratelimit-limit-requests").as_deref(), Some("2"), "the 429 reports its limit");
         assert_eq!(header("x-ratelimit-remaining-requests").as_deref(), Some("0"));
         assert!(header("x-ratelimit-reset-requests").is_some());
-        assert!(rl.check(&cfg(), &m, None, Some("bob"), 10).await.is_ok(), "bob has his own bucket");
+        assert!(rl.check(&cfg(), &m, None, Some("bob"), None, 10).await.is_ok(), "bob has his own bucket");
     }
 
     #[tokio::test]
@@ -251,12 +325,12 @@ mod tests {
         let m = Metrics::new().unwrap();
         let c = RateLimitConfig { per_user_rpm: 0, per_user_tpm: 1000, ..cfg() };
         let rl = RateLimiter::new(&c);
-        let (q, charge) = rl.check(&c, &m, None, Some("t"), 900).await.unwrap();
+        let (q, charge) = rl.check(&c, &m, None, Some("t"), None, 900).await.unwrap();
         assert_eq!(q.limit_tokens, Some(1000));
         assert!(q.remaining_tokens <= 100);
-        assert!(rl.check(&c, &m, None, Some("t"), 900).await.is_err(), "the estimate used the budget");
+        assert!(rl.check(&c, &m, None, Some("t"), None, 900).await.is_err(), "the estimate used the budget");
         charge.expect("tpm is limited").reconcile(100);
-        let (q, _) = rl.check(&c, &m, None, Some("t"), 700).await.expect("800 given back");
+        let (q, _) = rl.check(&c, &m, None, Some("t"), None, 700).await.expect("800 given back");
         assert!(q.remaining_tokens < 300);
     }
 
@@ -272,13 +346,13 @@ mod tests {
         };
         let rl = RateLimiter::new(&c);
         for i in 0..3 {
-            rl.check(&c, &m, None, Some(&format!("u{i}")), 1).await.unwrap();
+            rl.check(&c, &m, None, Some(&format!("u{i}")), None, 1).await.unwrap();
         }
-        let err = rl.check(&c, &m, None, Some("u9"), 1).await.unwrap_err();
+        let err = rl.check(&c, &m, None, Some("u9"), None, 1).await.unwrap_err();
         assert_eq!(err.body()["error"]["code"], "global_rps");
         let c2 = RateLimitConfig { requests_per_second: 0.0, ..c };
         for i in 0..50 {
-            rl.check(&c2, &m, None, Some(&format!("many{i}")), 1).await.unwrap();
+            rl.check(&c2, &m, None, Some(&format!("many{i}")), None, 1).await.unwrap();
         }
         assert!(rl.tracked_tenants() <= 5, "bounded: {}", rl.tracked_tenants());
         assert!(m.render().contains("llm_rate_limiter_rejected_total{limit=\"global_rps\"} 1"));
@@ -295,11 +369,14 @@ mod tests {
         };
         let rl = RateLimiter::new(&c);
         assert!(matches!(rl.shared, Shared::Broken), "the client error is kept, not dropped");
-        rl.check(&c, &m, None, Some("a"), 1).await.expect("local buckets decide");
-        assert_eq!(rl.check(&c, &m, None, Some("a"), 1).await.unwrap_err().body()["error"]["code"], "per_user_rpm");
+        rl.check(&c, &m, None, Some("a"), None, 1).await.expect("local buckets decide");
+        assert_eq!(
+            rl.check(&c, &m, None, Some("a"), None, 1).await.unwrap_err().body()["error"]["code"],
+            "per_user_rpm"
+        );
         assert_eq!(m.rate_limiter_fallback.get(), 2);
         let deny = RateLimitConfig { redis_failure: RedisFailure::Deny, ..c };
-        let err = rl.check(&deny, &m, None, Some("b"), 1).await.unwrap_err();
+        let err = rl.check(&deny, &m, None, Some("b"), None, 1).await.unwrap_err();
         assert_eq!(err.body()["error"]["code"], "rate_limiter_unavailable");
         assert_eq!(m.rate_limiter_fallback.get(), 3);
     }
@@ -314,7 +391,7 @@ mod tests {
             if i > 0 {
                 tokio::time::advance(Duration::from_millis(5)).await; // offered at 200/s
             }
-            admitted += usize::from(rl.check(&c, &m, None, None, 1).await.is_ok());
+            admitted += usize::from(rl.check(&c, &m, None, None, None, 1).await.is_ok());
         }
         // The burst, then one per 10 ms over the 3.995 s of offers.
         assert_eq!(admitted, 5 + 399);

@@ -15,6 +15,12 @@ pub enum Limit {
     Tpm,
     /// A tenant's requests per day.
     Rpd,
+    /// A model's requests per minute, over all tenants (`[[models]] requests_per_minute`).
+    ModelRpm,
+    /// A model's tokens per minute.
+    ModelTpm,
+    /// A model's requests per day.
+    ModelRpd,
     /// Not a bucket: the shared (Redis) limiter could not answer and `redis_failure = "deny"`.
     Unavailable,
 }
@@ -36,6 +42,9 @@ impl Limit {
             Limit::Rpm => "per_user_rpm",
             Limit::Tpm => "per_user_tpm",
             Limit::Rpd => "per_user_rpd",
+            Limit::ModelRpm => "per_model_rpm",
+            Limit::ModelTpm => "per_model_tpm",
+            Limit::ModelRpd => "per_model_rpd",
             Limit::Unavailable => "redis_unavailable",
         }
     }
@@ -47,21 +56,35 @@ impl Limit {
             Limit::Rpm => "requests per minute for this key",
             Limit::Tpm => "tokens per minute for this key",
             Limit::Rpd => "requests per day for this key",
+            Limit::ModelRpm => "requests per minute for this model",
+            Limit::ModelTpm => "tokens per minute for this model",
+            Limit::ModelRpd => "requests per day for this model",
             Limit::Unavailable => "the shared rate limiter is unavailable",
         }
+    }
+
+    /// Whether a request over it may wait for budget (`rate_limit.on_limit = "queue"`): the per-key
+    /// and per-model limits, not the global rate nor an unreachable Redis.
+    pub const fn waitable(self) -> bool {
+        !matches!(self, Limit::GlobalRps | Limit::Unavailable)
+    }
+
+    /// Whether it is one of a model's limits (shared by all tenants) rather than a tenant's.
+    pub const fn per_model(self) -> bool {
+        matches!(self, Limit::ModelRpm | Limit::ModelTpm | Limit::ModelRpd)
     }
 
     /// What it counts.
     pub const fn unit(self) -> Unit {
         match self {
-            Limit::Tpm => Unit::Tokens,
+            Limit::Tpm | Limit::ModelTpm => Unit::Tokens,
             _ => Unit::Requests,
         }
     }
 }
 
-/// The limits that apply to one request, resolved from config and its tenant (0 = off).
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// The limits that apply to one request, resolved from config, its tenant and its model (0 = off).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct Limits {
     /// Global requests per second.
     pub rps: f64,
@@ -73,6 +96,12 @@ pub struct Limits {
     pub tpm: u64,
     /// Tenant requests per day.
     pub rpd: u64,
+    /// Model requests per minute.
+    pub model_rpm: u64,
+    /// Model tokens per minute.
+    pub model_tpm: u64,
+    /// Model requests per day.
+    pub model_rpd: u64,
 }
 
 impl Limits {
@@ -83,12 +112,20 @@ impl Limits {
             Limit::Rpm => self.rpm,
             Limit::Tpm => self.tpm,
             Limit::Rpd => self.rpd,
+            Limit::ModelRpm => self.model_rpm,
+            Limit::ModelTpm => self.model_tpm,
+            Limit::ModelRpd => self.model_rpd,
         }
     }
 
     /// Whether any tenant limit applies.
     pub fn per_tenant(&self) -> bool {
         self.rpm > 0 || self.tpm > 0 || self.rpd > 0
+    }
+
+    /// Whether any model limit applies.
+    pub fn per_model(&self) -> bool {
+        self.model_rpm > 0 || self.model_tpm > 0 || self.model_rpd > 0
     }
 }
 
@@ -110,8 +147,18 @@ pub struct Quota {
 }
 
 impl Quota {
-    /// Records the level of `limit` after a charge: `remaining` left, full again in `reset`.
+    /// Records the level of `limit` after a charge: `remaining` left, full again in `reset`. A model's
+    /// limit replaces what is reported only when less of it is left (the headers show the tighter).
     pub fn report(&mut self, limits: &Limits, limit: Limit, remaining: u64, reset: Duration) {
+        if limit.per_model() {
+            let tighter = match limit.unit() {
+                Unit::Tokens => self.limit_tokens.is_none() || remaining < self.remaining_tokens,
+                Unit::Requests => self.limit_requests == 0 || remaining < self.remaining_requests,
+            };
+            if !tighter {
+                return;
+            }
+        }
         match limit.unit() {
             Unit::Tokens => {
                 self.limit_tokens = Some(limits.of(limit));

@@ -2,7 +2,9 @@
 //!
 //! One Lua script per check reads all of a request's buckets, refills them by Redis's own clock
 //! (`TIME`: replicas' clocks never disagree), and charges them only if every one admits, so concurrent
-//! checks from many replicas can never overspend a bucket. Keys expire when idle.
+//! checks from many replicas can never overspend a bucket. Keys expire when idle. A request's buckets
+//! are the global one, its tenant's (`llmgw:rl:{tenant}:*`) and its model's (`llmgw:rlm:{model}:*`),
+//! all in the one script call.
 
 use crate::limits::quota::{Limit, Limits, Quota, Refusal, Verdict};
 use redis::aio::ConnectionManager;
@@ -101,7 +103,14 @@ impl RedisBuckets {
     /// Checks and charges the buckets of one request with `limits` on UTC day number `day` (which names
     /// the day's counter). The outer `Result` is Redis's; the inner one the limits' verdict, as the
     /// local buckets give it.
-    pub async fn check(&self, limits: &Limits, day: u64, tenant: Option<&str>, tokens: u64) -> Result<Verdict, String> {
+    pub async fn check(
+        &self,
+        limits: &Limits,
+        day: u64,
+        tenant: Option<&str>,
+        model: Option<&str>,
+        tokens: u64,
+    ) -> Result<Verdict, String> {
         let mut order: Vec<Limit> = Vec::new();
         let mut inv = self.check.prepare_invoke();
         if limits.rps > 0.0 {
@@ -126,6 +135,25 @@ impl RedisBuckets {
                 order.push(Limit::Tpm);
             }
         }
+        // Model keys have their own prefix: no tenant name can collide with them.
+        if let Some(m) = model.filter(|_| limits.per_model()) {
+            if limits.model_rpd > 0 {
+                let day_end = (day + 1) * 86_400;
+                inv.key(format!("llmgw:rlm:{m}:rpd:{day}")).arg("win").arg(day_end).arg(limits.model_rpd).arg(1).arg(1);
+                order.push(Limit::ModelRpd);
+            }
+            if limits.model_rpm > 0 {
+                let rpm = limits.model_rpm as f64;
+                inv.key(format!("llmgw:rlm:{m}:rpm")).arg("tb").arg(rpm / 60.0).arg(rpm).arg(1).arg(1);
+                order.push(Limit::ModelRpm);
+            }
+            if limits.model_tpm > 0 {
+                let tpm = limits.model_tpm as f64;
+                let need = (tokens as f64).min(tpm);
+                inv.key(format!("llmgw:rlm:{m}:tpm")).arg("tb").arg(tpm / 60.0).arg(tpm).arg(need).arg(tokens);
+                order.push(Limit::ModelTpm);
+            }
+        }
         if order.is_empty() {
             return Ok(Ok(Quota::default()));
         }
@@ -138,8 +166,8 @@ impl RedisBuckets {
         }
         let mut quota = Quota::default();
         for (i, limit) in order.into_iter().enumerate() {
-            // The day counter is not one of the headers' limits.
-            if limit != Limit::Rpd {
+            // The day counters are not among the headers' limits.
+            if !matches!(limit, Limit::Rpd | Limit::ModelRpd) {
                 quota.report(limits, limit, get(3 + 2 * i), Duration::from_millis(get(4 + 2 * i)));
             }
         }
@@ -148,8 +176,16 @@ impl RedisBuckets {
 
     /// Gives back `delta` tokens (negative: charges more) to `tenant`'s token bucket.
     pub async fn adjust_tokens(&self, tenant: &str, delta: f64) -> Result<(), String> {
+        self.adjust_key(format!("llmgw:rl:{tenant}:tpm"), delta).await
+    }
+
+    /// Gives back `delta` tokens (negative: charges more) to `model`'s token bucket.
+    pub async fn adjust_model_tokens(&self, model: &str, delta: f64) -> Result<(), String> {
+        self.adjust_key(format!("llmgw:rlm:{model}:tpm"), delta).await
+    }
+
+    async fn adjust_key(&self, key: String, delta: f64) -> Result<(), String> {
         let mut conn = self.conn().await?;
-        let key = format!("llmgw:rl:{tenant}:tpm");
         // The burst cap is applied by the next check's refill; here only the level moves.
         let _: i64 =
             self.adjust.key(key).arg(delta).arg(f64::MAX).invoke_async(&mut conn).await.map_err(|e| e.to_string())?;

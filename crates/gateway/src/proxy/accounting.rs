@@ -50,6 +50,8 @@ pub struct RequestRecord {
     pub charge: Option<crate::limits::TokenCharge>,
     /// The request's count in `llm_gateway_active_requests`, released with the body.
     pub active: Option<Active>,
+    /// Its model's `max_concurrency` permit, released with the body.
+    pub model_permit: Option<crate::proxy::admission::ModelPermit>,
     /// Time spent in the admission queue.
     pub queue_wait: Duration,
     first_byte: Option<Instant>,
@@ -77,6 +79,7 @@ impl RequestRecord {
             usage: UsageScanner::default(),
             charge: None,
             active: None,
+            model_permit: None,
             queue_wait: Duration::ZERO,
             first_byte: None,
             finished: false,
@@ -151,6 +154,7 @@ impl RequestRecord {
             "request"
         );
         self.active.take();
+        self.model_permit.take();
     }
 
     /// Records an attempt the client never sees (retried, or answered by the gateway's own error):

@@ -11,6 +11,24 @@
 //! A slow sweep ([`Admission::run_sweeper`]) only covers capacity that appears without a slot freeing
 //! (a worker added, recovered or learned larger).
 //!
+//! **Deadlines**: every live waiter has one ([`WaitSpec::deadline`]: arrival plus the model's queue
+//! timeout, or less with `X-Request-Timeout`); within a level earlier deadlines leave first, and a
+//! waiter still queued at its deadline leaves at once with 504.
+//!
+//! **Waiting for budget** (`rate_limit.on_limit = "queue"`, [`Admission::wait_for_budget`]): a request
+//! over a per-key or per-model rate limit waits in the same queue (it counts in the length and in
+//! `X-Queue-Position`) but never takes a worker slot while it waits, so nobody else's live requests
+//! are held up by it. Waiters for the same budget (a tenant's, or the model's) get it in queue order
+//! with `fits` = "its budget has refilled for it": the best of them checks when its refill instant
+//! comes (a timer at that instant, no polling); if it is not the best it sleeps until woken by a
+//! waiter of its budget leaving, its own refill instant or its next aging step. The best waiter that
+//! does not fit yet holds the budget for itself, so small requests fit first (`token_fit`) but cannot
+//! starve a large one once aging has lifted it to the top.
+//!
+//! **Model concurrency** (`[[models]] max_concurrency`): a [`ModelPermit`] per request in flight to
+//! the model, held in the response body like the load guard; a request finding none waits (FIFO,
+//! woken by a permit's release) until its deadline.
+//!
 //! Batch API lines ([`Priority::Batch`]) take only spare capacity. They wait in a FIFO of their own per
 //! model, apart from the live queue (so they never take a live request's place in `max_size`), and never
 //! age. A batch line takes a slot only while the worker's in-flight plus reserved count is below
@@ -24,13 +42,15 @@ use crate::fleet::worker::Worker;
 use crate::fleet::Fleet;
 use arc_swap::ArcSwap;
 use gateway_core::{ErrorKind, GatewayError, Priority, WorkerId};
-use guard::{AdmissionQueue, AvgWait, RateEstimator, Ticket};
+use guard::{AdmissionQueue, AvgWait, Meta, RateEstimator, Ticket};
 use parking_lot::Mutex;
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::future::Future;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 use tokio::sync::oneshot;
+use tokio::sync::Notify as Wake;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -42,6 +62,8 @@ pub struct Admission {
     queues: Mutex<HashMap<Arc<str>, Arc<ModelQueue>>>,
     /// `batch.max_share` as `f64` bits: the share of a worker's slots batch lines may fill.
     batch_share: AtomicU64,
+    /// In-flight counts of the models with `max_concurrency` (bounded by [`crate::config::MAX_MODELS`]).
+    model_slots: Mutex<HashMap<Arc<str>, Arc<ModelSlots>>>,
     me: Weak<Admission>,
 }
 
@@ -53,13 +75,95 @@ pub struct ModelQueue {
     /// Batch lines waiting for spare capacity, oldest first (bounded by `batch.max_concurrency`: the
     /// runner has at most that many lines out).
     batch: Mutex<VecDeque<Waiter>>,
+    /// Woken when a budget waiter leaves (the next of its budget may check).
+    budget_left: Wake,
 }
 
 struct Waiter {
-    tx: oneshot::Sender<Reservation>,
+    /// Where its reservation goes; `None` for a budget waiter, which no worker slot is handed to.
+    tx: Option<oneshot::Sender<Reservation>>,
+    /// Waiting for rate-limit budget rather than a worker slot.
+    budget: Option<BudgetWait>,
     /// The prefill time each worker's cache would save this request: a freed worker counts it as time
     /// already waited among waiters of equal standing (see `guard::AdmissionQueue::pop_preferring`).
     affinity: Option<Affinity>,
+}
+
+/// A waiter for budget: which budget, and when it will have refilled for it.
+#[derive(Debug, Clone, Copy)]
+struct BudgetWait {
+    key: u64,
+    ready_at: Instant,
+}
+
+impl Waiter {
+    fn budget_key(&self) -> Option<u64> {
+        self.budget.map(|b| b.key)
+    }
+
+    fn fits(&self, now: Instant) -> bool {
+        self.budget.is_none_or(|b| b.ready_at <= now)
+    }
+}
+
+/// How one request waits: class, tenant, deadline, returns to the queue, and its model's queue bound.
+#[derive(Debug, Clone, Copy)]
+pub struct WaitSpec {
+    /// Priority class.
+    pub class: Priority,
+    /// Fairness key of its tenant.
+    pub tenant: u64,
+    /// When it must have left the queue: a waiter still queued then gets 504 at once.
+    pub deadline: Instant,
+    /// Times it came back to the queue (a failed attempt with no room, a budget still short).
+    pub retries: u32,
+    /// `queue.max_size`, or its model's `queue_max_size`.
+    pub max_size: usize,
+}
+
+impl WaitSpec {
+    fn meta(&self) -> Meta {
+        Meta { class: self.class, tenant: self.tenant, deadline: Some(self.deadline.into_std()), retries: self.retries }
+    }
+}
+
+/// A model's requests in flight, against its `max_concurrency`.
+#[derive(Debug, Default)]
+struct ModelSlots {
+    in_flight: AtomicU32,
+    freed: Wake,
+}
+
+/// One request in flight to a model with `max_concurrency`; released (and the next waiter woken) when
+/// dropped, which the response body does when it ends, however it ends.
+#[derive(Debug)]
+pub struct ModelPermit(Arc<ModelSlots>);
+
+impl Drop for ModelPermit {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.0.freed.notify_one();
+    }
+}
+
+impl ModelSlots {
+    fn try_take(self: &Arc<Self>, limit: u32) -> Option<ModelPermit> {
+        self.in_flight
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < limit).then_some(n + 1))
+            .ok()
+            .map(|_| ModelPermit(Arc::clone(self)))
+    }
+}
+
+/// The 504 of a request whose queue deadline passed.
+fn queue_timeout(model: &str, allowed: Duration) -> GatewayError {
+    GatewayError::new(
+        ErrorKind::QueueTimeout,
+        format!(
+            "waited {:.1}s in the queue for model `{model}` (its deadline) without being admitted",
+            allowed.as_secs_f64()
+        ),
+    )
 }
 
 /// The prefill time the prefix cache of the worker with this id would save a waiting request, as
@@ -91,8 +195,12 @@ struct Leave<'a> {
 impl Drop for Leave<'_> {
     fn drop(&mut self) {
         if let Some(ticket) = self.ticket {
-            if self.queue.waiting.lock().remove(ticket).is_some() {
+            let removed = self.queue.waiting.lock().remove(ticket);
+            if let Some(w) = removed {
                 self.rejected.with_label_values(&[self.model, self.reason]).inc();
+                if w.budget.is_some() {
+                    self.queue.budget_left.notify_waiters();
+                }
             }
         }
     }
@@ -107,6 +215,7 @@ impl Admission {
             rejected,
             queues: Mutex::default(),
             batch_share: AtomicU64::new(0.8f64.to_bits()),
+            model_slots: Mutex::default(),
             me: me.clone(),
         })
     }
@@ -137,6 +246,7 @@ impl Admission {
                 dispatches: Mutex::new(RateEstimator::default()),
                 waits: Mutex::new(AvgWait::default()),
                 batch: Mutex::default(),
+                budget_left: Wake::new(),
             })
         }))
     }
@@ -177,34 +287,70 @@ impl Admission {
         }
     }
 
-    /// Lets a request for `model` through at once when a candidate has room and nobody waits; else
-    /// queues it until a slot is reserved for it, the queue timeout passes (504), or the queue is
-    /// full (429). `candidates` are the eligible workers for the model; `affinity` is asked for only
+    /// A wait for `model` with the queue settings in force: `class`, `tenant`, the deadline `now` plus
+    /// the model's queue timeout (capped by `cap`, the client's `X-Request-Timeout`).
+    pub fn wait_spec(
+        &self,
+        config: &crate::config::Config,
+        model: &str,
+        class: Priority,
+        tenant: u64,
+        cap: Option<Duration>,
+        now: Instant,
+    ) -> WaitSpec {
+        let allowed = config.queue_timeout(model);
+        let allowed = cap.map_or(allowed, |c| c.min(allowed));
+        let max_size = config.model(model).and_then(|m| m.queue_max_size).unwrap_or(config.queue.max_size);
+        WaitSpec { class, tenant, deadline: now + allowed, retries: 0, max_size }
+    }
+
+    /// The queue of `model`, its bound set to `max_size` (the model's own `queue_max_size` is applied
+    /// at each push, so a reload changing it needs nothing more).
+    fn queue_sized(&self, model: &Arc<str>, max_size: usize) -> Arc<ModelQueue> {
+        let queue = self.queue(model);
+        {
+            let mut waiting = queue.waiting.lock();
+            if waiting.config().max_size != max_size {
+                let cfg = guard::QueueConfig { max_size, ..waiting.config() };
+                waiting.set_config(cfg);
+            }
+        }
+        queue
+    }
+
+    /// Lets a request for `model` through at once when a candidate has room and no request waits for
+    /// a slot; else queues it until a slot is reserved for it, its deadline passes (504), or the queue
+    /// is full (429). `candidates` are the eligible workers for the model; `affinity` is asked for only
     /// when the request waits.
     pub async fn admit(
         &self,
         model: &Arc<str>,
         candidates: &[&Arc<Worker>],
-        class: Priority,
-        tenant: u64,
+        spec: &WaitSpec,
         affinity: impl FnOnce() -> Option<Affinity>,
     ) -> Result<(QueueTicket, Option<Reservation>), GatewayError> {
         let cfg = self.cfg.load_full();
-        let queue = self.queue(model);
+        let queue = self.queue_sized(model, spec.max_size);
         let now = Instant::now();
         if !cfg.enabled || candidates.is_empty() {
             return Ok((QueueTicket::default(), None));
         }
-        if class == Priority::Batch {
+        if spec.class == Priority::Batch {
             return self.admit_batch(&queue, candidates).await;
         }
-        if queue.waiting.lock().is_empty() && candidates.iter().any(|w| self.has_room(w)) {
+        // Budget waiters take no slot: they do not make a newcomer queue.
+        let slot_waiters = queue.waiting.lock().items().any(|w| w.tx.is_some());
+        if !slot_waiters && candidates.iter().any(|w| self.has_room(w)) {
             return Ok((QueueTicket::default(), None));
+        }
+        if now >= spec.deadline {
+            return Err(queue_timeout(model, Duration::ZERO));
         }
         let (tx, rx) = oneshot::channel();
         let (ticket, position) = {
             let mut waiting = queue.waiting.lock();
-            match waiting.push(Waiter { tx, affinity: affinity() }, class, tenant, now.into_std()) {
+            let waiter = Waiter { tx: Some(tx), budget: None, affinity: affinity() };
+            match waiting.push_with(waiter, spec.meta(), now.into_std()) {
                 Ok(ticket) => (ticket, waiting.position(ticket, now.into_std()).unwrap_or(waiting.len())),
                 Err(_) => {
                     drop(waiting);
@@ -212,7 +358,7 @@ impl Admission {
                     let wait = queue.dispatches.lock().estimated_wait(1, now.into_std());
                     return Err(GatewayError::new(
                         ErrorKind::QueueFull,
-                        format!("the queue for model `{model}` is full ({} waiting); retry later", cfg.max_size),
+                        format!("the queue for model `{model}` is full ({} waiting); retry later", spec.max_size),
                     )
                     .with_retry_after(wait.as_secs_f64().ceil().max(1.0) as u64));
                 }
@@ -225,8 +371,7 @@ impl Admission {
         for w in candidates {
             self.dispatch_to(&queue, w);
         }
-        let timeout = Duration::from_secs(cfg.timeout_secs);
-        match tokio::time::timeout(timeout, rx).await {
+        match tokio::time::timeout_at(spec.deadline, rx).await {
             Ok(Ok(reservation)) => {
                 leave.ticket = None;
                 let waited = now.elapsed();
@@ -236,12 +381,161 @@ impl Admission {
             Ok(Err(_)) => Err(GatewayError::new(ErrorKind::Internal, "the admission queue dropped a waiting request")),
             Err(_) => Err({
                 leave.reason = "queue_timeout";
-                GatewayError::new(
-                    ErrorKind::QueueTimeout,
-                    format!("waited {}s in the queue for model `{model}` without a free worker", cfg.timeout_secs),
-                )
+                queue_timeout(model, spec.deadline.saturating_duration_since(now))
             }),
         }
+    }
+
+    /// Whether requests for `model` wait for the budget named `key` (a newcomer of that budget then
+    /// queues behind them rather than taking budget first).
+    pub fn has_budget_waiters(&self, model: &Arc<str>, key: u64) -> bool {
+        let queues = self.queues.lock();
+        queues.get(model).is_some_and(|q| q.waiting.lock().items().any(|w| w.budget_key() == Some(key)))
+    }
+
+    /// Waits in `model`'s queue for the budget named `key`, which has refilled for this request at
+    /// `ready_at`; see "Waiting for budget" in the module docs. When it is this waiter's turn and its
+    /// budget should be there, `check` charges it: `Ok(Ok(t))` admits (returns `t`, the position on
+    /// entry and the time waited), `Ok(Err((at, why)))` means refill again until `at`. Leaves with 504
+    /// at the deadline, 429 when the queue is full, `check`'s error, or `give_up(why)` when the budget
+    /// cannot refill before the deadline.
+    pub async fn wait_for_budget<T, E, F, Fut>(
+        &self,
+        model: &Arc<str>,
+        spec: &WaitSpec,
+        key: u64,
+        ready_at: Instant,
+        mut check: F,
+        give_up: impl Fn(E) -> GatewayError,
+    ) -> Result<(T, QueueTicket), GatewayError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<Result<T, (Instant, E)>, GatewayError>>,
+    {
+        let cfg = self.cfg.load_full();
+        let queue = self.queue_sized(model, spec.max_size);
+        let entered = Instant::now();
+        let (ticket, position) = {
+            let mut waiting = queue.waiting.lock();
+            let waiter = Waiter { tx: None, budget: Some(BudgetWait { key, ready_at }), affinity: None };
+            match waiting.push_with(waiter, spec.meta(), entered.into_std()) {
+                Ok(ticket) => (ticket, waiting.position(ticket, entered.into_std()).unwrap_or(waiting.len())),
+                Err(_) => {
+                    drop(waiting);
+                    self.rejected.with_label_values(&[model, "queue_full"]).inc();
+                    return Err(GatewayError::new(
+                        ErrorKind::QueueFull,
+                        format!("the queue for model `{model}` is full ({} waiting); retry later", spec.max_size),
+                    )
+                    .with_retry_after(1));
+                }
+            }
+        };
+        let mut leave =
+            Leave { queue: &queue, ticket: Some(ticket), rejected: &self.rejected, model, reason: "cancelled" };
+        let aging = Duration::from_secs(cfg.aging_secs);
+        loop {
+            // Registered before looking, so a leave between the look and the wait is not missed.
+            let left = queue.budget_left.notified();
+            tokio::pin!(left);
+            left.as_mut().enable();
+            let now = Instant::now();
+            if now >= spec.deadline {
+                leave.reason = "queue_timeout";
+                return Err(queue_timeout(model, spec.deadline.saturating_duration_since(entered)));
+            }
+            let (head, my_ready) = {
+                let mut waiting = queue.waiting.lock();
+                let head = waiting.peek_scored(now.into_std(), |w| w.budget_key() == Some(key), |w| w.fits(now));
+                (head, waiting.get_mut(ticket).and_then(|w| w.budget.map(|b| b.ready_at)))
+            };
+            let Some(my_ready) = my_ready else {
+                return Err(GatewayError::new(ErrorKind::Internal, "the admission queue dropped a budget waiter"));
+            };
+            if head == Some(ticket) && my_ready <= now {
+                match check().await? {
+                    Ok(admitted) => {
+                        leave.ticket = None;
+                        if queue.waiting.lock().remove(ticket).is_some() {
+                            queue.budget_left.notify_waiters();
+                        }
+                        let waited = entered.elapsed();
+                        return Ok((admitted, QueueTicket { position, estimated_wait: Duration::ZERO, waited }));
+                    }
+                    Err((at, why)) => {
+                        if at > spec.deadline {
+                            leave.reason = "rate_limited";
+                            return Err(give_up(why));
+                        }
+                        // Never a busy loop: the next look is at least a millisecond away.
+                        let at = at.max(Instant::now() + Duration::from_millis(1));
+                        let mut waiting = queue.waiting.lock();
+                        if let Some(w) = waiting.get_mut(ticket) {
+                            w.budget = Some(BudgetWait { key, ready_at: at });
+                        }
+                        waiting.note_retry(ticket);
+                        continue;
+                    }
+                }
+            }
+            // Sleep until something can change this waiter's turn: its refill instant, its next aging
+            // step, its deadline, or another waiter of its budget leaving.
+            let mut wake = spec.deadline;
+            if my_ready > now {
+                wake = wake.min(my_ready);
+            }
+            if !aging.is_zero() {
+                let steps = now.saturating_duration_since(entered).as_nanos() / aging.as_nanos() + 1;
+                let next_step = entered + aging * u32::try_from(steps).unwrap_or(u32::MAX);
+                wake = wake.min(next_step);
+            }
+            tokio::select! {
+                _ = &mut left => {}
+                _ = tokio::time::sleep_until(wake) => {}
+            }
+        }
+    }
+
+    /// A permit for one more request in flight to `model`, whose `max_concurrency` is `limit` (0 =
+    /// unlimited: `None`). Waits for one to be released until `deadline` (504).
+    pub async fn model_permit(
+        &self,
+        model: &Arc<str>,
+        limit: u32,
+        deadline: Instant,
+    ) -> Result<Option<ModelPermit>, GatewayError> {
+        if limit == 0 {
+            return Ok(None);
+        }
+        let slots = {
+            let mut all = self.model_slots.lock();
+            if all.len() >= crate::config::MAX_MODELS && !all.contains_key(model) {
+                // Models removed by reloads: forget the idle ones.
+                all.retain(|_, s| s.in_flight.load(Ordering::Acquire) > 0);
+            }
+            Arc::clone(all.entry(Arc::clone(model)).or_default())
+        };
+        let entered = Instant::now();
+        loop {
+            let freed = slots.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            if let Some(permit) = slots.try_take(limit) {
+                return Ok(Some(permit));
+            }
+            tokio::select! {
+                _ = &mut freed => {}
+                _ = tokio::time::sleep_until(deadline) => {
+                    self.rejected.with_label_values(&[model, "queue_timeout"]).inc();
+                    return Err(queue_timeout(model, deadline.saturating_duration_since(entered)));
+                }
+            }
+        }
+    }
+
+    /// Requests in flight to `model` holding a [`ModelPermit`].
+    pub fn model_in_flight(&self, model: &str) -> u32 {
+        self.model_slots.lock().get(model).map_or(0, |s| s.in_flight.load(Ordering::Acquire))
     }
 
     /// A batch line: straight through when a candidate has batch room and nobody (live or batch) waits
@@ -260,8 +554,8 @@ impl Admission {
         let (tx, rx) = oneshot::channel();
         let position = {
             let mut batch = queue.batch.lock();
-            batch.retain(|w| !w.tx.is_closed());
-            batch.push_back(Waiter { tx, affinity: None });
+            batch.retain(|w| w.tx.as_ref().is_some_and(|tx| !tx.is_closed()));
+            batch.push_back(Waiter { tx: Some(tx), budget: None, affinity: None });
             batch.len()
         };
         for w in candidates {
@@ -285,7 +579,7 @@ impl Admission {
         for q in &queues {
             self.dispatch_to(q, worker);
         }
-        if queues.iter().all(|q| q.waiting.lock().is_empty()) {
+        if queues.iter().all(|q| !q.waiting.lock().items().any(|w| w.tx.is_some())) {
             for q in &queues {
                 self.dispatch_batch_to(q, worker);
             }
@@ -302,9 +596,11 @@ impl Admission {
         let cap = worker.capacity(self.cfg.load().default_worker_concurrency);
         let mut waiting = queue.waiting.lock();
         let held = |w: &Waiter| w.affinity.as_ref().map_or(Duration::ZERO, |f| f(worker.id));
-        while !waiting.is_empty() {
+        // Budget waiters take no slot.
+        let wants_slot = |w: &Waiter| w.tx.is_some();
+        while waiting.items().any(wants_slot) {
             let Some(slot) = Reservation::try_take(worker, cap, self.notify()) else { return };
-            let Some((_, waiter)) = waiting.pop_preferring(Instant::now().into_std(), |_| true, held) else {
+            let Some((_, waiter)) = waiting.pop_preferring(Instant::now().into_std(), wants_slot, held) else {
                 slot.return_quietly();
                 return;
             };
@@ -408,8 +704,13 @@ impl SlotFreed for Admission {
 /// Sends `slot` to `waiter`; a waiter that has left gets nothing, and the slot goes back without a
 /// notification (the caller holds the queue lock a notification would take again).
 fn hand_over(waiter: Waiter, slot: Reservation) {
-    if let Err(unsent) = waiter.tx.send(slot) {
-        unsent.return_quietly();
+    match waiter.tx {
+        Some(tx) => {
+            if let Err(unsent) = tx.send(slot) {
+                unsent.return_quietly();
+            }
+        }
+        None => slot.return_quietly(),
     }
 }
 
@@ -462,6 +763,13 @@ mod tests {
         admission_with(QueueConfig::default())
     }
 
+    /// The wait of a request of `class` from `tenant` with `a`'s settings, entering now.
+    fn spec(a: &Admission, class: Priority, tenant: u64) -> WaitSpec {
+        let cfg = a.config();
+        let deadline = Instant::now() + Duration::from_secs(cfg.timeout_secs);
+        WaitSpec { class, tenant, deadline, retries: 0, max_size: cfg.max_size }
+    }
+
     /// A request for model `m` of `class` from `tenant`, admitted in the background: whether it got a
     /// reserved slot, held until the task's result is dropped.
     fn spawn_admit(
@@ -471,7 +779,9 @@ mod tests {
         tenant: u64,
     ) -> tokio::task::JoinHandle<Result<Option<Reservation>, GatewayError>> {
         let (a, w) = (Arc::clone(a), Arc::clone(w));
-        tokio::spawn(async move { a.admit(&Arc::from("m"), &[&w], class, tenant, || None).await.map(|(_, r)| r) })
+        tokio::spawn(
+            async move { a.admit(&Arc::from("m"), &[&w], &spec(&a, class, tenant), || None).await.map(|(_, r)| r) },
+        )
     }
 
     /// Yields until `n` live requests wait for model `m`.
@@ -512,15 +822,16 @@ mod tests {
         let batch = {
             let (a, model) = (Arc::clone(&a), Arc::clone(&model));
             let w = Arc::clone(&w);
-            tokio::spawn(
-                async move { a.admit(&model, &[&w], Priority::Batch, 1, || None).await.map(|(_, r)| r.is_some()) },
-            )
+            tokio::spawn(async move {
+                a.admit(&model, &[&w], &spec(&a, Priority::Batch, 1), || None).await.map(|(_, r)| r.is_some())
+            })
         };
         // Let the batch line queue first, then a live request arrives behind it.
         while a.queue(&model).batch.lock().is_empty() {
             tokio::task::yield_now().await;
         }
-        let live = a.admit(&model, &cands, Priority::Low, 2, || None);
+        let live_spec = spec(&a, Priority::Low, 2);
+        let live = a.admit(&model, &cands, &live_spec, || None);
         tokio::pin!(live);
         assert!(futures_util::poll!(&mut live).is_pending(), "no room yet");
         // The slot frees: the live waiter gets it although the batch line waited longer.
@@ -543,7 +854,8 @@ mod tests {
         let started = Instant::now();
         let model: Arc<str> = Arc::from("m");
         let cands = [&w];
-        let wait = a.admit(&model, &cands, Priority::Normal, 1, || None);
+        let wait_spec = spec(&a, Priority::Normal, 1);
+        let wait = a.admit(&model, &cands, &wait_spec, || None);
         tokio::pin!(wait);
         assert!(futures_util::poll!(&mut wait).is_pending(), "queued");
         tokio::time::advance(Duration::from_millis(4_999)).await;

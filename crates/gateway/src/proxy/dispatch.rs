@@ -42,6 +42,8 @@ pub struct Outbound<'a> {
     pub strip_usage: bool,
     /// The request's count in the active-requests gauge, handed to the response that answers.
     pub active: Option<Active>,
+    /// Its model's `max_concurrency` permit, handed to the response that answers.
+    pub model_permit: Option<crate::proxy::admission::ModelPermit>,
     /// Time spent in the admission queue so far.
     pub queue_wait: Duration,
 }
@@ -103,6 +105,7 @@ pub async fn dispatch(
                     let mut record = record(picked.load, status);
                     record.charge = out.charge.take();
                     record.active = out.active.take();
+                    record.model_permit = out.model_permit.take();
                     record.queue_wait = out.queue_wait;
                     let idle = Duration::from_millis(cfg.upstream.idle_timeout_ms);
                     let relayed = relayed_response(resp, record, idle, deadline);

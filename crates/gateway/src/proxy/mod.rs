@@ -2,7 +2,8 @@
 //! relay the answer. Failures before the first byte reaches the client are retried on another worker.
 //!
 //! The modules, in the order a request meets them: [`request`] (id, body, features, model),
-//! [`admission`] (the queue in front of full workers), [`dispatch`] (pick, send, retry, with
+//! [`models`] (an alias's body rewrite), [`admission`] (the queue in front of full workers and
+//! budgets), [`dispatch`] (pick, send, retry, with
 //! [`upstream`]), [`classify`] (what an attempt's end means), [`relay`] (the answer's body),
 //! [`accounting`] (the attempt's record, settled once), [`usage`] and [`sse`] (token counts, stream
 //! scanning).
@@ -11,20 +12,22 @@ pub mod accounting;
 pub mod admission;
 pub mod classify;
 pub mod dispatch;
+pub mod models;
 pub mod relay;
 pub mod request;
 pub mod sse;
 pub mod upstream;
 pub mod usage;
 
+use crate::config::OnLimit;
 use crate::error::ApiError;
 use crate::metrics::{status_label, Active};
 use crate::proxy::accounting::RequestInfo;
 use crate::proxy::admission::Affinity;
 use crate::proxy::dispatch::{dispatch, Attempts, Failed, Outbound};
 use crate::proxy::request::{
-    apply_headers, check_content_type, fairness_key, read_body, request_id, resolve_model, X_ESTIMATED_WAIT,
-    X_QUEUE_POSITION, X_REQUEST_ID,
+    apply_headers, check_content_type, fairness_key, read_body, request_id, request_timeout, resolve_model,
+    X_ESTIMATED_WAIT, X_PRIORITY, X_QUEUE_POSITION, X_REQUEST_ID,
 };
 use crate::state::AppState;
 use axum::extract::{Request, State};
@@ -35,6 +38,9 @@ use http::header::HeaderValue;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
+
+/// The budget key of a model's own limits in its queue (tenants' keys are their fairness keys).
+const MODEL_BUDGET: u64 = u64::MAX;
 
 /// `POST /v1/chat/completions`, `/v1/completions`, `/v1/embeddings`.
 pub async fn forward(State(app): State<Arc<AppState>>, req: Request) -> Response {
@@ -106,15 +112,78 @@ async fn handle(
     }
     let model = resolve_model(&snap, &features)?;
     let fail = |error| Refusal { error, model: Some(Arc::clone(&model)) };
+    let model_cfg = snap.config.model(&model);
+    // The model's default class, below the API key's (when not the default) and `X-Priority`.
+    if let Some(p) = model_cfg.and_then(|m| m.priority) {
+        let key_set = tenant.as_ref().is_some_and(|t| t.priority != Priority::Normal);
+        if batch_line.is_none() && !key_set && !parts.headers.contains_key(&X_PRIORITY) {
+            features.priority = p;
+        }
+    }
+    // An alias: the worker receives the served name.
+    if features.model.as_deref().is_some_and(|m| m != &*model) {
+        bytes = crate::proxy::models::rewrite_model(&bytes, &model).map_err(fail)?;
+    }
+    let cap = request_timeout(&parts.headers).map_err(fail)?;
+    let fairness = fairness_key(tenant.as_deref().map(|t| &*t.name).or(features.user.as_deref()), client_addr);
+    let mut spec = app.admission.wait_spec(&snap.config, &model, features.priority, fairness, cap, Instant::now());
     let rl = &snap.config.rate_limit;
-    let (quota, charge) = if rl.enabled {
+    let (quota, mut charge, budget_wait) = if rl.enabled {
         let tokens = features.estimated_tokens(rl.default_max_tokens);
         let limiter = app.limiter.load_full();
         let who = features.user.as_deref();
-        let (quota, charge) = limiter.check(rl, &app.metrics, tenant.as_deref(), who, tokens).await.map_err(fail)?;
-        (Some(quota), charge)
+        let check = || limiter.try_check(rl, &app.metrics, tenant.as_deref(), who, model_cfg, tokens);
+        let queue_mode = rl.on_limit == OnLimit::Queue && snap.config.queue.enabled;
+        // Budget keys: the tenant's (its fairness key) and the model's, shared by all tenants.
+        let key_of = |limit: crate::limits::Limit| if limit.per_model() { MODEL_BUDGET } else { fairness };
+        // A newcomer behind waiters for its budget joins them rather than taking the budget first.
+        let behind =
+            [fairness, MODEL_BUDGET].into_iter().find(|&k| queue_mode && app.admission.has_budget_waiters(&model, k));
+        let first = match behind {
+            Some(key) => Err((key, Instant::now())),
+            None => match check().await.map_err(fail)? {
+                Ok(admitted) => Ok(admitted),
+                Err(refused) => {
+                    let ready_at = Instant::now() + refused.refusal.retry_after;
+                    if !queue_mode || !refused.refusal.limit.waitable() || ready_at > spec.deadline {
+                        return Err(fail(refused.into_error(&app.metrics)));
+                    }
+                    Err((key_of(refused.refusal.limit), ready_at))
+                }
+            },
+        };
+        match first {
+            Ok((quota, charge)) => (Some(quota), charge, None),
+            Err((key, ready_at)) => {
+                let metrics = &app.metrics;
+                let recheck = || async {
+                    Ok(match check().await? {
+                        Ok(admitted) => Ok(admitted),
+                        Err(refused) => Err((Instant::now() + refused.refusal.retry_after, refused)),
+                    })
+                };
+                let give_up = |refused: crate::limits::Refused| refused.into_error(metrics);
+                let ((quota, charge), ticket) = app
+                    .admission
+                    .wait_for_budget(&model, &spec, key, ready_at, recheck, give_up)
+                    .await
+                    .map_err(fail)?;
+                (Some(quota), charge, Some(ticket))
+            }
+        }
     } else {
-        (None, None)
+        (None, None, None)
+    };
+    // The model's concurrency: held until the response body ends.
+    let limit = model_cfg.map_or(0, |m| m.max_concurrency);
+    let model_permit = match app.admission.model_permit(&model, limit, spec.deadline).await {
+        Ok(permit) => permit,
+        Err(e) => {
+            if let Some(charge) = charge.take() {
+                charge.reconcile(0);
+            }
+            return Err(fail(e));
+        }
     };
     // Token limits need the real usage of streams too: ask the worker for it, and strip it again when
     // the client did not ask.
@@ -122,7 +191,6 @@ async fn handle(
     if strip_usage {
         bytes = crate::proxy::usage::with_include_usage(&bytes).map_err(fail)?;
     }
-    let fairness = fairness_key(tenant.as_deref().map(|t| &*t.name).or(features.user.as_deref()), client_addr);
     let info = RequestInfo {
         metrics: Arc::clone(&app.metrics),
         snap: Arc::clone(&snap),
@@ -141,7 +209,8 @@ async fn handle(
         charge,
         strip_usage,
         active: Some(active),
-        queue_wait: Duration::ZERO,
+        model_permit,
+        queue_wait: budget_wait.map_or(Duration::ZERO, |t| t.waited),
     };
     let mut attempts = Attempts::default();
     loop {
@@ -151,14 +220,20 @@ async fn handle(
             let held: Affinity = Box::new(move |worker| policy.cache_saving(&features, worker));
             Some(held)
         };
-        let (ticket, reservation) =
-            app.admission.admit(&model, &eligible, features.priority, fairness, affinity).await.map_err(fail)?;
+        let (mut ticket, reservation) = app.admission.admit(&model, &eligible, &spec, affinity).await.map_err(fail)?;
+        // Waiting for budget was waiting in the queue too.
+        if let Some(b) = budget_wait.filter(|_| ticket.position == 0) {
+            ticket.position = b.position;
+        }
         if ticket.position > 0 {
             app.metrics.queue_wait.with_label_values(&[&model]).observe(ticket.waited.as_secs_f64());
         }
         out.queue_wait += ticket.waited;
         match dispatch(app, &mut out, reservation, &mut attempts).await {
-            Err(Failed::NoRoom) => continue,
+            Err(Failed::NoRoom) => {
+                spec.retries += 1;
+                continue;
+            }
             Err(Failed::Error(e)) => {
                 // Nothing was generated: the tokens charged up front go back.
                 if let Some(charge) = out.charge.take() {

@@ -26,6 +26,9 @@ pub static X_SESSION_ID: HeaderName = HeaderName::from_static("x-session-id");
 /// Longest client-supplied request id accepted; longer ones are replaced.
 const MAX_REQUEST_ID: usize = 128;
 
+/// `X-Request-Timeout`: seconds the client allows this request to wait in the queue.
+pub static X_REQUEST_TIMEOUT: HeaderName = HeaderName::from_static("x-request-timeout");
+
 /// `X-Queue-Position`: the request's position when it entered the admission queue (0: it did not wait).
 pub static X_QUEUE_POSITION: HeaderName = HeaderName::from_static("x-queue-position");
 /// `X-Estimated-Wait`: seconds it was expected to wait when it entered the queue.
@@ -136,9 +139,27 @@ pub fn apply_headers(features: &mut RequestFeatures, headers: &HeaderMap) {
     }
 }
 
-/// The model to route by: the one named, or the one served when none is named.
+/// `X-Request-Timeout: SECONDS` (a positive number, fractions allowed, at most a day): how long this
+/// request may wait in the queue. Absent is `None`; anything else is a 400 naming the header.
+pub fn request_timeout(headers: &HeaderMap) -> Result<Option<Duration>, GatewayError> {
+    let Some(v) = headers.get(&X_REQUEST_TIMEOUT) else { return Ok(None) };
+    let text = v.to_str().unwrap_or("").trim();
+    match text.parse::<f64>() {
+        Ok(secs) if secs.is_finite() && secs > 0.0 && secs <= 86_400.0 => Ok(Some(Duration::from_secs_f64(secs))),
+        _ => Err(GatewayError::new(
+            ErrorKind::InvalidHeader,
+            format!(
+                "X-Request-Timeout must be a number of seconds above 0 and at most 86400, got {:?}",
+                gateway_core::echo(text)
+            ),
+        )),
+    }
+}
+
+/// The model to route by: the one named (an alias stands for its served name), or the one served
+/// when none is named.
 pub fn resolve_model(snap: &Snapshot, features: &RequestFeatures) -> Result<Arc<str>, GatewayError> {
-    match features.model.as_deref() {
+    match features.model.as_deref().map(|m| snap.config.served_name(m)) {
         Some(model) if snap.fleet.knows_model(model) => Ok(Arc::from(model)),
         // The name is the client's: bounded and escaped before it reaches the answer and the log line.
         Some(model) => Err(GatewayError::new(
@@ -229,6 +250,19 @@ mod tests {
         let err =
             read_body(Body::from(vec![b'x'; 101]), &HeaderMap::new(), &cfg, &ByteBudget::new()).await.unwrap_err();
         assert_eq!(err.status(), 413, "max_body_bytes still applies");
+    }
+
+    #[test]
+    fn request_timeouts() {
+        let mut h = HeaderMap::new();
+        assert_eq!(request_timeout(&h).unwrap(), None);
+        h.insert(&X_REQUEST_TIMEOUT, HeaderValue::from_static(" 2.5 "));
+        assert_eq!(request_timeout(&h).unwrap(), Some(Duration::from_millis(2500)));
+        for bad in ["0", "-1", "soon", "NaN", "inf", "90000", ""] {
+            h.insert(&X_REQUEST_TIMEOUT, HeaderValue::from_str(bad).unwrap());
+            let err = request_timeout(&h).unwrap_err();
+            assert_eq!((err.status(), err.body()["error"]["code"].as_str()), (400, Some("invalid_header")), "{bad:?}");
+        }
     }
 
     #[test]

@@ -44,11 +44,25 @@ async fn models(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let snap = app.snapshot.load();
     snap.auth.authenticate(&headers)?;
-    let data: Vec<_> = snap
-        .fleet
-        .healthy_models()
-        .into_iter()
-        .map(|id| serde_json::json!({"id": id, "object": "model", "created": 0, "owned_by": "llm-gateway"}))
+    // Served models, then the aliases of those served (`[[models]] aliases`), each under its own name.
+    let served = snap.fleet.healthy_models();
+    let aliases = snap
+        .config
+        .models
+        .iter()
+        .filter(|m| served.contains(&m.name))
+        .flat_map(|m| m.aliases.iter().map(move |a| (a.clone(), Some(m.name.as_str()))));
+    let data: Vec<_> = served
+        .iter()
+        .map(|id| (id.clone(), None))
+        .chain(aliases)
+        .map(|(id, root)| {
+            let mut entry = serde_json::json!({"id": id, "object": "model", "created": 0, "owned_by": "llm-gateway"});
+            if let Some(root) = root {
+                entry["root"] = serde_json::Value::from(root);
+            }
+            entry
+        })
         .collect();
     Ok(Json(serde_json::json!({"object": "list", "data": data})))
 }
