@@ -29,3 +29,15 @@ impl IntoResponse for ApiError {
         resp
     }
 }
+
+/// An error and its sources on one line (reqwest's and hyper's own messages hide the cause).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        src = s.source();
+    }
+    msg
+}

@@ -27,6 +27,7 @@ pub mod workers;
 
 use crate::config::Config;
 use crate::error::ApiError;
+use crate::fleet::worker::Worker;
 use crate::state::AppState;
 use axum::extract::FromRequestParts;
 use axum::routing::{get, post};
@@ -134,6 +135,13 @@ impl FromRequestParts<Arc<AppState>> for AdminAuth {
 
 // ---------------------------------------------------------------------------------------------------
 // Helpers of the handlers
+
+/// The worker named or numbered `id` in force, or a 404.
+fn find(app: &AppState, id: &str) -> Result<Arc<Worker>, ApiError> {
+    app.snapshot.load().fleet.find(id).cloned().ok_or_else(|| {
+        ApiError(GatewayError::new(ErrorKind::NotFound, format!("no worker named or numbered {:?}", echo(id))))
+    })
+}
 
 /// A 400 for a change the gateway refused (bad worker, bad config), with the reason.
 fn bad_request(message: impl Into<String>) -> ApiError {

@@ -71,7 +71,7 @@ pub(super) async fn one_worker(
     State(app): State<Arc<AppState>>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    Ok(Json(worker_json(&*super::workers::find(&app, &id)?)))
+    Ok(Json(worker_json(&*super::find(&app, &id)?)))
 }
 
 pub(super) async fn routing_stats(State(app): State<Arc<AppState>>) -> Json<Value> {

@@ -1,29 +1,21 @@
 //! Worker changes through the admin API: add, remove, drain, undrain. Adding and removing go through
 //! [`crate::reload::update`] (validated, swapped whole); draining flips a flag on the live worker.
 
-use super::{bad_request, parse_json, AdminAuth};
+use super::{bad_request, find, parse_json, AdminAuth};
 use crate::config::WorkerConfig;
 use crate::error::ApiError;
-use crate::fleet::worker::Worker;
 use crate::reload;
 use crate::state::AppState;
 use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use bytes::Bytes;
-use gateway_core::{echo, ErrorKind, GatewayError};
+use gateway_core::echo;
 use serde_json::Value;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::views::worker_json;
-
-/// The worker named or numbered `id` in force, or a 404.
-pub(super) fn find(app: &AppState, id: &str) -> Result<Arc<Worker>, ApiError> {
-    app.snapshot.load().fleet.find(id).cloned().ok_or_else(|| {
-        ApiError(GatewayError::new(ErrorKind::NotFound, format!("no worker named or numbered {:?}", echo(id))))
-    })
-}
 
 pub(super) async fn add(_: AdminAuth, State(app): State<Arc<AppState>>, body: Bytes) -> Result<Response, ApiError> {
     let spec: WorkerConfig = serde_json::from_value(parse_json(&body)?)

@@ -1,7 +1,7 @@
 //! `llm-gateway batch submit|list|status|cancel|results`: the Batch API from the command line, through
 //! the same `/v1/files` and `/v1/batches` endpoints the OpenAI SDK uses.
 
-use super::remote::error_chain;
+use crate::error::error_chain;
 use clap::Subcommand;
 use serde_json::Value;
 use std::path::{Path, PathBuf};

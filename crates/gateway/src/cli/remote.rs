@@ -1,6 +1,7 @@
 //! Subcommands that read or steer a running gateway through its admin API, and their text rendering.
 
 use super::Remote;
+use crate::error::error_chain;
 use serde_json::{Map, Value};
 use std::fmt::Write as _;
 use std::time::Duration;
@@ -35,17 +36,6 @@ async fn call(remote: &Remote, method: reqwest::Method, path: &str, body: Option
         return Err(format!("{url}: HTTP {}: {msg}", status.as_u16()));
     }
     json.ok_or_else(|| format!("{url}: the answer is not JSON"))
-}
-
-/// An error with its sources, on one line (reqwest's own message hides the cause).
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let _ = write!(out, ": {s}");
-        source = s.source();
-    }
-    out
 }
 
 /// `health`: prints `/health` and fails when the gateway is not healthy.

@@ -4,6 +4,7 @@
 //! Re-selecting on retry (rather than an ordered fallback list) lets the policy see load as it is after
 //! the failure.
 
+use crate::error::error_chain;
 use crate::fleet::slot::{LoadGuard, Reservation};
 use crate::fleet::worker::{Refused, Worker};
 use crate::metrics::Active;
@@ -346,18 +347,6 @@ fn no_worker(snap: &Snapshot, model: &str) -> GatewayError {
         format!("every healthy worker serving model `{model}` has its circuit breaker open; retry later")
     };
     GatewayError::new(ErrorKind::NoHealthyWorker, message)
-}
-
-/// An error and its sources on one line.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut msg = e.to_string();
-    let mut src = e.source();
-    while let Some(s) = src {
-        msg.push_str(": ");
-        msg.push_str(&s.to_string());
-        src = s.source();
-    }
-    msg
 }
 
 /// The request for `worker`: the client's method, path and end-to-end headers, the worker's own key,
