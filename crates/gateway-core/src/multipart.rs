@@ -54,19 +54,16 @@ pub fn form_fields(body: &[u8], boundary: &str) -> Result<FormFields, String> {
         let content = &rest[head_len + 4..];
         let len = memchr::memmem::find(content, &next_delimiter).ok_or("the multipart body has no closing boundary")?;
         let value = &content[..len];
-        match name.as_deref() {
-            Some(field @ ("model" | "stream")) => {
-                if value.len() > MAX_VALUE {
-                    return Err(format!("the form field {field:?} is longer than {MAX_VALUE} bytes"));
-                }
-                let text = std::str::from_utf8(value).map_err(|_| format!("the form field {field:?} is not UTF-8"))?;
-                if field == "model" {
-                    fields.model = Some(text.to_owned());
-                } else {
-                    fields.stream = text.trim().eq_ignore_ascii_case("true");
-                }
+        if let Some(field @ ("model" | "stream")) = name.as_deref() {
+            if value.len() > MAX_VALUE {
+                return Err(format!("the form field {field:?} is longer than {MAX_VALUE} bytes"));
             }
-            _ => {}
+            let text = std::str::from_utf8(value).map_err(|_| format!("the form field {field:?} is not UTF-8"))?;
+            if field == "model" {
+                fields.model = Some(text.to_owned());
+            } else {
+                fields.stream = text.trim().eq_ignore_ascii_case("true");
+            }
         }
         // `at` moves to the next delimiter (past the CRLF that precedes it).
         at = (body.len() - content.len()) + len + 2;
