@@ -4,6 +4,7 @@
 //! - [`echo`]: client strings bounded and escaped before they reach an error message or a log line.
 //! - [`error`]: the one [`GatewayError`] and its table of OpenAI `type`/`code` strings.
 //! - [`request`]: [`RequestFeatures`], what routing and admission read from a request body.
+//! - [`multipart`]: the `model` and `stream` form fields of a `multipart/form-data` body.
 //! - [`prefix`]: chained hashes of a prompt's fixed-size chunks, for prefix affinity.
 //! - [`worker`]: [`WorkerId`] and [`WorkerView`], the load snapshot a routing policy sees.
 //! - [`outcome`]: [`Outcome`], what a finished request tells the policies and breakers.
@@ -12,6 +13,7 @@
 
 pub mod echo;
 pub mod error;
+pub mod multipart;
 pub mod outcome;
 pub mod prefix;
 pub mod request;

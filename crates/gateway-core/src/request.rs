@@ -154,6 +154,8 @@ pub struct RequestFeatures {
     pub session_key: Option<u64>,
     /// Admission priority (set by the gateway from `X-Priority` or the API key).
     pub priority: Priority,
+    /// `previous_response_id` (Responses API), when given: the follow-up goes where that response lives.
+    pub previous_response_id: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -178,6 +180,12 @@ struct Wire<'a> {
     prompt: Option<&'a RawValue>,
     #[serde(borrow, default)]
     input: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    instructions: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    previous_response_id: Option<Cow<'a, str>>,
+    #[serde(default)]
+    max_output_tokens: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -277,6 +285,9 @@ impl RequestFeatures {
                 affinity = Some(hash_bytes(sys, first_user.unwrap_or_default().as_bytes()));
             }
         }
+        if let Some(text) = &wire.instructions {
+            feed(text, &mut hasher);
+        }
         for raw in [wire.prompt, wire.input].into_iter().flatten() {
             let mut h = 0u64;
             visit_text(raw, 0, &mut |t| {
@@ -297,12 +308,13 @@ impl RequestFeatures {
             include_usage: wire.stream_options.as_ref().and_then(|o| o.include_usage).unwrap_or(false),
             has_stream_options: wire.stream_options.is_some(),
             user: wire.user.map(Cow::into_owned),
-            max_tokens: wire.max_completion_tokens.or(wire.max_tokens),
+            max_tokens: wire.max_completion_tokens.or(wire.max_tokens).or(wire.max_output_tokens),
             prompt_chars,
             prefix_hashes: hasher.finish(),
             chunk_bytes: opts.chunk_bytes.max(1),
             session_key,
             priority: Priority::Normal,
+            previous_response_id: wire.previous_response_id.map(Cow::into_owned),
         })
     }
 

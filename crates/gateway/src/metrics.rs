@@ -56,6 +56,9 @@ pub struct Metrics {
     pub worker_kv_usage: GaugeVec,
     /// `llm_worker_healthy{worker}`.
     pub worker_healthy: IntGaugeVec,
+    /// `llm_worker_capacity{worker,source}`: requests the gateway keeps in flight on the worker at most
+    /// (0: unlimited) and the tier that set it; one series per worker (the other sources' are removed).
+    pub worker_capacity: IntGaugeVec,
     /// `llm_circuit_breaker_state{worker}`: 0 closed, 1 open, 2 half-open.
     pub breaker_state: IntGaugeVec,
     /// `llm_circuit_breaker_failures_total{worker}`.
@@ -183,6 +186,11 @@ impl Metrics {
                 worker,
             )?)?,
             worker_healthy: r.gauges("llm_worker_healthy", "1 when the worker passes its health probes", worker)?,
+            worker_capacity: r.gauges(
+                "llm_worker_capacity",
+                "Requests the gateway keeps in flight on the worker at most (0 unlimited), by the tier that set it",
+                &["worker", "source"],
+            )?,
             breaker_state: r.gauges(
                 "llm_circuit_breaker_state",
                 "Circuit breaker state: 0 closed, 1 open, 2 half-open",
@@ -279,10 +287,25 @@ impl Metrics {
             let _ = g.remove_label_values(&[worker]);
         }
         let _ = self.worker_kv_usage.remove_label_values(&[worker]);
+        for source in crate::fleet::capacity::CapacitySource::ALL {
+            let _ = self.worker_capacity.remove_label_values(&[worker, source.as_str()]);
+        }
         let _ = self.breaker_failures.remove_label_values(&[worker]);
         for to in [guard::StateName::Closed, guard::StateName::Open, guard::StateName::HalfOpen] {
             let _ = self.breaker_transitions.remove_label_values(&[worker, to.as_str()]);
         }
+    }
+
+    /// Sets a worker's capacity series to `capacity` (`u32::MAX`: unlimited, exported as 0) under
+    /// `source`, removing its series under the other sources so the worker has one.
+    pub fn set_worker_capacity(&self, worker: &str, capacity: u32, source: crate::fleet::capacity::CapacitySource) {
+        for other in crate::fleet::capacity::CapacitySource::ALL {
+            if other != source {
+                let _ = self.worker_capacity.remove_label_values(&[worker, other.as_str()]);
+            }
+        }
+        let value = if capacity == u32::MAX { 0 } else { i64::from(capacity) };
+        self.worker_capacity.with_label_values(&[worker, source.as_str()]).set(value);
     }
 
     /// Requests answered so far: the sum of the `requests` family over its label sets.

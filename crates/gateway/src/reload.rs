@@ -105,6 +105,7 @@ pub fn commit(app: &AppState, old: &Snapshot, next: Prepared) -> (Vec<Arc<Worker
     let config = &snapshot.config;
     app.admission.reconfigure(&config.queue);
     app.admission.set_batch_share(config.batch.max_share);
+    app.response_homes.set_capacity(config.responses.max_remembered);
     snapshot.fleet.configure_breakers(&config.circuit_breaker);
     let (fleet, policy) = (&snapshot.fleet, &snapshot.policy);
     let removed: Vec<_> =

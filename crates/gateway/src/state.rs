@@ -52,6 +52,8 @@ pub struct AppState {
     pub reload: tokio::sync::Mutex<()>,
     /// The per-second sampler of the dashboard's series and `/api/status`'s qps.
     pub sampler: Arc<crate::dashboard::series::Sampler>,
+    /// Which worker holds which `/v1/responses` response (bounded by `responses.max_remembered`).
+    pub response_homes: Arc<crate::proxy::response_homes::ResponseHomes>,
     next_worker_id: AtomicU64,
     /// One health probe task per worker of the fleet in force.
     probes: ProbeSet,
@@ -79,6 +81,7 @@ impl AppState {
             body_budget: crate::server::budget::ByteBudget::new(),
             reload: tokio::sync::Mutex::new(()),
             sampler: crate::dashboard::series::Sampler::new(),
+            response_homes: Arc::new(crate::proxy::response_homes::ResponseHomes::new(config.responses.max_remembered)),
             connections: crate::server::connections::Connections::new(),
             snapshot: ArcSwap::from_pointee(Snapshot {
                 auth: Arc::new(crate::auth::Auth::from_config(&config.auth).map_err(anyhow::Error::msg)?),
@@ -129,6 +132,8 @@ impl AppState {
             m.worker_waiting.with_label_values(&[name]).set(i64::from(s.scraped_waiting.load(Ordering::Relaxed)));
             m.worker_kv_usage.with_label_values(&[name]).set(s.kv_usage.get());
             m.worker_healthy.with_label_values(&[name]).set(i64::from(s.healthy.load(Ordering::Relaxed)));
+            let (capacity, source) = w.capacity_tier(snap.config.queue.default_worker_concurrency);
+            m.set_worker_capacity(name, capacity, source);
             let state = match w.breaker_state(Instant::now()) {
                 guard::StateName::Closed => 0,
                 guard::StateName::Open => 1,

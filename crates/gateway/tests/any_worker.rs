@@ -71,3 +71,113 @@ async fn a_failing_probe_does_not_eject_a_worker_whose_real_requests_succeed() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn capacity_comes_from_the_first_tier_that_knows_and_one_slot_is_held_at_one() {
+    // sim-0: llama.cpp with one slot (`/props` total_slots 1); sim-1: TGI (`/info`); sim-2: SGLang
+    // (`/get_server_info`); sim-3: vLLM, which states nothing; sim-4: llama.cpp, but configured.
+    let dialects = [
+        MetricsDialect::Llamacpp,
+        MetricsDialect::Tgi,
+        MetricsDialect::Sglang,
+        MetricsDialect::Vllm,
+        MetricsDialect::Llamacpp,
+    ];
+    let sims = sims(dialects.len(), |i| SimConfig {
+        metrics_dialect: dialects[i],
+        max_num_seqs: [1, 6, 5, 256, 2][i],
+        itl_ms: 5.0,
+        output_tokens: (8, 8),
+        ..fast_sim()
+    })
+    .await;
+    let mut cfg = test_config(worker_configs(&sims));
+    cfg.workers[4].max_concurrency = 3;
+    cfg.queue.default_worker_concurrency = 0;
+    let gw = gateway(cfg).await;
+    let shown: Vec<(serde_json::Value, String)> = workers(&gw.url())
+        .await
+        .iter()
+        .map(|w| (w["capacity"].clone(), w["capacity_source"].as_str().unwrap().to_string()))
+        .collect();
+    let want: Vec<(serde_json::Value, String)> = [
+        (serde_json::json!(1), "engine"),
+        (serde_json::json!(6), "engine"),
+        (serde_json::json!(5), "engine"),
+        (serde_json::Value::Null, "default"),
+        (serde_json::json!(3), "configured"),
+    ]
+    .into_iter()
+    .map(|(c, s)| (c, s.to_string()))
+    .collect();
+    assert_eq!(shown, want);
+    let m = client().get(format!("{}/metrics", gw.url())).send().await.unwrap().text().await.unwrap();
+    assert_eq!(metric_value(&m, r#"llm_worker_capacity{source="engine",worker="sim-0"}"#), 1.0, "{m}");
+    assert_eq!(metric_value(&m, r#"llm_worker_capacity{source="configured",worker="sim-4"}"#), 3.0, "{m}");
+    assert!(!m.contains(r#"llm_worker_capacity{source="default",worker="sim-0"}"#), "one series per worker");
+
+    // The one-slot worker alone: concurrent requests wait in the gateway's queue, not in the worker.
+    let mut cfg = test_config(worker_configs(&sims[..1]));
+    cfg.queue.default_worker_concurrency = 0;
+    let gw = gateway(cfg).await;
+    let sim = &sims[0];
+    let sends: Vec<_> = (0..4)
+        .map(|_| {
+            let url = gw.url();
+            tokio::spawn(async move {
+                let resp = post_chat(&url, false).await;
+                let pos: u32 = resp.headers()["x-queue-position"].to_str().unwrap().parse().unwrap();
+                (resp.status(), pos)
+            })
+        })
+        .collect();
+    let mut most_waiting_in_worker = 0;
+    let mut answers = Vec::new();
+    for s in sends {
+        most_waiting_in_worker = most_waiting_in_worker.max(sim.waiting());
+        answers.push(s.await.unwrap());
+    }
+    assert!(answers.iter().all(|(status, _)| *status == 200), "{answers:?}");
+    assert!(answers.iter().any(|(_, pos)| *pos > 0), "some waited in the gateway's queue: {answers:?}");
+    assert_eq!(most_waiting_in_worker, 0, "the worker never had a request waiting");
+}
+
+#[tokio::test]
+async fn a_stream_without_its_usage_chunk_is_counted_and_ends_cleanly() {
+    let sims = sims(1, |_| SimConfig { ignore_include_usage: true, output_tokens: (5, 5), ..fast_sim() }).await;
+    let mut cfg = test_config(worker_configs(&sims));
+    cfg.rate_limit.enabled = true;
+    cfg.rate_limit.per_user_tpm = 10_000;
+    let gw = gateway(cfg).await;
+    let c = client();
+    let send = |body: serde_json::Value| {
+        let (c, url) = (c.clone(), format!("{}/v1/chat/completions", gw.url()));
+        async move { c.post(url).json(&body).send().await.unwrap() }
+    };
+    let mut body = chat("demo-model", "hi", true);
+    body["user"] = "u".into();
+    body["max_tokens"] = 1000.into();
+    let remaining = |r: &reqwest::Response| -> i64 {
+        r.headers()["x-ratelimit-remaining-tokens"].to_str().unwrap().parse().unwrap()
+    };
+    // Asked for by the gateway (the client did not) and by the client: neither gets a usage chunk.
+    for asked in [false, true] {
+        if asked {
+            body["stream_options"] = serde_json::json!({"include_usage": true});
+        }
+        let resp = tokio::time::timeout(Duration::from_secs(10), send(body.clone())).await.expect("no hang");
+        assert_eq!(resp.status(), 200);
+        let text = tokio::time::timeout(Duration::from_secs(10), resp.text()).await.expect("no hang").unwrap();
+        assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+        assert!(!text.contains("\"error\"") && !text.contains("\"usage\""), "{text}");
+    }
+    // Each request charged ~1001 tokens up front; the two finished ones gave back all but what they used
+    // (about 8 each: the prompt estimate and the counted deltas), so this third one sees ~10000-1001-16.
+    let third = send(body.clone()).await;
+    let left = remaining(&third);
+    third.text().await.unwrap();
+    assert!(left > 10_000 - 1001 - 100, "the estimates were reconciled with counted tokens: {left} left");
+    let m = c.get(format!("{}/metrics", gw.url())).send().await.unwrap().text().await.unwrap();
+    let completion = metric_value(&m, r#"llm_gateway_tokens_total{kind="completion",model="demo-model"}"#);
+    assert!((15.0..=30.0).contains(&completion), "5 tokens per stream counted from its deltas: {completion}");
+}

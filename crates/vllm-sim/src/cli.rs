@@ -68,6 +68,9 @@ pub struct Cli {
     /// Serve no `/health` (404), like llama-cpp-python's or Ollama's server.
     #[arg(long)]
     pub no_health_endpoint: bool,
+    /// Send no usage chunk in streams even when `stream_options.include_usage` asks for one.
+    #[arg(long)]
+    pub ignore_include_usage: bool,
 }
 
 /// Parse `N` or `MIN-MAX`.
@@ -125,6 +128,7 @@ impl Cli {
             },
             metrics_dialect: self.metrics_dialect,
             health_endpoint: !self.no_health_endpoint,
+            ignore_include_usage: self.ignore_include_usage,
         })
     }
 }

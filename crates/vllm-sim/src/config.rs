@@ -34,6 +34,9 @@ pub struct SimConfig {
     pub metrics_dialect: MetricsDialect,
     /// Whether `/health` exists; servers such as llama-cpp-python's or Ollama's have none (404).
     pub health_endpoint: bool,
+    /// Never send the usage chunk of a stream, even when `stream_options.include_usage` asks for it, as
+    /// servers that ignore the option do.
+    pub ignore_include_usage: bool,
 }
 
 /// The metrics dialects of the engines the gateway reads, so gateway tests run offline against each.
@@ -69,6 +72,7 @@ impl Default for SimConfig {
             faults: Faults::default(),
             metrics_dialect: MetricsDialect::Vllm,
             health_endpoint: true,
+            ignore_include_usage: false,
         }
     }
 }

@@ -13,6 +13,9 @@
 //! - `openai`: request parsing, response bodies and SSE chunks (pure).
 //! - `metrics`: vLLM metric names and the Prometheus text.
 //! - `server`: the axum router ([`app`]) and its handlers, [`SimState`].
+//! - `responses`: `/v1/responses` with its per-process store (follow-ups elsewhere are 404, as in vLLM).
+//! - `stubs`: rerank, score, tokenize, detokenize, pooling, transcriptions, and the documents other
+//!   engines state their concurrency in (`/props`, `/info`, `/get_server_info`).
 //! - `serve`: the accept loop, [`spawn`], [`start`], [`SimHandle`].
 //! - `cli`: the `vllm-sim` binary's flags.
 //!
@@ -33,8 +36,10 @@ pub mod generate;
 pub mod kv;
 pub mod metrics;
 pub mod openai;
+pub mod responses;
 pub mod serve;
 pub mod server;
+pub mod stubs;
 pub mod tokenizer;
 
 pub use config::{Faults, MetricsDialect, SimConfig};

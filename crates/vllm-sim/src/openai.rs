@@ -32,7 +32,7 @@ pub struct GenRequest {
     pub include_usage: bool,
 }
 
-fn parse_object(body: &[u8]) -> Result<serde_json::Map<String, Value>, ApiError> {
+pub(crate) fn parse_object(body: &[u8]) -> Result<serde_json::Map<String, Value>, ApiError> {
     match serde_json::from_slice::<Value>(body) {
         Ok(Value::Object(map)) => Ok(map),
         Ok(_) => Err(ApiError::bad_request("The request body must be a JSON object.")),
@@ -41,7 +41,7 @@ fn parse_object(body: &[u8]) -> Result<serde_json::Map<String, Value>, ApiError>
 }
 
 /// 404 unless `model` is absent or the served model.
-fn check_model(map: &serde_json::Map<String, Value>, served: &str) -> Result<(), ApiError> {
+pub(crate) fn check_model(map: &serde_json::Map<String, Value>, served: &str) -> Result<(), ApiError> {
     match map.get("model") {
         None | Some(Value::Null) => Ok(()),
         Some(Value::String(m)) if m == served => Ok(()),

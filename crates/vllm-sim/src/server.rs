@@ -41,6 +41,7 @@ struct Shared {
     engine: Arc<Engine>,
     next_request: AtomicU64,
     created: u64,
+    responses: crate::responses::ResponseStore,
 }
 
 impl SimState {
@@ -53,6 +54,7 @@ impl SimState {
             engine,
             next_request: AtomicU64::new(0),
             created: unix_now(),
+            responses: crate::responses::ResponseStore::default(),
         }))
     }
 
@@ -90,8 +92,18 @@ impl SimState {
         }
     }
 
+    /// The engine.
+    pub(crate) fn engine(&self) -> &Arc<Engine> {
+        &self.0.engine
+    }
+
+    /// The ids of the responses this process created.
+    pub(crate) fn responses(&self) -> &crate::responses::ResponseStore {
+        &self.0.responses
+    }
+
     /// Request `i` draws from its own stream derived from the seed, so runs are reproducible.
-    fn request_rng(&self) -> SmallRng {
+    pub(crate) fn request_rng(&self) -> SmallRng {
         let i = self.0.next_request.fetch_add(1, Ordering::Relaxed);
         SmallRng::seed_from_u64(splitmix64(self.0.cfg.seed ^ splitmix64(i)))
     }
@@ -104,7 +116,7 @@ fn splitmix64(x: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-fn unix_now() -> u64 {
+pub(crate) fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
@@ -115,6 +127,16 @@ pub fn app(state: SimState) -> Router {
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
         .route("/v1/embeddings", post(embeddings))
+        .route("/v1/responses", post(crate::responses::create))
+        .route("/v1/rerank", post(crate::stubs::rerank))
+        .route("/rerank", post(crate::stubs::rerank))
+        .route("/v2/rerank", post(crate::stubs::rerank))
+        .route("/v1/score", post(crate::stubs::score_texts))
+        .route("/score", post(crate::stubs::score_texts))
+        .route("/tokenize", post(crate::stubs::tokenize))
+        .route("/detokenize", post(crate::stubs::detokenize))
+        .route("/pooling", post(crate::stubs::pooling))
+        .route("/v1/audio/transcriptions", post(crate::stubs::transcriptions))
         .route("/v1/models", get(models))
         .route("/version", get(version))
         .route("/sim/faults", get(get_faults).post(set_faults));
@@ -122,6 +144,13 @@ pub fn app(state: SimState) -> Router {
     if state.0.cfg.health_endpoint {
         router = router.route("/health", get(health));
     }
+    // Where other engines state their concurrency (vLLM states none).
+    router = match state.0.cfg.metrics_dialect {
+        crate::MetricsDialect::Llamacpp => router.route("/props", get(crate::stubs::props)),
+        crate::MetricsDialect::Tgi => router.route("/info", get(crate::stubs::tgi_info)),
+        crate::MetricsDialect::Sglang => router.route("/get_server_info", get(crate::stubs::sglang_info)),
+        _ => router,
+    };
     if state.0.cfg.metrics_dialect != crate::MetricsDialect::None {
         router = router.route("/metrics", get(metrics));
     }
@@ -197,7 +226,9 @@ async fn generate(
     }
     let fmt = Formatter::new(endpoint, &format!("{id:032x}"), unix_now(), &cfg.model);
     if req.stream {
-        return Ok(sse_response(gen, fmt, endpoint, req.include_usage));
+        // A server that ignores `stream_options.include_usage` (`--ignore-include-usage`) sends no usage chunk.
+        let usage = req.include_usage && !cfg.ignore_include_usage;
+        return Ok(sse_response(gen, fmt, endpoint, usage));
     }
     gen.begin().await;
     let mut text = String::new();

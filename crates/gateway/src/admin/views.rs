@@ -37,9 +37,11 @@ fn round2(x: f64) -> f64 {
     (x * 100.0).round() / 100.0
 }
 
-/// One worker as the admin API, the CLI and the dashboard show it.
-pub fn worker_json(w: &Worker) -> Value {
+/// One worker as the admin API, the CLI and the dashboard show it; `default_concurrency` is
+/// `queue.default_worker_concurrency`, the last tier of its capacity.
+pub fn worker_json(w: &Worker, default_concurrency: u32) -> Value {
     let s = &w.stats;
+    let (capacity, source) = w.capacity_tier(default_concurrency);
     json!({
         "id": w.id,
         "name": w.name,
@@ -59,19 +61,24 @@ pub fn worker_json(w: &Worker) -> Value {
         "requests_total": s.requests_total.load(Ordering::Relaxed),
         "probe_path": w.probe_path.load().describe(),
         "metrics_dialect": w.dialect().as_str(),
+        // Unlimited is shown as null: no number is true of it.
+        "capacity": (capacity != u32::MAX).then_some(capacity),
+        "capacity_source": source.as_str(),
     })
 }
 
 pub(super) async fn list_workers(State(app): State<Arc<AppState>>) -> Json<Value> {
     let snap = app.snapshot.load();
-    Json(Value::Array(snap.fleet.workers.iter().map(|w| worker_json(w)).collect()))
+    let default = snap.config.queue.default_worker_concurrency;
+    Json(Value::Array(snap.fleet.workers.iter().map(|w| worker_json(w, default)).collect()))
 }
 
 pub(super) async fn one_worker(
     State(app): State<Arc<AppState>>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    Ok(Json(worker_json(&*super::find(&app, &id)?)))
+    let default = app.snapshot.load().config.queue.default_worker_concurrency;
+    Ok(Json(worker_json(&*super::find(&app, &id)?, default)))
 }
 
 pub(super) async fn routing_stats(State(app): State<Arc<AppState>>) -> Json<Value> {

@@ -31,7 +31,8 @@ pub(super) async fn add(_: AdminAuth, State(app): State<Arc<AppState>>, body: By
     .map_err(bad_request)?;
     let w = find(&app, &name)?;
     tracing::info!(worker = %w.name, url = %w.spec.display_url(), "worker added through the admin API");
-    Ok((http::StatusCode::CREATED, Json(worker_json(&w))).into_response())
+    Ok((http::StatusCode::CREATED, Json(worker_json(&w, app.snapshot.load().config.queue.default_worker_concurrency)))
+        .into_response())
 }
 
 pub(super) async fn remove(
@@ -49,7 +50,7 @@ pub(super) async fn remove(
     .await
     .map_err(bad_request)?;
     tracing::info!(worker = %w.name, url = %w.spec.display_url(), "worker removed through the admin API");
-    Ok(Json(worker_json(&w)))
+    Ok(Json(worker_json(&w, app.snapshot.load().config.queue.default_worker_concurrency)))
 }
 
 pub(super) async fn drain(
@@ -79,5 +80,5 @@ fn set_draining(app: &AppState, id: &str, on: bool) -> Result<Json<Value>, ApiEr
             tracing::info!(worker = %w.name, "worker undrained: takes new requests again");
         }
     }
-    Ok(Json(worker_json(&w)))
+    Ok(Json(worker_json(&w, app.snapshot.load().config.queue.default_worker_concurrency)))
 }

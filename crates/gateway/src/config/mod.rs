@@ -43,6 +43,24 @@ pub struct Config {
     pub rate_limit: RateLimitConfig,
     /// The Batch API: its store, bounds and share of the fleet.
     pub batch: BatchConfig,
+    /// The Responses API: where follow-ups go.
+    pub responses: ResponsesConfig,
+}
+
+/// `[responses]`: `/v1/responses` follow-ups (`previous_response_id`) go to the worker that created the
+/// response they name, since a worker's response store is its own (vLLM's is per process).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ResponsesConfig {
+    /// Response ids remembered with their worker, least recently used forgotten first (0 = none:
+    /// follow-ups are routed like any request).
+    pub max_remembered: usize,
+}
+
+impl Default for ResponsesConfig {
+    fn default() -> Self {
+        Self { max_remembered: 100_000 }
+    }
 }
 
 /// One `[[models]]` table: a served model's client-facing aliases, its own limits (0 = unlimited) and

@@ -123,7 +123,7 @@ pub fn state_json(app: &Arc<AppState>) -> Value {
         .workers
         .iter()
         .map(|w| {
-            let mut v = views::worker_json(w);
+            let mut v = views::worker_json(w, snap.config.queue.default_worker_concurrency);
             if let Value::Object(m) = &mut v {
                 m.insert("breaker".into(), breakers::state_json(w, enabled));
             }

@@ -135,7 +135,14 @@ pub async fn probe_once(client: &Client, worker: &Worker, cfg: &HealthConfig, re
     }
     let (mut ok, evidence) = check_health(client, worker, timeout).await;
     if ok {
-        scrape_load(client, worker, timeout).await;
+        let stated = scrape_load(client, worker, timeout).await;
+        // What an engine says of its concurrency is static: asked with the model list, not every round.
+        if refresh_models {
+            let asked = ask_engine_capacity(client, worker, timeout).await;
+            worker.stats.engine_capacity.store(asked.max(stated), Ordering::Relaxed);
+        } else if stated > 0 {
+            worker.stats.engine_capacity.store(stated, Ordering::Relaxed);
+        }
         if worker.spec.models.is_empty() && (refresh_models || worker.models.load().is_empty()) {
             match learn_models(client, worker, timeout).await {
                 Ok(models) if !models.is_empty() => worker.models.store(Arc::new(models)),
@@ -189,9 +196,19 @@ async fn check_health(client: &Client, worker: &Worker, timeout: Duration) -> (b
     }
 }
 
+/// The concurrency the worker's engine states in the JSON its dialect serves it in (0: none stated).
+async fn ask_engine_capacity(client: &Client, worker: &Worker, timeout: Duration) -> u32 {
+    let Some((path, keys)) = crate::fleet::capacity::engine_capacity_path(worker.dialect()) else { return 0 };
+    let url = format!("{}{path}", worker.base_url);
+    match upstream::get(client, &url, worker.auth_header.as_ref(), timeout, MAX_PROBE_BYTES).await {
+        Ok((status, body)) if status.is_success() => crate::fleet::capacity::engine_capacity_from_json(&body, keys),
+        _ => 0,
+    }
+}
+
 /// Reads the worker's load from `/metrics` in its engine's dialect; without metrics, the gateway's own
-/// counts stand for its load.
-async fn scrape_load(client: &Client, worker: &Worker, timeout: Duration) {
+/// counts stand for its load. Returns the concurrency the metrics state, 0 when they state none.
+async fn scrape_load(client: &Client, worker: &Worker, timeout: Duration) -> u32 {
     let s = &worker.stats;
     let url = format!("{}/metrics", worker.base_url);
     let load = match upstream::get(client, &url, worker.auth_header.as_ref(), timeout, MAX_PROBE_BYTES).await {
@@ -214,6 +231,7 @@ async fn scrape_load(client: &Client, worker: &Worker, timeout: Duration) {
         worker.mark_alive(Instant::now());
     }
     s.sent_since_scrape.store(0, Ordering::Relaxed);
+    load.max_running.max(0.0) as u32
 }
 
 /// How recently a real request must have succeeded for a failed probe to be outweighed.

@@ -8,6 +8,7 @@
 //! | waiting | `vllm:num_requests_waiting` | `sglang:num_queue_reqs` | `llamacpp:requests_deferred` | `tgi_queue_size` |
 //! | KV usage 0..1 | `vllm:kv_cache_usage_perc` (`vllm:gpu_cache_usage_perc` before v1) | `sglang:token_usage` | `llamacpp:kv_cache_usage_ratio` | — |
 //! | tokens generated | `vllm:generation_tokens_total` | `sglang:generation_tokens_total` | `llamacpp:tokens_predicted_total` | — |
+//! | most requests at once | — | `sglang:max_running_requests_under_SLO` (when set) | — (`/props`) | — (`/info`) |
 //!
 //! Engines export one series per engine (and per model); the gateway sums request counts and tokens and
 //! takes the highest KV usage.
@@ -70,6 +71,9 @@ pub struct WorkerLoad {
     /// KV-cache capacity in tokens, when the engine says: vLLM's `cache_config_info`
     /// (`num_gpu_blocks * block_size`), sglang's `max_total_num_tokens`; 0 when unknown.
     pub cache_tokens: f64,
+    /// Most requests the engine says it runs at once (SGLang's `max_running_requests_under_SLO`); 0 when
+    /// unknown (SGLang exports -1 or nothing when unset).
+    pub max_running: f64,
     /// Which names were read.
     pub dialect: Dialect,
 }
@@ -83,6 +87,7 @@ enum Fact {
     CacheTokens,
     /// vLLM's `cache_config_info`: the capacity is in its labels.
     CacheConfigInfo,
+    MaxRunning,
 }
 
 fn fact(name: &str) -> Option<(Dialect, Fact)> {
@@ -98,6 +103,7 @@ fn fact(name: &str) -> Option<(Dialect, Fact)> {
         "sglang:token_usage" => (Sglang, Fact::KvUsage),
         "sglang:generation_tokens_total" => (Sglang, Fact::Generated),
         "sglang:max_total_num_tokens" => (Sglang, Fact::CacheTokens),
+        "sglang:max_running_requests_under_SLO" => (Sglang, Fact::MaxRunning),
         "llamacpp:requests_processing" => (LlamaCpp, Fact::Running),
         "llamacpp:requests_deferred" => (LlamaCpp, Fact::Waiting),
         "llamacpp:kv_cache_usage_ratio" => (LlamaCpp, Fact::KvUsage),
@@ -125,6 +131,7 @@ pub fn parse_metrics(text: &str) -> WorkerLoad {
             Fact::KvUsage => load.kv_usage = load.kv_usage.max(value),
             Fact::Generated => load.generated += value,
             Fact::CacheTokens => load.cache_tokens += value,
+            Fact::MaxRunning => load.max_running = load.max_running.max(value),
             Fact::CacheConfigInfo => {
                 let number = |key| label(line, key).and_then(|v| v.parse::<f64>().ok()).filter(|v| v.is_finite());
                 if let (Some(blocks), Some(size)) = (number("num_gpu_blocks"), number("block_size")) {
@@ -213,6 +220,7 @@ vllm:generation_tokens_total{engine="1",model_name="m"} 2.0
                 kv_usage: 0.5,
                 generated: 42.0,
                 cache_tokens: 0.0,
+                max_running: 0.0,
                 dialect: Dialect::Vllm
             }
         );
@@ -244,6 +252,10 @@ vllm:generation_tokens_total{engine="1",model_name="m"} 2.0
         assert_eq!(parse_metrics(vllm).cache_tokens, 32768.0);
         let sglang = "sglang:max_total_num_tokens{model_name=\"m\"} 471258.0\n";
         assert_eq!(parse_metrics(sglang).cache_tokens, 471258.0);
+        let slo = "sglang:max_running_requests_under_SLO{model_name=\"m\"} 48.0\n";
+        assert_eq!(parse_metrics(slo).max_running, 48.0);
+        let unset = "sglang:max_running_requests_under_SLO{model_name=\"m\"} -1.0\n";
+        assert_eq!(parse_metrics(unset).max_running, 0.0, "-1: not set");
         let unknown = "vllm:cache_config_info{block_size=\"16\",num_gpu_blocks=\"None\"} 1.0\n";
         assert_eq!(parse_metrics(unknown).cache_tokens, 0.0, "not yet profiled: unknown");
         assert_eq!(parse_metrics("vllm:num_requests_running 3\n").cache_tokens, 0.0);

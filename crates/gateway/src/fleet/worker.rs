@@ -67,6 +67,8 @@ pub struct WorkerStats {
     pub requests_total: AtomicU64,
     /// Requests it was seen running while others waited in its own queue: its `max_num_seqs`.
     pub learned_capacity: AtomicU32,
+    /// Requests its engine says it runs at once (0: it did not say); see [`crate::fleet::capacity`].
+    pub engine_capacity: AtomicU32,
     /// Consecutive failed probes.
     pub probe_failures: AtomicU32,
     /// Consecutive good probes.
@@ -265,16 +267,22 @@ impl Worker {
         self.models.load().iter().any(|m| m == model)
     }
 
-    /// Requests the gateway keeps in flight on it at most: `max_concurrency`, else the capacity learned
-    /// from its metrics, else `default` (0 = unlimited).
+    /// Requests the gateway keeps in flight on it at most (`u32::MAX`: unlimited). `default` is
+    /// `queue.default_worker_concurrency`; the tiers are in [`crate::fleet::capacity`].
     pub fn capacity(&self, default: u32) -> u32 {
-        let learned = self.stats.learned_capacity.load(Ordering::Relaxed);
-        match (self.spec.max_concurrency, learned, default) {
-            (c, _, _) if c > 0 => c,
-            (_, l, _) if l > 0 => l,
-            (_, _, d) if d > 0 => d,
-            _ => u32::MAX,
-        }
+        self.capacity_tier(default).0
+    }
+
+    /// Its capacity and the tier that set it: `max_concurrency`, else what its engine reports, else what
+    /// was learned from its metrics, else `default` (0 = unlimited).
+    pub fn capacity_tier(&self, default: u32) -> (u32, crate::fleet::capacity::CapacitySource) {
+        let s = &self.stats;
+        crate::fleet::capacity::tier(
+            self.spec.max_concurrency,
+            s.engine_capacity.load(Ordering::Relaxed),
+            s.learned_capacity.load(Ordering::Relaxed),
+            default,
+        )
     }
 
     /// Healthy and not draining.
@@ -417,6 +425,12 @@ mod tests {
         assert_eq!(w.capacity(7), 7);
         w.stats.learned_capacity.store(4, Ordering::Relaxed);
         assert_eq!(w.capacity(7), 4, "learned beats the default");
+        w.stats.engine_capacity.store(1, Ordering::Relaxed);
+        assert_eq!(
+            w.capacity_tier(7),
+            (1, crate::fleet::capacity::CapacitySource::Engine),
+            "the engine's word beats learning"
+        );
     }
 
     #[test]

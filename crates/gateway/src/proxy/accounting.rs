@@ -34,6 +34,18 @@ pub struct RequestInfo {
     pub stream: bool,
     /// The request's own estimate of its prompt tokens, used when the worker reports no usage.
     pub prompt_estimate: u32,
+    /// The endpoint it was sent to.
+    pub endpoint: crate::proxy::endpoint::Endpoint,
+    /// Where the response id of a `/v1/responses` answer is remembered (`None` for other endpoints,
+    /// or when `responses.max_remembered` is 0).
+    pub response_homes: Option<Arc<crate::proxy::response_homes::ResponseHomes>>,
+}
+
+/// Tokens an answer used, and where the numbers come from (`reported` by the worker, or `counted`).
+struct TokensUsed {
+    prompt: u64,
+    completion: u64,
+    source: &'static str,
 }
 
 /// One attempt at a worker, from dispatch until its answer ends.
@@ -46,6 +58,8 @@ pub struct RequestRecord {
     predicted_cached_tokens: Option<u32>,
     /// Token counts seen in the body.
     pub usage: UsageScanner,
+    /// Looks for the response id of a `/v1/responses` answer, to remember its worker.
+    response_id: Option<crate::proxy::response_homes::IdScanner>,
     /// Tokens charged up front by the rate limiter, settled with the real usage at the end.
     pub charge: Option<crate::limits::TokenCharge>,
     /// The request's count in `llm_gateway_active_requests`, released with the body.
@@ -69,6 +83,12 @@ impl RequestRecord {
         retries: u32,
         predicted_cached_tokens: Option<u32>,
     ) -> Self {
+        // Only a successful answer names a response the worker keeps.
+        let response_id = info
+            .response_homes
+            .as_ref()
+            .filter(|_| (200..300).contains(&status))
+            .map(|_| crate::proxy::response_homes::IdScanner::default());
         Self {
             info,
             load,
@@ -77,6 +97,7 @@ impl RequestRecord {
             retries,
             predicted_cached_tokens,
             usage: UsageScanner::default(),
+            response_id,
             charge: None,
             active: None,
             model_permit: None,
@@ -102,6 +123,16 @@ impl RequestRecord {
             }
         }
         self.usage.scan(data);
+        if let Some(id) = self.response_id.as_mut().and_then(|s| s.scan(data)) {
+            if let Some(homes) = &self.info.response_homes {
+                homes.remember(&id, &self.load.worker().base_url);
+            }
+        }
+    }
+
+    /// Whether a complete event stream of this endpoint ends with `data: [DONE]`.
+    pub fn stream_ends_with_done(&self) -> bool {
+        self.info.endpoint.stream_ends_with_done()
     }
 
     /// The outcome of a body delivered whole, by the worker's status.
@@ -122,16 +153,16 @@ impl RequestRecord {
         let status = if kind == OutcomeKind::Cancelled { 499 } else { self.status };
         m.requests.with_label_values(&[model, status_label(status)]).inc();
         m.latency.with_label_values(&[model]).observe(latency.as_secs_f64());
-        if let (Some(charge), Some(p), Some(c)) =
-            (self.charge.take(), self.usage.prompt_tokens, self.usage.completion_tokens)
-        {
-            charge.reconcile(p + c);
+        let used = self.tokens_used();
+        if let Some(charge) = self.charge.take() {
+            // Without any count (a non-streamed answer with no usage) the estimate charged stands.
+            if let Some(t) = &used {
+                charge.reconcile(t.prompt + t.completion);
+            }
         }
-        if let Some(p) = self.usage.prompt_tokens {
-            m.tokens.with_label_values(&[model, "prompt"]).inc_by(p);
-        }
-        if let Some(c) = self.usage.completion_tokens {
-            m.tokens.with_label_values(&[model, "completion"]).inc_by(c);
+        if let Some(t) = &used {
+            m.tokens.with_label_values(&[model, "prompt"]).inc_by(t.prompt);
+            m.tokens.with_label_values(&[model, "completion"]).inc_by(t.completion);
         }
         tracing::info!(
             request_id = %self.info.request_id,
@@ -151,10 +182,26 @@ impl RequestRecord {
             prompt_tokens = self.usage.prompt_tokens,
             cached_tokens = self.usage.cached_tokens,
             completion_tokens = self.usage.completion_tokens,
+            usage = used.as_ref().map_or("estimated", |t| t.source),
             "request"
         );
         self.active.take();
         self.model_permit.take();
+    }
+
+    /// The tokens this answer used: the worker's usage when it reported one; else, for a stream, the
+    /// deltas counted (one `data:` event per token, `[DONE]` aside) and the prompt estimate, since a
+    /// worker may ignore `stream_options.include_usage`; `None` when nothing was counted.
+    fn tokens_used(&self) -> Option<TokensUsed> {
+        let u = &self.usage;
+        let prompt = u.prompt_tokens.unwrap_or(u64::from(self.info.prompt_estimate));
+        match u.completion_tokens {
+            Some(completion) => Some(TokensUsed { prompt, completion, source: "reported" }),
+            None if self.info.stream => {
+                Some(TokensUsed { prompt, completion: u.events.saturating_sub(1), source: "counted" })
+            }
+            None => None,
+        }
     }
 
     /// Records an attempt the client never sees (retried, or answered by the gateway's own error):

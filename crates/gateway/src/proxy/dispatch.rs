@@ -47,6 +47,8 @@ pub struct Outbound<'a> {
     pub model_permit: Option<crate::proxy::admission::ModelPermit>,
     /// Time spent in the admission queue so far.
     pub queue_wait: Duration,
+    /// The worker a Responses follow-up belongs on (it holds the response continued), if known.
+    pub pinned: Option<WorkerId>,
 }
 
 /// What the attempts of one request have done so far (kept across trips back to the queue).
@@ -156,7 +158,7 @@ fn pick(
     let model = &out.info.model;
     loop {
         let now = Instant::now();
-        let all = eligible(app, snap, model, &attempts.tried, now);
+        let all = narrow(eligible(app, snap, model, &attempts.tried, now), out.pinned);
         let load = match reservation.take() {
             Some(r) => match LoadGuard::from(r).admit(breakers, now) {
                 Ok(load) => load,
@@ -217,6 +219,15 @@ pub fn eligible<'a>(
         .filter(|w| !breakers || w.breaker_admits(now))
         .filter(|w| limiter.worker_has_budget(w.id, qps))
         .collect()
+}
+
+/// Only `pinned` when it is among `all` (eligible and not tried yet), else `all`: a follow-up goes to the
+/// worker holding its response while it can take it, and is routed like any request otherwise.
+pub fn narrow(all: Vec<&Arc<Worker>>, pinned: Option<WorkerId>) -> Vec<&Arc<Worker>> {
+    match pinned.and_then(|id| all.iter().find(|w| w.id == id).copied()) {
+        Some(home) => vec![home],
+        None => all,
+    }
 }
 
 /// Sends the request to `worker` and waits for its response head, within the first-byte timeout and

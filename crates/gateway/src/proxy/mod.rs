@@ -1,9 +1,10 @@
 //! The inference endpoints: read and parse the body, admit, pick a worker, forward the original bytes,
 //! relay the answer. Failures before the first byte reaches the client are retried on another worker.
 //!
-//! The modules, in the order a request meets them: [`request`] (id, body, features, model),
-//! [`models`] (an alias's body rewrite), [`admission`] (the queue in front of full workers and
-//! budgets), [`dispatch`] (pick, send, retry, with
+//! The modules, in the order a request meets them: [`endpoint`] (what sets each endpoint apart),
+//! [`request`] (id, body, features, model), [`models`] (an alias's body rewrite), [`response_homes`]
+//! (where a Responses follow-up goes), [`admission`] (the queue in front of full workers and budgets),
+//! [`dispatch`] (pick, send, retry, with
 //! [`upstream`]), [`classify`] (what an attempt's end means), [`relay`] (the answer's body),
 //! [`accounting`] (the attempt's record, settled once), [`usage`] and [`sse`] (token counts, stream
 //! scanning).
@@ -12,9 +13,11 @@ pub mod accounting;
 pub mod admission;
 pub mod classify;
 pub mod dispatch;
+pub mod endpoint;
 pub mod models;
 pub mod relay;
 pub mod request;
+pub mod response_homes;
 pub mod sse;
 pub mod upstream;
 pub mod usage;
@@ -25,6 +28,7 @@ use crate::metrics::{status_label, Active};
 use crate::proxy::accounting::RequestInfo;
 use crate::proxy::admission::Affinity;
 use crate::proxy::dispatch::{dispatch, Attempts, Failed, Outbound};
+use crate::proxy::endpoint::Endpoint;
 use crate::proxy::request::{
     apply_headers, check_content_type, fairness_key, read_body, request_id, request_timeout, resolve_model,
     X_ESTIMATED_WAIT, X_PRIORITY, X_QUEUE_POSITION, X_REQUEST_ID,
@@ -42,7 +46,7 @@ use tokio::time::Instant;
 /// The budget key of a model's own limits in its queue (tenants' keys are their fairness keys).
 const MODEL_BUDGET: u64 = u64::MAX;
 
-/// `POST /v1/chat/completions`, `/v1/completions`, `/v1/embeddings`.
+/// Every inference endpoint ([`endpoint::ROUTES`]): `/v1/chat/completions`, `/v1/responses`, ...
 pub async fn forward(State(app): State<Arc<AppState>>, req: Request) -> Response {
     let received = Instant::now();
     let request_id = request_id(req.headers());
@@ -96,13 +100,22 @@ async fn handle(
         Some(origin) => origin.tenant.clone(),
         None => snap.auth.authenticate(&parts.headers)?,
     };
-    check_content_type(&parts.headers)?;
+    let endpoint = Endpoint::from_path(parts.uri.path());
+    let boundary = if endpoint.multipart() {
+        Some(multipart_boundary(&parts.headers)?)
+    } else {
+        check_content_type(&parts.headers)?;
+        None
+    };
     // The body's bytes stay counted in `server.max_buffered_bytes` until this request is answered.
     let (mut bytes, _buffered) = read_body(body, &parts.headers, &snap.config.server, &app.body_budget).await?;
-    let mut features = RequestFeatures::parse(&bytes, PrefixOptions::default()).map_err(|e| {
-        let why = gateway_core::echo(&e.to_string()).into_owned();
-        GatewayError::new(ErrorKind::InvalidJson, format!("invalid JSON body: {why}"))
-    })?;
+    let mut features = match &boundary {
+        Some(boundary) => multipart_features(&bytes, boundary)?,
+        None => RequestFeatures::parse(&bytes, PrefixOptions::default()).map_err(|e| {
+            let why = gateway_core::echo(&e.to_string()).into_owned();
+            GatewayError::new(ErrorKind::InvalidJson, format!("invalid JSON body: {why}"))
+        })?,
+    };
     if let Some(t) = &tenant {
         features.priority = t.priority;
     }
@@ -120,8 +133,8 @@ async fn handle(
             features.priority = p;
         }
     }
-    // An alias: the worker receives the served name.
-    if features.model.as_deref().is_some_and(|m| m != &*model) {
+    // An alias: the worker receives the served name (in a JSON body; a multipart form keeps its field).
+    if boundary.is_none() && features.model.as_deref().is_some_and(|m| m != &*model) {
         bytes = crate::proxy::models::rewrite_model(&bytes, &model).map_err(fail)?;
     }
     let cap = request_timeout(&parts.headers).map_err(fail)?;
@@ -187,7 +200,7 @@ async fn handle(
     };
     // Token limits need the real usage of streams too: ask the worker for it, and strip it again when
     // the client did not ask.
-    let strip_usage = charge.is_some() && features.stream && !features.include_usage;
+    let strip_usage = charge.is_some() && features.stream && !features.include_usage && endpoint.stream_usage_option();
     if strip_usage {
         bytes = crate::proxy::usage::with_include_usage(&bytes).map_err(fail)?;
     }
@@ -200,7 +213,16 @@ async fn handle(
         received,
         stream: features.stream,
         prompt_estimate: u32::try_from(features.prompt_tokens()).unwrap_or(u32::MAX),
+        endpoint,
+        response_homes: (endpoint == Endpoint::Responses && app.response_homes.enabled())
+            .then(|| Arc::clone(&app.response_homes)),
     };
+    // A Responses follow-up goes to the worker holding the response it continues, while it is eligible.
+    let pinned = (endpoint == Endpoint::Responses)
+        .then_some(features.previous_response_id.as_deref())
+        .flatten()
+        .and_then(|id| app.response_homes.home_of(id))
+        .and_then(|url| snap.fleet.workers.iter().find(|w| *w.base_url == *url).map(|w| w.id));
     let mut out = Outbound {
         parts: &parts,
         bytes: &bytes,
@@ -211,10 +233,12 @@ async fn handle(
         active: Some(active),
         model_permit,
         queue_wait: budget_wait.map_or(Duration::ZERO, |t| t.waited),
+        pinned,
     };
     let mut attempts = Attempts::default();
     loop {
-        let eligible = dispatch::eligible(app, &snap, &model, &attempts.tried, Instant::now());
+        let eligible =
+            dispatch::narrow(dispatch::eligible(app, &snap, &model, &attempts.tried, Instant::now()), pinned);
         let affinity = || {
             let (policy, features) = (Arc::clone(&snap.policy), features.clone());
             let held: Affinity = Box::new(move |worker| policy.cache_saving(&features, worker));
@@ -255,4 +279,24 @@ async fn handle(
             }
         }
     }
+}
+
+/// The boundary of a multipart endpoint's body; any other `Content-Type` is refused.
+fn multipart_boundary(headers: &http::HeaderMap) -> Result<String, GatewayError> {
+    let ct = headers.get(http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    gateway_core::multipart::boundary(ct).map(str::to_owned).ok_or_else(|| {
+        GatewayError::new(
+            ErrorKind::UnsupportedContentType,
+            format!("Content-Type must be multipart/form-data with a boundary, got {:?}", gateway_core::echo(ct)),
+        )
+    })
+}
+
+/// What routing reads from a multipart body: its `model` and `stream` form fields.
+fn multipart_features(body: &[u8], boundary: &str) -> Result<RequestFeatures, GatewayError> {
+    let fields = gateway_core::multipart::form_fields(body, boundary).map_err(|why| {
+        GatewayError::new(ErrorKind::InvalidJson, format!("invalid multipart body: {why}"))
+            .with_code("invalid_multipart")
+    })?;
+    Ok(RequestFeatures { model: fields.model, stream: fields.stream, ..RequestFeatures::default() })
 }

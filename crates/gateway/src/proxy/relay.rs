@@ -114,7 +114,9 @@ impl RelayBody {
 
     /// The upstream body ended: an event stream must have carried `[DONE]`.
     fn end(&mut self) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        if self.sse && !self.tail.saw_done() {
+        // A Responses stream ends with its `response.completed` event, not `[DONE]`.
+        let done_required = self.record.as_ref().is_some_and(RequestRecord::stream_ends_with_done);
+        if self.sse && done_required && !self.tail.saw_done() {
             return self.fail(classify(AttemptEnd::Broken).kind, "the stream ended before [DONE]".into());
         }
         self.end_ok();

@@ -21,10 +21,10 @@ use tokio::task::JoinHandle;
 
 /// The gateway's routes over `state`. Tests can call it without a socket.
 pub fn app(state: Arc<AppState>) -> Router {
-    Router::new()
-        .route("/v1/chat/completions", post(proxy::forward))
-        .route("/v1/completions", post(proxy::forward))
-        .route("/v1/embeddings", post(proxy::forward))
+    // Every inference endpoint goes through the one proxy path; it tells them apart by path.
+    let inference =
+        proxy::endpoint::ROUTES.iter().fold(Router::new(), |r, (path, _)| r.route(path, post(proxy::forward)));
+    inference
         .route("/v1/models", get(models))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
