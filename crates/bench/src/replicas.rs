@@ -117,7 +117,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         ..SimConfig::default()
     })
     .await?;
-    println!("shared slots overhead: one gateway, one zero-latency vllm-sim, concurrency {}, {}s per run", args.concurrency, args.duration);
+    println!(
+        "shared slots overhead: one gateway, one zero-latency vllm-sim, concurrency {}, {}s per run",
+        args.concurrency, args.duration
+    );
     println!("| cluster.backend | rps | mean | p50 | p99 | errors |");
     println!("|---|---|---|---|---|---|");
     let mut means = Vec::new();
@@ -158,7 +161,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         "\ntwo replicas, two vllm-sim with --max-num-seqs {} (default latencies, 32 tokens), {clients} clients split over the replicas, {}s per run",
         args.seqs, args.duration
     );
-    println!("| cluster.backend | rps | p50 | p99 | errors | most waiting inside a sim | mean waiting inside the sims |");
+    println!(
+        "| cluster.backend | rps | p50 | p99 | errors | most waiting inside a sim | mean waiting inside the sims |"
+    );
     println!("|---|---|---|---|---|---|---|");
     for backend in [None, Some(redis.1)] {
         let refs: Vec<&vllm_sim::SimHandle> = sims.iter().collect();
@@ -172,7 +177,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         );
         tokio::time::sleep(Duration::from_secs(2)).await;
         let stop = Arc::new(AtomicBool::new(false));
-        let (most, sum, n) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let (most, sum, n) =
+            (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
         let watcher = {
             let (sims, stop, most, sum, n) = (sims.clone(), stop.clone(), most.clone(), sum.clone(), n.clone());
             tokio::spawn(async move {
@@ -185,15 +191,19 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 }
             })
         };
-        let (ra, rb) =
-            tokio::join!(load::run(&ua, body(32), clients / 2, duration), load::run(&ub, body(32), clients / 2, duration));
+        let (ra, rb) = tokio::join!(
+            load::run(&ua, body(32), clients / 2, duration),
+            load::run(&ub, body(32), clients / 2, duration)
+        );
         stop.store(true, Ordering::Relaxed);
         let _ = watcher.await;
         let (ra, rb) = (ra?, rb?);
         let mut all = ra.latencies.clone();
         all.extend(rb.latencies.iter().copied());
         all.sort();
-        let q = |p: f64| all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1))).copied().unwrap_or_default();
+        let q = |p: f64| {
+            all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1))).copied().unwrap_or_default()
+        };
         println!(
             "| {} | {:.0} | {} | {} | {} | {} | {:.2} |",
             if backend.is_some() { "redis" } else { "local" },

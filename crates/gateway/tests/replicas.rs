@@ -3,6 +3,11 @@
 //! - Without a shared count, each replica discounts the load a worker reports that it did not send
 //!   (`guard::share`): two replicas settle to the worker's capacity together instead of twice it, and a
 //!   lone gateway never sees foreign load of its own making.
+//! - With `[cluster] backend = "redis"`, three gateway processes share one count per worker: no worker
+//!   ever queues inside under a burst far above capacity, and a replica killed with SIGKILL gives its
+//!   slots back within its lease.
+//! - Redis down: `redis_failure = "local"` serves, `"deny"` refuses, both count it; Redis back, sharing
+//!   resumes without a restart.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
 
 mod common;
@@ -187,11 +192,7 @@ async fn three_replicas_sharing_redis_never_overfill_a_worker_and_survive_a_kill
     const SEQS: usize = 4;
     const LEASE: u64 = 3;
     let redis_server = RedisServer::start();
-    let mut conn = redis::Client::open(redis_server.url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut conn = redis::Client::open(redis_server.url()).unwrap().get_multiplexed_async_connection().await.unwrap();
     let sims = Arc::new(small_sims(2, SEQS).await);
     let config = shared_config(&sims, SEQS as u32, &redis_server.url(), LEASE);
     let watch = Watch::start(sims.clone());
@@ -241,5 +242,85 @@ async fn three_replicas_sharing_redis_never_overfill_a_worker_and_survive_a_kill
     while !members(&mut conn).await.is_empty() {
         assert!(tokio::time::Instant::now() < deadline, "slots left in Redis after the burst");
         tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Restarts `redis-server` on `port` (where a killed one listened), retried while the port frees.
+fn restart_redis(port: u16) -> ExternalServer {
+    for _ in 0..100 {
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server starts");
+        let mut server = ExternalServer { child, port };
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return server;
+            }
+            if server.child.try_wait().ok().flatten().is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        server.kill();
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("redis-server did not come back on port {port}");
+}
+
+async fn metrics_of(url: &str) -> String {
+    client().get(format!("{url}/metrics")).send().await.unwrap().text().await.unwrap()
+}
+
+/// Redis dies mid-traffic: `redis_failure = "local"` keeps serving on local slots, `"deny"` answers 503
+/// `cluster_unavailable`; both count it and say they are not sharing; Redis back, both share again
+/// without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_falls_back_or_denies_and_sharing_resumes_when_it_returns() {
+    let mut redis_server = RedisServer::start();
+    let port = redis_server.0.port;
+    let sims = small_sims(1, 4).await;
+    let shared = |failure: llm_gateway::config::RedisFailure| {
+        let mut cfg = replica_config(&sims, 4);
+        cfg.cluster.backend = llm_gateway::config::ClusterBackend::Redis;
+        cfg.cluster.redis_url = redis_server.url();
+        cfg.cluster.redis_failure = failure;
+        cfg.cluster.redis_timeout_ms = 300;
+        cfg
+    };
+    let local = gateway(shared(llm_gateway::config::RedisFailure::Local)).await;
+    let deny = gateway(shared(llm_gateway::config::RedisFailure::Deny)).await;
+    for gw in [&local, &deny] {
+        assert_eq!(post_chat(&gw.url(), false).await.status(), 200);
+        assert_eq!(metric_value(&metrics_of(&gw.url()).await, "llm_gateway_cluster_shared"), 1.0);
+    }
+
+    redis_server.kill();
+    // The first request after the loss notices it (a failed call), later ones take the failure path.
+    for _ in 0..3 {
+        assert_eq!(post_chat(&local.url(), false).await.status(), 200, "local fallback keeps serving");
+    }
+    let mut denied = Vec::new();
+    for _ in 0..3 {
+        let resp = post_chat(&deny.url(), false).await;
+        denied.push((resp.status().as_u16(), resp.text().await.unwrap()));
+    }
+    assert!(denied.iter().skip(1).all(|(s, b)| *s == 503 && b.contains("cluster_unavailable")), "{denied:?}");
+    for gw in [&local, &deny] {
+        let m = metrics_of(&gw.url()).await;
+        assert_eq!(metric_value(&m, "llm_gateway_cluster_shared"), 0.0);
+        assert!(metric_value(&m, "llm_gateway_cluster_fallback_total") >= 2.0, "counted");
+    }
+
+    let _back = restart_redis(port);
+    for gw in [&local, &deny] {
+        let url = gw.url();
+        wait_for("sharing to resume", Duration::from_secs(10), || {
+            let url = url.clone();
+            async move { metric_value(&metrics_of(&url).await, "llm_gateway_cluster_shared") == 1.0 }
+        })
+        .await;
+        assert_eq!(post_chat(&url, false).await.status(), 200, "served through Redis again");
     }
 }

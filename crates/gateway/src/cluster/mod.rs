@@ -15,7 +15,8 @@
 //! A refusal marks the worker full on this replica ([`WorkerShare`]): the queue holds its requests
 //! instead of asking Redis for each. A release that frees a slot someone was refused publishes it; every
 //! replica hears it, clears the mark and hands the slot to its best waiter (event-driven, no polling).
-//! A slow re-check (every second) clears all marks, for messages lost and leases that expired.
+//! A slow re-check (every second) asks Redis whether a worker marked full has room again, for messages
+//! lost and leases that expired (a dead replica's slots free without a release).
 //!
 //! When Redis cannot answer within `redis_timeout_ms`, `redis_failure = "local"` serves on local slots
 //! (with the discount of foreign load) and `"deny"` answers 503; either is counted in
@@ -214,7 +215,11 @@ impl Cluster {
             match tokio::time::timeout(timeout, redis.take(url, cap, &member, self.lease())).await {
                 Ok(Ok(true)) => {
                     self.held.lock().insert(n, Arc::from(url));
-                    return Ok(Take::Shared(SharedSlot { cluster: Arc::clone(self), worker: Arc::clone(worker), member: n }));
+                    return Ok(Take::Shared(SharedSlot {
+                        cluster: Arc::clone(self),
+                        worker: Arc::clone(worker),
+                        member: n,
+                    }));
                 }
                 Ok(Ok(false)) => {
                     // A slot this replica just gave back may not have reached Redis yet: wait for it once.
@@ -286,9 +291,12 @@ impl Cluster {
             }
             // A failure seen on the request path switches the discount here, within a second.
             admission.set_discount_foreign(!self.shares_slots());
-            // Freed slots whose message was lost, and slots of dead replicas whose lease ended.
-            for w in &current.workers {
-                if w.stats.share.is_full() {
+            // Freed slots whose message was lost, and slots of dead replicas whose lease ended: asked
+            // of Redis first, so a worker still full does not bounce its waiters through the queue.
+            let default = admission.config().default_worker_concurrency;
+            for w in current.workers.iter().filter(|w| w.stats.share.is_full()) {
+                let asked = tokio::time::timeout(RECHECK, redis.has_room(&w.base_url, w.capacity(default))).await;
+                if !matches!(asked, Ok(Ok(false))) {
                     w.stats.share.freed();
                     admission.slot_freed(w);
                 }

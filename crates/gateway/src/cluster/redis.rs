@@ -31,6 +31,15 @@ redis.call('SET', KEYS[2], '1', 'PX', lease)
 return 0
 "#;
 
+/// KEYS: the worker's set. ARGV: capacity. Returns 1 when a slot is free (expired ones dropped first).
+const HAS_ROOM: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[1]) then return 1 end
+return 0
+"#;
+
 /// KEYS: the worker's set, its refusal marker. ARGV: member, channel, worker URL. Publishes when
 /// someone was refused since the last release.
 const RELEASE: &str = r#"
@@ -75,6 +84,7 @@ pub struct RedisSlots {
     take: Arc<redis::Script>,
     release: Arc<redis::Script>,
     renew: Arc<redis::Script>,
+    has_room: Arc<redis::Script>,
 }
 
 impl RedisSlots {
@@ -86,6 +96,7 @@ impl RedisSlots {
             take: Arc::new(redis::Script::new(TAKE)),
             release: Arc::new(redis::Script::new(RELEASE)),
             renew: Arc::new(redis::Script::new(RENEW)),
+            has_room: Arc::new(redis::Script::new(HAS_ROOM)),
         })
     }
 
@@ -153,6 +164,14 @@ impl RedisSlots {
         let mut conn = self.conn().await?;
         let _: i64 = inv.invoke_async(&mut conn).await.map_err(|e| e.to_string())?;
         Ok(())
+    }
+
+    /// Whether fewer than `cap` slots of the worker at `url` are held (expired ones do not count).
+    pub async fn has_room(&self, url: &str, cap: u32) -> Result<bool, String> {
+        let mut conn = self.conn().await?;
+        let room: i64 =
+            self.has_room.key(slots_key(url)).arg(cap).invoke_async(&mut conn).await.map_err(|e| e.to_string())?;
+        Ok(room == 1)
     }
 
     /// Whether Redis answers.

@@ -4,8 +4,8 @@
 //! Re-selecting on retry (rather than an ordered fallback list) lets the policy see load as it is after
 //! the failure.
 
-use crate::fleet::slot::{LoadGuard, Reservation};
 use crate::cluster::Take;
+use crate::fleet::slot::{LoadGuard, Reservation};
 use crate::fleet::worker::Worker;
 use crate::metrics::Active;
 use crate::proxy::accounting::{RequestInfo, RequestRecord};
