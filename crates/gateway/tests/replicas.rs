@@ -8,6 +8,7 @@
 //!   slots back within its lease.
 //! - Redis down: `redis_failure = "local"` serves, `"deny"` refuses, both count it; Redis back, sharing
 //!   resumes without a restart.
+//! - Replicas sharing Redis agree on a worker's learned capacity.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
 
 mod common;
@@ -323,4 +324,24 @@ async fn redis_down_falls_back_or_denies_and_sharing_resumes_when_it_returns() {
         .await;
         assert_eq!(post_chat(&url, false).await.status(), 200, "served through Redis again");
     }
+}
+
+/// What one replica learns of a worker's capacity, every replica sharing Redis holds it to.
+#[tokio::test]
+async fn replicas_agree_on_learned_capacity() {
+    let redis_server = RedisServer::start();
+    let sims = small_sims(1, 4).await;
+    let shared = || {
+        let mut cfg = replica_config(&sims, 0);
+        cfg.cluster.backend = llm_gateway::config::ClusterBackend::Redis;
+        cfg.cluster.redis_url = redis_server.url();
+        cfg
+    };
+    let (a, b) = (gateway(shared()).await, gateway(shared()).await);
+    let learned = |gw: &llm_gateway::Gateway| {
+        gw.state.snapshot.load().fleet.workers[0].stats.learned_capacity.load(Ordering::Relaxed)
+    };
+    a.state.snapshot.load().fleet.workers[0].stats.learned_capacity.fetch_max(3, Ordering::Relaxed);
+    wait_for("the other replica to learn it", Duration::from_secs(5), || async { learned(&b) == 3 }).await;
+    assert_eq!(learned(&a), 3);
 }

@@ -22,6 +22,9 @@
 //! (with the discount of foreign load) and `"deny"` answers 503; either is counted in
 //! `llm_gateway_cluster_fallback_total`, the state is `llm_gateway_cluster_shared`, and each change of
 //! state is logged once. A ping every second notices Redis back; sharing then resumes by itself.
+//!
+//! Every second the replicas also agree on each worker's learned capacity (the highest any learned), so
+//! a count in Redis is compared with the same capacity whichever replica asks.
 
 pub mod redis;
 
@@ -291,6 +294,9 @@ impl Cluster {
             }
             // A failure seen on the request path switches the discount here, within a second.
             admission.set_discount_foreign(!self.shares_slots());
+            if self.shares_slots() {
+                self.agree_capacity(&redis, &current).await;
+            }
             // Freed slots whose message was lost, and slots of dead replicas whose lease ended: asked
             // of Redis first, so a worker still full does not bounce its waiters through the queue.
             let default = admission.config().default_worker_concurrency;
@@ -318,6 +324,21 @@ impl Cluster {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => self.set_up(false, Some(&admission), &e),
                 Err(_) => self.set_up(false, Some(&admission), "renewal timed out"),
+            }
+        }
+    }
+
+    /// Raises each worker's learned capacity to the highest any replica learned (learned capacity only
+    /// ever rises, here as in the probe), and tells the others what this one learned.
+    async fn agree_capacity(&self, redis: &redis::RedisSlots, fleet: &Fleet) {
+        let learned: Vec<(String, u32)> = fleet
+            .workers
+            .iter()
+            .map(|w| (w.base_url.clone(), w.stats.learned_capacity.load(Ordering::Relaxed)))
+            .collect();
+        if let Ok(Ok(agreed)) = tokio::time::timeout(RECHECK, redis.agree_capacity(&learned)).await {
+            for (w, cap) in fleet.workers.iter().zip(agreed) {
+                w.stats.learned_capacity.fetch_max(cap, Ordering::Relaxed);
             }
         }
     }

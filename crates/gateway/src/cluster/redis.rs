@@ -6,7 +6,8 @@
 //! count, add only below capacity), so two replicas can never both take the last slot. A refusal leaves a
 //! marker; the release that finds it publishes the worker on [`FREED_CHANNEL`], so replicas with waiters
 //! learn of the freed slot without polling. Renewing only extends members that still exist (`XX`): a
-//! slot released (or expired) is never brought back by a late renewal.
+//! slot released (or expired) is never brought back by a late renewal. Learned capacities meet in one
+//! hash (`llmgw:capacity`, the highest per worker), so every replica holds a worker to the same count.
 
 use redis::aio::ConnectionManager;
 use std::sync::Arc;
@@ -67,6 +68,23 @@ end
 return 1
 "#;
 
+/// KEYS: the learned-capacity hash. ARGV: pairs of worker URL and the capacity this replica learned.
+/// Keeps the highest per worker and returns it, in order: replicas agree on what a worker runs at once.
+const CAPACITY: &str = r#"
+local out = {}
+for i = 1, #ARGV, 2 do
+  local cur = tonumber(redis.call('HGET', KEYS[1], ARGV[i]) or '0')
+  local mine = tonumber(ARGV[i + 1])
+  if mine > cur then
+    redis.call('HSET', KEYS[1], ARGV[i], mine)
+    cur = mine
+  end
+  out[#out + 1] = cur
+end
+redis.call('PEXPIRE', KEYS[1], 86400000)
+return out
+"#;
+
 /// The key of a worker's slot set (its URL, the one name every replica gives it the same way).
 pub fn slots_key(worker_url: &str) -> String {
     format!("llmgw:slots:{worker_url}")
@@ -85,6 +103,7 @@ pub struct RedisSlots {
     release: Arc<redis::Script>,
     renew: Arc<redis::Script>,
     has_room: Arc<redis::Script>,
+    capacity: Arc<redis::Script>,
 }
 
 impl RedisSlots {
@@ -97,6 +116,7 @@ impl RedisSlots {
             release: Arc::new(redis::Script::new(RELEASE)),
             renew: Arc::new(redis::Script::new(RENEW)),
             has_room: Arc::new(redis::Script::new(HAS_ROOM)),
+            capacity: Arc::new(redis::Script::new(CAPACITY)),
         })
     }
 
@@ -172,6 +192,22 @@ impl RedisSlots {
         let room: i64 =
             self.has_room.key(slots_key(url)).arg(cap).invoke_async(&mut conn).await.map_err(|e| e.to_string())?;
         Ok(room == 1)
+    }
+
+    /// Shares learned capacities: `learned` pairs a worker URL with what this replica learned (0:
+    /// nothing yet); returns the highest any replica learned, in the same order.
+    pub async fn agree_capacity(&self, learned: &[(String, u32)]) -> Result<Vec<u32>, String> {
+        if learned.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut inv = self.capacity.prepare_invoke();
+        inv.key("llmgw:capacity");
+        for (url, cap) in learned {
+            inv.arg(url).arg(*cap);
+        }
+        let mut conn = self.conn().await?;
+        let out: Vec<u32> = inv.invoke_async(&mut conn).await.map_err(|e| e.to_string())?;
+        Ok(out)
     }
 
     /// Whether Redis answers.
