@@ -144,7 +144,9 @@ docs = {}
 for r in kust["resources"]:
     check(os.path.isfile(f"{k}/{r}"), f"kubernetes: resource {r} missing")
     for d in yaml.safe_load_all(open(f"{k}/{r}")):
-        docs[d["kind"]] = d
+        # The gateway's own Deployment and Service (redis.yaml holds Redis's).
+        if d["metadata"]["name"] == "llm-gateway":
+            docs[d["kind"]] = d
 gen = kust["configMapGenerator"][0]
 for f in gen["files"]:
     check(os.path.isfile(f"{k}/{f.split('=')[-1]}"), f"kubernetes: configMapGenerator file {f} missing")

@@ -20,6 +20,7 @@ mod batch;
 mod faults;
 mod load;
 mod overhead;
+mod replicas;
 mod routing;
 mod soak;
 mod workload;
@@ -45,6 +46,8 @@ enum Cmd {
     Soak(soak::Args),
     /// Live TTFT with and without a large batch running; the batch's lines/s against fleet capacity.
     Batch(batch::Args),
+    /// Shared worker slots (`[cluster]` in Redis): cost per request, and two replicas on a saturated fleet.
+    Replicas(replicas::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -57,6 +60,7 @@ fn main() -> anyhow::Result<()> {
             Cmd::Faults(args) => faults::run(args).await,
             Cmd::Soak(args) => soak::run(args).await,
             Cmd::Batch(args) => batch::run(args).await,
+            Cmd::Replicas(args) => replicas::run(args).await,
         }
     })
 }

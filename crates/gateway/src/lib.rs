@@ -9,6 +9,8 @@
 //!   ([`proxy::relay`], [`proxy::sse`], [`proxy::usage`]).
 //! - [`fleet`]: the workers in force ([`fleet::worker`]), their load slots and guards ([`fleet::slot`]),
 //!   active health probes ([`fleet::probe`]) and engine `/metrics` scraping ([`fleet::scrape`]).
+//! - [`cluster`]: replicas sharing workers: a worker's slots counted in Redis ([`cluster::redis`]),
+//!   leased, freed slots announced by pub/sub.
 //! - [`limits`]: token-bucket limits ([`limits::quota`] names them), local ([`limits::local`]) or
 //!   shared in Redis ([`limits::redis`]), reported in [`limits::headers`]; [`auth`]: API keys.
 //! - [`admin`]: the admin API, a file per job ([`admin::views`], [`admin::workers`], [`admin::config`],
@@ -25,6 +27,7 @@ pub mod admin;
 pub mod auth;
 pub mod batch;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod dashboard;
 pub mod demo;

@@ -77,6 +77,11 @@ pub struct Metrics {
     pub rate_limiter_rejected: IntCounterVec,
     /// `llm_rate_limiter_fallback_total`: checks answered locally because Redis was unreachable.
     pub rate_limiter_fallback: IntCounter,
+    /// `llm_gateway_cluster_fallback_total`: requests that took a slot without the shared count
+    /// (`cluster.backend = "redis"` and Redis unreachable), or were refused for it (`redis_failure = "deny"`).
+    pub cluster_fallback: IntCounter,
+    /// `llm_gateway_cluster_shared`: 1 while slots are counted in Redis with the other replicas, else 0.
+    pub cluster_shared: IntGauge,
     /// `llm_gateway_batch_lines_total{outcome}`: completed, failed, retried.
     pub batch_lines: IntCounterVec,
     /// `llm_gateway_batch_lines_in_flight`.
@@ -231,6 +236,14 @@ impl Metrics {
             rate_limiter_fallback: r.counter(
                 "llm_rate_limiter_fallback_total",
                 "Rate-limit checks answered locally because Redis was unreachable",
+            )?,
+            cluster_fallback: r.counter(
+                "llm_gateway_cluster_fallback_total",
+                "Requests that took a slot without the shared count (Redis unreachable), or were refused for it",
+            )?,
+            cluster_shared: r.gauge(
+                "llm_gateway_cluster_shared",
+                "1 while worker slots are counted in Redis with the other replicas, else 0",
             )?,
             batch_lines: r.counters(
                 "llm_gateway_batch_lines_total",

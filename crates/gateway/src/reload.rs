@@ -139,6 +139,9 @@ fn warn_restart_only(old: &Config, new: &Config) {
     if old.upstream.connect_timeout_ms != new.upstream.connect_timeout_ms {
         tracing::warn!("upstream.connect_timeout_ms changed: takes effect after a restart");
     }
+    if old.cluster != new.cluster {
+        tracing::warn!("[cluster] changed: takes effect after a restart");
+    }
     if old.batch.data_dir != new.batch.data_dir {
         tracing::warn!("batch.data_dir changed: takes effect after a restart");
     }

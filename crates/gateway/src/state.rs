@@ -40,6 +40,8 @@ pub struct AppState {
     pub shutdown: CancellationToken,
     /// The admission queues.
     pub admission: Arc<crate::proxy::admission::Admission>,
+    /// This replica's side of the slot counts shared with other replicas (`[cluster]`, read at start).
+    pub cluster: Arc<crate::cluster::Cluster>,
     /// The rate limiter (replaced when its backend changes).
     pub limiter: ArcSwap<crate::limits::RateLimiter>,
     /// Bytes of request bodies held now, bounded by `server.max_buffered_bytes`.
@@ -73,7 +75,10 @@ impl AppState {
         let client = upstream::client(&config.upstream);
         let shutdown = CancellationToken::new();
         let probes = ProbeSet::new(client.clone(), config.health.clone(), shutdown.clone());
+        let cluster = crate::cluster::Cluster::new(&config.cluster, Arc::clone(&metrics));
+        admission.set_discount_foreign(!cluster.shares_slots());
         Ok(Arc::new(Self {
+            cluster,
             batch: crate::batch::Batches::new(config.batch.data_dir.clone()),
             admission,
             client,

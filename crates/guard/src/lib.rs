@@ -11,6 +11,8 @@
 //! - [`rate`]: [`RateEstimator`] (dispatches per second, estimated waits), [`SlidingErrorRate`] and
 //!   [`AvgWait`], all fixed-memory ring buffers.
 //! - [`stall`]: [`StallRule`], when a worker holding requests has stopped answering (hung, not busy).
+//! - [`share`]: [`foreign_load`] and [`room_for_us`], a worker's capacity shared with load other
+//!   gateways send (the uncoordinated fallback of several replicas).
 //!
 //! # Architecture Invariant
 //! Nothing here reads a clock, sleeps, locks or does IO: every method takes `now` from the caller and
@@ -20,6 +22,7 @@
 pub mod circuit_breaker;
 pub mod queue;
 pub mod rate;
+pub mod share;
 pub mod stall;
 pub mod token_bucket;
 
@@ -29,5 +32,6 @@ pub use circuit_breaker::{
 };
 pub use queue::{AdmissionQueue, Full, Meta, QueueConfig, Scoring, Ticket, DEFAULT_MAX_OVERTAKEN, RETRY_CAP};
 pub use rate::{AvgWait, RateEstimator, SlidingErrorRate};
+pub use share::{foreign_load, room_for_us};
 pub use stall::{StallCheck, StallRule};
 pub use token_bucket::{Denied, TokenBucket, WindowCounter, MAX_RETRY_AFTER};

@@ -54,6 +54,7 @@ pub fn worker_json(w: &Worker, default_concurrency: u32) -> Value {
         "in_flight": s.slots.in_flight(),
         "running": s.scraped_running.load(Ordering::Relaxed),
         "waiting": s.scraped_waiting.load(Ordering::Relaxed),
+        "foreign_load": s.foreign_load.load(Ordering::Relaxed),
         "kv_usage": s.kv_usage.get(),
         "ttft_ms": round2(s.ttft_ms.get()),
         "tpot_ms": round2(s.tpot_ms.get()),

@@ -45,6 +45,8 @@ pub struct Config {
     pub batch: BatchConfig,
     /// The Responses API: where follow-ups go.
     pub responses: ResponsesConfig,
+    /// Several gateway replicas in front of the same workers.
+    pub cluster: ClusterConfig,
 }
 
 /// `[responses]`: `/v1/responses` follow-ups (`previous_response_id`) go to the worker that created the
@@ -115,6 +117,45 @@ impl Config {
     pub fn queue_timeout(&self, model: &str) -> std::time::Duration {
         let secs = self.model(model).and_then(|m| m.queue_timeout_secs).unwrap_or(self.queue.timeout_secs);
         std::time::Duration::from_secs(secs)
+    }
+}
+
+/// Where a worker's slots are counted when several gateways share it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClusterBackend {
+    /// In this process; the load a worker reports that others sent is discounted from its capacity.
+    #[default]
+    Local,
+    /// In Redis: every replica takes a worker's slots from one count.
+    Redis,
+}
+
+/// `[cluster]`: replicas that share their workers. Read once at start.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// `local` or `redis`.
+    pub backend: ClusterBackend,
+    /// Redis URL for `backend = "redis"`.
+    pub redis_url: String,
+    /// Seconds a replica's slots outlive it: each slot it holds is leased and renewed while in use.
+    pub lease_secs: u64,
+    /// `local` (count slots in this process, discounting others' load) or `deny` when Redis is unreachable.
+    pub redis_failure: RedisFailure,
+    /// Timeout of one Redis call taking a slot.
+    pub redis_timeout_ms: u64,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            backend: ClusterBackend::Local,
+            redis_url: "redis://127.0.0.1:6379".into(),
+            lease_secs: 10,
+            redis_failure: RedisFailure::Local,
+            redis_timeout_ms: 100,
+        }
     }
 }
 
@@ -907,6 +948,17 @@ impl Config {
             if !v.is_finite() || !(0.0..=1_000.0).contains(&v) {
                 return Err(format!("{key}: {v} must be a number from 0 to 1000"));
             }
+        }
+        let cl = &self.cluster;
+        if cl.lease_secs == 0 || cl.redis_timeout_ms == 0 {
+            return Err("cluster.lease_secs and cluster.redis_timeout_ms: must be at least 1".into());
+        }
+        if cl.backend == ClusterBackend::Redis {
+            let u = url::Url::parse(&cl.redis_url).map_err(|e| format!("cluster.redis_url: {e}"))?;
+            if !matches!(u.scheme(), "redis" | "rediss" | "unix" | "redis+unix") {
+                return Err(format!("cluster.redis_url: scheme {:?} is not a Redis URL", u.scheme()));
+            }
+            redis::Client::open(cl.redis_url.as_str()).map_err(|e| format!("cluster.redis_url: {e}"))?;
         }
         if self.queue.timeout_secs == 0 {
             return Err("queue.timeout_secs: must be greater than 0".into());

@@ -211,6 +211,8 @@ async fn ask_engine_capacity(client: &Client, worker: &Worker, timeout: Duration
 async fn scrape_load(client: &Client, worker: &Worker, timeout: Duration) -> u32 {
     let s = &worker.stats;
     let url = format!("{}/metrics", worker.base_url);
+    // Whatever the engine counts as ours was in flight at some instant of the scrape: the peak covers it.
+    s.slots.start_peak();
     let load = match upstream::get(client, &url, worker.auth_header.as_ref(), timeout, MAX_PROBE_BYTES).await {
         Ok((status, body)) if status.is_success() => parse_metrics(&String::from_utf8_lossy(&body)),
         _ => WorkerLoad::default(),
@@ -218,6 +220,8 @@ async fn scrape_load(client: &Client, worker: &Worker, timeout: Duration) -> u32
     s.dialect.store(load.dialect.as_u8(), Ordering::Relaxed);
     s.scraped_running.store(load.running as u32, Ordering::Relaxed);
     s.scraped_waiting.store(load.waiting as u32, Ordering::Relaxed);
+    let foreign = guard::foreign_load(load.running as u32, load.waiting as u32, s.slots.peak());
+    s.foreign_load.store(foreign, Ordering::Relaxed);
     s.kv_usage.set(load.kv_usage);
     s.cache_tokens.store(load.cache_tokens as u64, Ordering::Relaxed);
     // Requests waiting inside the worker mean it runs all it can: that is its capacity.

@@ -18,7 +18,7 @@ use crate::config::CircuitBreakerConfig;
 use crate::fleet::worker::Worker;
 use gateway_core::OutcomeKind;
 use guard::{Permit, Rejected, Transition};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use tokio::time::Instant;
 
@@ -38,9 +38,10 @@ const IN_FLIGHT: u64 = 1;
 const RESERVED: u64 = 1 << 32;
 
 /// In-flight and reserved counts of one worker in one atomic word. Read by anyone; changed only by the
-/// guards of this module.
+/// guards of this module. Beside it, the highest in-flight count since [`Slots::start_peak`]: what the
+/// worker may report as ours in a scrape taken meanwhile (see `guard::share`).
 #[derive(Debug, Default)]
-pub struct Slots(AtomicU64);
+pub struct Slots(AtomicU64, AtomicU32);
 
 /// In flight plus reserved in `word` (64-bit: the sum cannot overflow).
 fn taken(word: u64) -> u64 {
@@ -68,19 +69,43 @@ impl Slots {
         taken(self.0.load(Ordering::Acquire)) < u64::from(cap)
     }
 
+    /// Starts watching the in-flight peak: from now on [`Slots::peak`] is at least every in-flight
+    /// count the word holds. A scrape calls it before asking the worker.
+    pub fn start_peak(&self) {
+        self.1.store(0, Ordering::Release);
+        self.1.fetch_max(self.in_flight(), Ordering::AcqRel);
+    }
+
+    /// The most requests in flight at once since [`Slots::start_peak`].
+    pub fn peak(&self) -> u32 {
+        self.1.load(Ordering::Acquire)
+    }
+
     /// Adds `unit` (one in-flight or one reserved slot) if the word has room below `cap`; the new word.
     /// Below `cap <= u32::MAX` neither half can overflow into the other.
     fn take(&self, unit: u64, cap: u32) -> Option<u64> {
-        self.0
+        let word = self
+            .0
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| (taken(w) < u64::from(cap)).then_some(w + unit))
             .ok()
-            .map(|before| before + unit)
+            .map(|before| before + unit)?;
+        if unit == IN_FLIGHT {
+            self.note_peak(word);
+        }
+        Some(word)
     }
 
     /// Moves one slot from reserved to in flight (the caller holds a reservation, so reserved >= 1 and
     /// in flight < u32::MAX); the new word. The total never changes, so no one can slip in between.
     fn reserved_to_in_flight(&self) -> u64 {
-        self.0.fetch_sub(RESERVED - IN_FLIGHT, Ordering::AcqRel) - (RESERVED - IN_FLIGHT)
+        let word = self.0.fetch_sub(RESERVED - IN_FLIGHT, Ordering::AcqRel) - (RESERVED - IN_FLIGHT);
+        self.note_peak(word);
+        word
+    }
+
+    /// Raises the in-flight peak to the in-flight half of `word`.
+    fn note_peak(&self, word: u64) {
+        self.1.fetch_max((word & 0xffff_ffff) as u32, Ordering::AcqRel);
     }
 
     /// Gives back one slot of `unit` (the caller's guard holds it).
@@ -151,6 +176,8 @@ pub struct LoadGuard {
     transition: Option<Transition>,
     /// Requests in flight or reserved on the worker, this one included, when the slot was taken.
     load_at_dispatch: u32,
+    /// Its slot in the count shared with other replicas, if any (given back first when dropped).
+    shared: Option<crate::cluster::SharedSlot>,
 }
 
 impl From<Reservation> for LoadGuard {
@@ -172,7 +199,12 @@ impl LoadGuard {
 
     fn new(worker: Arc<Worker>, notify: Notify, word: u64) -> Self {
         let load_at_dispatch = u32::try_from(taken(word)).unwrap_or(u32::MAX);
-        Self { worker, notify, permit: None, transition: None, load_at_dispatch }
+        Self { worker, notify, permit: None, transition: None, load_at_dispatch, shared: None }
+    }
+
+    /// Holds `slot` of the worker's shared count with this one, so both are given back together.
+    pub fn hold_shared(&mut self, slot: crate::cluster::SharedSlot) {
+        self.shared = Some(slot);
     }
 
     /// Takes, when `breaker` is on, the worker's breaker permit, and counts the dispatch. On a breaker
@@ -224,6 +256,8 @@ impl LoadGuard {
 
 impl Drop for LoadGuard {
     fn drop(&mut self) {
+        // The shared slot first: its release is on its way before a local waiter asks Redis for one.
+        drop(self.shared.take());
         if let Some(permit) = self.permit.take() {
             self.worker.breaker.lock().on_cancel(permit);
         }
@@ -275,6 +309,23 @@ mod tests {
         drop((g, sent));
         assert_eq!(s.taken(), 0);
         assert!(LoadGuard::try_take(&w, 0, None).is_none(), "capacity 0 admits nothing");
+    }
+
+    #[test]
+    fn the_peak_covers_every_in_flight_count_since_it_started() {
+        let w = worker();
+        let s = &w.stats.slots;
+        let a = LoadGuard::try_take(&w, 4, None).expect("room");
+        s.start_peak();
+        assert_eq!(s.peak(), 1, "starts at the count in flight");
+        let r = Reservation::try_take(&w, 4, None).expect("room");
+        assert_eq!(s.peak(), 1, "a reservation is not in flight");
+        let b = LoadGuard::from(r);
+        let c = LoadGuard::try_take(&w, 4, None).expect("room");
+        drop((a, b, c));
+        assert_eq!((s.in_flight(), s.peak()), (0, 3), "the peak outlives the requests");
+        s.start_peak();
+        assert_eq!(s.peak(), 0);
     }
 
     #[test]

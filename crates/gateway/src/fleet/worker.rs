@@ -51,6 +51,11 @@ pub struct WorkerStats {
     pub scraped_running: AtomicU32,
     /// `vllm:num_requests_waiting` at the last scrape.
     pub scraped_waiting: AtomicU32,
+    /// Load the worker reported at the last scrape that this gateway did not send (other replicas,
+    /// direct clients): `guard::foreign_load`. Discounted from its capacity without a shared count.
+    pub foreign_load: AtomicU32,
+    /// What this replica knows of the worker's slot count shared with other replicas (`[cluster]`).
+    pub share: crate::cluster::WorkerShare,
     /// Requests dispatched since the last scrape (corrects the scraped counts between scrapes).
     pub sent_since_scrape: AtomicU32,
     /// KV-cache usage at the last scrape, 0..1.

@@ -9,7 +9,11 @@
 //! which frees the slot for the next one. The slot counts themselves are only moved by those guards
 //! ([`crate::fleet::slot`]); this module decides who gets a slot, never counts one by hand.
 //! A slow sweep ([`Admission::run_sweeper`]) only covers capacity that appears without a slot freeing
-//! (a worker added, recovered or learned larger).
+//! (a worker added, recovered or learned larger, or load of other replicas gone at the last scrape).
+//!
+//! Capacity is what [`Admission::capacity_of`] says: the worker's, less the load it reported at its last
+//! scrape that this gateway did not send (`guard::share`), so replicas that share workers without a
+//! shared count overshoot by at most what arrives between two scrapes. A lone gateway sees none.
 //!
 //! **Deadlines**: every live waiter has one ([`WaitSpec::deadline`]: arrival plus the model's queue
 //! timeout, or less with `X-Request-Timeout`); within a level earlier deadlines leave first, and a
@@ -46,7 +50,7 @@ use guard::{AdmissionQueue, AvgWait, Meta, RateEstimator, Ticket};
 use parking_lot::Mutex;
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 use tokio::sync::oneshot;
@@ -64,6 +68,8 @@ pub struct Admission {
     batch_share: AtomicU64,
     /// In-flight counts of the models with `max_concurrency` (bounded by [`crate::config::MAX_MODELS`]).
     model_slots: Mutex<HashMap<Arc<str>, Arc<ModelSlots>>>,
+    /// Discount the load a worker reports that is not ours from its capacity (no shared count in force).
+    discount_foreign: AtomicBool,
     me: Weak<Admission>,
 }
 
@@ -216,6 +222,7 @@ impl Admission {
             queues: Mutex::default(),
             batch_share: AtomicU64::new(0.8f64.to_bits()),
             model_slots: Mutex::default(),
+            discount_foreign: AtomicBool::new(true),
             me: me.clone(),
         })
     }
@@ -223,6 +230,27 @@ impl Admission {
     /// Sets the share of each worker's slots batch lines may fill (`batch.max_share`, 0..=1).
     pub fn set_batch_share(&self, share: f64) {
         self.batch_share.store(share.clamp(0.0, 1.0).to_bits(), Ordering::Relaxed);
+    }
+
+    /// Whether a worker's capacity is discounted by the load it reports that this gateway did not send
+    /// (`guard::share`): on, unless the slots are counted across replicas in Redis.
+    pub fn set_discount_foreign(&self, on: bool) {
+        self.discount_foreign.store(on, Ordering::Relaxed);
+    }
+
+    /// The slots of `worker` this gateway may fill: its capacity, less the load others put on it when
+    /// that is discounted, or none while the shared count (`[cluster]`) is full there. The one capacity
+    /// every room test of the queue uses.
+    pub fn capacity_of(&self, worker: &Worker) -> u32 {
+        // The shared count refused a slot here and none freed since: wait for one.
+        if worker.stats.share.is_full() {
+            return 0;
+        }
+        let cap = worker.capacity(self.cfg.load().default_worker_concurrency);
+        if !self.discount_foreign.load(Ordering::Relaxed) {
+            return cap;
+        }
+        guard::room_for_us(cap, worker.stats.foreign_load.load(Ordering::Relaxed))
     }
 
     /// The settings in force.
@@ -259,13 +287,13 @@ impl Admission {
 
     /// Whether `worker` can take one more request (in flight plus reserved below its capacity).
     pub fn has_room(&self, worker: &Worker) -> bool {
-        worker.stats.slots.has_room(worker.capacity(self.cfg.load().default_worker_concurrency))
+        worker.stats.slots.has_room(self.capacity_of(worker))
     }
 
     /// Slots of `worker` a request of `class` may fill: all of them for live classes, `batch.max_share`
     /// of them (rounded down) for batch lines. Unlimited stays unlimited.
     pub fn slots_for(&self, worker: &Worker, class: Priority) -> u32 {
-        let cap = worker.capacity(self.cfg.load().default_worker_concurrency);
+        let cap = self.capacity_of(worker);
         if class != Priority::Batch || cap == u32::MAX {
             return cap;
         }
@@ -593,7 +621,7 @@ impl Admission {
         if !worker.is_available() {
             return;
         }
-        let cap = worker.capacity(self.cfg.load().default_worker_concurrency);
+        let cap = self.capacity_of(worker);
         let mut waiting = queue.waiting.lock();
         let held = |w: &Waiter| w.affinity.as_ref().map_or(Duration::ZERO, |f| f(worker.id));
         // Budget waiters take no slot.

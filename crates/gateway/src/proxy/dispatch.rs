@@ -4,9 +4,10 @@
 //! Re-selecting on retry (rather than an ordered fallback list) lets the policy see load as it is after
 //! the failure.
 
+use crate::cluster::Take;
 use crate::error::error_chain;
 use crate::fleet::slot::{LoadGuard, Reservation};
-use crate::fleet::worker::{Refused, Worker};
+use crate::fleet::worker::Worker;
 use crate::metrics::Active;
 use crate::proxy::accounting::{RequestInfo, RequestRecord};
 use crate::proxy::classify::{classify, AttemptEnd, Meaning};
@@ -87,7 +88,7 @@ pub async fn dispatch(
     let cfg = &snap.config;
     let deadline = out.info.received + Duration::from_millis(cfg.upstream.total_timeout_ms);
     loop {
-        let picked = pick(app, &snap, out, &mut reservation, attempts)?;
+        let picked = pick(app, &snap, out, &mut reservation, attempts).await?;
         let worker = Arc::clone(picked.load.worker());
         let predicted = snap.policy.on_dispatch(out.features, worker.id);
         if cfg.rate_limit.enabled {
@@ -145,8 +146,10 @@ struct Picked {
     others: bool,
 }
 
-/// The reserved worker, else the policy's choice among eligible workers with room.
-fn pick(
+/// The reserved worker, else the policy's choice among eligible workers with room; its local slot, then
+/// its slot in the count shared with other replicas (`[cluster]`), then the breaker's permit. A shared
+/// count at capacity sends the request back to the queue, which holds it until a slot frees anywhere.
+async fn pick(
     app: &Arc<AppState>,
     snap: &Snapshot,
     out: &Outbound<'_>,
@@ -157,13 +160,10 @@ fn pick(
     let (breakers, queueing) = (cfg.circuit_breaker.enabled, cfg.queue.enabled);
     let model = &out.info.model;
     loop {
-        let now = Instant::now();
-        let all = narrow(eligible(app, snap, model, &attempts.tried, now), out.pinned);
+        let all = narrow(eligible(app, snap, model, &attempts.tried, Instant::now()), out.pinned);
+        let reserved = reservation.is_some();
         let load = match reservation.take() {
-            Some(r) => match LoadGuard::from(r).admit(breakers, now) {
-                Ok(load) => load,
-                Err(_) => continue,
-            },
+            Some(r) => LoadGuard::from(r),
             None => {
                 let class = out.features.priority;
                 let candidates: Vec<&Arc<Worker>> =
@@ -177,20 +177,30 @@ fn pick(
                 };
                 let worker = candidates[choice];
                 let cap = if queueing { app.admission.slots_for(worker, class) } else { u32::MAX };
-                match worker.acquire(breakers, cap, now, app.admission.notify()) {
-                    Ok(load) => load,
-                    Err(Refused::Full) => return Err(Failed::NoRoom),
-                    // Another request took the last half-open trial: not an attempt, pick again.
-                    Err(Refused::Breaker(_)) => {
-                        attempts.tried.push(worker.id);
-                        continue;
-                    }
-                }
+                LoadGuard::try_take(worker, cap, app.admission.notify()).ok_or(Failed::NoRoom)?
             }
         };
         let mut load = load;
+        let worker = Arc::clone(load.worker());
+        // The shared count holds the worker's whole capacity (not this replica's discounted share).
+        let cap = if queueing { worker.capacity(cfg.queue.default_worker_concurrency) } else { u32::MAX };
+        match app.cluster.take(&worker, cap).await? {
+            Take::Local => {}
+            Take::Shared(slot) => load.hold_shared(slot),
+            // The local slot frees with the guard; the queue will not hand it out while marked full.
+            Take::Full => return Err(Failed::NoRoom),
+        }
+        let mut load = match load.admit(breakers, Instant::now()) {
+            Ok(load) => load,
+            // The reserved worker's breaker opened meanwhile: choose again.
+            Err(_) if reserved => continue,
+            // Another request took the last half-open trial: not an attempt, pick again.
+            Err(_) => {
+                attempts.tried.push(worker.id);
+                continue;
+            }
+        };
         let transition = load.take_transition();
-        let worker = load.worker();
         attempts.tried.push(worker.id);
         app.metrics.count_transition(&worker.name, transition);
         app.metrics.routing_decisions.with_label_values(&[snap.policy.name(), &worker.name]).inc();

@@ -1,0 +1,218 @@
+//! A worker's slots in Redis, one sorted set per worker shared by every replica.
+//!
+//! Each slot taken is one member (`<replica>:<n>`) scored with its lease's end in Redis's own clock
+//! (`TIME`), so the count of a worker is the members not yet expired, and the slots of a replica that
+//! died leave the count by themselves within a lease. Taking is one Lua script (drop expired members,
+//! count, add only below capacity), so two replicas can never both take the last slot. A refusal leaves a
+//! marker; the release that finds it publishes the worker on [`FREED_CHANNEL`], so replicas with waiters
+//! learn of the freed slot without polling. Renewing only extends members that still exist (`XX`): a
+//! slot released (or expired) is never brought back by a late renewal. Learned capacities meet in one
+//! hash (`llmgw:capacity`, the highest per worker), so every replica holds a worker to the same count.
+
+use redis::aio::ConnectionManager;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::OnceCell;
+
+/// Where a release that frees a slot someone was refused says so; the message is the worker's URL.
+pub const FREED_CHANNEL: &str = "llmgw:slots:freed";
+
+/// KEYS: the worker's set, its refusal marker. ARGV: capacity, member, lease ms. Returns 1 when taken.
+const TAKE: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local lease = tonumber(ARGV[3])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[1]) then
+  redis.call('ZADD', KEYS[1], now + lease, ARGV[2])
+  redis.call('PEXPIRE', KEYS[1], lease * 2)
+  return 1
+end
+redis.call('SET', KEYS[2], '1', 'PX', lease)
+return 0
+"#;
+
+/// KEYS: the worker's set. ARGV: capacity. Returns 1 when a slot is free (expired ones dropped first).
+const HAS_ROOM: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[1]) then return 1 end
+return 0
+"#;
+
+/// KEYS: the worker's set, its refusal marker. ARGV: member, channel, worker URL. Publishes when
+/// someone was refused since the last release.
+const RELEASE: &str = r#"
+local removed = redis.call('ZREM', KEYS[1], ARGV[1])
+if redis.call('DEL', KEYS[2]) == 1 then redis.call('PUBLISH', ARGV[2], ARGV[3]) end
+return removed
+"#;
+
+/// KEYS: workers' sets. ARGV: lease ms, then per key a member count and the members. Extends the
+/// leases of members that still exist.
+const RENEW: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local lease = tonumber(ARGV[1])
+local i = 2
+for k = 1, #KEYS do
+  local n = tonumber(ARGV[i])
+  i = i + 1
+  for j = 1, n do
+    redis.call('ZADD', KEYS[k], 'XX', now + lease, ARGV[i])
+    i = i + 1
+  end
+  redis.call('PEXPIRE', KEYS[k], lease * 2)
+end
+return 1
+"#;
+
+/// KEYS: the learned-capacity hash. ARGV: pairs of worker URL and the capacity this replica learned.
+/// Keeps the highest per worker and returns it, in order: replicas agree on what a worker runs at once.
+const CAPACITY: &str = r#"
+local out = {}
+for i = 1, #ARGV, 2 do
+  local cur = tonumber(redis.call('HGET', KEYS[1], ARGV[i]) or '0')
+  local mine = tonumber(ARGV[i + 1])
+  if mine > cur then
+    redis.call('HSET', KEYS[1], ARGV[i], mine)
+    cur = mine
+  end
+  out[#out + 1] = cur
+end
+redis.call('PEXPIRE', KEYS[1], 86400000)
+return out
+"#;
+
+/// The key of a worker's slot set (its URL, the one name every replica gives it the same way).
+pub fn slots_key(worker_url: &str) -> String {
+    format!("llmgw:slots:{worker_url}")
+}
+
+fn marker_key(worker_url: &str) -> String {
+    format!("llmgw:slots-refused:{worker_url}")
+}
+
+/// A lazily connected, self-reconnecting handle to the shared slot counts.
+#[derive(Clone)]
+pub struct RedisSlots {
+    client: redis::Client,
+    conn: Arc<OnceCell<ConnectionManager>>,
+    take: Arc<redis::Script>,
+    release: Arc<redis::Script>,
+    renew: Arc<redis::Script>,
+    has_room: Arc<redis::Script>,
+    capacity: Arc<redis::Script>,
+}
+
+impl RedisSlots {
+    /// A handle for `url`; nothing connects until the first call.
+    pub fn new(url: &str) -> Result<Self, String> {
+        Ok(Self {
+            client: redis::Client::open(url).map_err(|e| e.to_string())?,
+            conn: Arc::new(OnceCell::new()),
+            take: Arc::new(redis::Script::new(TAKE)),
+            release: Arc::new(redis::Script::new(RELEASE)),
+            renew: Arc::new(redis::Script::new(RENEW)),
+            has_room: Arc::new(redis::Script::new(HAS_ROOM)),
+            capacity: Arc::new(redis::Script::new(CAPACITY)),
+        })
+    }
+
+    /// The client, for the pub/sub connection.
+    pub fn client(&self) -> &redis::Client {
+        &self.client
+    }
+
+    async fn conn(&self) -> Result<ConnectionManager, String> {
+        let cfg = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Duration::from_millis(500))
+            .set_number_of_retries(1);
+        self.conn
+            .get_or_try_init(|| ConnectionManager::new_with_config(self.client.clone(), cfg))
+            .await
+            .cloned()
+            .map_err(|e| e.to_string())
+    }
+
+    /// Takes one slot of the worker at `url` as `member` if fewer than `cap` are held; whether it did.
+    pub async fn take(&self, url: &str, cap: u32, member: &str, lease: Duration) -> Result<bool, String> {
+        let mut conn = self.conn().await?;
+        let taken: i64 = self
+            .take
+            .key(slots_key(url))
+            .key(marker_key(url))
+            .arg(cap)
+            .arg(member)
+            .arg(lease.as_millis() as u64)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(taken == 1)
+    }
+
+    /// Gives `member`'s slot on the worker at `url` back, telling waiting replicas when one was refused.
+    pub async fn release(&self, url: &str, member: &str) -> Result<(), String> {
+        let mut conn = self.conn().await?;
+        let _: i64 = self
+            .release
+            .key(slots_key(url))
+            .key(marker_key(url))
+            .arg(member)
+            .arg(FREED_CHANNEL)
+            .arg(url)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(())
+    }
+
+    /// Extends the leases of `held` (per worker URL, the members this replica holds there).
+    pub async fn renew(&self, held: &[(Arc<str>, Vec<String>)], lease: Duration) -> Result<(), String> {
+        if held.is_empty() {
+            return Ok(());
+        }
+        let mut inv = self.renew.prepare_invoke();
+        inv.arg(lease.as_millis() as u64);
+        for (url, members) in held {
+            inv.key(slots_key(url)).arg(members.len());
+            for m in members {
+                inv.arg(m);
+            }
+        }
+        let mut conn = self.conn().await?;
+        let _: i64 = inv.invoke_async(&mut conn).await.map_err(|e| e.to_string())?;
+        Ok(())
+    }
+
+    /// Whether fewer than `cap` slots of the worker at `url` are held (expired ones do not count).
+    pub async fn has_room(&self, url: &str, cap: u32) -> Result<bool, String> {
+        let mut conn = self.conn().await?;
+        let room: i64 =
+            self.has_room.key(slots_key(url)).arg(cap).invoke_async(&mut conn).await.map_err(|e| e.to_string())?;
+        Ok(room == 1)
+    }
+
+    /// Shares learned capacities: `learned` pairs a worker URL with what this replica learned (0:
+    /// nothing yet); returns the highest any replica learned, in the same order.
+    pub async fn agree_capacity(&self, learned: &[(String, u32)]) -> Result<Vec<u32>, String> {
+        if learned.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut inv = self.capacity.prepare_invoke();
+        inv.key("llmgw:capacity");
+        for (url, cap) in learned {
+            inv.arg(url).arg(*cap);
+        }
+        let mut conn = self.conn().await?;
+        let out: Vec<u32> = inv.invoke_async(&mut conn).await.map_err(|e| e.to_string())?;
+        Ok(out)
+    }
+
+    /// Whether Redis answers.
+    pub async fn ping(&self) -> Result<(), String> {
+        let mut conn = self.conn().await?;
+        redis::cmd("PING").query_async::<String>(&mut conn).await.map(|_| ()).map_err(|e| e.to_string())
+    }
+}

@@ -1,0 +1,347 @@
+//! Several gateways in front of the same workers (issue 16).
+//!
+//! - Without a shared count, each replica discounts the load a worker reports that it did not send
+//!   (`guard::share`): two replicas settle to the worker's capacity together instead of twice it, and a
+//!   lone gateway never sees foreign load of its own making.
+//! - With `[cluster] backend = "redis"`, three gateway processes share one count per worker: no worker
+//!   ever queues inside under a burst far above capacity, and a replica killed with SIGKILL gives its
+//!   slots back within its lease.
+//! - Redis down: `redis_failure = "local"` serves, `"deny"` refuses, both count it; Redis back, sharing
+//!   resumes without a restart.
+//! - Replicas sharing Redis agree on a worker's learned capacity.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
+
+mod common;
+
+use common::*;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use vllm_sim::SimConfig;
+
+/// Sims with `max_num_seqs` slots whose requests take about 300 ms.
+async fn small_sims(n: usize, seqs: usize) -> Vec<vllm_sim::SimHandle> {
+    sims(n, |_| SimConfig { max_num_seqs: seqs, itl_ms: 20.0, output_tokens: (15, 15), ..fast_sim() }).await
+}
+
+/// A config for a gateway in front of `sims`, each held to `cap`, scraping every 50 ms.
+fn replica_config(sims: &[vllm_sim::SimHandle], cap: u32) -> llm_gateway::Config {
+    let mut workers = worker_configs(sims);
+    for w in &mut workers {
+        w.max_concurrency = cap;
+    }
+    let mut cfg = test_config(workers);
+    cfg.health.interval_ms = 50;
+    cfg.queue.max_size = 1000;
+    cfg
+}
+
+/// Sends `n` chat requests spread over `urls` at once; every status.
+async fn burst(urls: &[String], n: usize) -> Vec<u16> {
+    let c = reqwest::Client::builder().timeout(Duration::from_secs(60)).pool_max_idle_per_host(1000).build().unwrap();
+    let tasks: Vec<_> = (0..n)
+        .map(|i| {
+            let (c, url) = (c.clone(), format!("{}/v1/chat/completions", urls[i % urls.len()]));
+            tokio::spawn(async move {
+                // 0: no answer (the replica was killed).
+                let Ok(resp) = c.post(&url).json(&chat("demo-model", &format!("hi {i}"), i % 2 == 0)).send().await
+                else {
+                    return 0;
+                };
+                let status = resp.status().as_u16();
+                match resp.bytes().await {
+                    Ok(_) => status,
+                    Err(_) => 0,
+                }
+            })
+        })
+        .collect();
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.unwrap());
+    }
+    out
+}
+
+/// What the sims held while a burst ran: samples of waiting requests (all sims summed) every 2 ms.
+struct Watch {
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<Vec<(Duration, usize)>>,
+}
+
+impl Watch {
+    fn start(sims: Arc<Vec<vllm_sim::SimHandle>>) -> Watch {
+        let stop = Arc::new(AtomicBool::new(false));
+        let task = {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let started = tokio::time::Instant::now();
+                let mut samples = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    samples.push((started.elapsed(), sims.iter().map(|s| s.waiting()).sum()));
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                samples
+            })
+        };
+        Watch { stop, task }
+    }
+
+    async fn stop(self) -> Vec<(Duration, usize)> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.await.unwrap()
+    }
+}
+
+/// Mean waiting requests over the samples taken after `from`.
+fn mean_after(samples: &[(Duration, usize)], from: Duration) -> f64 {
+    let late: Vec<usize> = samples.iter().filter(|(t, _)| *t >= from).map(|(_, w)| *w).collect();
+    late.iter().sum::<usize>() as f64 / late.len().max(1) as f64
+}
+
+#[tokio::test]
+async fn two_uncoordinated_replicas_discount_each_others_load() {
+    const SEQS: usize = 4;
+    let sims = Arc::new(small_sims(2, SEQS).await);
+    let a = gateway(replica_config(&sims, SEQS as u32)).await;
+    let b = gateway(replica_config(&sims, SEQS as u32)).await;
+    let watch = Watch::start(sims.clone());
+    let statuses = burst(&[a.url(), b.url()], 160).await;
+    let samples = watch.stop().await;
+    assert!(statuses.iter().all(|s| *s == 200), "every request succeeds: {statuses:?}");
+    // Both replicas fill every worker at once before their first scrape sees the other (the overshoot
+    // of one scrape); after that each takes only what the other leaves. Undiscounted, each worker would
+    // hold SEQS waiting the whole burst (2 * SEQS in all).
+    let settled = mean_after(&samples, Duration::from_millis(500));
+    let max = samples.iter().map(|(_, w)| *w).max().unwrap_or(0);
+    eprintln!("waiting in the sims: mean {settled:.2} after 500 ms, max {max}, {} samples", samples.len());
+    assert!(settled < SEQS as f64 / 2.0, "the replicas settled near capacity: mean waiting {settled:.2}");
+    assert!(max <= 2 * 2 * SEQS, "never more than each replica's full share: {max}");
+}
+
+#[tokio::test]
+async fn a_lone_gateway_sees_no_foreign_load_of_its_own_making() {
+    const SEQS: usize = 4;
+    let sims = Arc::new(small_sims(2, SEQS).await);
+    let gw = gateway(replica_config(&sims, SEQS as u32)).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let seen = {
+        let (state, stop) = (gw.state.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut most = 0;
+            while !stop.load(Ordering::Relaxed) {
+                for w in &state.snapshot.load().fleet.workers {
+                    most = most.max(w.stats.foreign_load.load(Ordering::Relaxed));
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            most
+        })
+    };
+    let watch = Watch::start(sims.clone());
+    let statuses = burst(&[gw.url()], 80).await;
+    let samples = watch.stop().await;
+    stop.store(true, Ordering::Relaxed);
+    assert!(statuses.iter().all(|s| *s == 200));
+    assert_eq!(seen.await.unwrap(), 0, "its own requests never count as foreign");
+    assert_eq!(samples.iter().map(|(_, w)| *w).max(), Some(0), "as before: the workers never queue");
+}
+
+/// The TOML of a gateway process in front of `sims` (each held to `cap`) sharing slots through `redis`.
+fn shared_config(sims: &[vllm_sim::SimHandle], cap: u32, redis: &str, lease_secs: u64) -> String {
+    let workers: String = sims
+        .iter()
+        .enumerate()
+        .map(|(i, s)| format!("[[workers]]\nurl = \"{}\"\nname = \"sim-{i}\"\nmax_concurrency = {cap}\n", s.url()))
+        .collect();
+    format!(
+        r#"{workers}
+[health]
+interval_ms = 100
+[queue]
+max_size = 1000
+[cluster]
+backend = "redis"
+redis_url = "{redis}"
+lease_secs = {lease_secs}
+redis_timeout_ms = 1000
+"#
+    )
+}
+
+/// Unexpired slot members in Redis, per replica (the part of a member before `:`).
+async fn members(conn: &mut redis::aio::MultiplexedConnection) -> std::collections::HashMap<String, usize> {
+    let keys: Vec<String> = redis::cmd("KEYS").arg("llmgw:slots:*").query_async(conn).await.unwrap();
+    let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(conn).await.unwrap();
+    let now_ms = secs * 1000 + micros / 1000;
+    let mut out = std::collections::HashMap::new();
+    for k in keys {
+        let live: Vec<String> =
+            redis::cmd("ZRANGEBYSCORE").arg(&k).arg(format!("({now_ms}")).arg("+inf").query_async(conn).await.unwrap();
+        for m in live {
+            *out.entry(m.split(':').next().unwrap_or("").to_string()).or_default() += 1;
+        }
+    }
+    out
+}
+
+/// Three gateway processes share two small workers through one Redis: under a burst far above capacity
+/// no worker ever queues a request inside, and every request to a live replica succeeds; one replica
+/// killed with SIGKILL while holding slots gives them back within its lease, and the others go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_replicas_sharing_redis_never_overfill_a_worker_and_survive_a_kill() {
+    const SEQS: usize = 4;
+    const LEASE: u64 = 3;
+    let redis_server = RedisServer::start();
+    let mut conn = redis::Client::open(redis_server.url()).unwrap().get_multiplexed_async_connection().await.unwrap();
+    let sims = Arc::new(small_sims(2, SEQS).await);
+    let config = shared_config(&sims, SEQS as u32, &redis_server.url(), LEASE);
+    let watch = Watch::start(sims.clone());
+
+    // The doomed replica first, alone, so its member prefix is known.
+    let mut doomed = GatewayProcess::start(&config, &[]).await;
+    let doomed_burst = tokio::spawn({
+        let url = doomed.url().to_string();
+        async move { burst(&[url], 80).await }
+    });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let prefix = loop {
+        let m = members(&mut conn).await;
+        if m.values().sum::<usize>() == 2 * SEQS {
+            break m.into_keys().next().unwrap();
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the first replica never held every slot: {m:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+
+    let a = GatewayProcess::start(&config, &[]).await;
+    let b = GatewayProcess::start(&config, &[]).await;
+    let live = tokio::spawn({
+        let urls = vec![a.url().to_string(), b.url().to_string()];
+        async move { burst(&urls, 120).await }
+    });
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let held = members(&mut conn).await.get(&prefix).copied().unwrap_or(0);
+    assert!(held > 0, "the doomed replica holds slots when killed");
+    doomed.process.child.kill().await.unwrap();
+    let killed = tokio::time::Instant::now();
+    while members(&mut conn).await.contains_key(&prefix) {
+        assert!(killed.elapsed() < Duration::from_secs(LEASE + 2), "the killed replica's slots never returned");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let returned = killed.elapsed();
+    eprintln!("the killed replica held {held} slots; they returned {returned:?} after the kill");
+    assert!(returned <= Duration::from_secs(LEASE) + Duration::from_millis(500), "returned after {returned:?}");
+
+    let statuses = live.await.unwrap();
+    let samples = watch.stop().await;
+    let _ = doomed_burst.await;
+    assert!(statuses.iter().all(|s| *s == 200), "every request to a live replica succeeds: {statuses:?}");
+    let max = samples.iter().map(|(_, w)| *w).max().unwrap_or(0);
+    assert_eq!(max, 0, "a worker queued requests inside ({} samples)", samples.len());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !members(&mut conn).await.is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "slots left in Redis after the burst");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Restarts `redis-server` on `port` (where a killed one listened), retried while the port frees.
+fn restart_redis(port: u16) -> ExternalServer {
+    for _ in 0..100 {
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server starts");
+        let mut server = ExternalServer { child, port };
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return server;
+            }
+            if server.child.try_wait().ok().flatten().is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        server.kill();
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("redis-server did not come back on port {port}");
+}
+
+async fn metrics_of(url: &str) -> String {
+    client().get(format!("{url}/metrics")).send().await.unwrap().text().await.unwrap()
+}
+
+/// Redis dies mid-traffic: `redis_failure = "local"` keeps serving on local slots, `"deny"` answers 503
+/// `cluster_unavailable`; both count it and say they are not sharing; Redis back, both share again
+/// without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_falls_back_or_denies_and_sharing_resumes_when_it_returns() {
+    let mut redis_server = RedisServer::start();
+    let port = redis_server.0.port;
+    let sims = small_sims(1, 4).await;
+    let shared = |failure: llm_gateway::config::RedisFailure| {
+        let mut cfg = replica_config(&sims, 4);
+        cfg.cluster.backend = llm_gateway::config::ClusterBackend::Redis;
+        cfg.cluster.redis_url = redis_server.url();
+        cfg.cluster.redis_failure = failure;
+        cfg.cluster.redis_timeout_ms = 300;
+        cfg
+    };
+    let local = gateway(shared(llm_gateway::config::RedisFailure::Local)).await;
+    let deny = gateway(shared(llm_gateway::config::RedisFailure::Deny)).await;
+    for gw in [&local, &deny] {
+        assert_eq!(post_chat(&gw.url(), false).await.status(), 200);
+        assert_eq!(metric_value(&metrics_of(&gw.url()).await, "llm_gateway_cluster_shared"), 1.0);
+    }
+
+    redis_server.kill();
+    // The first request after the loss notices it (a failed call), later ones take the failure path.
+    for _ in 0..3 {
+        assert_eq!(post_chat(&local.url(), false).await.status(), 200, "local fallback keeps serving");
+    }
+    let mut denied = Vec::new();
+    for _ in 0..3 {
+        let resp = post_chat(&deny.url(), false).await;
+        denied.push((resp.status().as_u16(), resp.text().await.unwrap()));
+    }
+    assert!(denied.iter().skip(1).all(|(s, b)| *s == 503 && b.contains("cluster_unavailable")), "{denied:?}");
+    for gw in [&local, &deny] {
+        let m = metrics_of(&gw.url()).await;
+        assert_eq!(metric_value(&m, "llm_gateway_cluster_shared"), 0.0);
+        assert!(metric_value(&m, "llm_gateway_cluster_fallback_total") >= 2.0, "counted");
+    }
+
+    let _back = restart_redis(port);
+    for gw in [&local, &deny] {
+        let url = gw.url();
+        wait_for("sharing to resume", Duration::from_secs(10), || {
+            let url = url.clone();
+            async move { metric_value(&metrics_of(&url).await, "llm_gateway_cluster_shared") == 1.0 }
+        })
+        .await;
+        assert_eq!(post_chat(&url, false).await.status(), 200, "served through Redis again");
+    }
+}
+
+/// What one replica learns of a worker's capacity, every replica sharing Redis holds it to.
+#[tokio::test]
+async fn replicas_agree_on_learned_capacity() {
+    let redis_server = RedisServer::start();
+    let sims = small_sims(1, 4).await;
+    let shared = || {
+        let mut cfg = replica_config(&sims, 0);
+        cfg.cluster.backend = llm_gateway::config::ClusterBackend::Redis;
+        cfg.cluster.redis_url = redis_server.url();
+        cfg
+    };
+    let (a, b) = (gateway(shared()).await, gateway(shared()).await);
+    let learned = |gw: &llm_gateway::Gateway| {
+        gw.state.snapshot.load().fleet.workers[0].stats.learned_capacity.load(Ordering::Relaxed)
+    };
+    a.state.snapshot.load().fleet.workers[0].stats.learned_capacity.fetch_max(3, Ordering::Relaxed);
+    wait_for("the other replica to learn it", Duration::from_secs(5), || async { learned(&b) == 3 }).await;
+    assert_eq!(learned(&a), 3);
+}
