@@ -12,7 +12,7 @@
 //! renews the leases of the slots this replica holds, so those of a replica that dies expire within
 //! `lease_secs`.
 //!
-//! A refusal marks the worker full on this replica ([`WorkerShare`]): the queue holds its requests
+//! A refusal marks the worker full on this replica ([`crate::fleet::share::WorkerShare`]): the queue holds its requests
 //! instead of asking Redis for each. A release that frees a slot someone was refused publishes it; every
 //! replica hears it, clears the mark and hands the slot to its best waiter (event-driven, no polling).
 //! A slow re-check (every second) asks Redis whether a worker marked full has room again, for messages
@@ -47,38 +47,14 @@ const RELEASE_QUEUE: usize = 4096;
 /// How often marks are cleared, Redis is pinged when down, and leases are renewed when due.
 const RECHECK: Duration = Duration::from_secs(1);
 
-/// What this replica knows of a worker's shared count.
-#[derive(Debug, Default)]
-pub struct WorkerShare {
-    /// Redis refused a slot here and none freed since: requests wait in the queue meanwhile.
-    full: AtomicBool,
-    /// Slots freed here anywhere, as heard (a refusal that raced one must not stick).
-    freed: AtomicU64,
-    /// This replica's releases here still on their way to Redis.
-    releasing: AtomicU32,
-    /// Told when one of them landed.
-    released: tokio::sync::Notify,
-}
-
-impl WorkerShare {
-    /// Whether Redis refused a slot here and no slot freed since.
-    pub fn is_full(&self) -> bool {
-        self.full.load(Ordering::Acquire)
-    }
-
-    /// A slot freed here (heard, or assumed by the re-check): the mark goes.
-    fn freed(&self) {
-        self.freed.fetch_add(1, Ordering::AcqRel);
-        self.full.store(false, Ordering::Release);
-    }
-}
-
 /// A slot of a worker's shared count held by this replica; given back when dropped.
 pub struct SharedSlot {
     cluster: Arc<Cluster>,
     worker: Arc<Worker>,
     member: u64,
 }
+
+impl crate::fleet::slot::ExternalSlot for SharedSlot {}
 
 impl std::fmt::Debug for SharedSlot {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

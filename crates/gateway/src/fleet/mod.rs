@@ -3,6 +3,7 @@
 pub mod capacity;
 pub mod probe;
 pub mod scrape;
+pub mod share;
 pub mod slot;
 pub mod worker;
 

@@ -1,7 +1,7 @@
 //! Load slots: the requests a worker holds (in flight) and the slots promised to requests the admission
 //! queue has handed a worker (reserved), counted together against the worker's capacity.
 //!
-//! Both counts live in one atomic word ([`Slots`]: in flight in the low 32 bits, reserved in the high
+//! Both counts live in one atomic word ([`word::Slots`]: in flight in the low 32 bits, reserved in the high
 //! 32), so "is there room below capacity?" and "take it" are one compare-and-swap, and a request taking
 //! a slot directly can never race a hand-off from the queue past the last slot. Only guards move the
 //! word, as tower's concurrency limit returns its permits only from the response future's drop:
@@ -18,9 +18,12 @@ use crate::config::CircuitBreakerConfig;
 use crate::fleet::worker::Worker;
 use gateway_core::OutcomeKind;
 use guard::{Permit, Rejected, Transition};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use tokio::time::Instant;
+use std::sync::atomic::Ordering;
+use word::{taken, IN_FLIGHT, RESERVED};
+
+pub mod word;
 
 /// Told when a slot on a worker frees (a [`LoadGuard`] or unused [`Reservation`] dropped), so a waiting
 /// request can take it. The admission queue implements it.
@@ -29,90 +32,12 @@ pub trait SlotFreed: Send + Sync {
     fn slot_freed(&self, worker: &Arc<Worker>);
 }
 
+/// A slot of a count kept outside this process (the count replicas share, [`crate::cluster`]), held with
+/// a load guard and given back when dropped. A trait so the fleet does not depend on the cluster.
+pub trait ExternalSlot: Send + Sync + std::fmt::Debug {}
+
 /// Whom a guard tells when its slot frees, if anyone (weak: a guard never keeps the queue alive).
 pub type Notify = Option<Weak<dyn SlotFreed>>;
-
-/// One in-flight slot in the word.
-const IN_FLIGHT: u64 = 1;
-/// One reserved slot in the word.
-const RESERVED: u64 = 1 << 32;
-
-/// In-flight and reserved counts of one worker in one atomic word. Read by anyone; changed only by the
-/// guards of this module. Beside it, the highest in-flight count since [`Slots::start_peak`]: what the
-/// worker may report as ours in a scrape taken meanwhile (see `guard::share`).
-#[derive(Debug, Default)]
-pub struct Slots(AtomicU64, AtomicU32);
-
-/// In flight plus reserved in `word` (64-bit: the sum cannot overflow).
-fn taken(word: u64) -> u64 {
-    (word & 0xffff_ffff) + (word >> 32)
-}
-
-impl Slots {
-    /// Requests in flight.
-    pub fn in_flight(&self) -> u32 {
-        (self.0.load(Ordering::Acquire) & 0xffff_ffff) as u32
-    }
-
-    /// Slots reserved for dequeued requests that have not been sent yet.
-    pub fn reserved(&self) -> u32 {
-        (self.0.load(Ordering::Acquire) >> 32) as u32
-    }
-
-    /// In flight plus reserved: the slots taken.
-    pub fn taken(&self) -> u32 {
-        u32::try_from(taken(self.0.load(Ordering::Acquire))).unwrap_or(u32::MAX)
-    }
-
-    /// Whether one more request fits below `cap` (reserved slots count as taken). The one capacity test.
-    pub fn has_room(&self, cap: u32) -> bool {
-        taken(self.0.load(Ordering::Acquire)) < u64::from(cap)
-    }
-
-    /// Starts watching the in-flight peak: from now on [`Slots::peak`] is at least every in-flight
-    /// count the word holds. A scrape calls it before asking the worker.
-    pub fn start_peak(&self) {
-        self.1.store(0, Ordering::Release);
-        self.1.fetch_max(self.in_flight(), Ordering::AcqRel);
-    }
-
-    /// The most requests in flight at once since [`Slots::start_peak`].
-    pub fn peak(&self) -> u32 {
-        self.1.load(Ordering::Acquire)
-    }
-
-    /// Adds `unit` (one in-flight or one reserved slot) if the word has room below `cap`; the new word.
-    /// Below `cap <= u32::MAX` neither half can overflow into the other.
-    fn take(&self, unit: u64, cap: u32) -> Option<u64> {
-        let word = self
-            .0
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| (taken(w) < u64::from(cap)).then_some(w + unit))
-            .ok()
-            .map(|before| before + unit)?;
-        if unit == IN_FLIGHT {
-            self.note_peak(word);
-        }
-        Some(word)
-    }
-
-    /// Moves one slot from reserved to in flight (the caller holds a reservation, so reserved >= 1 and
-    /// in flight < u32::MAX); the new word. The total never changes, so no one can slip in between.
-    fn reserved_to_in_flight(&self) -> u64 {
-        let word = self.0.fetch_sub(RESERVED - IN_FLIGHT, Ordering::AcqRel) - (RESERVED - IN_FLIGHT);
-        self.note_peak(word);
-        word
-    }
-
-    /// Raises the in-flight peak to the in-flight half of `word`.
-    fn note_peak(&self, word: u64) {
-        self.1.fetch_max((word & 0xffff_ffff) as u32, Ordering::AcqRel);
-    }
-
-    /// Gives back one slot of `unit` (the caller's guard holds it).
-    fn release(&self, unit: u64) {
-        self.0.fetch_sub(unit, Ordering::AcqRel);
-    }
-}
 
 /// Why a worker refused a request.
 #[derive(Debug)]
@@ -177,7 +102,7 @@ pub struct LoadGuard {
     /// Requests in flight or reserved on the worker, this one included, when the slot was taken.
     load_at_dispatch: u32,
     /// Its slot in the count shared with other replicas, if any (given back first when dropped).
-    shared: Option<crate::cluster::SharedSlot>,
+    shared: Option<Box<dyn ExternalSlot>>,
 }
 
 impl From<Reservation> for LoadGuard {
@@ -203,8 +128,8 @@ impl LoadGuard {
     }
 
     /// Holds `slot` of the worker's shared count with this one, so both are given back together.
-    pub fn hold_shared(&mut self, slot: crate::cluster::SharedSlot) {
-        self.shared = Some(slot);
+    pub fn hold_shared(&mut self, slot: impl ExternalSlot + 'static) {
+        self.shared = Some(Box::new(slot));
     }
 
     /// Takes, when `breaker` is on, the worker's breaker permit, and counts the dispatch. On a breaker
@@ -268,11 +193,34 @@ impl Drop for LoadGuard {
     }
 }
 
+/// The worker's side of its guards, here beside them (a worker holds only its word, [`word::Slots`]).
+impl Worker {
+    /// Takes an in-flight slot if one is free below `cap` (reserved slots count as taken) and, when
+    /// `breaker` is on, the breaker's permit. The capacity check and the increment are one atomic step
+    /// that creates the guard, so concurrent requests never push the worker past its capacity; a
+    /// breaker refusal drops the guard. `notify` is told when the slot frees.
+    pub fn acquire(
+        self: &Arc<Self>,
+        breaker: bool,
+        cap: u32,
+        now: Instant,
+        notify: Notify,
+    ) -> Result<LoadGuard, Refused> {
+        LoadGuard::try_take(self, cap, notify).ok_or(Refused::Full)?.admit(breaker, now)
+    }
+
+    /// Whether it is full: it reports requests waiting in its own queue, or the gateway held more than
+    /// its capacity (`default` as in [`Worker::capacity`]) on it when `load` was taken.
+    pub fn was_full(&self, load: &LoadGuard, default: u32) -> bool {
+        self.stats.scraped_waiting.load(Ordering::Relaxed) > 0 || load.load_at_dispatch() > self.capacity(default)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::config::WorkerConfig;
-    use std::sync::atomic::AtomicU32;
+    use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
     /// Counts the slots it was told about.
     #[derive(Default)]

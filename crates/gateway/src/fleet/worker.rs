@@ -4,15 +4,13 @@
 //! It lives in [`Worker`] (shared by `Arc`) so a config reload that keeps a worker keeps its counters.
 
 use crate::config::WorkerConfig;
-use crate::fleet::slot::{LoadGuard, Notify, Slots};
+use crate::fleet::slot::word::Slots;
 use arc_swap::ArcSwap;
 use gateway_core::{Outcome, WorkerId, WorkerView};
 use guard::Transition;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio::time::Instant;
-
-pub use crate::fleet::slot::Refused;
 
 /// An `f64` stored in an `AtomicU64`.
 #[derive(Debug, Default)]
@@ -55,7 +53,7 @@ pub struct WorkerStats {
     /// direct clients): `guard::foreign_load`. Discounted from its capacity without a shared count.
     pub foreign_load: AtomicU32,
     /// What this replica knows of the worker's slot count shared with other replicas (`[cluster]`).
-    pub share: crate::cluster::WorkerShare,
+    pub share: crate::fleet::share::WorkerShare,
     /// Requests dispatched since the last scrape (corrects the scraped counts between scrapes).
     pub sent_since_scrape: AtomicU32,
     /// KV-cache usage at the last scrape, 0..1.
@@ -222,12 +220,6 @@ impl Worker {
         self.log_transition(t)
     }
 
-    /// Whether it is full: it reports requests waiting in its own queue, or the gateway held more than
-    /// its capacity (`default` as in [`Worker::capacity`]) on it when `load` was taken.
-    pub fn was_full(&self, load: &LoadGuard, default: u32) -> bool {
-        self.stats.scraped_waiting.load(Ordering::Relaxed) > 0 || load.load_at_dispatch() > self.capacity(default)
-    }
-
     /// Whether its breaker would let a request through now.
     pub fn breaker_admits(&self, now: Instant) -> bool {
         self.breaker.lock().would_admit(now.into_std())
@@ -326,19 +318,6 @@ impl Worker {
         self.stats.error_rate.set(rate);
     }
 
-    /// Takes an in-flight slot if one is free below `cap` (reserved slots count as taken) and, when
-    /// `breaker` is on, the breaker's permit. The capacity check and the increment are one atomic step
-    /// that creates the guard, so concurrent requests never push the worker past its capacity; a
-    /// breaker refusal drops the guard. `notify` is told when the slot frees.
-    pub fn acquire(
-        self: &Arc<Self>,
-        breaker: bool,
-        cap: u32,
-        now: Instant,
-        notify: Notify,
-    ) -> Result<LoadGuard, Refused> {
-        LoadGuard::try_take(self, cap, notify).ok_or(Refused::Full)?.admit(breaker, now)
-    }
 
     /// Counts a request sent to it (the scrape correction and the total).
     pub(crate) fn count_dispatch(&self) {
@@ -371,7 +350,7 @@ impl Worker {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fleet::slot::Reservation;
+    use crate::fleet::slot::{Refused, Reservation};
     use gateway_core::OutcomeKind;
 
     #[test]
