@@ -18,9 +18,9 @@ use crate::config::CircuitBreakerConfig;
 use crate::fleet::worker::Worker;
 use gateway_core::OutcomeKind;
 use guard::{Permit, Rejected, Transition};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use tokio::time::Instant;
-use std::sync::atomic::Ordering;
 use word::{taken, IN_FLIGHT, RESERVED};
 
 pub mod word;

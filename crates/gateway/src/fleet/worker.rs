@@ -9,7 +9,6 @@ use arc_swap::ArcSwap;
 use gateway_core::{Outcome, WorkerId, WorkerView};
 use guard::Transition;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::Arc;
 use tokio::time::Instant;
 
 /// An `f64` stored in an `AtomicU64`.
@@ -318,7 +317,6 @@ impl Worker {
         self.stats.error_rate.set(rate);
     }
 
-
     /// Counts a request sent to it (the scrape correction and the total).
     pub(crate) fn count_dispatch(&self) {
         self.stats.sent_since_scrape.fetch_add(1, Ordering::Relaxed);
@@ -352,6 +350,7 @@ mod tests {
     use super::*;
     use crate::fleet::slot::{Refused, Reservation};
     use gateway_core::OutcomeKind;
+    use std::sync::Arc;
 
     #[test]
     fn guard_counts_and_releases() {
