@@ -241,6 +241,13 @@ fn update_health(worker: &Worker, cfg: &HealthConfig, ok: bool, evidence: &str) 
         tracing::debug!(worker = %worker.name, evidence, "probe failed, but real requests succeed: kept healthy");
         return;
     }
+    // Nor does a probe judge a worker holding requests: those are judged by the stall rule and their
+    // timeouts, which end them if it hangs (then the next failed probe counts). A one-at-a-time server
+    // answers nothing else during a long first generation, before any request of it has succeeded.
+    if was_healthy && s.slots.in_flight() > 0 {
+        tracing::debug!(worker = %worker.name, evidence, "probe failed while requests are in flight: kept healthy");
+        return;
+    }
     s.probe_successes.store(0, Ordering::Relaxed);
     let n = s.probe_failures.fetch_add(1, Ordering::Relaxed) + 1;
     if was_healthy && n >= cfg.unhealthy_threshold {
