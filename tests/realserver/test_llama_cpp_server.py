@@ -11,6 +11,7 @@ unhealthy by `/api/workers` (polled throughout), and `/metrics` counts only succ
 
 usage: test_llama_cpp_server.py GATEWAY_BINARY SERVER_PYTHON
 """
+import collections
 import concurrent.futures
 import json
 import os
@@ -47,19 +48,24 @@ def server_info(python):
     return json.loads(subprocess.check_output([python, "-c", code], text=True))
 
 
+LOGS = {}  # process name -> its last output lines, shown when a check fails
+
+
 def read_until(proc, pattern, what, deadline_s):
     """Reads the process's merged output until `pattern` matches; returns the match."""
     found = {}
+    lines = LOGS.setdefault(f"{what} (pid {proc.pid})", collections.deque(maxlen=40))
 
     def scan():
         for line in proc.stdout:
+            lines.append(line.rstrip())
             m = re.search(pattern, line)
             if m:
                 found["m"] = m
                 break
         # Keep draining so a chatty process never blocks on a full pipe.
-        for _ in proc.stdout:
-            pass
+        for line in proc.stdout:
+            lines.append(line.rstrip())
 
     t = threading.Thread(target=scan, daemon=True)
     t.start()
@@ -261,6 +267,10 @@ def main():
     finally:
         for p in reversed(procs):
             stop(p)
+    if failed:
+        for name, lines in LOGS.items():
+            print(f"--- last output of {name}")
+            print("\n".join(lines))
     print(f"realserver: {passed} passed, {failed} failed")
     return 1 if failed else 0
 

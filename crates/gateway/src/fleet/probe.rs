@@ -133,10 +133,20 @@ pub async fn probe_once(client: &Client, worker: &Worker, cfg: &HealthConfig, re
     if !keep {
         worker.probe_path.store(Arc::new(configured));
     }
-    let (mut ok, evidence) = check_health(client, worker, timeout).await;
+    // A healthy worker holding requests is judged by them (stall rule, timeouts, breaker), not asked:
+    // a server that runs one request at a time answers a probe only after its generation, and
+    // llama-cpp-python by default ends a running stream early when any other request (a probe of
+    // `/v1/models` included) arrives.
+    let busy = worker.stats.healthy.load(Ordering::Relaxed) && worker.stats.slots.in_flight() > 0;
+    let (mut ok, evidence) = if busy {
+        (true, "requests in flight (not probed)".to_string())
+    } else {
+        check_health(client, worker, timeout).await
+    };
     if ok {
         scrape_load(client, worker, timeout).await;
-        if worker.spec.models.is_empty() && (refresh_models || worker.models.load().is_empty()) {
+        let unknown = worker.models.load().is_empty();
+        if worker.spec.models.is_empty() && (unknown || (refresh_models && !busy)) {
             match learn_models(client, worker, timeout).await {
                 Ok(models) if !models.is_empty() => worker.models.store(Arc::new(models)),
                 // A worker that cannot say what it serves cannot be routed to.
