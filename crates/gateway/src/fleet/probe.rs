@@ -133,11 +133,11 @@ pub async fn probe_once(client: &Client, worker: &Worker, cfg: &HealthConfig, re
     if !keep {
         worker.probe_path.store(Arc::new(configured));
     }
-    // A healthy worker holding requests is judged by them (stall rule, timeouts, breaker), not asked:
+    // A healthy worker holding requests (or a slot reserved for the next) is judged by them (stall rule, timeouts, breaker), not asked:
     // a server that runs one request at a time answers a probe only after its generation, and
     // llama-cpp-python by default ends a running stream early when any other request (a probe of
     // `/v1/models` included) arrives.
-    let busy = worker.stats.healthy.load(Ordering::Relaxed) && worker.stats.slots.in_flight() > 0;
+    let busy = worker.stats.healthy.load(Ordering::Relaxed) && worker.stats.slots.taken() > 0;
     let (mut ok, evidence) = if busy {
         (true, "requests in flight (not probed)".to_string())
     } else {
