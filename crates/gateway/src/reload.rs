@@ -78,17 +78,22 @@ pub struct Prepared {
     limiter: Option<Arc<RateLimiter>>,
 }
 
-/// The fallible half: validates `new`, reads the keys file once, builds the key table, fleet, policy
-/// and (when its backend changed) the limiter. Touches nothing shared: on `Err` the gateway is as it
+/// The fallible half: validates `new`, reads the keys file and the workers file once, builds the key
+/// table, fleet (discovered workers included, [`crate::discovery::fleet_specs`]), policy and (when its
+/// backend changed) the limiter. Touches nothing shared: on `Err` the gateway is as it
 /// was. `Ok(None)` when neither the config nor the keys changed.
 pub fn prepare(app: &AppState, old: &Snapshot, new: Config) -> Result<Option<Prepared>, String> {
     let keys = new.validate_reading_keys()?;
     let auth = Auth::new(new.auth.enabled, &keys);
-    if new == *old.config && auth == *old.auth {
+    // The workers file is read here, once, and the DNS answers in force expand the list.
+    let specs = crate::discovery::fleet_specs(&new, &app.resolved.load())?;
+    let same_workers =
+        specs.len() == old.fleet.workers.len() && specs.iter().zip(&old.fleet.workers).all(|(s, w)| *s == w.spec);
+    if new == *old.config && auth == *old.auth && same_workers {
         return Ok(None);
     }
     warn_restart_only(&old.config, &new);
-    let fleet = Fleet::rebuild(&old.fleet, &new.workers, &new.circuit_breaker, || app.next_worker_id());
+    let fleet = Fleet::rebuild(&old.fleet, &specs, &new.circuit_breaker, || app.next_worker_id());
     let policy: Arc<dyn Policy> =
         if new.routing == old.config.routing { Arc::clone(&old.policy) } else { routing::build(&new.routing) };
     let limiter = ((new.rate_limit.backend, &new.rate_limit.redis_url)
@@ -257,10 +262,10 @@ async fn watch_file(app: Arc<AppState>, source: ConfigSource, path: PathBuf, bas
 }
 
 /// Modification time and content of a file, `None` when it cannot be read.
-type FileState = Option<(Option<std::time::SystemTime>, Vec<u8>)>;
+pub(crate) type FileState = Option<(Option<std::time::SystemTime>, Vec<u8>)>;
 
 /// The file's [`FileState`] (content too: some editors and filesystems keep the mtime on a rewrite).
-fn file_state(path: &Path) -> FileState {
+pub(crate) fn file_state(path: &Path) -> FileState {
     let modified = std::fs::metadata(path).ok()?.modified().ok();
     let content = std::fs::read(path).ok()?;
     Some((modified, content))

@@ -56,6 +56,8 @@ pub struct AppState {
     pub sampler: Arc<crate::dashboard::series::Sampler>,
     /// Which worker holds which `/v1/responses` response (bounded by `responses.max_remembered`).
     pub response_homes: Arc<crate::proxy::response_homes::ResponseHomes>,
+    /// What DNS answered last for the `dns+http://` workers' names ([`crate::discovery`]).
+    pub resolved: ArcSwap<crate::discovery::expand::Resolved>,
     next_worker_id: AtomicU64,
     /// One health probe task per worker of the fleet in force.
     probes: ProbeSet,
@@ -65,7 +67,10 @@ impl AppState {
     /// State for `config`, with no probes started yet.
     pub fn new(config: Config) -> anyhow::Result<Arc<Self>> {
         let next_worker_id = AtomicU64::new(1);
-        let fleet = Fleet::rebuild(&Fleet::default(), &config.workers, &config.circuit_breaker, || {
+        // No DNS answer yet: `dns+` workers join when `discovery::start` has resolved them.
+        let resolved = crate::discovery::expand::Resolved::new();
+        let specs = crate::discovery::fleet_specs(&config, &resolved).map_err(anyhow::Error::msg)?;
+        let fleet = Fleet::rebuild(&Fleet::default(), &specs, &config.circuit_breaker, || {
             next_worker_id.fetch_add(1, Ordering::Relaxed)
         });
         let policy = routing::build(&config.routing);
@@ -95,6 +100,7 @@ impl AppState {
                 policy,
             }),
             metrics,
+            resolved: ArcSwap::from_pointee(resolved),
             started: Instant::now(),
             shutdown,
             next_worker_id,

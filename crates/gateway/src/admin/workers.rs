@@ -43,6 +43,13 @@ pub(super) async fn remove(
     let w = find(&app, &id)?;
     let spec = w.spec.clone();
     reload::update(&app, move |cur| {
+        if !cur.workers.contains(&spec) {
+            // Removing it here would not last: the next file read or DNS answer brings it back.
+            return Err(format!(
+                "worker {:?} was discovered (discovery.workers_file or a dns+http:// worker): change its source, or drain it",
+                echo(&spec.display_name())
+            ));
+        }
         let mut next = cur.clone();
         next.workers.retain(|s| *s != spec);
         Ok(next)

@@ -19,10 +19,12 @@ pub struct Config {
     pub server: ServerConfig,
     /// Timeouts towards workers.
     pub upstream: UpstreamConfig,
-    /// The fleet.
+    /// The fleet (a `dns+http://` URL stands for every address its name resolves to).
     pub workers: Vec<WorkerConfig>,
     /// Per-model settings (`[[models]]`): aliases, limits, queue overrides, default class.
     pub models: Vec<ModelConfig>,
+    /// Workers found beyond the static list: a workers file and DNS names.
+    pub discovery: DiscoveryConfig,
     /// Which strategy picks a worker, and its knobs.
     pub routing: RoutingConfig,
     /// Active health probes.
@@ -156,6 +158,23 @@ impl Default for ClusterConfig {
             redis_failure: RedisFailure::Local,
             redis_timeout_ms: 100,
         }
+    }
+}
+
+/// `[discovery]`: workers found beyond `[[workers]]` ([`crate::discovery`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DiscoveryConfig {
+    /// A TOML (`[[workers]]` tables) or JSON (a list of worker tables) file whose workers join the
+    /// fleet; re-read when it changes.
+    pub workers_file: Option<PathBuf>,
+    /// How often `dns+http://NAME:PORT` workers' names are resolved again.
+    pub interval_ms: u64,
+}
+
+impl Default for DiscoveryConfig {
+    fn default() -> Self {
+        Self { workers_file: None, interval_ms: 5000 }
     }
 }
 
@@ -832,39 +851,7 @@ impl Config {
     /// [`Config::validate`], returning the API keys it read (`auth.keys` plus `auth.keys_file`), so a
     /// reload reads the keys file once and builds its key table from exactly what was checked.
     pub fn validate_reading_keys(&self) -> Result<Vec<ApiKeyConfig>, String> {
-        let mut names = std::collections::HashSet::new();
-        for (i, w) in self.workers.iter().enumerate() {
-            // Error messages are logged and answered: the URL in them is redacted and bounded.
-            let shown = gateway_core::echo(&w.display_url()).into_owned();
-            let url = url::Url::parse(&w.url).map_err(|e| format!("workers[{i}].url: {shown:?} is not a URL: {e}"))?;
-            if url.scheme() != "http" {
-                return Err(format!("workers[{i}].url: {shown:?}: only http:// workers are supported"));
-            }
-            if url.host_str().is_none() {
-                return Err(format!("workers[{i}].url: {shown:?} has no host"));
-            }
-            if w.weight == 0 {
-                return Err(format!("workers[{i}].weight: must be at least 1"));
-            }
-            if let Some(path) = w.health_path.as_deref().filter(|p| !valid_health_path(p)) {
-                return Err(format!(
-                    "workers[{i}].health_path: {:?}: must be auto, none or a path starting with /",
-                    gateway_core::echo(path)
-                ));
-            }
-            let name = w.display_name();
-            // The name is a metric label, a log field and a response header: short and printable.
-            let too_long = w.name.is_some() && name.chars().count() > MAX_WORKER_NAME;
-            if name.is_empty() || too_long || name.chars().any(char::is_control) {
-                let shown = gateway_core::echo(&name);
-                return Err(format!(
-                    "workers[{i}].name: {shown:?} must be 1 to {MAX_WORKER_NAME} characters without control characters"
-                ));
-            }
-            if !names.insert(name) {
-                return Err(format!("workers[{i}].name: {:?} is used twice", gateway_core::echo(&w.display_name())));
-            }
-        }
+        validate_workers(&self.workers, "workers")?;
         if self.admin.token.as_deref().is_some_and(|t| t.trim().is_empty()) {
             return Err("admin.token: must not be empty (unset it to leave the admin API open)".into());
         }
@@ -898,6 +885,7 @@ impl Config {
             ("upstream.total_timeout_ms", self.upstream.total_timeout_ms),
             ("health.interval_ms", self.health.interval_ms),
             ("health.timeout_ms", self.health.timeout_ms),
+            ("discovery.interval_ms", self.discovery.interval_ms),
         ] {
             if v == 0 {
                 return Err(format!("{key}: must be greater than 0"));
@@ -1036,6 +1024,45 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// Checks a list of worker tables (`[[workers]]`, or a workers file's): URLs, weights, health paths,
+/// names (printable, bounded, unique within the list). Errors name the entry as `{what}[i]`.
+pub fn validate_workers(workers: &[WorkerConfig], what: &str) -> Result<(), String> {
+    let mut names = std::collections::HashSet::new();
+    for (i, w) in workers.iter().enumerate() {
+        // Error messages are logged and answered: the URL in them is redacted and bounded.
+        let shown = gateway_core::echo(&w.display_url()).into_owned();
+        let url = url::Url::parse(&w.url).map_err(|e| format!("{what}[{i}].url: {shown:?} is not a URL: {e}"))?;
+        if !matches!(url.scheme(), "http" | "dns+http") {
+            return Err(format!("{what}[{i}].url: {shown:?}: only http:// (or dns+http://) workers are supported"));
+        }
+        if url.host_str().is_none() {
+            return Err(format!("{what}[{i}].url: {shown:?} has no host"));
+        }
+        if w.weight == 0 {
+            return Err(format!("{what}[{i}].weight: must be at least 1"));
+        }
+        if let Some(path) = w.health_path.as_deref().filter(|p| !valid_health_path(p)) {
+            return Err(format!(
+                "{what}[{i}].health_path: {:?}: must be auto, none or a path starting with /",
+                gateway_core::echo(path)
+            ));
+        }
+        let name = w.display_name();
+        // The name is a metric label, a log field and a response header: short and printable.
+        let too_long = w.name.is_some() && name.chars().count() > MAX_WORKER_NAME;
+        if name.is_empty() || too_long || name.chars().any(char::is_control) {
+            let shown = gateway_core::echo(&name);
+            return Err(format!(
+                "{what}[{i}].name: {shown:?} must be 1 to {MAX_WORKER_NAME} characters without control characters"
+            ));
+        }
+        if !names.insert(name) {
+            return Err(format!("{what}[{i}].name: {:?} is used twice", gateway_core::echo(&w.display_name())));
+        }
+    }
+    Ok(())
 }
 
 /// Worker URLs from a comma-separated list.

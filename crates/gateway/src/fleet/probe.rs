@@ -133,17 +133,28 @@ pub async fn probe_once(client: &Client, worker: &Worker, cfg: &HealthConfig, re
     if !keep {
         worker.probe_path.store(Arc::new(configured));
     }
-    let (mut ok, evidence) = check_health(client, worker, timeout).await;
+    // A healthy worker holding requests (or a slot reserved for the next) is judged by them (stall rule, timeouts, breaker), not asked:
+    // a server that runs one request at a time answers a probe only after its generation, and
+    // llama-cpp-python by default ends a running stream early when any other request (a probe of
+    // `/v1/models` included) arrives.
+    let busy = worker.stats.healthy.load(Ordering::Relaxed) && worker.stats.slots.taken() > 0;
+    let (mut ok, evidence) = if busy {
+        (true, "requests in flight (not probed)".to_string())
+    } else {
+        check_health(client, worker, timeout).await
+    };
     if ok {
         let stated = scrape_load(client, worker, timeout).await;
-        // What an engine says of its concurrency is static: asked with the model list, not every round.
-        if refresh_models {
+        // What an engine says of its concurrency is static: asked with the model list, not every round
+        // (and not of a busy worker, which a one-at-a-time server would answer only after its generation).
+        if refresh_models && !busy {
             let asked = ask_engine_capacity(client, worker, timeout).await;
             worker.stats.engine_capacity.store(asked.max(stated), Ordering::Relaxed);
         } else if stated > 0 {
             worker.stats.engine_capacity.store(stated, Ordering::Relaxed);
         }
-        if worker.spec.models.is_empty() && (refresh_models || worker.models.load().is_empty()) {
+        let unknown = worker.models.load().is_empty();
+        if worker.spec.models.is_empty() && (unknown || (refresh_models && !busy)) {
             match learn_models(client, worker, timeout).await {
                 Ok(models) if !models.is_empty() => worker.models.store(Arc::new(models)),
                 // A worker that cannot say what it serves cannot be routed to.
@@ -261,6 +272,13 @@ fn update_health(worker: &Worker, cfg: &HealthConfig, ok: bool, evidence: &str) 
     let now = Instant::now();
     if was_healthy && worker.last_success().is_some_and(|t| now.saturating_duration_since(t) <= passive_window(cfg)) {
         tracing::debug!(worker = %worker.name, evidence, "probe failed, but real requests succeed: kept healthy");
+        return;
+    }
+    // Nor does a probe judge a worker holding requests: those are judged by the stall rule and their
+    // timeouts, which end them if it hangs (then the next failed probe counts). A one-at-a-time server
+    // answers nothing else during a long first generation, before any request of it has succeeded.
+    if was_healthy && s.slots.in_flight() > 0 {
+        tracing::debug!(worker = %worker.name, evidence, "probe failed while requests are in flight: kept healthy");
         return;
     }
     s.probe_successes.store(0, Ordering::Relaxed);

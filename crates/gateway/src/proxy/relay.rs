@@ -131,6 +131,16 @@ impl RelayBody {
     }
 }
 
+impl Drop for RelayBody {
+    fn drop(&mut self) {
+        // A client that leaves once `[DONE]` was handed over got the whole stream (the openai SDK stops
+        // reading there, often before the worker closes its body): delivered, not cancelled.
+        if self.record.is_some() && self.sse && self.tail.saw_done() && self.batch.is_empty() {
+            self.end_ok();
+        }
+    }
+}
+
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 impl Body for RelayBody {

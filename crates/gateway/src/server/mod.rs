@@ -122,6 +122,8 @@ impl Gateway {
             tracing::warn!("{warning}");
         }
         let state = AppState::new(config)?;
+        // `dns+http://` workers join the fleet before the first probe and the first request.
+        crate::discovery::start(&state).await;
         state.start_probes().await;
         let router = app(Arc::clone(&state));
         let fleet = {
