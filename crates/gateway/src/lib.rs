@@ -12,7 +12,8 @@
 //! - [`cluster`]: replicas sharing workers: a worker's slots counted in Redis ([`cluster::redis`]),
 //!   leased, freed slots announced by pub/sub.
 //! - [`limits`]: token-bucket limits ([`limits::quota`] names them), local ([`limits::local`]) or
-//!   shared in Redis ([`limits::redis`]), reported in [`limits::headers`]; [`auth`]: API keys.
+//!   shared in Redis ([`limits::redis`]), reported in [`limits::headers`]; [`auth`]: API keys;
+//!   [`redis_conn`]: the one lazily opened Redis connection the limits and the cluster share.
 //! - [`admin`]: the admin API, a file per job ([`admin::views`], [`admin::workers`], [`admin::config`],
 //!   [`admin::breakers`], [`admin::queue`]; [`admin::cross_site`] keeps other sites' pages from using
 //!   it); [`dashboard`]: the live page and its per-second [`dashboard::series`].
@@ -40,6 +41,7 @@ pub mod fuzzing;
 pub mod limits;
 pub mod metrics;
 pub mod proxy;
+pub mod redis_conn;
 pub mod reload;
 pub mod server;
 pub mod state;

@@ -79,14 +79,14 @@ pub struct Prepared {
 }
 
 /// The fallible half: validates `new`, reads the keys file and the workers file once, builds the key
-/// table, fleet (discovered workers included, [`crate::discovery::fleet_specs`]), policy and (when its
+/// table, fleet (discovered workers included, [`crate::discovery::specs::fleet_specs`]), policy and (when its
 /// backend changed) the limiter. Touches nothing shared: on `Err` the gateway is as it
 /// was. `Ok(None)` when neither the config nor the keys changed.
 pub fn prepare(app: &AppState, old: &Snapshot, new: Config) -> Result<Option<Prepared>, String> {
     let keys = new.validate_reading_keys()?;
     let auth = Auth::new(new.auth.enabled, &keys);
     // The workers file is read here, once, and the DNS answers in force expand the list.
-    let specs = crate::discovery::fleet_specs(&new, &app.resolved.load())?;
+    let specs = crate::discovery::specs::fleet_specs(&new, &app.resolved.load())?;
     let same_workers =
         specs.len() == old.fleet.workers.len() && specs.iter().zip(&old.fleet.workers).all(|(s, w)| *s == w.spec);
     if new == *old.config && auth == *old.auth && same_workers {

@@ -69,7 +69,7 @@ impl AppState {
         let next_worker_id = AtomicU64::new(1);
         // No DNS answer yet: `dns+` workers join when `discovery::start` has resolved them.
         let resolved = crate::discovery::expand::Resolved::new();
-        let specs = crate::discovery::fleet_specs(&config, &resolved).map_err(anyhow::Error::msg)?;
+        let specs = crate::discovery::specs::fleet_specs(&config, &resolved).map_err(anyhow::Error::msg)?;
         let fleet = Fleet::rebuild(&Fleet::default(), &specs, &config.circuit_breaker, || {
             next_worker_id.fetch_add(1, Ordering::Relaxed)
         });

@@ -9,10 +9,9 @@
 //! slot released (or expired) is never brought back by a late renewal. Learned capacities meet in one
 //! hash (`llmgw:capacity`, the highest per worker), so every replica holds a worker to the same count.
 
-use redis::aio::ConnectionManager;
+use crate::redis_conn::LazyRedis;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::OnceCell;
 
 /// Where a release that frees a slot someone was refused says so; the message is the worker's URL.
 pub const FREED_CHANNEL: &str = "llmgw:slots:freed";
@@ -97,8 +96,7 @@ fn marker_key(worker_url: &str) -> String {
 /// A lazily connected, self-reconnecting handle to the shared slot counts.
 #[derive(Clone)]
 pub struct RedisSlots {
-    client: redis::Client,
-    conn: Arc<OnceCell<ConnectionManager>>,
+    redis: LazyRedis,
     take: Arc<redis::Script>,
     release: Arc<redis::Script>,
     renew: Arc<redis::Script>,
@@ -110,8 +108,7 @@ impl RedisSlots {
     /// A handle for `url`; nothing connects until the first call.
     pub fn new(url: &str) -> Result<Self, String> {
         Ok(Self {
-            client: redis::Client::open(url).map_err(|e| e.to_string())?,
-            conn: Arc::new(OnceCell::new()),
+            redis: LazyRedis::open(url)?,
             take: Arc::new(redis::Script::new(TAKE)),
             release: Arc::new(redis::Script::new(RELEASE)),
             renew: Arc::new(redis::Script::new(RENEW)),
@@ -122,23 +119,12 @@ impl RedisSlots {
 
     /// The client, for the pub/sub connection.
     pub fn client(&self) -> &redis::Client {
-        &self.client
-    }
-
-    async fn conn(&self) -> Result<ConnectionManager, String> {
-        let cfg = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Duration::from_millis(500))
-            .set_number_of_retries(1);
-        self.conn
-            .get_or_try_init(|| ConnectionManager::new_with_config(self.client.clone(), cfg))
-            .await
-            .cloned()
-            .map_err(|e| e.to_string())
+        self.redis.client()
     }
 
     /// Takes one slot of the worker at `url` as `member` if fewer than `cap` are held; whether it did.
     pub async fn take(&self, url: &str, cap: u32, member: &str, lease: Duration) -> Result<bool, String> {
-        let mut conn = self.conn().await?;
+        let mut conn = self.redis.conn().await?;
         let taken: i64 = self
             .take
             .key(slots_key(url))
@@ -154,7 +140,7 @@ impl RedisSlots {
 
     /// Gives `member`'s slot on the worker at `url` back, telling waiting replicas when one was refused.
     pub async fn release(&self, url: &str, member: &str) -> Result<(), String> {
-        let mut conn = self.conn().await?;
+        let mut conn = self.redis.conn().await?;
         let _: i64 = self
             .release
             .key(slots_key(url))
@@ -181,14 +167,14 @@ impl RedisSlots {
                 inv.arg(m);
             }
         }
-        let mut conn = self.conn().await?;
+        let mut conn = self.redis.conn().await?;
         let _: i64 = inv.invoke_async(&mut conn).await.map_err(|e| e.to_string())?;
         Ok(())
     }
 
     /// Whether fewer than `cap` slots of the worker at `url` are held (expired ones do not count).
     pub async fn has_room(&self, url: &str, cap: u32) -> Result<bool, String> {
-        let mut conn = self.conn().await?;
+        let mut conn = self.redis.conn().await?;
         let room: i64 =
             self.has_room.key(slots_key(url)).arg(cap).invoke_async(&mut conn).await.map_err(|e| e.to_string())?;
         Ok(room == 1)
@@ -205,14 +191,14 @@ impl RedisSlots {
         for (url, cap) in learned {
             inv.arg(url).arg(*cap);
         }
-        let mut conn = self.conn().await?;
+        let mut conn = self.redis.conn().await?;
         let out: Vec<u32> = inv.invoke_async(&mut conn).await.map_err(|e| e.to_string())?;
         Ok(out)
     }
 
     /// Whether Redis answers.
     pub async fn ping(&self) -> Result<(), String> {
-        let mut conn = self.conn().await?;
+        let mut conn = self.redis.conn().await?;
         redis::cmd("PING").query_async::<String>(&mut conn).await.map(|_| ()).map_err(|e| e.to_string())
     }
 }

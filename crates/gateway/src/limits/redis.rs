@@ -7,10 +7,9 @@
 //! all in the one script call.
 
 use crate::limits::quota::{Limit, Limits, Quota, Refusal, Verdict};
-use redis::aio::ConnectionManager;
+use crate::redis_conn::LazyRedis;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::OnceCell;
 
 /// Each bucket takes five arguments: kind (`tb` token bucket or `win` day counter), rate or window end,
 /// burst or limit, tokens needed, tokens charged. Returns `{allowed, failing index, retry ms, then per
@@ -72,8 +71,7 @@ return 1
 /// A lazily connected, self-reconnecting handle to the shared buckets.
 #[derive(Clone)]
 pub struct RedisBuckets {
-    client: redis::Client,
-    conn: Arc<OnceCell<ConnectionManager>>,
+    redis: LazyRedis,
     check: Arc<redis::Script>,
     adjust: Arc<redis::Script>,
 }
@@ -82,22 +80,10 @@ impl RedisBuckets {
     /// A handle for `url`; nothing connects until the first check.
     pub fn new(url: &str) -> Result<Self, String> {
         Ok(Self {
-            client: redis::Client::open(url).map_err(|e| e.to_string())?,
-            conn: Arc::new(OnceCell::new()),
+            redis: LazyRedis::open(url)?,
             check: Arc::new(redis::Script::new(CHECK)),
             adjust: Arc::new(redis::Script::new(ADJUST)),
         })
-    }
-
-    async fn conn(&self) -> Result<ConnectionManager, String> {
-        let cfg = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Duration::from_millis(500))
-            .set_number_of_retries(1);
-        self.conn
-            .get_or_try_init(|| ConnectionManager::new_with_config(self.client.clone(), cfg))
-            .await
-            .cloned()
-            .map_err(|e| e.to_string())
     }
 
     /// Checks and charges the buckets of one request with `limits` on UTC day number `day` (which names
@@ -157,7 +143,7 @@ impl RedisBuckets {
         if order.is_empty() {
             return Ok(Ok(Quota::default()));
         }
-        let mut conn = self.conn().await?;
+        let mut conn = self.redis.conn().await?;
         let out: Vec<i64> = inv.invoke_async(&mut conn).await.map_err(|e| e.to_string())?;
         let get = |i: usize| out.get(i).copied().unwrap_or(0).max(0) as u64;
         if get(0) == 0 {
@@ -185,7 +171,7 @@ impl RedisBuckets {
     }
 
     async fn adjust_key(&self, key: String, delta: f64) -> Result<(), String> {
-        let mut conn = self.conn().await?;
+        let mut conn = self.redis.conn().await?;
         // The burst cap is applied by the next check's refill; here only the level moves.
         let _: i64 =
             self.adjust.key(key).arg(delta).arg(f64::MAX).invoke_async(&mut conn).await.map_err(|e| e.to_string())?;
