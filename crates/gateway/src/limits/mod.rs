@@ -60,10 +60,10 @@ impl TokenCharge {
     pub fn reconcile(self, used: u64) {
         let delta = self.estimated as f64 - used as f64;
         if let Some(tenant) = &self.tenant {
-            self.limiter.adjust_tokens(tenant, delta);
+            self.limiter.adjust_tokens(tenant, false, delta);
         }
         if let Some(model) = &self.model {
-            self.limiter.adjust_model_tokens(model, delta);
+            self.limiter.adjust_tokens(model, true, delta);
         }
     }
 }
@@ -213,36 +213,30 @@ impl RateLimiter {
         Ok(())
     }
 
-    /// Gives back (positive) or charges (negative) tokens after the real usage is known.
-    fn adjust_tokens(self: &Arc<Self>, tenant: &Arc<str>, delta: f64) {
+    /// Gives back (positive) or charges (negative) tokens after the real usage is known, to the token
+    /// bucket of `owner`: a tenant's, or with `per_model` a model's.
+    fn adjust_tokens(self: &Arc<Self>, owner: &Arc<str>, per_model: bool, delta: f64) {
         if delta == 0.0 {
             return;
         }
         if let Shared::Redis(redis) = &self.shared {
-            let (redis, tenant) = (redis.clone(), Arc::clone(tenant));
+            let (redis, owner) = (redis.clone(), Arc::clone(owner));
             tokio::spawn(async move {
-                if let Err(e) = redis.adjust_tokens(&tenant, delta).await {
-                    tracing::debug!(error = %e, "rate limiter: token reconcile in Redis failed");
+                let adjusted = if per_model {
+                    redis.adjust_model_tokens(&owner, delta).await
+                } else {
+                    redis.adjust_tokens(&owner, delta).await
+                };
+                if let Err(e) = adjusted {
+                    tracing::debug!(error = %e, per_model, "rate limiter: token reconcile in Redis failed");
                 }
             });
         }
-        self.local.adjust_tokens(tenant, delta, Instant::now());
-    }
-
-    /// [`RateLimiter::adjust_tokens`] for a model's token bucket.
-    fn adjust_model_tokens(self: &Arc<Self>, model: &Arc<str>, delta: f64) {
-        if delta == 0.0 {
-            return;
+        if per_model {
+            self.local.adjust_model_tokens(owner, delta, Instant::now());
+        } else {
+            self.local.adjust_tokens(owner, delta, Instant::now());
         }
-        if let Shared::Redis(redis) = &self.shared {
-            let (redis, model) = (redis.clone(), Arc::clone(model));
-            tokio::spawn(async move {
-                if let Err(e) = redis.adjust_model_tokens(&model, delta).await {
-                    tracing::debug!(error = %e, "rate limiter: model token reconcile in Redis failed");
-                }
-            });
-        }
-        self.local.adjust_model_tokens(model, delta, Instant::now());
     }
 
     /// Whether `worker` is below `qps` now (routing skips workers at their rate).
