@@ -418,12 +418,14 @@ async fn measure(
 /// Every request's end and TTFT (or error), one CSV line each, so a tail can be placed in time.
 fn write_samples(path: &std::path::Path, samples: &[Sample]) -> anyhow::Result<()> {
     use std::fmt::Write as _;
-    let mut out = String::from("done_ms,ttft_ms,error\n");
+    let mut out = String::from("done_ms,ttft_ms,prompt_tokens,cached_tokens,queue_position,error\n");
     for s in samples {
         let done = s.done.as_millis();
         let _ = match s.outcome {
-            Outcome::Ok { ttft } => writeln!(out, "{done},{},", ttft.as_millis()),
-            Outcome::Err(kind) => writeln!(out, "{done},,{kind}"),
+            Outcome::Ok { ttft, tokens: (prompt, cached), queued } => {
+                writeln!(out, "{done},{},{prompt},{cached},{queued},", ttft.as_millis())
+            }
+            Outcome::Err(kind) => writeln!(out, "{done},,,,,{kind}"),
         };
     }
     std::fs::write(path, out)?;
@@ -444,7 +446,7 @@ fn summarise(samples: &[Sample], dropped: u64, delta: &[Counters], duration: Dur
         .iter()
         .filter(|s| s.done <= duration)
         .filter_map(|s| match s.outcome {
-            Outcome::Ok { ttft } => Some(ttft),
+            Outcome::Ok { ttft, .. } => Some(ttft),
             Outcome::Err(_) => None,
         })
         .collect();
@@ -564,7 +566,7 @@ mod tests {
     fn summary_counts_completed_within_the_run_and_reads_the_sims() {
         let ok = |ms: u64, done: u64| Sample {
             done: Duration::from_secs(done),
-            outcome: Outcome::Ok { ttft: Duration::from_millis(ms) },
+            outcome: Outcome::Ok { ttft: Duration::from_millis(ms), tokens: (0, 0), queued: 0 },
         };
         let samples = vec![
             ok(100, 1),

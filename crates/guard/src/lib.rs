@@ -30,7 +30,9 @@ pub use circuit_breaker::{
     BreakerConfig, BreakerCounters, BreakerSnapshot, BreakerState, CircuitBreaker, Permit, Rejected, StateName,
     Transition,
 };
-pub use queue::{AdmissionQueue, Full, Meta, QueueConfig, Scoring, Ticket, DEFAULT_MAX_OVERTAKEN, RETRY_CAP};
+pub use queue::{
+    AdmissionQueue, Fit, Full, Meta, QueueConfig, Scoring, Ticket, DEFAULT_MAX_OVERTAKEN, HOLD_OUT_LIMIT, RETRY_CAP,
+};
 pub use rate::{AvgWait, RateEstimator, SlidingErrorRate};
 pub use share::{foreign_load, room_for_us};
 pub use stall::{StallCheck, StallRule};

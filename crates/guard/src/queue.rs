@@ -51,19 +51,33 @@
 //! nothing that the round robin needs.
 //!
 //! # Cache-aware hand-off
-//! A slot freeing on worker W is best spent on a waiter whose prompt W already holds in its prefix
-//! cache: its prefill is skipped, the slot frees sooner, and the prefix stays where it lives instead of
-//! being copied onto whichever worker freed first. [`AdmissionQueue::pop_preferring`] keeps the order
-//! above for everything it guarantees, and uses the caller's score (e.g. the prompt tokens W holds of
-//! each waiter) only among waiters of *equal standing*: same level and, with fairness, the same
-//! round-robin turn (the same tenant stamp). Within that group the highest score goes first, the older
-//! on ties. So levels, aging and the tenants' turns are exactly those of `pop`; what moves is the order
-//! inside one group. To keep that bounded too, the waiter `pop` would have returned is passed over
-//! only by a waiter whose saving on the freed worker (the prefill of the part of its prompt the worker
-//! holds) exceeds how much longer the passed one has waited: the saving counts as time already waited.
-//! So a waiter may wait for a warm worker about as long as a cold prefill would cost, not longer. As a
-//! backstop whatever the savings, the waiter next in line is passed over at most
-//! [`QueueConfig::max_overtaken`] times.
+//! Under saturation every request waits here, and the worker whose slot frees first decides where it
+//! runs: the hand-off *is* the routing. [`AdmissionQueue::pop_preferring`] keeps the order above for
+//! everything it guarantees (levels, aging, the tenants' turns: it only chooses among waiters of the
+//! head's *standing*) and decides inside that group with the caller's cache model, which tells for each
+//! waiter how it [`Fit`]s the freed worker W: the time W would spend before its first token (the
+//! prefill of the part of its prompt W does not hold), and a better worker if one holds more of it.
+//! - **A waiter holds out for a better worker** while that worker is expected to free a slot for it
+//!   sooner than W would cost it in extra prefill: its expected wait there is the number of waiters
+//!   holding out for the same worker up to and including it, times that worker's slot interval. Under
+//!   saturation this keeps each prompt where it is cached; when the better worker's line grows longer
+//!   than a cold prefill, the prompt spills to W (a hot prompt then lives on two workers). A waiter
+//!   never holds out once it has waited [`HOLD_OUT_LIMIT`] times the prefill it would save (a bound
+//!   should the better worker stop freeing slots).
+//! - **Of the others, the time W saves counts as time already waited**: they go in the order of their
+//!   wait (or, with deadlines, their lateness) less the time W would spend before their first token.
+//!   A waiter W holds goes before a cold one that has waited less than the prefill it would cost W
+//!   longer: the slot frees sooner, the prompt stays where it lives, and a cold prompt is placed on a
+//!   worker when no waiter of that worker's own prompts is left, i.e. on the worker whose cache is in
+//!   least demand. With equal fits (a policy without a cache model) this is exactly `pop`'s order.
+//!
+//! Measured on the routing bench's tight scenario, the opposite order (the waiter whose first token
+//! would come latest first, cold before warm) shortens the tail only by placing cold prompts at once on
+//! whichever worker frees, which evicts prompts in demand: hits fell from 0.73 to 0.35 and throughput
+//! by 45%; plain arrival order gave 0.67 and -10% (BENCHMARKS.md, issue 13).
+//!
+//! As a backstop whatever the fits, the waiter `pop` would serve is passed over at most
+//! [`QueueConfig::max_overtaken`] times unless it holds out itself (0: strict `pop` order).
 //!
 //! `pop` and [`AdmissionQueue::position`] scan the items: O(n) and O(n log n), with n at most
 //! `max_size` (100 by default); items point at their tenant's record by index (a small slab reused
@@ -76,9 +90,24 @@ use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
-/// Default of [`QueueConfig::max_overtaken`]: times a waiter may be passed over by [`AdmissionQueue::pop_preferring`] for one of
-/// equal standing whose prefix the freed worker holds: about one round of hand-offs on a small fleet.
+/// Default of [`QueueConfig::max_overtaken`]: times the waiter next in line may be passed over by
+/// [`AdmissionQueue::pop_preferring`] for a more urgent one of equal standing: about one round of
+/// hand-offs on a small fleet.
 pub const DEFAULT_MAX_OVERTAKEN: u32 = 16;
+
+/// A waiter holds out for a better worker until it has waited this many times the prefill it would
+/// save: a bound should that worker stop freeing slots.
+pub const HOLD_OUT_LIMIT: u32 = 3;
+
+/// How a waiter fits the worker whose slot freed, as the caller's cache model predicts it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Fit {
+    /// Time the freed worker would spend before this waiter's first token: the prefill of the part of
+    /// its prompt the worker does not hold.
+    pub here: Duration,
+    /// A worker (the caller's key) that holds more of its prompt, and the time it would spend instead.
+    pub better: Option<(u64, Duration)>,
+}
 
 /// Returns to the queue counted by [`Scoring::retries`] at most (so retries cannot outgrow the cap).
 pub const RETRY_CAP: u32 = 3;
@@ -122,8 +151,8 @@ pub struct QueueConfig {
     pub aging: Duration,
     /// Round robin between tenants within a level (else pure arrival order).
     pub fairness: bool,
-    /// Times the waiter next in line may be passed over by [`AdmissionQueue::pop_preferring`] for
-    /// younger ones a freed worker saves more time; zero turns the preference off.
+    /// Times the waiter next in line may be passed over by [`AdmissionQueue::pop_preferring`] for a
+    /// more urgent one of equal standing; zero turns the preference off.
     pub max_overtaken: u32,
     /// Weights of the level.
     pub scoring: Scoring,
@@ -250,6 +279,14 @@ impl Scan {
             Some(d) => (1, Some(d), seq),
             None => (2, None, seq),
         }
+    }
+}
+
+/// `to - from` in seconds, negative when `to` is earlier.
+fn secs_between(from: Instant, to: Instant) -> f64 {
+    match to.checked_duration_since(from) {
+        Some(d) => d.as_secs_f64(),
+        None => -from.saturating_duration_since(to).as_secs_f64(),
     }
 }
 
@@ -411,41 +448,72 @@ impl<T> AdmissionQueue<T> {
         self.next_in_line(&scan, accept, fits).map(|(_, seq)| Ticket(seq))
     }
 
-    /// Takes the next item for a freed worker among those `accept` approves. Among items of equal
-    /// standing, `saving` (the time the freed worker saves an item, e.g. the prefill of the prompt it
-    /// holds) counts as time already waited: the item with the longest wait plus saving goes first, the
-    /// older on ties. See "Cache-aware hand-off" in the module docs.
+    /// Takes the next item for a freed worker among those `accept` approves, by how each `fit`s that
+    /// worker (see "Cache-aware hand-off" in the module docs). `interval(w)` is the expected time
+    /// between two slots freeing on worker `w` (a key of [`Fit::better`]): what a waiter holding out
+    /// for `w` expects to wait per waiter ahead of it. `None` when every accepted waiter of the best
+    /// standing holds out for a better worker: the slot stays free.
     pub fn pop_preferring(
         &mut self,
         now: Instant,
         mut accept: impl FnMut(&T) -> bool,
-        mut saving: impl FnMut(&T) -> Duration,
+        mut fit: impl FnMut(&T) -> Fit,
+        mut interval: impl FnMut(u64) -> Duration,
     ) -> Option<(Ticket, T)> {
         let scan = Scan::new(&self.cfg, now);
         let (standing, head) = self.next_in_line(&scan, &mut accept, |_| true)?;
-        let head_entry = self.entries.get(&head)?;
-        if head_entry.bypassed >= self.cfg.max_overtaken {
+        if self.entries.get(&head)?.bypassed >= self.cfg.max_overtaken {
             return self.serve(head);
         }
-        let head_saving = saving(&head_entry.item);
-        let mut best = (now.saturating_duration_since(head_entry.at).saturating_add(head_saving), head);
+        // The group the head belongs to, in the order this worker serves it: what each waited (or how
+        // little slack its deadline has left) less the time this worker would spend before its first
+        // token, the longest first; then `pop`'s own order.
+        let mut group: Vec<(f64, Tiebreak, Fit, Duration)> = Vec::new();
         for (&seq, e) in &self.entries {
-            if seq == head || self.standing(&scan, e, true) != standing || !accept(&e.item) {
+            if self.standing(&scan, e, true) != standing || !accept(&e.item) {
                 continue;
             }
-            // Only a larger saving can pass the head: an older item of a later deadline never does.
-            let s = saving(&e.item);
-            let m = now.saturating_duration_since(e.at).saturating_add(s);
-            if s > head_saving && (m > best.0 || (m == best.0 && seq < best.1)) {
-                best = (m, seq);
-            }
+            let f = fit(&e.item);
+            let tie = scan.tiebreak(seq, e);
+            let waited = now.saturating_duration_since(e.at);
+            let lateness = match tie {
+                (1, Some(deadline), _) => -secs_between(now, deadline),
+                _ => waited.as_secs_f64(),
+            };
+            group.push((lateness - f.here.as_secs_f64(), tie, f, waited));
         }
-        if best.1 != head {
+        group.sort_by(|a, b| (a.1 .0).cmp(&b.1 .0).then(b.0.total_cmp(&a.0)).then(a.1.cmp(&b.1)));
+        // Waiters already holding out for each better worker, in this order: the queue before them there.
+        let mut ahead: Vec<(u64, u32)> = Vec::new();
+        let mut head_held_out = false;
+        let mut chosen = None;
+        for (_, (_, _, seq), f, waited) in &group {
+            if let Some((w, there)) = f.better {
+                let n = match ahead.iter_mut().find(|(k, _)| *k == w) {
+                    Some((_, n)) => n,
+                    None => {
+                        ahead.push((w, 0));
+                        &mut ahead.last_mut().expect("just pushed").1
+                    }
+                };
+                *n += 1;
+                let extra = f.here.saturating_sub(there);
+                let expected = interval(w).saturating_mul(*n);
+                if extra > expected && *waited < extra.saturating_mul(HOLD_OUT_LIMIT) {
+                    head_held_out |= *seq == head;
+                    continue;
+                }
+            }
+            chosen = Some(*seq);
+            break;
+        }
+        let chosen = chosen?;
+        if chosen != head && !head_held_out {
             if let Some(e) = self.entries.get_mut(&head) {
                 e.bypassed += 1;
             }
         }
-        self.serve(best.1)
+        self.serve(chosen)
     }
 
     /// An entry's standing: its level (negated), then (with fairness) its tenant's turn. Lower goes first.
@@ -757,12 +825,17 @@ mod tests {
 
     /// Savings for the hand-off tests: the worker holds the prefix of items divisible by 10, which saves
     /// them a second of prefill.
-    fn held(v: &u32) -> Duration {
-        if v.is_multiple_of(10) {
-            secs(1)
-        } else {
-            Duration::ZERO
+    /// Multiples of 10 are held by the freed worker (20 ms to a first token); the others are cold
+    /// everywhere (1 s of prefill).
+    fn held(v: &u32) -> Fit {
+        Fit {
+            here: if v.is_multiple_of(10) { Duration::from_millis(20) } else { secs(1) + Duration::from_millis(20) },
+            better: None,
         }
+    }
+
+    fn no_line(_: u64) -> Duration {
+        Duration::ZERO
     }
 
     #[test]
@@ -773,14 +846,47 @@ mod tests {
             for v in [1, 2, 30, 4, 50] {
                 q.push(v, Normal, 7, t0).unwrap();
             }
-            let pop = |q: &mut AdmissionQueue<u32>| q.pop_preferring(t0, |_| true, held).map(|(_, v)| v);
+            let pop = |q: &mut AdmissionQueue<u32>| q.pop_preferring(t0, |_| true, held, no_line).map(|(_, v)| v);
             // Equal standing (one tenant, one class): the held prefixes first, oldest first among them;
             // then arrival order when nothing is held.
             assert_eq!([pop(&mut q), pop(&mut q), pop(&mut q)], [Some(30), Some(50), Some(1)], "fairness {fairness}");
             // `accept` still filters: an odd-only worker takes the odd ones.
-            assert_eq!(q.pop_preferring(t0, |v| v % 2 == 1, held).map(|(_, v)| v), None);
+            assert_eq!(q.pop_preferring(t0, |v| v % 2 == 1, held, no_line).map(|(_, v)| v), None);
             assert_eq!(q.len(), 2);
         }
+    }
+
+    #[test]
+    fn a_waiter_holds_out_for_a_better_worker_until_its_line_costs_more_than_the_prefill() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        // 100.. are held by worker 7 (20 ms there) and cold here (1 s): 980 ms to save by waiting.
+        let fit = |v: &u32| {
+            if *v >= 100 {
+                Fit { here: secs(1), better: Some((7, ms(20))) }
+            } else {
+                held(v)
+            }
+        };
+        let every_100ms = |w: u64| if w == 7 { ms(100) } else { Duration::MAX };
+        let mut q = queue(100, 0, false);
+        q.push(100, Normal, 1, t0).unwrap();
+        assert_eq!(q.pop_preferring(t0, |_| true, fit, every_100ms).map(|(_, v)| v), None, "worker 7 frees sooner");
+        // A cold newcomer takes the slot; the one holding out stays.
+        q.push(1, Normal, 1, t0).unwrap();
+        assert_eq!(q.pop_preferring(t0, |_| true, fit, every_100ms).map(|(_, v)| v), Some(1));
+        // Nine more for worker 7: the tenth in its line expects 1 s there, more than the 980 ms it
+        // would save: it spills here; the nine before it keep holding out.
+        for v in 101..110 {
+            q.push(v, Normal, 1, t0).unwrap();
+        }
+        assert_eq!(q.pop_preferring(t0, |_| true, fit, every_100ms).map(|(_, v)| v), Some(109));
+        assert_eq!(q.pop_preferring(t0, |_| true, fit, every_100ms).map(|(_, v)| v), None);
+        // Should worker 7 stop freeing slots, nobody holds out past three times its saving.
+        let late = t0 + ms(2940);
+        assert_eq!(q.pop_preferring(late, |_| true, fit, every_100ms).map(|(_, v)| v), Some(100));
+        // Holding out is not being passed over: the head's count did not move while it held out.
+        assert_eq!(q.entries.values().map(|e| e.bypassed).max(), Some(0));
     }
 
     #[test]
@@ -789,7 +895,7 @@ mod tests {
         let mut q = queue(10, 10, true);
         q.push(10, Normal, 1, t0).unwrap(); // held, but normal
         q.push(1, High, 1, t0).unwrap();
-        let pop = |q: &mut AdmissionQueue<u32>| q.pop_preferring(t0, |_| true, held).map(|(_, v)| v);
+        let pop = |q: &mut AdmissionQueue<u32>| q.pop_preferring(t0, |_| true, held, no_line).map(|(_, v)| v);
         assert_eq!(pop(&mut q), Some(1), "class first");
         assert_eq!(pop(&mut q), Some(10));
         // Tenant 1 was just served; tenant 2's turn comes before tenant 1's held waiter.
@@ -811,7 +917,7 @@ mod tests {
         let mut served_at = None;
         for k in 0..2 * DEFAULT_MAX_OVERTAKEN {
             q.push(10 * (k + 1), Normal, 1, t0).unwrap();
-            if q.pop_preferring(t0, |_| true, held).map(|(_, v)| v) == Some(1) {
+            if q.pop_preferring(t0, |_| true, held, no_line).map(|(_, v)| v) == Some(1) {
                 served_at = Some(k);
                 break;
             }
@@ -827,17 +933,17 @@ mod tests {
         q.push(1, Normal, 1, t0).unwrap(); // never held
                                            // Arrived 500 ms later, saves 1 s: 100 ms + 1 s beats 600 ms of waiting.
         q.push(20, Normal, 1, t0 + ms(500)).unwrap();
-        assert_eq!(q.pop_preferring(t0 + ms(600), |_| true, held).map(|(_, v)| v), Some(20));
+        assert_eq!(q.pop_preferring(t0 + ms(600), |_| true, held, no_line).map(|(_, v)| v), Some(20));
         // Arrived 1.5 s later: 100 ms + 1 s no longer beats 1.6 s.
         q.push(40, Normal, 1, t0 + ms(1500)).unwrap();
-        assert_eq!(q.pop_preferring(t0 + ms(1600), |_| true, held).map(|(_, v)| v), Some(1));
-        assert_eq!(q.pop_preferring(t0 + ms(1600), |_| true, held).map(|(_, v)| v), Some(40));
+        assert_eq!(q.pop_preferring(t0 + ms(1600), |_| true, held, no_line).map(|(_, v)| v), Some(1));
+        assert_eq!(q.pop_preferring(t0 + ms(1600), |_| true, held, no_line).map(|(_, v)| v), Some(40));
         // Zero turns the preference off: strict order.
         let mut q = AdmissionQueue::new(QueueConfig { max_overtaken: 0, ..QueueConfig::default() });
         for v in [1, 20, 30] {
             q.push(v, Normal, 1, t0).unwrap();
         }
-        assert_eq!(q.pop_preferring(t0, |_| true, held).map(|(_, v)| v), Some(1));
+        assert_eq!(q.pop_preferring(t0, |_| true, held, no_line).map(|(_, v)| v), Some(1));
     }
 
     #[test]
@@ -852,7 +958,7 @@ mod tests {
                 let now = t0 + secs(u64::from(s));
                 q.push(10 * s, Normal, 2, now).unwrap();
                 q.push(10 * s + 10_000, Normal, 2, now).unwrap();
-                if q.pop_preferring(now, |_| true, held).map(|(_, v)| v) == Some(1) {
+                if q.pop_preferring(now, |_| true, held, no_line).map(|(_, v)| v) == Some(1) {
                     served_low_at = Some(s);
                     break;
                 }
@@ -991,7 +1097,7 @@ mod tests {
                     }
                     Op::PopPreferring(salt) => {
                         let best = live.values().min().copied();
-                        let got = q.pop_preferring(now, |_| true, |&c| Duration::from_millis((c as u64 ^ salt).wrapping_mul(salt) % 7));
+                        let got = q.pop_preferring(now, |_| true, |&c| Fit { here: Duration::from_millis((c as u64 ^ salt).wrapping_mul(salt) % 7), better: None }, |_| Duration::ZERO);
                         prop_assert_eq!(got.as_ref().map(|(_, c)| *c), best);
                         if let Some((t, _)) = got { live.remove(&t); }
                     }
@@ -1035,7 +1141,7 @@ mod tests {
                 let standing_of: HashMap<u64, Standing> =
                     q.entries.iter().map(|(&seq, e)| (seq, q.standing(&scan, e, true))).collect();
                 let (t, _) =
-                    q.pop_preferring(now, |_| true, |&v| Duration::from_millis(u64::from((v ^ salt) % 5) * 10)).unwrap();
+                    q.pop_preferring(now, |_| true, |&v| Fit { here: Duration::from_millis(u64::from((v ^ salt) % 5) * 10), better: None }, |_| Duration::ZERO).unwrap();
                 prop_assert_eq!(standing_of[&t.0], standing);
                 if t.0 != head {
                     let n = passed.entry(head).or_default();

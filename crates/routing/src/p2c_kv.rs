@@ -56,10 +56,14 @@
 //!   it (vLLM with `--enable-prompt-tokens-details`; vllm-sim always); `ttft` for streams only (a
 //!   non-streamed body's first byte is its end). Without `cached_tokens` the capacity is not learned;
 //!   without token counts the prefill rate keeps its prior.
-//! - Admission hand-off: a waiter holds a closure over its features and the policy; when worker W frees a
-//!   slot, the queue asks [`Policy::cache_saving`] (the prefill time W's cache saves that waiter, at W's
-//!   learned prefill rate) and counts it as time already waited. The policy's lock is taken inside the
-//!   queue's and never the other way round.
+//! - Admission hand-off: under saturation every request waits in the gateway's queue and the worker
+//!   whose slot frees first takes one, so the hand-off decides where requests run. A waiter holds a
+//!   closure over its features and the policy; when worker W frees a slot, the queue asks
+//!   [`Policy::prefill_time`] for W and for the waiter's other workers (the prefill of the part of its
+//!   prompt each does not hold, at each one's learned prefill rate): a waiter another worker holds may
+//!   hold out for it while that worker's line is shorter than the prefill it would save, and of the
+//!   rest the one whose first token would come latest goes first (`guard::AdmissionQueue::pop_preferring`).
+//!   The policy's lock is taken inside the queue's and never the other way round.
 
 use crate::config::{P2cConfig, PrefixConfig};
 use crate::policy::Policy;
@@ -74,8 +78,8 @@ use rand::{Rng, RngCore};
 const CAPACITY_STEP: f64 = 0.05;
 /// Tokens of one vLLM KV block: a prediction off by less than a block and a chunk is not a miss.
 const BLOCK_TOKENS: u64 = 16;
-/// Largest prefill saving a hand-off counts, seconds: a bound on how long a waiter may be passed over.
-const MAX_SAVING_SECS: f64 = 10.0;
+/// Largest prefill a hand-off counts, seconds: bounds how long a waiter may hold out for its worker.
+const MAX_PREFILL_SECS: f64 = 10.0;
 /// Predicted times closer than this, ms, count as equal (then load decides).
 const TIE_MS: f64 = 1.0;
 /// Workers holding the deepest match that are compared besides the two random draws.
@@ -264,14 +268,15 @@ impl Policy for P2cKv {
         Some(best.0)
     }
 
-    fn cache_saving(&self, req: &RequestFeatures, worker: WorkerId) -> std::time::Duration {
+    fn prefill_time(&self, req: &RequestFeatures, worker: WorkerId) -> std::time::Duration {
         let st = self.state.lock();
-        let cached = req.tokens_in_hashes(st.index.match_len(worker, &req.prefix_hashes)) as f64;
+        let cached = req.tokens_in_hashes(st.index.match_len(worker, &req.prefix_hashes));
+        let uncached = req.prompt_tokens().saturating_sub(cached) as f64;
         // At the worker's learned prefill rate (the slope of its TTFT against uncached tokens).
         let default = WorkerRates::default();
         let rates = st.workers.get(&worker).map_or(&default, |m| &m.rates);
         let (_, per_token) = rates.line(&self.priors, 0.0);
-        std::time::Duration::from_secs_f64((cached * per_token / 1000.0).clamp(0.0, MAX_SAVING_SECS))
+        std::time::Duration::from_secs_f64((uncached * per_token / 1000.0).clamp(0.0, MAX_PREFILL_SECS))
     }
 
     fn on_dispatch(&self, req: &RequestFeatures, worker: WorkerId) -> Option<u32> {
@@ -415,11 +420,12 @@ mod tests {
         assert_eq!(p.memory_entries(), 32);
         assert_eq!(p.on_dispatch(&req(30, 2, 2), 11), Some(30 * 32), "the prediction handed to the outcome");
         assert_eq!(p.predicted_cached_tokens(&req(30, 5, 3), 11), 30 * 32);
-        // The hand-off's saving: those tokens' prefill at the prior rate until worker 11's is learned.
+        // The hand-off's fit: the prefill of the tokens a worker does not hold, at the prior rate until
+        // the worker's own is learned: 5 hashes on worker 11, all 35 on worker 12, which holds nothing.
         let per_token = P2cConfig::default().priors().prefill_ms_per_token;
-        let saving = p.cache_saving(&req(30, 5, 3), 11).as_secs_f64() * 1000.0;
-        assert!((saving - 30.0 * 32.0 * per_token).abs() < 0.01, "{saving}");
-        assert_eq!(p.cache_saving(&req(30, 5, 3), 12), std::time::Duration::ZERO, "worker 12 holds nothing");
+        let ms = |w| p.prefill_time(&req(30, 5, 3), w).as_secs_f64() * 1000.0;
+        assert!((ms(11) - 5.0 * 32.0 * per_token).abs() < 0.01, "{}", ms(11));
+        assert!((ms(12) - 35.0 * 32.0 * per_token).abs() < 0.01, "{}", ms(12));
     }
 
     #[test]

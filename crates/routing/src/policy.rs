@@ -24,10 +24,11 @@ pub trait Policy: Send + Sync {
         None
     }
 
-    /// The prefill time `worker`'s prefix cache saves `req`, as predicted (zero for policies that model
-    /// no cache): the admission queue's hand-off counts it as time already waited, so a freed worker
-    /// prefers the waiter whose prompt it holds (`guard::AdmissionQueue::pop_preferring`).
-    fn cache_saving(&self, _req: &RequestFeatures, _worker: WorkerId) -> std::time::Duration {
+    /// The predicted prefill time of the part of `req`'s prompt `worker` does not hold in its prefix cache
+    /// (zero for policies that model no cache): the admission queue's hand-off lets a waiter hold out for
+    /// the worker that would take least, and serves first the waiter whose first token would come latest
+    /// (`guard::AdmissionQueue::pop_preferring`).
+    fn prefill_time(&self, _req: &RequestFeatures, _worker: WorkerId) -> std::time::Duration {
         std::time::Duration::ZERO
     }
 

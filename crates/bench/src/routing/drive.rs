@@ -36,6 +36,11 @@ pub enum Outcome {
     Ok {
         /// Time to the first token.
         ttft: Duration,
+        /// Prompt tokens and those the worker served from its prefix cache (its final `usage`; 0 when
+        /// it sent none).
+        tokens: (u32, u32),
+        /// `X-Queue-Position` when the router sets it (0: it did not wait in a gateway queue).
+        queued: u32,
     },
     /// Failed, with the kind of failure.
     Err(&'static str),
@@ -144,6 +149,8 @@ async fn one(client: &HttpClient, uri: http::Uri, session: &str, body: Bytes) ->
         Err(_) => return Outcome::Err("transport"),
     };
     let status = resp.status();
+    let queued =
+        resp.headers().get("x-queue-position").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok()).unwrap_or(0);
     if !status.is_success() {
         return Outcome::Err(match status.as_u16() {
             429 => "429",
@@ -156,6 +163,7 @@ async fn one(client: &HttpClient, uri: http::Uri, session: &str, body: Bytes) ->
     let mut body = resp.into_body();
     let mut buf: Vec<u8> = Vec::new();
     let mut ttft: Option<Duration> = None;
+    let mut tokens = (0, 0);
     let mut done = false;
     while let Some(frame) = body.frame().await {
         let Ok(frame) = frame else { return Outcome::Err("stream_cut") };
@@ -169,12 +177,18 @@ async fn one(client: &HttpClient, uri: http::Uri, session: &str, body: Bytes) ->
                 done = true;
                 continue;
             }
-            if ttft.is_some() && !payload.windows(8).any(|w| w == b"\"error\":") {
+            let usage = payload.windows(8).any(|w| w == b"\"usage\":");
+            if ttft.is_some() && !usage && !payload.windows(8).any(|w| w == b"\"error\":") {
                 continue;
             }
             let Ok(v) = serde_json::from_slice::<serde_json::Value>(payload) else { continue };
             if v.get("error").is_some() {
                 return Outcome::Err("stream_error");
+            }
+            let u = &v["usage"];
+            if let Some(prompt) = u["prompt_tokens"].as_u64() {
+                let cached = u["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap_or(0);
+                tokens = (u32::try_from(prompt).unwrap_or(u32::MAX), u32::try_from(cached).unwrap_or(u32::MAX));
             }
             let delta = &v["choices"][0]["delta"];
             if delta.get("role").is_some_and(|r| !r.is_null()) || delta.get("content").is_some_and(|c| !c.is_null()) {
@@ -183,7 +197,7 @@ async fn one(client: &HttpClient, uri: http::Uri, session: &str, body: Bytes) ->
         }
     }
     match (ttft, done) {
-        (Some(ttft), true) => Outcome::Ok { ttft },
+        (Some(ttft), true) => Outcome::Ok { ttft, tokens, queued },
         _ => Outcome::Err("incomplete"),
     }
 }

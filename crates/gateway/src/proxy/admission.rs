@@ -46,7 +46,7 @@ use crate::fleet::worker::Worker;
 use crate::fleet::Fleet;
 use arc_swap::ArcSwap;
 use gateway_core::{ErrorKind, GatewayError, Priority, WorkerId};
-use guard::{AdmissionQueue, AvgWait, Meta, RateEstimator, Ticket};
+use guard::{AdmissionQueue, AvgWait, Fit, Meta, RateEstimator, Ticket};
 use parking_lot::Mutex;
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
@@ -90,9 +90,11 @@ struct Waiter {
     tx: Option<oneshot::Sender<Reservation>>,
     /// Waiting for rate-limit budget rather than a worker slot.
     budget: Option<BudgetWait>,
-    /// The prefill time each worker's cache would save this request: a freed worker counts it as time
-    /// already waited among waiters of equal standing (see `guard::AdmissionQueue::pop_preferring`).
+    /// The time each worker would spend before this request's first token (its prefill of the part of
+    /// the prompt the worker does not hold), as the routing policy predicts it.
     affinity: Option<Affinity>,
+    /// The workers it may run on (eligible when it queued): where a better fit than the freed one is looked for.
+    workers: Vec<Arc<Worker>>,
 }
 
 /// A waiter for budget: which budget, and when it will have refilled for it.
@@ -109,6 +111,21 @@ impl Waiter {
 
     fn fits(&self, now: Instant) -> bool {
         self.budget.is_none_or(|b| b.ready_at <= now)
+    }
+
+    /// How this waiter fits `worker`, whose slot freed: its time to first token there, and the
+    /// available worker among its own that would take less (see `guard::AdmissionQueue::pop_preferring`).
+    fn fit(&self, worker: &Worker) -> Fit {
+        let Some(prefill) = &self.affinity else { return Fit::default() };
+        let here = prefill(worker.id);
+        let better = self
+            .workers
+            .iter()
+            .filter(|w| w.id != worker.id && w.is_available())
+            .map(|w| (w.id, prefill(w.id)))
+            .min_by_key(|&(_, t)| t)
+            .filter(|&(_, t)| t + FIT_TIE < here);
+        Fit { here, better }
     }
 }
 
@@ -172,10 +189,13 @@ fn queue_timeout(model: &str, allowed: Duration) -> GatewayError {
     )
 }
 
-/// The prefill time the prefix cache of the worker with this id would save a waiting request, as
-/// predicted by the routing policy (called under the queue's lock: the policy's lock is only ever taken
-/// inside it).
+/// The time the worker with this id would spend before a waiting request's first token (the prefill of
+/// the part of its prompt the worker's cache does not hold), as predicted by the routing policy (called
+/// under the queue's lock: the policy's lock is only ever taken inside it).
 pub type Affinity = Box<dyn Fn(WorkerId) -> Duration + Send + Sync>;
+
+/// Fits closer than this are equal: a better worker must save more than this to be waited for.
+const FIT_TIE: Duration = Duration::from_millis(5);
 
 /// What a request learned from the queue: its position when it entered (0 = did not wait) and the
 /// estimated wait then.
@@ -377,7 +397,8 @@ impl Admission {
         let (tx, rx) = oneshot::channel();
         let (ticket, position) = {
             let mut waiting = queue.waiting.lock();
-            let waiter = Waiter { tx: Some(tx), budget: None, affinity: affinity() };
+            let workers = candidates.iter().map(|w| Arc::clone(w)).collect();
+            let waiter = Waiter { tx: Some(tx), budget: None, affinity: affinity(), workers };
             match waiting.push_with(waiter, spec.meta(), now.into_std()) {
                 Ok(ticket) => (ticket, waiting.position(ticket, now.into_std()).unwrap_or(waiting.len())),
                 Err(_) => {
@@ -445,7 +466,8 @@ impl Admission {
         let entered = Instant::now();
         let (ticket, position) = {
             let mut waiting = queue.waiting.lock();
-            let waiter = Waiter { tx: None, budget: Some(BudgetWait { key, ready_at }), affinity: None };
+            let waiter =
+                Waiter { tx: None, budget: Some(BudgetWait { key, ready_at }), affinity: None, workers: Vec::new() };
             match waiting.push_with(waiter, spec.meta(), entered.into_std()) {
                 Ok(ticket) => (ticket, waiting.position(ticket, entered.into_std()).unwrap_or(waiting.len())),
                 Err(_) => {
@@ -583,7 +605,7 @@ impl Admission {
         let position = {
             let mut batch = queue.batch.lock();
             batch.retain(|w| w.tx.as_ref().is_some_and(|tx| !tx.is_closed()));
-            batch.push_back(Waiter { tx: Some(tx), budget: None, affinity: None });
+            batch.push_back(Waiter { tx: Some(tx), budget: None, affinity: None, workers: Vec::new() });
             batch.len()
         };
         for w in candidates {
@@ -614,21 +636,27 @@ impl Admission {
         }
     }
 
-    /// Hands `worker`'s free slots to `queue`'s best waiters while it has room; among waiters of equal
-    /// standing, the one whose wait plus the prefill the worker's cache saves it is longest. The slot
-    /// is reserved (a compare-and-swap against capacity) before a waiter is taken from the queue.
+    /// Hands `worker`'s free slots to `queue`'s best waiters while it has room: among waiters of equal
+    /// standing, a waiter whose prompt another worker holds may hold out for it, and of the others the
+    /// one whose first token would come latest goes first (`guard::AdmissionQueue::pop_preferring`).
+    /// The slot is reserved (a compare-and-swap against capacity) before a waiter is taken from the queue.
     fn dispatch_to(&self, queue: &ModelQueue, worker: &Arc<Worker>) {
         if !worker.is_available() {
             return;
         }
         let cap = self.capacity_of(worker);
+        // A worker's slot interval: the model's recent dispatch rate shared by its workers.
+        let now = Instant::now().into_std();
+        let per_worker = queue.dispatches.lock().estimated_wait(1, now);
         let mut waiting = queue.waiting.lock();
-        let held = |w: &Waiter| w.affinity.as_ref().map_or(Duration::ZERO, |f| f(worker.id));
+        let fleet = waiting.items().map(|w| w.workers.len()).max().unwrap_or(1).max(1);
+        let interval = |_: u64| per_worker.saturating_mul(u32::try_from(fleet).unwrap_or(u32::MAX));
         // Budget waiters take no slot.
         let wants_slot = |w: &Waiter| w.tx.is_some();
         while waiting.items().any(wants_slot) {
             let Some(slot) = Reservation::try_take(worker, cap, self.notify()) else { return };
-            let Some((_, waiter)) = waiting.pop_preferring(Instant::now().into_std(), wants_slot, held) else {
+            let fit = |w: &Waiter| w.fit(worker);
+            let Some((_, waiter)) = waiting.pop_preferring(Instant::now().into_std(), wants_slot, fit, interval) else {
                 slot.return_quietly();
                 return;
             };
@@ -816,6 +844,56 @@ mod tests {
     async fn until_waiting(a: &Admission, n: usize) {
         while a.queue(&Arc::from("m")).waiting.lock().len() != n {
             tokio::task::yield_now().await;
+        }
+    }
+
+    /// A worker with this id and capacity.
+    fn worker_numbered(id: WorkerId, cap: u32) -> Arc<Worker> {
+        let mut spec = WorkerConfig::from_url(&format!("http://127.0.0.1:{id}"));
+        spec.max_concurrency = cap;
+        let w = Arc::new(Worker::new(id, spec));
+        w.stats.healthy.store(true, Ordering::Relaxed);
+        w.models.store(Arc::new(vec!["m".to_string()]));
+        w
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_waiter_holds_out_for_the_worker_holding_its_prompt_while_its_line_is_short() {
+        let model: Arc<str> = Arc::from("m");
+        // Worker 1 holds the prompt (20 ms to a first token), worker 2 does not (1 s of prefill).
+        let prefill = || -> Option<Affinity> {
+            Some(Box::new(|id| if id == 1 { Duration::from_millis(20) } else { Duration::from_secs(1) }))
+        };
+        for (dispatches_per_sec, expect) in [(40, 1), (0, 2)] {
+            let a = admission();
+            let (warm, cold) = (worker_numbered(1, 1), worker_numbered(2, 1));
+            let busy_warm = LoadGuard::try_take(&warm, 1, a.notify()).expect("room");
+            let busy_cold = LoadGuard::try_take(&cold, 1, a.notify()).expect("room");
+            // The model's slot interval: 2 workers at 40 dispatches/s free one each 50 ms; with no
+            // dispatch seen yet the estimate is a second per position.
+            for _ in 0..dispatches_per_sec {
+                a.record_dispatch(&model, Duration::ZERO);
+            }
+            let (cands, wait) = ([&warm, &cold], spec(&a, Priority::Normal, 1));
+            let waiter = a.admit(&model, &cands, &wait, prefill);
+            tokio::pin!(waiter);
+            assert!(futures_util::poll!(&mut waiter).is_pending(), "both full");
+            drop(busy_cold);
+            if expect == 1 {
+                // 980 ms to save against a 50 ms line: it holds out, and worker 2's slot stays free.
+                assert!(futures_util::poll!(&mut waiter).is_pending(), "holds out for worker 1");
+                assert_eq!(cold.stats.slots.taken(), 0);
+                drop(busy_warm);
+            }
+            let (_, reservation) = waiter.await.expect("admitted");
+            let reservation = reservation.expect("a reservation");
+            let (on_warm, on_cold) = (warm.stats.slots.reserved(), cold.stats.slots.reserved());
+            assert_eq!(
+                if expect == 1 { (on_warm, on_cold) } else { (on_cold, on_warm) },
+                (1, 0),
+                "rate {dispatches_per_sec}"
+            );
+            drop(reservation);
         }
     }
 

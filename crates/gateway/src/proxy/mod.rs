@@ -241,8 +241,8 @@ async fn handle(
             dispatch::narrow(dispatch::eligible(app, &snap, &model, &attempts.tried, Instant::now()), pinned);
         let affinity = || {
             let (policy, features) = (Arc::clone(&snap.policy), features.clone());
-            let held: Affinity = Box::new(move |worker| policy.cache_saving(&features, worker));
-            Some(held)
+            let prefill: Affinity = Box::new(move |worker| policy.prefill_time(&features, worker));
+            Some(prefill)
         };
         let (mut ticket, reservation) = app.admission.admit(&model, &eligible, &spec, affinity).await.map_err(fail)?;
         // Waiting for budget was waiting in the queue too.
