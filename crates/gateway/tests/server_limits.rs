@@ -387,3 +387,32 @@ async fn an_h2c_upgrade_request_is_answered_over_http1() {
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
     assert!(resp.contains("\"status\""), "{resp}");
 }
+
+/// A chat request written whole, then the client's sending side shut down (`nc -N`, some HTTP/1.0
+/// tools): what it reads back until the server closes.
+async fn chat_then_half_close(addr: std::net::SocketAddr) -> String {
+    let body = chat_body();
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    tcp.write_all(&body).await.unwrap();
+    tcp.shutdown().await.unwrap();
+    read_until_closed(&mut tcp, Duration::from_secs(10)).await.0
+}
+
+#[tokio::test]
+async fn a_client_that_half_closes_gets_its_answer_with_server_half_close() {
+    let (_sims, mut cfg) = sim_config().await;
+    cfg.server.half_close = true;
+    let gw = gateway(cfg).await;
+    let answer = chat_then_half_close(gw.addr()).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("\"chat.completion\""), "{answer}");
+    // Off (the default), the end of input is the client leaving: nothing is answered.
+    let (_sims, cfg) = sim_config().await;
+    let gw = gateway(cfg).await;
+    assert_eq!(chat_then_half_close(gw.addr()).await, "");
+}

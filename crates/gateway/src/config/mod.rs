@@ -591,6 +591,11 @@ pub struct ServerConfig {
     /// Most request-body bytes held at once, over all requests being read or waiting to be forwarded;
     /// beyond it, 503 `server_busy` with `Retry-After`.
     pub max_buffered_bytes: usize,
+    /// Answer a client that shuts down its sending side after its request (HTTP/1). Off: an end of
+    /// input is the client leaving, noticed at once (its queue place and its generation are freed), as
+    /// nginx does by default. On: such a client gets its answer, and one that really left is noticed only
+    /// when its answer is written.
+    pub half_close: bool,
 }
 
 impl Default for ServerConfig {
@@ -605,6 +610,7 @@ impl Default for ServerConfig {
             idle_timeout_ms: 60_000,
             max_connections: 4096,
             max_buffered_bytes: 256 * 1024 * 1024,
+            half_close: false,
         }
     }
 }

@@ -53,6 +53,8 @@ pub struct Limits {
     pub idle: Duration,
     /// Most connections open at once.
     pub max_connections: usize,
+    /// Keep answering after the client's end of input (`server.half_close`).
+    pub half_close: bool,
 }
 
 impl Limits {
@@ -62,6 +64,7 @@ impl Limits {
             header_read: Duration::from_millis(s.header_read_timeout_ms),
             idle: Duration::from_millis(s.idle_timeout_ms),
             max_connections: s.max_connections,
+            half_close: s.half_close,
         }
     }
 }
@@ -483,9 +486,10 @@ where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    // No half-close: hyper cannot tell a client that only shut down its sending side from one that went
-    // away, and a client that leaves must release its queue place and its worker's generation at once.
-    builder.http1().half_close(false);
+    // Half-close off by default: hyper cannot tell a client that only shut down its sending side from one
+    // that went away, and a client that leaves should release its queue place and its worker's
+    // generation at once (`server.half_close` trades that for answering half-closing clients).
+    builder.http1().half_close(limits.half_close);
     // HTTP/2 WebSockets (`/ws`) use the extended CONNECT protocol.
     builder.http2().enable_connect_protocol();
     let served = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
@@ -552,7 +556,12 @@ mod tests {
     use super::*;
 
     fn limits() -> Limits {
-        Limits { header_read: Duration::from_secs(10), idle: Duration::from_secs(60), max_connections: 8 }
+        Limits {
+            header_read: Duration::from_secs(10),
+            idle: Duration::from_secs(60),
+            max_connections: 8,
+            half_close: false,
+        }
     }
 
     #[test]
