@@ -329,20 +329,30 @@ impl Cluster {
     }
 }
 
-/// Gives released slots back in Redis, one at a time, in the order they were dropped.
+/// Most releases sent to Redis together.
+const RELEASE_BATCH: usize = 64;
+
+/// Gives released slots back in Redis. The releases waiting when one is sent go with it, concurrently on
+/// the one multiplexed connection (pipelined: one round trip for all), so the count in Redis keeps up with
+/// the replica's own at any rate; one at a time, releases fell behind under load and takes were refused
+/// for slots already given back.
 async fn release_loop(redis: redis::RedisSlots, mut rx: mpsc::Receiver<Release>, stop: CancellationToken) {
+    let mut batch = Vec::with_capacity(RELEASE_BATCH);
     loop {
-        let release = tokio::select! {
+        tokio::select! {
             _ = stop.cancelled() => return,
-            r = rx.recv() => match r { Some(r) => r, None => return },
-        };
-        let share = &release.worker.stats.share;
-        let done = tokio::time::timeout(RECHECK, redis.release(&release.worker.base_url, &release.member)).await;
-        if !matches!(done, Ok(Ok(()))) {
-            tracing::debug!(worker = %release.worker.name, "cluster: release not confirmed; the slot returns with its lease");
+            n = rx.recv_many(&mut batch, RELEASE_BATCH) => if n == 0 { return },
         }
-        share.releasing.fetch_sub(1, Ordering::AcqRel);
-        share.released.notify_waiters();
+        let sent = batch.iter().map(|r| tokio::time::timeout(RECHECK, redis.release(&r.worker.base_url, &r.member)));
+        let done = futures_util::future::join_all(sent).await;
+        for (release, done) in batch.drain(..).zip(done) {
+            let share = &release.worker.stats.share;
+            if !matches!(done, Ok(Ok(()))) {
+                tracing::debug!(worker = %release.worker.name, "cluster: release not confirmed; the slot returns with its lease");
+            }
+            share.releasing.fetch_sub(1, Ordering::AcqRel);
+            share.released.notify_waiters();
+        }
     }
 }
 
