@@ -801,12 +801,7 @@ mod tests {
     use crate::fleet::slot::LoadGuard;
 
     fn worker(cap: u32) -> Arc<Worker> {
-        let mut spec = WorkerConfig::from_url("http://127.0.0.1:1");
-        spec.max_concurrency = cap;
-        let w = Arc::new(Worker::new(1, spec));
-        w.stats.healthy.store(true, Ordering::Relaxed);
-        w.models.store(Arc::new(vec!["m".to_string()]));
-        w
+        worker_numbered(1, cap)
     }
 
     fn admission_with(cfg: QueueConfig) -> Arc<Admission> {
@@ -849,7 +844,7 @@ mod tests {
 
     /// A worker with this id and capacity.
     fn worker_numbered(id: WorkerId, cap: u32) -> Arc<Worker> {
-        let mut spec = WorkerConfig::from_url(&format!("http://127.0.0.1:{id}"));
+        let mut spec = WorkerConfig::from_url(format!("http://127.0.0.1:{id}"));
         spec.max_concurrency = cap;
         let w = Arc::new(Worker::new(id, spec));
         w.stats.healthy.store(true, Ordering::Relaxed);
