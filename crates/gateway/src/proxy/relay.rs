@@ -48,6 +48,9 @@ pub struct RelayBody {
     batch: bytes::BytesMut,
     /// Yields in a row that brought no new frame (the batch goes out after [`MAX_IDLE_YIELDS`]).
     idle_yields: u8,
+    /// Whether an event-stream chunk went out yet: the first is handed over at once (its time to first
+    /// byte is the client's time to first token); only later ones are gathered.
+    first_sent: bool,
     /// An upstream end or failure seen while a batch was pending; handled after the batch is sent.
     deferred: Option<Deferred>,
 }
@@ -78,6 +81,7 @@ impl RelayBody {
             record: Some(record),
             batch: bytes::BytesMut::new(),
             idle_yields: 0,
+            first_sent: false,
             deferred: None,
         }
     }
@@ -109,6 +113,7 @@ impl RelayBody {
     /// Hands the gathered event-stream bytes to hyper.
     fn flush_batch(&mut self) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         self.idle_yields = 0;
+        self.first_sent = true;
         Poll::Ready(Some(Ok(Frame::data(self.batch.split().freeze()))))
     }
 
@@ -147,7 +152,8 @@ impl Body for RelayBody {
     type Data = Bytes;
     type Error = BoxError;
 
-    /// Relays frames as they come. For event streams, frames that are already available are gathered
+    /// Relays frames as they come. For event streams, the first frame goes out at once; after it, frames
+    /// that are already available are gathered
     /// into one chunk, and the task yields once before handing them over: hyper's client delivers one
     /// frame per task hand-off, so without this every SSE event costs its own `writev` to the client
     /// (nginx, reading the socket itself, gets them in one read). The task yields while yields
@@ -187,6 +193,11 @@ impl Body for RelayBody {
                     }
                     let data = data.clone();
                     this.tail.push(&data);
+                    if !this.first_sent {
+                        // The first chunk goes out as it came, without waiting for company.
+                        this.first_sent = true;
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
                     this.batch.extend_from_slice(&data);
                     // Progress since the last yield: another yield may bring more.
                     this.idle_yields = 0;
