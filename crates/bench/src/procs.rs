@@ -115,6 +115,11 @@ const USER_HZ: f64 = 100.0;
 
 /// CPU time `pid` has used so far (user + system, all its threads), from `/proc/<pid>/stat`.
 pub fn cpu_time(pid: u32) -> Option<Duration> {
+    cpu_times(pid).map(|(user, system)| user + system)
+}
+
+/// User and system CPU time `pid` has used so far (all its threads), from `/proc/<pid>/stat`.
+pub fn cpu_times(pid: u32) -> Option<(Duration, Duration)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) may hold spaces; the fields after its closing parenthesis do not.
     let rest = &stat[stat.rfind(')')? + 1..];
@@ -122,7 +127,7 @@ pub fn cpu_time(pid: u32) -> Option<Duration> {
     // After `)`: state(3) ppid(4) ... utime(14) stime(15), so utime is the 12th field here.
     let utime: u64 = fields.nth(11)?.parse().ok()?;
     let stime: u64 = fields.next()?.parse().ok()?;
-    Some(Duration::from_secs_f64((utime + stime) as f64 / USER_HZ))
+    Some((Duration::from_secs_f64(utime as f64 / USER_HZ), Duration::from_secs_f64(stime as f64 / USER_HZ)))
 }
 
 /// The processes whose parent is `pid` (nginx's workers under its master).

@@ -16,7 +16,7 @@
 mod nginx;
 
 use crate::load;
-use crate::procs::{binaries, cpu_time, rss_kb, Proc};
+use crate::procs::{binaries, cpu_time, cpu_times, rss_kb, Proc};
 use anyhow::Context;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -53,6 +53,9 @@ pub struct Args {
     /// Turn off the per-request log line of both proxies (the gateway's `request` line, nginx's access log).
     #[arg(long)]
     no_log: bool,
+    /// Another `llm-gateway` binary (an older build, say) to run beside the gateway as the peer `baseline`.
+    #[arg(long)]
+    baseline: Option<PathBuf>,
     /// Keep the gateway running after the non-streamed runs for this many seconds (to attach a profiler).
     #[arg(long, default_value_t = 0)]
     hold: u64,
@@ -64,6 +67,7 @@ enum PeerKind {
     Direct,
     Nginx,
     Gateway,
+    Baseline,
 }
 
 impl PeerKind {
@@ -72,6 +76,7 @@ impl PeerKind {
             PeerKind::Direct => "direct",
             PeerKind::Nginx => "nginx",
             PeerKind::Gateway => "gateway",
+            PeerKind::Baseline => "baseline",
         }
     }
 }
@@ -95,8 +100,12 @@ impl Peer {
         }
     }
 
-    fn cpu(&self) -> Duration {
-        self.pids().into_iter().filter_map(cpu_time).sum()
+    /// User and system CPU time of the peer's processes so far.
+    fn cpu(&self) -> (Duration, Duration) {
+        self.pids()
+            .into_iter()
+            .filter_map(cpu_times)
+            .fold((Duration::ZERO, Duration::ZERO), |a, b| (a.0 + b.0, a.1 + b.1))
     }
 
     fn rss_kb(&self) -> u64 {
@@ -109,6 +118,7 @@ struct Setup {
     gateway: PathBuf,
     sim: PathBuf,
     nginx: PathBuf,
+    baseline: Option<PathBuf>,
     dir: PathBuf,
     strategy: String,
     log: bool,
@@ -140,12 +150,17 @@ impl Setup {
                     nginx::Nginx::start(&self.nginx, &self.dir.join(format!("nginx-{tag}")), backend, self.log).await?;
                 Ok(Peer { kind, url: n.url.clone(), h2_url: n.h2_url.clone(), _proc: None, nginx: Some(n), pid: None })
             }
-            PeerKind::Gateway => {
-                let config = self.dir.join(format!("gateway-{tag}.toml"));
+            PeerKind::Gateway | PeerKind::Baseline => {
+                let bin = match (kind, &self.baseline) {
+                    (PeerKind::Baseline, Some(b)) => b,
+                    _ => &self.gateway,
+                };
+                let tag = format!("{}-{tag}", kind.name());
+                let config = self.dir.join(format!("{tag}.toml"));
                 std::fs::write(&config, self.gateway_config(sim_url))?;
                 let config = config.to_string_lossy().into_owned();
-                let out = self.dir.join(format!("gateway-{tag}.out"));
-                let mut proc = Proc::spawn(&self.gateway, &["--config", &config], &out, true)?;
+                let out = self.dir.join(format!("{tag}.out"));
+                let mut proc = Proc::spawn(bin, &["--config", &config], &out, true)?;
                 let url = proc.listening().await?;
                 let pid = proc.pid();
                 Ok(Peer { kind, h2_url: url.clone(), url, _proc: Some(proc), nginx: None, pid: Some(pid) })
@@ -185,13 +200,25 @@ fn chat_body(stream: bool, max_tokens: u32) -> Bytes {
 /// One measured load run against a peer, with the CPU its processes and this bench used meanwhile.
 struct Measured {
     report: load::Report,
-    peer_cpu: Duration,
+    /// The peer's user and system CPU time during the run.
+    peer_cpu: (Duration, Duration),
     bench_cpu: Duration,
 }
 
 impl Measured {
     fn cpu_per_request(&self) -> Duration {
-        self.peer_cpu.div_f64(self.report.ok.max(1) as f64)
+        (self.peer_cpu.0 + self.peer_cpu.1).div_f64(self.report.ok.max(1) as f64)
+    }
+
+    /// `total µs (user + system)` per request.
+    fn cpu_split(&self) -> String {
+        let per = |d: Duration| d.as_secs_f64() * 1e6 / self.report.ok.max(1) as f64;
+        format!(
+            "{:.1} µs ({:.1} + {:.1})",
+            per(self.peer_cpu.0 + self.peer_cpu.1),
+            per(self.peer_cpu.0),
+            per(self.peer_cpu.1)
+        )
     }
 }
 
@@ -202,7 +229,8 @@ async fn measure(peer: &Peer, body: &Bytes, conc: usize, duration: Duration) -> 
     let (cpu0, own0) = (peer.cpu(), cpu_time(me).unwrap_or_default());
     let report = load::run(&url, body.clone(), conc, duration).await?;
     let (cpu1, own1) = (peer.cpu(), cpu_time(me).unwrap_or_default());
-    Ok(Measured { report, peer_cpu: cpu1.saturating_sub(cpu0), bench_cpu: own1.saturating_sub(own0) })
+    let peer_cpu = (cpu1.0.saturating_sub(cpu0.0), cpu1.1.saturating_sub(cpu0.1));
+    Ok(Measured { report, peer_cpu, bench_cpu: own1.saturating_sub(own0) })
 }
 
 fn ms(d: Duration) -> String {
@@ -215,14 +243,22 @@ fn us(d: Duration) -> String {
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let (gateway, sim) = binaries()?;
-    let kinds: Vec<PeerKind> = [PeerKind::Direct, PeerKind::Nginx, PeerKind::Gateway]
+    let kinds: Vec<PeerKind> = [PeerKind::Direct, PeerKind::Nginx, PeerKind::Baseline, PeerKind::Gateway]
         .into_iter()
-        .filter(|k| args.peers.iter().any(|p| p == k.name()))
+        .filter(|k| args.peers.iter().any(|p| p == k.name()) || (*k == PeerKind::Baseline && args.baseline.is_some()))
         .collect();
     let nginx_bin = if kinds.contains(&PeerKind::Nginx) { nginx::binary()? } else { PathBuf::from("nginx") };
     let dir = std::env::temp_dir().join(format!("llm-gateway-overhead-{}", std::process::id()));
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let setup = Setup { gateway, sim, nginx: nginx_bin, dir, strategy: args.strategy.clone(), log: !args.no_log };
+    let setup = Setup {
+        gateway,
+        sim,
+        nginx: nginx_bin,
+        baseline: args.baseline.clone(),
+        dir,
+        strategy: args.strategy.clone(),
+        log: !args.no_log,
+    };
     let duration = Duration::from_secs(args.duration);
     println!(
         "overhead: {} vs llm-gateway ({}, request log {}), {} rounds of {}s, files in {}",
@@ -260,9 +296,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let idle: Vec<(PeerKind, u64)> =
         peers.iter().filter(|p| p.kind != PeerKind::Direct).map(|p| (p.kind, p.rss_kb())).collect();
     println!("\nnon-streamed: 1 KB chat POST, 16 output tokens, sim with no latency; CPU per request from each peer's own processes");
-    println!("| round | conc | peer | rps | p50 | p99 | errors | CPU/req | CPU/req vs nginx | rps vs nginx | bench CPU/req |");
+    println!("| round | conc | peer | rps | p50 | p99 | errors | CPU/req (user + sys) | CPU/req vs nginx | rps vs nginx | bench CPU/req |");
     println!("|---|---|---|---|---|---|---|---|---|---|---|");
     let body = chat_body(false, 16);
+    // Per level and peer: each round's (CPU per request, rps) ratios to nginx's of the same round.
+    let mut ratios: Vec<(usize, PeerKind, Vec<(f64, f64)>)> = Vec::new();
     for &conc in &args.concurrency {
         for round in 1..=args.rounds {
             let mut nginx: Option<(f64, f64)> = None;
@@ -272,8 +310,15 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 if peer.kind == PeerKind::Nginx {
                     nginx = Some((cpu, m.report.rps()));
                 }
+                if let (Some(n), PeerKind::Gateway | PeerKind::Baseline) = (&nginx, peer.kind) {
+                    let ratio = (cpu / n.0.max(1e-12), m.report.rps() / n.1.max(1e-12));
+                    match ratios.iter_mut().find(|r| r.0 == conc && r.1 == peer.kind) {
+                        Some(r) => r.2.push(ratio),
+                        None => ratios.push((conc, peer.kind, vec![ratio])),
+                    }
+                }
                 let vs = |f: fn(&(f64, f64)) -> f64, x: f64| match (&nginx, peer.kind) {
-                    (Some(n), PeerKind::Gateway) => format!("{:.2}", x / f(n).max(1e-12)),
+                    (Some(n), PeerKind::Gateway | PeerKind::Baseline) => format!("{:.2}", x / f(n).max(1e-12)),
                     _ => "".into(),
                 };
                 let direct = peer.kind == PeerKind::Direct;
@@ -284,12 +329,25 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                     ms(m.report.quantile(0.5)),
                     ms(m.report.quantile(0.99)),
                     m.report.errors,
-                    if direct { "-".into() } else { us(m.cpu_per_request()) },
+                    if direct { "-".into() } else { m.cpu_split() },
                     vs(|n| n.0, cpu),
                     vs(|n| n.1, m.report.rps()),
                     us(m.bench_cpu.div_f64(m.report.ok.max(1) as f64)),
                 );
             }
+        }
+    }
+    if !ratios.is_empty() {
+        println!("\nratios to nginx of the same round: median (min-max over {} rounds)", args.rounds);
+        println!("| conc | peer | CPU/req vs nginx | rps vs nginx |");
+        println!("|---|---|---|---|");
+        for (conc, kind, rs) in &ratios {
+            let spread = |f: fn(&(f64, f64)) -> f64| {
+                let mut v: Vec<f64> = rs.iter().map(f).collect();
+                v.sort_by(f64::total_cmp);
+                format!("{:.2} ({:.2}-{:.2})", v[v.len() / 2], v[0], v[v.len() - 1])
+            };
+            println!("| {conc} | {} | {} | {} |", kind.name(), spread(|r| r.0), spread(|r| r.1));
         }
     }
     if args.hold > 0 {
@@ -351,7 +409,7 @@ async fn stream_run(
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let body = chat_body(true, 64);
     println!("\nstreamed: {streams} concurrent SSE streams of 64 events 5 ms apart (sim: no time to first token)");
-    println!("| round | peer | streams/s | TTFB p50 | TTFB p99 | stream p50 | errors | CPU/stream |");
+    println!("| round | peer | streams/s | TTFB p50 | TTFB p99 | stream p50 | errors | CPU/stream (user + sys) |");
     println!("|---|---|---|---|---|---|---|---|");
     for round in 1..=rounds {
         for peer in &peers {
@@ -365,7 +423,7 @@ async fn stream_run(
                 ms(r.first_byte_quantile(0.99)),
                 ms(r.quantile(0.5)),
                 r.errors,
-                if peer.kind == PeerKind::Direct { "-".into() } else { us(m.cpu_per_request()) },
+                if peer.kind == PeerKind::Direct { "-".into() } else { m.cpu_split() },
             );
         }
     }

@@ -77,18 +77,20 @@ impl From<GatewayError> for Failed {
 }
 
 /// Sends the request (to the reserved worker first, if the queue handed one out) and retries on another
-/// worker while nothing has reached the client.
-pub async fn dispatch(
+/// worker while nothing has reached the client. `fresh` is the eligible list admission just judged, when
+/// no time passed since (the first pick uses it instead of filtering the fleet again).
+pub async fn dispatch<'s>(
     app: &Arc<AppState>,
     out: &mut Outbound<'_>,
     mut reservation: Option<Reservation>,
     attempts: &mut Attempts,
+    mut fresh: Option<Vec<&'s Arc<Worker>>>,
 ) -> Result<Response, Failed> {
     let snap = Arc::clone(&out.info.snap);
     let cfg = &snap.config;
     let deadline = out.info.received + Duration::from_millis(cfg.upstream.total_timeout_ms);
     loop {
-        let picked = pick(app, &snap, out, &mut reservation, attempts).await?;
+        let picked = pick(app, &snap, out, &mut reservation, attempts, fresh.take()).await?;
         let worker = Arc::clone(picked.load.worker());
         let predicted = snap.policy.on_dispatch(out.features, worker.id);
         if cfg.rate_limit.enabled {
@@ -149,18 +151,22 @@ struct Picked {
 /// The reserved worker, else the policy's choice among eligible workers with room; its local slot, then
 /// its slot in the count shared with other replicas (`[cluster]`), then the breaker's permit. A shared
 /// count at capacity sends the request back to the queue, which holds it until a slot frees anywhere.
-async fn pick(
+async fn pick<'s>(
     app: &Arc<AppState>,
-    snap: &Snapshot,
+    snap: &'s Snapshot,
     out: &Outbound<'_>,
     reservation: &mut Option<Reservation>,
     attempts: &mut Attempts,
+    mut fresh: Option<Vec<&'s Arc<Worker>>>,
 ) -> Result<Picked, Failed> {
     let cfg = &snap.config;
     let (breakers, queueing) = (cfg.circuit_breaker.enabled, cfg.queue.enabled);
     let model = &out.info.model;
     loop {
-        let all = narrow(eligible(app, snap, model, &attempts.tried, Instant::now()), out.pinned);
+        let all = match fresh.take() {
+            Some(all) => all,
+            None => narrow(eligible(app, snap, model, &attempts.tried, Instant::now()), out.pinned),
+        };
         let reserved = reservation.is_some();
         let load = match reservation.take() {
             Some(r) => LoadGuard::from(r),
