@@ -8,11 +8,6 @@ use llm_gateway::{demo, Config, Gateway};
 use std::process::ExitCode;
 use std::time::Duration;
 
-/// mimalloc: a request allocates and frees many small buffers across the runtime's threads, where
-/// glibc's malloc spent about 8% of the gateway's CPU under load (BENCHMARKS.md, "Overhead").
-#[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();

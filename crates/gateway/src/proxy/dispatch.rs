@@ -13,7 +13,7 @@ use crate::proxy::accounting::{RequestInfo, RequestRecord};
 use crate::proxy::classify::{classify, AttemptEnd, Meaning};
 use crate::proxy::relay::relayed_response;
 use crate::proxy::request::X_REQUEST_ID;
-use crate::proxy::upstream::is_hop_by_hop;
+use crate::proxy::upstream::strip_hop_by_hop;
 use crate::proxy::usage::strip_usage_event;
 use crate::state::{AppState, Snapshot};
 use axum::response::Response;
@@ -392,13 +392,14 @@ fn build_upstream_request(
     let mut req = http::Request::new(Full::new(body));
     *req.method_mut() = parts.method.clone();
     *req.uri_mut() = uri;
+    // A copy of the client's map (kept for retries), its hop-by-hop headers taken out.
     let headers = req.headers_mut();
-    for (name, value) in &parts.headers {
+    *headers = parts.headers.clone();
+    strip_hop_by_hop(headers, false);
+    headers.remove(&X_REQUEST_ID);
+    if gateway_auth {
         // The client's key is for the gateway when the gateway checks keys: never forward it.
-        let gateway_secret = gateway_auth && name == AUTHORIZATION;
-        if !is_hop_by_hop(name) && name != X_REQUEST_ID && !gateway_secret {
-            headers.append(name.clone(), value.clone());
-        }
+        headers.remove(AUTHORIZATION);
     }
     if let Some(auth) = &worker.auth_header {
         headers.insert(AUTHORIZATION, auth.clone());

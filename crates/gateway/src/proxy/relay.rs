@@ -10,11 +10,11 @@ use crate::proxy::accounting::RequestRecord;
 use crate::proxy::classify::{classify, AttemptEnd};
 use crate::proxy::request::X_GATEWAY_WORKER;
 use crate::proxy::sse::SseTail;
-use crate::proxy::upstream::is_hop_by_hop;
+use crate::proxy::upstream::strip_hop_by_hop;
 use axum::response::Response;
 use bytes::Bytes;
 use gateway_core::{ErrorKind, GatewayError, OutcomeKind};
-use http::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
+use http::header::{HeaderValue, CONTENT_TYPE};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use std::future::Future;
@@ -270,24 +270,20 @@ pub fn relayed_response(
     idle_timeout: Duration,
     deadline: Instant,
 ) -> Response {
-    let (parts, body) = resp.into_parts();
+    let (mut parts, body) = resp.into_parts();
     let sse = parts
         .headers
         .get(CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|ct| ct.starts_with("text/event-stream"));
-    let worker = HeaderValue::from_str(&record.worker().name);
+    // The worker's own map, its hop-by-hop headers taken out. An event stream may gain a final error
+    // event, so it must not keep a fixed length.
+    strip_hop_by_hop(&mut parts.headers, !sse);
+    if let Ok(v) = HeaderValue::from_str(&record.worker().name) {
+        parts.headers.insert(X_GATEWAY_WORKER.clone(), v);
+    }
     let mut out = Response::new(axum::body::Body::new(RelayBody::new(body, sse, record, idle_timeout, deadline)));
     *out.status_mut() = parts.status;
-    let headers = out.headers_mut();
-    for (name, value) in &parts.headers {
-        // An event stream may gain a final error event, so it must not keep a fixed length.
-        if !is_hop_by_hop(name) || (name == CONTENT_LENGTH && !sse) {
-            headers.append(name.clone(), value.clone());
-        }
-    }
-    if let Ok(v) = worker {
-        headers.insert(X_GATEWAY_WORKER.clone(), v);
-    }
+    *out.headers_mut() = parts.headers;
     out
 }
