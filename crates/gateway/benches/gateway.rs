@@ -146,7 +146,7 @@ fn pick(c: &mut Criterion) {
             cfg.routing.strategy = strategy;
             cfg.workers = (0..n)
                 .map(|i| {
-                    let mut w = WorkerConfig::from_url(&format!("http://127.0.0.1:{}", 10_000 + i));
+                    let mut w = WorkerConfig::from_url(format!("http://127.0.0.1:{}", 10_000 + i));
                     w.models = vec!["m".into()];
                     w
                 })

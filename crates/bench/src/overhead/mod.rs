@@ -197,6 +197,9 @@ fn chat_body(stream: bool, max_tokens: u32) -> Bytes {
     )
 }
 
+/// A level, a peer, and each round's (CPU per request, rps) ratios to nginx's.
+type Ratios = (usize, PeerKind, Vec<(f64, f64)>);
+
 /// One measured load run against a peer, with the CPU its processes and this bench used meanwhile.
 struct Measured {
     report: load::Report,
@@ -300,7 +303,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     println!("|---|---|---|---|---|---|---|---|---|---|---|");
     let body = chat_body(false, 16);
     // Per level and peer: each round's (CPU per request, rps) ratios to nginx's of the same round.
-    let mut ratios: Vec<(usize, PeerKind, Vec<(f64, f64)>)> = Vec::new();
+    let mut ratios: Vec<Ratios> = Vec::new();
     for &conc in &args.concurrency {
         for round in 1..=args.rounds {
             let mut nginx: Option<(f64, f64)> = None;

@@ -31,8 +31,8 @@ impl BreakerCell {
     }
 
     /// Whether a request would be admitted at `now`: without a lock while the breaker is closed.
-    pub fn would_admit(&self, now: std::time::Instant) -> bool {
-        self.closed.load(Ordering::Acquire) || self.breaker.lock().would_admit(now)
+    pub fn would_admit(&self, now: tokio::time::Instant) -> bool {
+        self.closed.load(Ordering::Acquire) || self.breaker.lock().would_admit(now.into_std())
     }
 }
 
@@ -65,20 +65,20 @@ impl Drop for BreakerGuard<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
+    use tokio::time::Instant;
 
     #[test]
-    #[allow(clippy::disallowed_methods, clippy::disallowed_types)] // the pure breaker takes a std Instant
     fn the_mirror_follows_every_change() {
         let cell = BreakerCell::default();
         let now = Instant::now();
         assert!(cell.would_admit(now), "a new breaker is closed");
-        cell.lock().trip(now);
+        cell.lock().trip(now.into_std());
         assert!(!cell.closed.load(Ordering::Acquire));
         assert!(!cell.would_admit(now), "open: the breaker itself is asked");
         let later = now + cell.lock().config().timeout + Duration::from_millis(1);
         assert!(cell.would_admit(later), "half-open after the timeout admits a trial");
-        cell.lock().reset(later);
+        cell.lock().reset(later.into_std());
         assert!(cell.closed.load(Ordering::Acquire), "closed again");
     }
 }

@@ -221,7 +221,7 @@ impl Worker {
 
     /// Whether its breaker would let a request through now.
     pub fn breaker_admits(&self, now: Instant) -> bool {
-        self.breaker.would_admit(now.into_std())
+        self.breaker.would_admit(now)
     }
 
     /// Its breaker's state, counts and last transition as of `now`.

@@ -79,12 +79,12 @@ impl From<GatewayError> for Failed {
 /// Sends the request (to the reserved worker first, if the queue handed one out) and retries on another
 /// worker while nothing has reached the client. `fresh` is the eligible list admission just judged, when
 /// no time passed since (the first pick uses it instead of filtering the fleet again).
-pub async fn dispatch<'s>(
+pub async fn dispatch(
     app: &Arc<AppState>,
     out: &mut Outbound<'_>,
     mut reservation: Option<Reservation>,
     attempts: &mut Attempts,
-    mut fresh: Option<Vec<&'s Arc<Worker>>>,
+    mut fresh: Option<Vec<&Arc<Worker>>>,
 ) -> Result<Response, Failed> {
     let snap = Arc::clone(&out.info.snap);
     let cfg = &snap.config;
