@@ -1,5 +1,6 @@
 //! A closed-loop load generator: `concurrency` tasks each send requests back to back for a duration and
-//! record each request's latency (to the end of the body, streams included).
+//! record each request's latency (to the end of the body, streams included) and its time to first byte
+//! (the first body bytes: a stream's first event).
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -17,6 +18,8 @@ pub struct Report {
     pub elapsed: Duration,
     /// Sorted latencies of the successful requests.
     pub latencies: Vec<Duration>,
+    /// Sorted times to the first body bytes of the successful requests.
+    pub first_bytes: Vec<Duration>,
 }
 
 impl Report {
@@ -27,12 +30,22 @@ impl Report {
 
     /// The `q` quantile of latency (0..1).
     pub fn quantile(&self, q: f64) -> Duration {
-        if self.latencies.is_empty() {
-            return Duration::ZERO;
-        }
-        let idx = ((self.latencies.len() as f64 - 1.0) * q).round() as usize;
-        self.latencies[idx.min(self.latencies.len() - 1)]
+        quantile(&self.latencies, q)
     }
+
+    /// The `q` quantile of the time to first byte (0..1).
+    pub fn first_byte_quantile(&self, q: f64) -> Duration {
+        quantile(&self.first_bytes, q)
+    }
+}
+
+/// The `q` quantile (0..1) of `sorted`, zero when empty.
+fn quantile(sorted: &[Duration], q: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let idx = ((sorted.len() as f64 - 1.0) * q).round() as usize;
+    sorted[idx.min(sorted.len() - 1)]
 }
 
 /// A pooled client with TCP_NODELAY, like the gateway's own.
@@ -54,7 +67,7 @@ pub async fn run(url: &str, body: Bytes, concurrency: usize, duration: Duration)
         let uri = uri.clone();
         let body = body.clone();
         tasks.push(tokio::spawn(async move {
-            let mut lat = Vec::new();
+            let (mut lat, mut first) = (Vec::new(), Vec::new());
             let mut errors = 0u64;
             while Instant::now() < end {
                 let t0 = Instant::now();
@@ -63,24 +76,41 @@ pub async fn run(url: &str, body: Bytes, concurrency: usize, duration: Duration)
                     .body(Full::new(body.clone()))
                     .expect("static request parts are valid");
                 match client.request(req).await {
-                    Ok(resp) if resp.status().is_success() => match resp.into_body().collect().await {
-                        Ok(_) => lat.push(t0.elapsed()),
-                        Err(_) => errors += 1,
+                    Ok(resp) if resp.status().is_success() => match read_body(resp.into_body(), t0).await {
+                        Some(at) => {
+                            lat.push(t0.elapsed());
+                            first.push(at);
+                        }
+                        None => errors += 1,
                     },
                     _ => errors += 1,
                 }
             }
-            (lat, errors)
+            (lat, first, errors)
         }));
     }
-    let mut latencies = Vec::new();
+    let (mut latencies, mut first_bytes) = (Vec::new(), Vec::new());
     let mut errors = 0;
     for t in tasks {
-        let (lat, err) = t.await?;
+        let (lat, first, err) = t.await?;
         latencies.extend(lat);
+        first_bytes.extend(first);
         errors += err;
     }
     let elapsed = start.elapsed();
     latencies.sort_unstable();
-    Ok(Report { ok: latencies.len() as u64, errors, elapsed, latencies })
+    first_bytes.sort_unstable();
+    Ok(Report { ok: latencies.len() as u64, errors, elapsed, latencies, first_bytes })
+}
+
+/// Reads `body` to its end; the time from `t0` to its first bytes, `None` when it failed.
+async fn read_body(mut body: hyper::body::Incoming, t0: Instant) -> Option<Duration> {
+    let mut first = None;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.ok()?;
+        if first.is_none() && frame.data_ref().is_some_and(|d| !d.is_empty()) {
+            first = Some(t0.elapsed());
+        }
+    }
+    Some(first.unwrap_or_else(|| t0.elapsed()))
 }

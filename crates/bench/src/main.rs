@@ -20,6 +20,7 @@ mod batch;
 mod faults;
 mod load;
 mod overhead;
+mod procs;
 mod replicas;
 mod routing;
 mod soak;

@@ -27,6 +27,7 @@
 
 use crate::faults::{self, HttpClient};
 use crate::load;
+use crate::procs::{binaries, fd_count, rss_kb, Proc};
 use anyhow::Context;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -34,7 +35,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -420,29 +421,6 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
 }
 
-/// The `llm-gateway` and `vllm-sim` binaries beside this one. Under `cargo run` they are built first (a
-/// no-op when fresh), so a soak never measures a stale gateway.
-fn binaries() -> anyhow::Result<(PathBuf, PathBuf)> {
-    let exe = std::env::current_exe()?;
-    let dir = exe.parent().context("the bench binary's directory")?;
-    if let Some(cargo) = std::env::var_os("CARGO") {
-        let mut cmd = Command::new(cargo);
-        cmd.args(["build", "-p", "llm-gateway", "-p", "vllm-sim", "--bins"]);
-        if dir.ends_with("release") {
-            cmd.arg("--release");
-        }
-        anyhow::ensure!(cmd.status()?.success(), "building llm-gateway and vllm-sim failed");
-    }
-    let (gw, sim) = (dir.join("llm-gateway"), dir.join("vllm-sim"));
-    anyhow::ensure!(
-        gw.exists() && sim.exists(),
-        "{} or {} is missing: cargo build --release -p llm-gateway -p vllm-sim --bins",
-        gw.display(),
-        sim.display()
-    );
-    Ok((gw, sim))
-}
-
 /// The gateway's config file: defaults, but loopback on an ephemeral port, faster probes, quieter logs.
 fn gateway_config(sims: &[Sim]) -> String {
     let mut s = String::from(
@@ -453,69 +431,6 @@ fn gateway_config(sims: &[Sim]) -> String {
         s.push_str(&format!("\n[[workers]]\nurl = \"{}\"\nname = \"{}\"\n", sim.url, sim.name));
     }
     s
-}
-
-/// A child process of the soak, killed with SIGKILL and reaped when dropped, so an early error leaves
-/// nothing running.
-struct Proc {
-    child: Child,
-    out: PathBuf,
-}
-
-impl Proc {
-    /// Starts `bin` with stdout to `out` and, when `log`, stderr beside it (`.log` for `.out`).
-    fn spawn(bin: &Path, args: &[&str], out: &Path, log: bool) -> anyhow::Result<Proc> {
-        let stdout = std::fs::File::create(out)?;
-        let stderr = if log { Stdio::from(std::fs::File::create(out.with_extension("log"))?) } else { Stdio::null() };
-        let child = Command::new(bin)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(stdout)
-            .stderr(stderr)
-            .spawn()
-            .with_context(|| format!("starting {}", bin.display()))?;
-        Ok(Proc { child, out: out.to_owned() })
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Waits for the process's `... listening on http://...` line and returns the URL.
-    async fn listening(&mut self) -> anyhow::Result<String> {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let text = std::fs::read_to_string(&self.out).unwrap_or_default();
-            let url = text
-                .lines()
-                .filter(|l| l.contains("listening on"))
-                .find_map(|l| l.split_whitespace().find(|w| w.starts_with("http://")));
-            if let Some(url) = url {
-                return Ok(url.to_owned());
-            }
-            if let Some(status) = self.child.try_wait()? {
-                anyhow::bail!("{} exited ({status}) before listening", self.out.display());
-            }
-            anyhow::ensure!(Instant::now() < deadline, "{} did not listen within 10 s", self.out.display());
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    fn alive(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-
-    /// SIGKILL, like a crash, and reap.
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill();
-    }
 }
 
 /// Sends SIGTERM and waits up to `within` for the exit code; SIGKILL after that.
@@ -941,20 +856,6 @@ async fn sample(client: &HttpClient, base: &str, pid: u32, tally: &Tally, start:
     let (rss_kb, fds) = (rss_kb(pid), fd_count(pid));
     let active = metric(client, base, "llm_gateway_active_requests").await;
     Sample { t, rss_kb, fds, active, sent: tally.sent.load(Ordering::Relaxed), counts: tally.counts() }
-}
-
-/// `VmRSS` of `pid` in kB; `None` once the process is gone (a zombie has none either).
-fn rss_kb(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-}
-
-/// Open file descriptors of `pid`.
-fn fd_count(pid: u32) -> Option<u64> {
-    Some(std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count() as u64)
 }
 
 /// The sum of the series of `name` in the gateway's `/metrics`.

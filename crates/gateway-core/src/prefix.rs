@@ -57,7 +57,8 @@ impl PrefixHasher {
             chunk_bytes,
             max_chunks,
             prev: hash_bytes(0, model.as_bytes()),
-            buf: Vec::with_capacity(chunk_bytes),
+            // A hasher asked for no chunks (the policy in force reads none) allocates nothing.
+            buf: Vec::with_capacity(if max_chunks == 0 { 0 } else { chunk_bytes }),
             hashes: Vec::new(),
         }
     }

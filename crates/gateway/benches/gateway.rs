@@ -1,4 +1,5 @@
-//! Criterion benches of the gateway's per-request guards: the admission queue's enqueue + dispatch
+//! Criterion benches of the gateway's per-request work: the body parse and request id, the pick
+//! (eligibility over the fleet and the policy's choice), the admission queue's enqueue + dispatch
 //! hand-off, the local rate-limit check, and the Redis round trip of a shared check.
 //!
 //! `cargo bench -p llm-gateway --bench gateway` (the Redis bench runs when `redis-server` is installed).
@@ -102,5 +103,73 @@ fn rate_limits(c: &mut Criterion) {
     let _ = redis.wait();
 }
 
-criterion_group!(benches, admission, rate_limits);
+/// A chat request of about 1 KB, as `bench overhead` sends.
+fn chat_body() -> Vec<u8> {
+    let content = "Tell me how a load balancer spreads requests over a fleet of inference servers. ".repeat(11);
+    serde_json::to_vec(&serde_json::json!({
+        "model": "m",
+        "max_tokens": 16,
+        "messages": [
+            {"role": "system", "content": "You are a concise assistant."},
+            {"role": "user", "content": content},
+        ],
+    }))
+    .unwrap()
+}
+
+fn request(c: &mut Criterion) {
+    use gateway_core::request::PrefixOptions;
+    use gateway_core::RequestFeatures;
+    let body = chat_body();
+    c.bench_function("request/parse_1kb_chat_with_prefix_hashes", |b| {
+        b.iter(|| RequestFeatures::parse(std::hint::black_box(&body), PrefixOptions::default()).unwrap())
+    });
+    let none = PrefixOptions { max_chunks: 0, ..PrefixOptions::default() };
+    c.bench_function("request/parse_1kb_chat_without_prefix_hashes", |b| {
+        b.iter(|| RequestFeatures::parse(std::hint::black_box(&body), none).unwrap())
+    });
+    let headers = http::HeaderMap::new();
+    c.bench_function("request/new_request_id", |b| b.iter(|| llm_gateway::proxy::request::request_id(&headers)));
+}
+
+/// `eligible` over the fleet and the policy's `select` among the eligible workers' views: the pick of
+/// `proxy::dispatch` before it takes the slot.
+fn pick(c: &mut Criterion) {
+    use llm_gateway::config::Config;
+    use routing::Strategy;
+    let rt = runtime();
+    let _enter = rt.enter();
+    let body = chat_body();
+    for strategy in [Strategy::RoundRobin, Strategy::P2cKv] {
+        for n in [1usize, 16] {
+            let mut cfg = Config::default();
+            cfg.routing.strategy = strategy;
+            cfg.workers = (0..n)
+                .map(|i| {
+                    let mut w = WorkerConfig::from_url(format!("http://127.0.0.1:{}", 10_000 + i));
+                    w.models = vec!["m".into()];
+                    w
+                })
+                .collect();
+            let app = llm_gateway::state::AppState::new(cfg).unwrap();
+            let snap = app.snapshot.load_full();
+            for w in &snap.fleet.workers {
+                w.stats.healthy.store(true, Ordering::Relaxed);
+            }
+            let opts = gateway_core::request::PrefixOptions::default();
+            let features = gateway_core::RequestFeatures::parse(&body, opts).unwrap();
+            let name = format!("pick/{}_{n}_workers", snap.policy.name());
+            c.bench_function(&name, |b| {
+                b.iter(|| {
+                    let now = tokio::time::Instant::now();
+                    let all = llm_gateway::proxy::dispatch::eligible(&app, &snap, "m", &[], now);
+                    let views: Vec<_> = all.iter().map(|w| w.view()).collect();
+                    snap.policy.select(&features, &views, &mut rand::rng()).unwrap()
+                })
+            });
+        }
+    }
+}
+
+criterion_group!(benches, request, pick, admission, rate_limits);
 criterion_main!(benches);

@@ -265,6 +265,11 @@ impl CircuitBreaker {
         }
     }
 
+    /// Whether it is closed (admitting everything, whatever the time).
+    pub fn is_closed(&self) -> bool {
+        matches!(self.state, BreakerState::Closed)
+    }
+
     /// Whether a request would be admitted now (for eligibility filtering; does not take a slot).
     pub fn would_admit(&self, now: Instant) -> bool {
         match self.state(now) {

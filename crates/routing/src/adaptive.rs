@@ -82,6 +82,10 @@ impl Policy for Adaptive {
         "adaptive"
     }
 
+    fn uses_prefix_hashes(&self) -> bool {
+        false
+    }
+
     fn select(&self, _req: &RequestFeatures, candidates: &[WorkerView], rng: &mut dyn RngCore) -> Option<usize> {
         let n = candidates.len();
         match n {

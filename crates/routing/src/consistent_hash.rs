@@ -139,6 +139,10 @@ impl Policy for ConsistentHash {
         "consistent_hash"
     }
 
+    fn uses_prefix_hashes(&self) -> bool {
+        false
+    }
+
     fn select(&self, req: &RequestFeatures, candidates: &[WorkerView], rng: &mut dyn RngCore) -> Option<usize> {
         let n = candidates.len();
         if n == 0 {

@@ -20,6 +20,10 @@ impl Policy for LeastConnections {
         "least_connections"
     }
 
+    fn uses_prefix_hashes(&self) -> bool {
+        false
+    }
+
     fn select(&self, _req: &RequestFeatures, candidates: &[WorkerView], rng: &mut dyn RngCore) -> Option<usize> {
         argmin_random_tie(candidates.len(), |i| candidates[i].in_flight, rng)
     }

@@ -23,6 +23,10 @@ impl Policy for LeastQueue {
         "least_queue"
     }
 
+    fn uses_prefix_hashes(&self) -> bool {
+        false
+    }
+
     fn select(&self, _req: &RequestFeatures, candidates: &[WorkerView], rng: &mut dyn RngCore) -> Option<usize> {
         argmin_random_tie(
             candidates.len(),

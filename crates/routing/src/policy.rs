@@ -12,6 +12,13 @@ pub trait Policy: Send + Sync {
     /// The strategy's config name, for metrics and `/api/routing/stats`.
     fn name(&self) -> &'static str;
 
+    /// Whether `select` and the feedback methods read the request's prompt-prefix hashes
+    /// (`RequestFeatures::prefix_hashes`); the gateway computes them only for a policy that does.
+    /// True unless a policy says otherwise, so a new policy gets them.
+    fn uses_prefix_hashes(&self) -> bool {
+        true
+    }
+
     /// Picks one of `candidates` (index into the slice) for `req`; `None` only when it is empty.
     fn select(&self, req: &RequestFeatures, candidates: &[WorkerView], rng: &mut dyn RngCore) -> Option<usize>;
 

@@ -25,6 +25,10 @@ impl Policy for RoundRobin {
         "round_robin"
     }
 
+    fn uses_prefix_hashes(&self) -> bool {
+        false
+    }
+
     fn select(&self, _req: &RequestFeatures, candidates: &[WorkerView], _rng: &mut dyn RngCore) -> Option<usize> {
         if candidates.is_empty() {
             return None;

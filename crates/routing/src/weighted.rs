@@ -29,6 +29,10 @@ impl Policy for Weighted {
         "weighted"
     }
 
+    fn uses_prefix_hashes(&self) -> bool {
+        false
+    }
+
     fn select(&self, _req: &RequestFeatures, candidates: &[WorkerView], _rng: &mut dyn RngCore) -> Option<usize> {
         match candidates.len() {
             0 => return None,

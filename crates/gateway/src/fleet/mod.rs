@@ -1,5 +1,6 @@
 //! The fleet: the workers in force, one immutable list swapped whole on change.
 
+pub mod breaker;
 pub mod capacity;
 pub mod probe;
 pub mod scrape;

@@ -138,8 +138,8 @@ pub struct Worker {
     pub models: ArcSwap<Vec<String>>,
     /// Live counters.
     pub stats: WorkerStats,
-    /// The worker's circuit breaker (short, never-awaited critical sections).
-    pub breaker: parking_lot::Mutex<guard::CircuitBreaker>,
+    /// The worker's circuit breaker (short, never-awaited critical sections; "closed" read lock-free).
+    pub breaker: crate::fleet::breaker::BreakerCell,
     /// Origin of the millisecond clock of [`WorkerStats::last_alive_ms`].
     pub epoch: Instant,
     /// What its health probe asks (resolved by the probe when `auto`).
@@ -167,7 +167,7 @@ impl Worker {
             models: ArcSwap::from_pointee(spec.models.clone()),
             spec,
             stats: WorkerStats::default(),
-            breaker: parking_lot::Mutex::new(guard::CircuitBreaker::default()),
+            breaker: crate::fleet::breaker::BreakerCell::default(),
             epoch: Instant::now(),
             probe_path: ArcSwap::from_pointee(ProbePath::Auto),
         }
@@ -221,7 +221,7 @@ impl Worker {
 
     /// Whether its breaker would let a request through now.
     pub fn breaker_admits(&self, now: Instant) -> bool {
-        self.breaker.lock().would_admit(now.into_std())
+        self.breaker.would_admit(now)
     }
 
     /// Its breaker's state, counts and last transition as of `now`.

@@ -13,7 +13,7 @@ use crate::proxy::accounting::{RequestInfo, RequestRecord};
 use crate::proxy::classify::{classify, AttemptEnd, Meaning};
 use crate::proxy::relay::relayed_response;
 use crate::proxy::request::X_REQUEST_ID;
-use crate::proxy::upstream::is_hop_by_hop;
+use crate::proxy::upstream::strip_hop_by_hop;
 use crate::proxy::usage::strip_usage_event;
 use crate::state::{AppState, Snapshot};
 use axum::response::Response;
@@ -77,18 +77,20 @@ impl From<GatewayError> for Failed {
 }
 
 /// Sends the request (to the reserved worker first, if the queue handed one out) and retries on another
-/// worker while nothing has reached the client.
+/// worker while nothing has reached the client. `fresh` is the eligible list admission just judged, when
+/// no time passed since (the first pick uses it instead of filtering the fleet again).
 pub async fn dispatch(
     app: &Arc<AppState>,
     out: &mut Outbound<'_>,
     mut reservation: Option<Reservation>,
     attempts: &mut Attempts,
+    mut fresh: Option<Vec<&Arc<Worker>>>,
 ) -> Result<Response, Failed> {
     let snap = Arc::clone(&out.info.snap);
     let cfg = &snap.config;
     let deadline = out.info.received + Duration::from_millis(cfg.upstream.total_timeout_ms);
     loop {
-        let picked = pick(app, &snap, out, &mut reservation, attempts).await?;
+        let picked = pick(app, &snap, out, &mut reservation, attempts, fresh.take()).await?;
         let worker = Arc::clone(picked.load.worker());
         let predicted = snap.policy.on_dispatch(out.features, worker.id);
         if cfg.rate_limit.enabled {
@@ -149,18 +151,22 @@ struct Picked {
 /// The reserved worker, else the policy's choice among eligible workers with room; its local slot, then
 /// its slot in the count shared with other replicas (`[cluster]`), then the breaker's permit. A shared
 /// count at capacity sends the request back to the queue, which holds it until a slot frees anywhere.
-async fn pick(
+async fn pick<'s>(
     app: &Arc<AppState>,
-    snap: &Snapshot,
+    snap: &'s Snapshot,
     out: &Outbound<'_>,
     reservation: &mut Option<Reservation>,
     attempts: &mut Attempts,
+    mut fresh: Option<Vec<&'s Arc<Worker>>>,
 ) -> Result<Picked, Failed> {
     let cfg = &snap.config;
     let (breakers, queueing) = (cfg.circuit_breaker.enabled, cfg.queue.enabled);
     let model = &out.info.model;
     loop {
-        let all = narrow(eligible(app, snap, model, &attempts.tried, Instant::now()), out.pinned);
+        let all = match fresh.take() {
+            Some(all) => all,
+            None => narrow(eligible(app, snap, model, &attempts.tried, Instant::now()), out.pinned),
+        };
         let reserved = reservation.is_some();
         let load = match reservation.take() {
             Some(r) => LoadGuard::from(r),
@@ -386,13 +392,14 @@ fn build_upstream_request(
     let mut req = http::Request::new(Full::new(body));
     *req.method_mut() = parts.method.clone();
     *req.uri_mut() = uri;
+    // A copy of the client's map (kept for retries), its hop-by-hop headers taken out.
     let headers = req.headers_mut();
-    for (name, value) in &parts.headers {
+    *headers = parts.headers.clone();
+    strip_hop_by_hop(headers, false);
+    headers.remove(&X_REQUEST_ID);
+    if gateway_auth {
         // The client's key is for the gateway when the gateway checks keys: never forward it.
-        let gateway_secret = gateway_auth && name == AUTHORIZATION;
-        if !is_hop_by_hop(name) && name != X_REQUEST_ID && !gateway_secret {
-            headers.append(name.clone(), value.clone());
-        }
+        headers.remove(AUTHORIZATION);
     }
     if let Some(auth) = &worker.auth_header {
         headers.insert(AUTHORIZATION, auth.clone());

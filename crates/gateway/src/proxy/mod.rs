@@ -111,7 +111,7 @@ async fn handle(
     let (mut bytes, _buffered) = read_body(body, &parts.headers, &snap.config.server, &app.body_budget).await?;
     let mut features = match &boundary {
         Some(boundary) => multipart_features(&bytes, boundary)?,
-        None => RequestFeatures::parse(&bytes, PrefixOptions::default()).map_err(|e| {
+        None => RequestFeatures::parse(&bytes, prefix_options(&*snap.policy)).map_err(|e| {
             let why = gateway_core::echo(&e.to_string()).into_owned();
             GatewayError::new(ErrorKind::InvalidJson, format!("invalid JSON body: {why}"))
         })?,
@@ -253,7 +253,9 @@ async fn handle(
             app.metrics.queue_wait.with_label_values(&[&model]).observe(ticket.waited.as_secs_f64());
         }
         out.queue_wait += ticket.waited;
-        match dispatch(app, &mut out, reservation, &mut attempts).await {
+        // Straight through admission, the eligible list is still the one to pick from.
+        let fresh = (reservation.is_none() && ticket.waited.is_zero()).then_some(eligible);
+        match dispatch(app, &mut out, reservation, &mut attempts, fresh).await {
             Err(Failed::NoRoom) => {
                 spec.retries += 1;
                 continue;
@@ -269,9 +271,7 @@ async fn handle(
                 app.admission.record_dispatch(&model, out.queue_wait);
                 let h = resp.headers_mut();
                 h.insert(X_QUEUE_POSITION.clone(), HeaderValue::from(ticket.position));
-                if let Ok(v) = HeaderValue::from_str(&format!("{:.1}", ticket.estimated_wait.as_secs_f64())) {
-                    h.insert(X_ESTIMATED_WAIT.clone(), v);
-                }
+                h.insert(X_ESTIMATED_WAIT.clone(), estimated_wait_header(ticket.estimated_wait));
                 if let Some(q) = &quota {
                     crate::limits::set_headers(h, q);
                 }
@@ -279,6 +279,20 @@ async fn handle(
             }
         }
     }
+}
+
+/// How the prompt is hashed for the policy in force: not at all for a policy that reads no prefix hashes.
+fn prefix_options(policy: &dyn routing::Policy) -> PrefixOptions {
+    let all = PrefixOptions::default();
+    PrefixOptions { max_chunks: if policy.uses_prefix_hashes() { all.max_chunks } else { 0 }, ..all }
+}
+
+/// `X-Estimated-Wait`: seconds with one decimal (most requests wait for nothing: no formatting then).
+fn estimated_wait_header(wait: Duration) -> HeaderValue {
+    if wait < Duration::from_millis(50) {
+        return HeaderValue::from_static("0.0");
+    }
+    HeaderValue::from_str(&format!("{:.1}", wait.as_secs_f64())).unwrap_or_else(|_| HeaderValue::from_static("0.0"))
 }
 
 /// The boundary of a multipart endpoint's body; any other `Content-Type` is refused.

@@ -10,11 +10,11 @@ use crate::proxy::accounting::RequestRecord;
 use crate::proxy::classify::{classify, AttemptEnd};
 use crate::proxy::request::X_GATEWAY_WORKER;
 use crate::proxy::sse::SseTail;
-use crate::proxy::upstream::is_hop_by_hop;
+use crate::proxy::upstream::strip_hop_by_hop;
 use axum::response::Response;
 use bytes::Bytes;
 use gateway_core::{ErrorKind, GatewayError, OutcomeKind};
-use http::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
+use http::header::{HeaderValue, CONTENT_TYPE};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use std::future::Future;
@@ -48,6 +48,9 @@ pub struct RelayBody {
     batch: bytes::BytesMut,
     /// Yields in a row that brought no new frame (the batch goes out after [`MAX_IDLE_YIELDS`]).
     idle_yields: u8,
+    /// Whether an event-stream chunk went out yet: the first is handed over at once (its time to first
+    /// byte is the client's time to first token); only later ones are gathered.
+    first_sent: bool,
     /// An upstream end or failure seen while a batch was pending; handled after the batch is sent.
     deferred: Option<Deferred>,
 }
@@ -78,6 +81,7 @@ impl RelayBody {
             record: Some(record),
             batch: bytes::BytesMut::new(),
             idle_yields: 0,
+            first_sent: false,
             deferred: None,
         }
     }
@@ -109,6 +113,7 @@ impl RelayBody {
     /// Hands the gathered event-stream bytes to hyper.
     fn flush_batch(&mut self) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         self.idle_yields = 0;
+        self.first_sent = true;
         Poll::Ready(Some(Ok(Frame::data(self.batch.split().freeze()))))
     }
 
@@ -147,7 +152,8 @@ impl Body for RelayBody {
     type Data = Bytes;
     type Error = BoxError;
 
-    /// Relays frames as they come. For event streams, frames that are already available are gathered
+    /// Relays frames as they come. For event streams, the first frame goes out at once; after it, frames
+    /// that are already available are gathered
     /// into one chunk, and the task yields once before handing them over: hyper's client delivers one
     /// frame per task hand-off, so without this every SSE event costs its own `writev` to the client
     /// (nginx, reading the socket itself, gets them in one read). The task yields while yields
@@ -187,6 +193,11 @@ impl Body for RelayBody {
                     }
                     let data = data.clone();
                     this.tail.push(&data);
+                    if !this.first_sent {
+                        // The first chunk goes out as it came, without waiting for company.
+                        this.first_sent = true;
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
                     this.batch.extend_from_slice(&data);
                     // Progress since the last yield: another yield may bring more.
                     this.idle_yields = 0;
@@ -259,24 +270,20 @@ pub fn relayed_response(
     idle_timeout: Duration,
     deadline: Instant,
 ) -> Response {
-    let (parts, body) = resp.into_parts();
+    let (mut parts, body) = resp.into_parts();
     let sse = parts
         .headers
         .get(CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|ct| ct.starts_with("text/event-stream"));
-    let worker = HeaderValue::from_str(&record.worker().name);
+    // The worker's own map, its hop-by-hop headers taken out. An event stream may gain a final error
+    // event, so it must not keep a fixed length.
+    strip_hop_by_hop(&mut parts.headers, !sse);
+    if let Ok(v) = HeaderValue::from_str(&record.worker().name) {
+        parts.headers.insert(X_GATEWAY_WORKER.clone(), v);
+    }
     let mut out = Response::new(axum::body::Body::new(RelayBody::new(body, sse, record, idle_timeout, deadline)));
     *out.status_mut() = parts.status;
-    let headers = out.headers_mut();
-    for (name, value) in &parts.headers {
-        // An event stream may gain a final error event, so it must not keep a fixed length.
-        if !is_hop_by_hop(name) || (name == CONTENT_LENGTH && !sse) {
-            headers.append(name.clone(), value.clone());
-        }
-    }
-    if let Ok(v) = worker {
-        headers.insert(X_GATEWAY_WORKER.clone(), v);
-    }
+    *out.headers_mut() = parts.headers;
     out
 }

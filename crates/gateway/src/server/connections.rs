@@ -17,8 +17,10 @@
 //!   return when the last one ended.
 //!
 //! Each connection's state lives in a [`Conn`] shared by its IO wrapper (which sees bytes arrive), its
-//! service (which sees requests start and their response bodies end) and its watchdog task (which
-//! sleeps until the next deadline). Deciding the deadline is the pure [`due`].
+//! service (which sees requests start and their response bodies end) and its watchdog (which sleeps
+//! until the next deadline, or its next look, at most [`Limits::look_every`] away: a deadline that
+//! starts between two looks lies beyond the next one, so the per-request changes never wake it).
+//! Deciding the deadline is the pure [`due`].
 
 use crate::config::ServerConfig;
 use crate::state::AppState;
@@ -67,6 +69,13 @@ impl Limits {
             half_close: s.half_close,
         }
     }
+
+    /// How often a connection's watchdog looks at its state at least: the shorter timeout, so a deadline
+    /// that starts after one look (a head's first byte, a response's end) comes no earlier than the
+    /// next look, and the per-request changes need not wake it.
+    fn look_every(&self) -> Duration {
+        self.header_read.min(self.idle).max(Duration::from_millis(1))
+    }
 }
 
 /// Why a connection's deadline came.
@@ -108,7 +117,9 @@ struct Conn {
     h2: AtomicBool,
     /// Set when the accept loop wants this quiet connection closed to make room.
     reclaimed: AtomicBool,
-    /// Wakes the watchdog when its deadline may have changed.
+    /// Set while the watchdog drains the connection: the end of the last request then wakes it.
+    draining: AtomicBool,
+    /// Wakes the watchdog when it must act before its next look (reclaimed, or drained).
     wake: tokio::sync::Notify,
 }
 
@@ -122,6 +133,7 @@ impl Conn {
             head_since: AtomicU64::new(1),
             h2: AtomicBool::new(false),
             reclaimed: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
             wake: tokio::sync::Notify::new(),
         }
     }
@@ -130,11 +142,11 @@ impl Conn {
         self.start.elapsed().as_millis() as u64
     }
 
-    /// Bytes arrived: with nothing in flight, they begin a request head.
+    /// Bytes arrived: with nothing in flight, they begin a request head. The watchdog is not woken: it
+    /// looks again within [`Limits::look_every`], before this head's deadline.
     fn on_read(&self) {
         if self.in_flight.load(Ordering::Acquire) == 0 && self.head_since.load(Ordering::Acquire) == 0 {
             self.head_since.store(self.millis() + 1, Ordering::Release);
-            self.wake.notify_one();
         }
     }
 
@@ -174,7 +186,9 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         let c = &self.0;
         c.idle_since.store(c.millis(), Ordering::Release);
-        if c.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+        // Only a draining watchdog waits for the last request's end; the idle deadline that starts
+        // now lies beyond its next look.
+        if c.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 && c.draining.load(Ordering::Acquire) {
             c.wake.notify_one();
         }
     }
@@ -498,7 +512,13 @@ where
     let mut draining = false;
     // When a quiet connection we asked to finish is dropped if hyper has not closed it by then.
     let mut drop_by: Option<Instant> = None;
+    // One timer, moved on each look: the deadline when it is due, else the next look.
+    let look = tokio::time::sleep(limits.look_every());
+    tokio::pin!(look);
+    let cancelled = stop.cancelled();
+    tokio::pin!(cancelled);
     loop {
+        let now = Instant::now();
         let due = if !draining {
             conn.due(&limits).map(|(at, _)| at)
         } else if conn.in_flight.load(Ordering::Acquire) == 0 {
@@ -506,12 +526,8 @@ where
         } else {
             None
         };
-        let deadline = async move {
-            match due {
-                Some(at) => tokio::time::sleep_until(at).await,
-                None => std::future::pending().await,
-            }
-        };
+        let next_look = now + limits.look_every();
+        look.as_mut().reset(due.map_or(next_look, |at| at.min(next_look)));
         tokio::select! {
             res = served.as_mut() => {
                 if let Err(e) = res {
@@ -519,12 +535,13 @@ where
                 }
                 return;
             }
-            _ = stop.cancelled(), if !draining => {
+            _ = cancelled.as_mut(), if !draining => {
                 draining = true;
+                conn.draining.store(true, Ordering::Release);
                 served.as_mut().graceful_shutdown();
             }
             _ = conn.wake.notified() => {}
-            _ = deadline => {}
+            _ = look.as_mut() => {}
         }
         let now = Instant::now();
         if draining {
@@ -544,6 +561,7 @@ where
                 // HTTP/1 closes at once once the last answer is written out; HTTP/2 sends GOAWAY and
                 // still serves a stream the client was opening.
                 draining = true;
+                conn.draining.store(true, Ordering::Release);
                 drop_by = Some(now + DRAIN_GRACE);
                 served.as_mut().graceful_shutdown();
             }

@@ -1,0 +1,518 @@
+//! Gateway overhead beside nginx: the same closed-loop load against the same vllm-sim, directly, through
+//! nginx and through the gateway, in one run, with each proxy's CPU time per request read from its own
+//! processes (`/proc/<pid>/stat`), so a ratio is what the gateway costs next to the proxy people would
+//! otherwise use, on this machine, at this moment.
+//!
+//! Every piece is its own process: the sim (`vllm-sim`), the gateway (`llm-gateway` with a generated
+//! config, round robin by default as nginx is), nginx (master and 2 workers), and this bench, the load
+//! generator. Phases, each with fresh proxies in front of a sim made for it:
+//! - **non-stream**: a 1 KB chat request, 16 output tokens, a sim with no latency, at each concurrency;
+//!   `--rounds` alternations of the peers, each measured for `--duration`.
+//! - **stream**: `--streams` concurrent SSE streams of 64 events 5 ms apart: time to first byte.
+//! - **memory**: the gateway's RSS idle (after start) and with `--open-streams` streams held open at once
+//!   on a slow sim; the clients speak HTTP/2 (100 streams per connection), because this container's hard
+//!   limit of open files per process (20000) cannot hold 10k client and 10k upstream sockets in one process.
+
+mod nginx;
+
+use crate::load;
+use crate::procs::{binaries, cpu_time, cpu_times, rss_kb, Proc};
+use anyhow::Context;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// Options of `bench overhead`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Seconds per measured run.
+    #[arg(long, default_value_t = 10)]
+    duration: u64,
+    /// Concurrency levels of the non-streamed runs, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "16,64")]
+    concurrency: Vec<usize>,
+    /// Measured runs per peer and level, the peers alternating.
+    #[arg(long, default_value_t = 2)]
+    rounds: usize,
+    /// Concurrent streams of the time-to-first-byte run (0: skip it).
+    #[arg(long, default_value_t = 50)]
+    streams: usize,
+    /// Streams held open at once for the memory figure (0: skip it).
+    #[arg(long, default_value_t = 10_000)]
+    open_streams: usize,
+    /// Which peers to run: `direct` (the sim alone), `nginx`, `gateway`.
+    #[arg(long, value_delimiter = ',', default_value = "direct,nginx,gateway")]
+    peers: Vec<String>,
+    /// The gateway's routing strategy (nginx's is round robin).
+    #[arg(long, default_value = "round_robin")]
+    strategy: String,
+    /// Turn off the per-request log line of both proxies (the gateway's `request` line, nginx's access log).
+    #[arg(long)]
+    no_log: bool,
+    /// Another `llm-gateway` binary (an older build, say) to run beside the gateway as the peer `baseline`.
+    #[arg(long)]
+    baseline: Option<PathBuf>,
+    /// Keep the gateway running after the non-streamed runs for this many seconds (to attach a profiler).
+    #[arg(long, default_value_t = 0)]
+    hold: u64,
+}
+
+/// One proxy (or none) in front of the sim.
+#[derive(Clone, Copy, PartialEq)]
+enum PeerKind {
+    Direct,
+    Nginx,
+    Gateway,
+    Baseline,
+}
+
+impl PeerKind {
+    fn name(self) -> &'static str {
+        match self {
+            PeerKind::Direct => "direct",
+            PeerKind::Nginx => "nginx",
+            PeerKind::Gateway => "gateway",
+            PeerKind::Baseline => "baseline",
+        }
+    }
+}
+
+/// A running peer: its URL and the processes whose CPU time it costs (none for direct).
+struct Peer {
+    kind: PeerKind,
+    url: String,
+    h2_url: String,
+    _proc: Option<Proc>,
+    nginx: Option<nginx::Nginx>,
+    pid: Option<u32>,
+}
+
+impl Peer {
+    fn pids(&self) -> Vec<u32> {
+        match (&self.nginx, self.pid) {
+            (Some(n), _) => n.pids(),
+            (None, Some(pid)) => vec![pid],
+            (None, None) => Vec::new(),
+        }
+    }
+
+    /// User and system CPU time of the peer's processes so far.
+    fn cpu(&self) -> (Duration, Duration) {
+        self.pids()
+            .into_iter()
+            .filter_map(cpu_times)
+            .fold((Duration::ZERO, Duration::ZERO), |a, b| (a.0 + b.0, a.1 + b.1))
+    }
+
+    fn rss_kb(&self) -> u64 {
+        self.pids().into_iter().filter_map(rss_kb).sum()
+    }
+}
+
+/// Binaries and the temp dir every process of the run writes its files to.
+struct Setup {
+    gateway: PathBuf,
+    sim: PathBuf,
+    nginx: PathBuf,
+    baseline: Option<PathBuf>,
+    dir: PathBuf,
+    strategy: String,
+    log: bool,
+}
+
+impl Setup {
+    /// A sim started with `args`, and its `http://host:port`.
+    async fn sim(&self, name: &str, args: &[&str]) -> anyhow::Result<(Proc, String)> {
+        let mut all = vec!["--host", "127.0.0.1", "--port", "0"];
+        all.extend_from_slice(args);
+        let mut proc = Proc::spawn(&self.sim, &all, &self.dir.join(format!("{name}.out")), false)?;
+        let url = proc.listening().await?;
+        Ok((proc, url))
+    }
+
+    async fn peer(&self, kind: PeerKind, sim_url: &str, tag: &str) -> anyhow::Result<Peer> {
+        match kind {
+            PeerKind::Direct => Ok(Peer {
+                kind,
+                url: sim_url.to_owned(),
+                h2_url: sim_url.to_owned(),
+                _proc: None,
+                nginx: None,
+                pid: None,
+            }),
+            PeerKind::Nginx => {
+                let backend = sim_url.trim_start_matches("http://");
+                let n =
+                    nginx::Nginx::start(&self.nginx, &self.dir.join(format!("nginx-{tag}")), backend, self.log).await?;
+                Ok(Peer { kind, url: n.url.clone(), h2_url: n.h2_url.clone(), _proc: None, nginx: Some(n), pid: None })
+            }
+            PeerKind::Gateway | PeerKind::Baseline => {
+                let bin = match (kind, &self.baseline) {
+                    (PeerKind::Baseline, Some(b)) => b,
+                    _ => &self.gateway,
+                };
+                let tag = format!("{}-{tag}", kind.name());
+                let config = self.dir.join(format!("{tag}.toml"));
+                std::fs::write(&config, self.gateway_config(sim_url))?;
+                let config = config.to_string_lossy().into_owned();
+                let out = self.dir.join(format!("{tag}.out"));
+                let mut proc = Proc::spawn(bin, &["--config", &config], &out, true)?;
+                let url = proc.listening().await?;
+                let pid = proc.pid();
+                Ok(Peer { kind, h2_url: url.clone(), url, _proc: Some(proc), nginx: None, pid: Some(pid) })
+            }
+        }
+    }
+
+    /// Defaults (breakers, queue, metrics, the request log line at `info` to its own file), but loopback
+    /// on an ephemeral port, the bench's strategy, and room for the memory run's client connections.
+    fn gateway_config(&self, sim_url: &str) -> String {
+        let level = if self.log { "info" } else { "warn" };
+        format!(
+            "[server]\nhost = \"127.0.0.1\"\nport = 0\nshutdown_grace_secs = 1\nmax_connections = 16384\n\n\
+             [routing]\nstrategy = \"{}\"\n\n[log]\nlevel = \"{level}\"\n\n[[workers]]\nurl = \"{sim_url}\"\n",
+            self.strategy
+        )
+    }
+}
+
+/// A chat request of about 1 KB.
+fn chat_body(stream: bool, max_tokens: u32) -> Bytes {
+    let content = "Tell me how a load balancer spreads requests over a fleet of inference servers. ".repeat(11);
+    Bytes::from(
+        serde_json::json!({
+            "model": "demo-model",
+            "stream": stream,
+            "max_tokens": max_tokens,
+            "messages": [
+                {"role": "system", "content": "You are a concise assistant."},
+                {"role": "user", "content": content},
+            ],
+        })
+        .to_string(),
+    )
+}
+
+/// A level, a peer, and each round's (CPU per request, rps) ratios to nginx's.
+type Ratios = (usize, PeerKind, Vec<(f64, f64)>);
+
+/// One measured load run against a peer, with the CPU its processes and this bench used meanwhile.
+struct Measured {
+    report: load::Report,
+    /// The peer's user and system CPU time during the run.
+    peer_cpu: (Duration, Duration),
+    bench_cpu: Duration,
+}
+
+impl Measured {
+    fn cpu_per_request(&self) -> Duration {
+        (self.peer_cpu.0 + self.peer_cpu.1).div_f64(self.report.ok.max(1) as f64)
+    }
+
+    /// `total µs (user + system)` per request.
+    fn cpu_split(&self) -> String {
+        let per = |d: Duration| d.as_secs_f64() * 1e6 / self.report.ok.max(1) as f64;
+        format!(
+            "{:.1} µs ({:.1} + {:.1})",
+            per(self.peer_cpu.0 + self.peer_cpu.1),
+            per(self.peer_cpu.0),
+            per(self.peer_cpu.1)
+        )
+    }
+}
+
+async fn measure(peer: &Peer, body: &Bytes, conc: usize, duration: Duration) -> anyhow::Result<Measured> {
+    let url = format!("{}/v1/chat/completions", peer.url);
+    load::run(&url, body.clone(), conc, Duration::from_millis(500)).await?;
+    let me = std::process::id();
+    let (cpu0, own0) = (peer.cpu(), cpu_time(me).unwrap_or_default());
+    let report = load::run(&url, body.clone(), conc, duration).await?;
+    let (cpu1, own1) = (peer.cpu(), cpu_time(me).unwrap_or_default());
+    let peer_cpu = (cpu1.0.saturating_sub(cpu0.0), cpu1.1.saturating_sub(cpu0.1));
+    Ok(Measured { report, peer_cpu, bench_cpu: own1.saturating_sub(own0) })
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1000.0)
+}
+
+fn us(d: Duration) -> String {
+    format!("{:.1} µs", d.as_secs_f64() * 1e6)
+}
+
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let (gateway, sim) = binaries()?;
+    let kinds: Vec<PeerKind> = [PeerKind::Direct, PeerKind::Nginx, PeerKind::Baseline, PeerKind::Gateway]
+        .into_iter()
+        .filter(|k| args.peers.iter().any(|p| p == k.name()) || (*k == PeerKind::Baseline && args.baseline.is_some()))
+        .collect();
+    let nginx_bin = if kinds.contains(&PeerKind::Nginx) { nginx::binary()? } else { PathBuf::from("nginx") };
+    let dir = std::env::temp_dir().join(format!("llm-gateway-overhead-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let setup = Setup {
+        gateway,
+        sim,
+        nginx: nginx_bin,
+        baseline: args.baseline.clone(),
+        dir,
+        strategy: args.strategy.clone(),
+        log: !args.no_log,
+    };
+    let duration = Duration::from_secs(args.duration);
+    println!(
+        "overhead: {} vs llm-gateway ({}, request log {}), {} rounds of {}s, files in {}",
+        nginx::version(&setup.nginx),
+        args.strategy,
+        if setup.log { "on, nginx access log on" } else { "off, nginx access log off" },
+        args.rounds,
+        args.duration,
+        setup.dir.display()
+    );
+
+    // Non-streamed: a sim with no latency and 16 output tokens.
+    let (_sim, sim_url) = setup
+        .sim(
+            "sim-fast",
+            &[
+                "--ttft-ms",
+                "0",
+                "--itl-ms",
+                "0",
+                "--prefill-ms-per-1k-tokens",
+                "0",
+                "--output-tokens",
+                "16-16",
+                "--max-num-seqs",
+                "1024",
+            ],
+        )
+        .await?;
+    let mut peers = Vec::new();
+    for &k in &kinds {
+        peers.push(setup.peer(k, &sim_url, "fast").await?);
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let idle: Vec<(PeerKind, u64)> =
+        peers.iter().filter(|p| p.kind != PeerKind::Direct).map(|p| (p.kind, p.rss_kb())).collect();
+    println!("\nnon-streamed: 1 KB chat POST, 16 output tokens, sim with no latency; CPU per request from each peer's own processes");
+    println!("| round | conc | peer | rps | p50 | p99 | errors | CPU/req (user + sys) | CPU/req vs nginx | rps vs nginx | bench CPU/req |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    let body = chat_body(false, 16);
+    // Per level and peer: each round's (CPU per request, rps) ratios to nginx's of the same round.
+    let mut ratios: Vec<Ratios> = Vec::new();
+    for &conc in &args.concurrency {
+        for round in 1..=args.rounds {
+            let mut nginx: Option<(f64, f64)> = None;
+            for peer in &peers {
+                let m = measure(peer, &body, conc, duration).await?;
+                let cpu = m.cpu_per_request().as_secs_f64();
+                if peer.kind == PeerKind::Nginx {
+                    nginx = Some((cpu, m.report.rps()));
+                }
+                if let (Some(n), PeerKind::Gateway | PeerKind::Baseline) = (&nginx, peer.kind) {
+                    let ratio = (cpu / n.0.max(1e-12), m.report.rps() / n.1.max(1e-12));
+                    match ratios.iter_mut().find(|r| r.0 == conc && r.1 == peer.kind) {
+                        Some(r) => r.2.push(ratio),
+                        None => ratios.push((conc, peer.kind, vec![ratio])),
+                    }
+                }
+                let vs = |f: fn(&(f64, f64)) -> f64, x: f64| match (&nginx, peer.kind) {
+                    (Some(n), PeerKind::Gateway | PeerKind::Baseline) => format!("{:.2}", x / f(n).max(1e-12)),
+                    _ => "".into(),
+                };
+                let direct = peer.kind == PeerKind::Direct;
+                println!(
+                    "| {round} | {conc} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} |",
+                    peer.kind.name(),
+                    m.report.rps(),
+                    ms(m.report.quantile(0.5)),
+                    ms(m.report.quantile(0.99)),
+                    m.report.errors,
+                    if direct { "-".into() } else { m.cpu_split() },
+                    vs(|n| n.0, cpu),
+                    vs(|n| n.1, m.report.rps()),
+                    us(m.bench_cpu.div_f64(m.report.ok.max(1) as f64)),
+                );
+            }
+        }
+    }
+    if !ratios.is_empty() {
+        println!("\nratios to nginx of the same round: median (min-max over {} rounds)", args.rounds);
+        println!("| conc | peer | CPU/req vs nginx | rps vs nginx |");
+        println!("|---|---|---|---|");
+        for (conc, kind, rs) in &ratios {
+            let spread = |f: fn(&(f64, f64)) -> f64| {
+                let mut v: Vec<f64> = rs.iter().map(f).collect();
+                v.sort_by(f64::total_cmp);
+                format!("{:.2} ({:.2}-{:.2})", v[v.len() / 2], v[0], v[v.len() - 1])
+            };
+            println!("| {conc} | {} | {} | {} |", kind.name(), spread(|r| r.0), spread(|r| r.1));
+        }
+    }
+    if args.hold > 0 {
+        for p in &peers {
+            println!("{} pids {:?} at {}", p.kind.name(), p.pids(), p.url);
+        }
+        tokio::time::sleep(Duration::from_secs(args.hold)).await;
+    }
+    drop(peers);
+
+    if args.streams > 0 {
+        stream_run(&setup, &kinds, args.streams, args.rounds, duration).await?;
+    }
+    println!("\nmemory: RSS (all of a peer's processes)");
+    println!("| peer | idle | with {} open streams | streams open |", args.open_streams);
+    println!("|---|---|---|---|");
+    for (kind, idle_kb) in idle {
+        let (open_kb, open) =
+            if args.open_streams > 0 { open_streams(&setup, kind, args.open_streams).await? } else { (0, 0) };
+        println!(
+            "| {} | {:.1} MB | {:.1} MB | {open} |",
+            kind.name(),
+            idle_kb as f64 / 1024.0,
+            open_kb as f64 / 1024.0
+        );
+    }
+    Ok(())
+}
+
+/// `streams` closed loops of SSE streams (64 events, 5 ms apart): time to first byte and CPU per stream.
+async fn stream_run(
+    setup: &Setup,
+    kinds: &[PeerKind],
+    streams: usize,
+    rounds: usize,
+    duration: Duration,
+) -> anyhow::Result<()> {
+    let (_sim, sim_url) = setup
+        .sim(
+            "sim-stream",
+            &[
+                "--ttft-ms",
+                "0",
+                "--itl-ms",
+                "5",
+                "--prefill-ms-per-1k-tokens",
+                "0",
+                "--output-tokens",
+                "64-64",
+                "--max-num-seqs",
+                "1024",
+            ],
+        )
+        .await?;
+    let mut peers = Vec::new();
+    for &k in kinds {
+        peers.push(setup.peer(k, &sim_url, "stream").await?);
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let body = chat_body(true, 64);
+    println!("\nstreamed: {streams} concurrent SSE streams of 64 events 5 ms apart (sim: no time to first token)");
+    println!("| round | peer | streams/s | TTFB p50 | TTFB p99 | stream p50 | errors | CPU/stream (user + sys) |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for round in 1..=rounds {
+        for peer in &peers {
+            let m = measure(peer, &body, streams, duration).await?;
+            let r = &m.report;
+            println!(
+                "| {round} | {} | {:.0} | {} | {} | {} | {} | {} |",
+                peer.kind.name(),
+                r.rps(),
+                ms(r.first_byte_quantile(0.5)),
+                ms(r.first_byte_quantile(0.99)),
+                ms(r.quantile(0.5)),
+                r.errors,
+                if peer.kind == PeerKind::Direct { "-".into() } else { m.cpu_split() },
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Opens `n` streams at once through a fresh `kind` peer in front of a slow sim (an event every 500 ms),
+/// over HTTP/2 connections of 100 streams each, and returns the peer's RSS once they are all open (or
+/// after 60 s) and how many opened.
+async fn open_streams(setup: &Setup, kind: PeerKind, n: usize) -> anyhow::Result<(u64, usize)> {
+    let seqs = (n + 1000).to_string();
+    let blocks = (n * 64).to_string();
+    let (_sim, sim_url) = setup
+        .sim(
+            "sim-slow",
+            &[
+                "--ttft-ms",
+                "0",
+                "--itl-ms",
+                "500",
+                "--prefill-ms-per-1k-tokens",
+                "0",
+                "--output-tokens",
+                "200-200",
+                "--max-num-seqs",
+                &seqs,
+                "--max-num-queued",
+                &seqs,
+                "--kv-blocks",
+                &blocks,
+            ],
+        )
+        .await?;
+    let peer = setup.peer(kind, &sim_url, "open").await?;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let uri: http::Uri = format!("{}/v1/chat/completions", peer.h2_url).parse()?;
+    let body = chat_body(true, 200);
+    let opened = Arc::new(AtomicUsize::new(0));
+    let release = Arc::new(tokio::sync::Notify::new());
+    let opening = Arc::new(tokio::sync::Semaphore::new(256));
+    let mut tasks = tokio::task::JoinSet::new();
+    for c in 0..n.div_ceil(100) {
+        let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .http2_only(true)
+            .build_http::<Full<Bytes>>();
+        for _ in 0..(n - c * 100).min(100) {
+            let (client, uri, body) = (client.clone(), uri.clone(), body.clone());
+            let (opened, release, opening) = (Arc::clone(&opened), Arc::clone(&release), Arc::clone(&opening));
+            tasks.spawn(async move {
+                let permit = opening.acquire_owned().await;
+                let req = http::Request::post(uri)
+                    .header("content-type", "application/json")
+                    .body(Full::new(body))
+                    .expect("static request parts are valid");
+                let Ok(resp) = client.request(req).await else { return };
+                if !resp.status().is_success() {
+                    return;
+                }
+                let mut body = resp.into_body();
+                // Open once the first event arrived.
+                if !matches!(body.frame().await, Some(Ok(_))) {
+                    return;
+                }
+                drop(permit);
+                opened.fetch_add(1, Ordering::Relaxed);
+                let notified = release.notified();
+                tokio::pin!(notified);
+                loop {
+                    tokio::select! {
+                        _ = &mut notified => return,
+                        f = body.frame() => if !matches!(f, Some(Ok(_))) { return },
+                    }
+                }
+            });
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while opened.load(Ordering::Relaxed) < n && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss = peer.rss_kb();
+    let open = opened.load(Ordering::Relaxed);
+    release.notify_waiters();
+    tasks.abort_all();
+    while tasks.join_next().await.is_some() {}
+    drop(peer);
+    Ok((rss, open))
+}
