@@ -634,8 +634,8 @@ async fn reload_script(
             ),
             _ => ("sim-spare removed".to_owned(), http::Method::DELETE, "/api/workers/sim-spare".to_owned(), json!({})),
         };
-        let body = (method != http::Method::DELETE).then_some(&body);
-        let result = send(&client, method.clone(), &format!("{base}{url}"), body).await;
+        // Every admin change, DELETE included, is sent as JSON: the gateway refuses others (cross-site).
+        let result = send(&client, method.clone(), &format!("{base}{url}"), Some(&body)).await;
         let t = start.elapsed().as_secs_f64();
         match result {
             Ok((status, _)) if status.is_success() => {
