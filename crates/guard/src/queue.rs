@@ -91,8 +91,8 @@ use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 /// Default of [`QueueConfig::max_overtaken`]: times the waiter next in line may be passed over by
-/// [`AdmissionQueue::pop_preferring`] for a more urgent one of equal standing: about one round of
-/// hand-offs on a small fleet.
+/// [`AdmissionQueue::pop_preferring`] for another of equal standing the freed worker suits better:
+/// about one round of hand-offs on a small fleet.
 pub const DEFAULT_MAX_OVERTAKEN: u32 = 16;
 
 /// A waiter holds out for a better worker until it has waited this many times the prefill it would
@@ -152,7 +152,7 @@ pub struct QueueConfig {
     /// Round robin between tenants within a level (else pure arrival order).
     pub fairness: bool,
     /// Times the waiter next in line may be passed over by [`AdmissionQueue::pop_preferring`] for a
-    /// more urgent one of equal standing; zero turns the preference off.
+    /// another of equal standing the freed worker suits better; zero turns the preference off.
     pub max_overtaken: u32,
     /// Weights of the level.
     pub scoring: Scoring,
@@ -484,18 +484,12 @@ impl<T> AdmissionQueue<T> {
         }
         group.sort_by(|a, b| (a.1 .0).cmp(&b.1 .0).then(b.0.total_cmp(&a.0)).then(a.1.cmp(&b.1)));
         // Waiters already holding out for each better worker, in this order: the queue before them there.
-        let mut ahead: Vec<(u64, u32)> = Vec::new();
+        let mut ahead: HashMap<u64, u32> = HashMap::new();
         let mut head_held_out = false;
         let mut chosen = None;
         for (_, (_, _, seq), f, waited) in &group {
             if let Some((w, there)) = f.better {
-                let n = match ahead.iter_mut().find(|(k, _)| *k == w) {
-                    Some((_, n)) => n,
-                    None => {
-                        ahead.push((w, 0));
-                        &mut ahead.last_mut().expect("just pushed").1
-                    }
-                };
+                let n = ahead.entry(w).or_default();
                 *n += 1;
                 let extra = f.here.saturating_sub(there);
                 let expected = interval(w).saturating_mul(*n);

@@ -33,8 +33,8 @@ pub trait Policy: Send + Sync {
 
     /// The predicted prefill time of the part of `req`'s prompt `worker` does not hold in its prefix cache
     /// (zero for policies that model no cache): the admission queue's hand-off lets a waiter hold out for
-    /// the worker that would take least, and serves first the waiter whose first token would come latest
-    /// (`guard::AdmissionQueue::pop_preferring`).
+    /// the worker that would take least, and counts what the freed worker's cache saves a waiter as time
+    /// it already waited (`guard::AdmissionQueue::pop_preferring`).
     fn prefill_time(&self, _req: &RequestFeatures, _worker: WorkerId) -> std::time::Duration {
         std::time::Duration::ZERO
     }
