@@ -21,7 +21,7 @@ mod peers;
 mod procs;
 mod scenario;
 
-use crate::workload::{self, Corpus};
+use crate::workload::{self, Corpus, Kind};
 use drive::{Counters, HttpClient, Outcome, Sample};
 use peers::Peer;
 use procs::Proc;
@@ -116,6 +116,9 @@ struct RunResult {
     /// Requests finished per worker (sims' counters).
     share: Vec<f64>,
     errors: BTreeMap<&'static str, u64>,
+    /// Share of completed requests that were cold (the worker held less than half their prompt), and
+    /// the TTFT p50 of those, against the p99 of the warm rest: where a tail comes from.
+    cold: (f64, Duration, Duration),
 }
 
 /// Where the binaries and logs are.
@@ -270,7 +273,8 @@ async fn run_scenario(env: &Env, args: &Args, sc: &Scenario, routers: &[Router])
             match run_once(env, args, sc, router, &corpus, load, arrivals.as_ref(), &tag).await {
                 Ok(r) => {
                     eprintln!(
-                        "  {} / {} run {}: {:.1} req/s, TTFT p50 {} p99 {}, hit {:.2}, errors {}",
+                        "  {} / {} run {}: {:.1} req/s, TTFT p50 {} p99 {}, hit {:.2}, errors {}; \
+                         cold {:.0}% (TTFT p50 {}), warm p99 {}",
                         sc.name,
                         router.label(),
                         rep + 1,
@@ -278,7 +282,10 @@ async fn run_scenario(env: &Env, args: &Args, sc: &Scenario, routers: &[Router])
                         ms(r.ttft_p50),
                         ms(r.ttft_p99),
                         r.hit_rate,
-                        errors_cell(&r.errors)
+                        errors_cell(&r.errors),
+                        r.cold.0 * 100.0,
+                        ms(r.cold.1),
+                        ms(r.cold.2),
                     );
                     runs.push(r);
                 }
@@ -418,14 +425,20 @@ async fn measure(
 /// Every request's end and TTFT (or error), one CSV line each, so a tail can be placed in time.
 fn write_samples(path: &std::path::Path, samples: &[Sample]) -> anyhow::Result<()> {
     use std::fmt::Write as _;
-    let mut out = String::from("done_ms,ttft_ms,prompt_tokens,cached_tokens,queue_position,error\n");
+    let mut out =
+        String::from("done_ms,system,turn,worker_port,ttft_ms,prompt_tokens,cached_tokens,queue_position,error\n");
     for s in samples {
         let done = s.done.as_millis();
+        // One-offs have no system prompt: left empty.
+        let (system, turn) = match s.kind {
+            Kind::Turn { system, turn, .. } => (system.to_string(), turn.to_string()),
+            Kind::OneOff => (String::new(), String::new()),
+        };
         let _ = match s.outcome {
-            Outcome::Ok { ttft, tokens: (prompt, cached), queued } => {
-                writeln!(out, "{done},{},{prompt},{cached},{queued},", ttft.as_millis())
+            Outcome::Ok { ttft, tokens: (prompt, cached), queued, worker_port } => {
+                writeln!(out, "{done},{system},{turn},{worker_port},{},{prompt},{cached},{queued},", ttft.as_millis())
             }
-            Outcome::Err(kind) => writeln!(out, "{done},,,,,{kind}"),
+            Outcome::Err(kind) => writeln!(out, "{done},{system},{turn},,,,,,{kind}"),
         };
     }
     std::fs::write(path, out)?;
@@ -451,6 +464,18 @@ fn summarise(samples: &[Sample], dropped: u64, delta: &[Counters], duration: Dur
         })
         .collect();
     ttfts.sort_unstable();
+    let (mut cold, mut warm): (Vec<Duration>, Vec<Duration>) = (Vec::new(), Vec::new());
+    for s in samples.iter().filter(|s| s.done <= duration) {
+        if let Outcome::Ok { ttft, tokens: (prompt, cached), .. } = s.outcome {
+            if cached.saturating_mul(2) < prompt {
+                cold.push(ttft)
+            } else {
+                warm.push(ttft)
+            }
+        }
+    }
+    cold.sort_unstable();
+    warm.sort_unstable();
     let mut errors = BTreeMap::new();
     for s in samples {
         if let Outcome::Err(kind) = s.outcome {
@@ -469,6 +494,7 @@ fn summarise(samples: &[Sample], dropped: u64, delta: &[Counters], duration: Dur
         hit_rate: hits / queries.max(1.0),
         share: delta.iter().map(|c| c.requests).collect(),
         errors,
+        cold: (cold.len() as f64 / ttfts.len().max(1) as f64, quantile(&cold, 0.5), quantile(&warm, 0.99)),
     }
 }
 
@@ -566,20 +592,28 @@ mod tests {
     fn summary_counts_completed_within_the_run_and_reads_the_sims() {
         let ok = |ms: u64, done: u64| Sample {
             done: Duration::from_secs(done),
-            outcome: Outcome::Ok { ttft: Duration::from_millis(ms), tokens: (0, 0), queued: 0 },
+            kind: Kind::OneOff,
+            outcome: Outcome::Ok { ttft: Duration::from_millis(ms), tokens: (0, 0), queued: 0, worker_port: 0 },
         };
         let samples = vec![
             ok(100, 1),
             ok(300, 2),
             ok(200, 3),
             ok(900, 11), // after the run's end: not completed within it
-            Sample { done: Duration::from_secs(4), outcome: Outcome::Err("503") },
+            Sample { done: Duration::from_secs(4), kind: Kind::OneOff, outcome: Outcome::Err("503") },
         ];
         let delta = vec![
             Counters { hits: 50.0, queries: 100.0, requests: 3.0 },
             Counters { hits: 0.0, queries: 100.0, requests: 1.0 },
         ];
+        let mut samples = samples;
+        // ok(300, 2) was served cold: the worker held 10 of its 100 prompt tokens.
+        if let Outcome::Ok { tokens, .. } = &mut samples[1].outcome {
+            *tokens = (100, 10);
+        }
         let r = summarise(&samples, 2, &delta, Duration::from_secs(10));
+        assert!((r.cold.0 - 1.0 / 3.0).abs() < 1e-9, "one of three completed was cold");
+        assert_eq!((r.cold.1, r.cold.2), (Duration::from_millis(300), Duration::from_millis(200)));
         assert_eq!(r.ttft_p50, Duration::from_millis(200));
         assert_eq!(r.ttft_p99, Duration::from_millis(300));
         assert!((r.rps - 0.3).abs() < 1e-9);

@@ -94,6 +94,8 @@ pub enum Kind {
         conversation: u64,
         /// Turn number, from 1.
         turn: u32,
+        /// Its system prompt's index in the corpus.
+        system: usize,
     },
     /// A one-off prompt with unique text.
     OneOff,
@@ -104,8 +106,7 @@ pub enum Kind {
 pub struct Request {
     /// `X-Session-Id`: the conversation (or the one-off's own id), unique over all streams.
     pub session: String,
-    /// What it is (the tests check turn order with it).
-    #[cfg_attr(not(test), allow(dead_code))]
+    /// What it is (the tests check turn order with it; the samples name its system prompt and turn).
     pub kind: Kind,
     /// The JSON body, streamed with usage.
     pub body: Bytes,
@@ -249,7 +250,7 @@ impl Stream {
         messages.extend(conv.history.iter().map(|(r, c)| (*r, c.as_str())));
         let req = Request {
             session: format!("c{}-conv-{}", self.client, conv.id),
-            kind: Kind::Turn { conversation: conv.id, turn: conv.sent },
+            kind: Kind::Turn { conversation: conv.id, turn: conv.sent, system: conv.system },
             body: self.corpus.body(&messages),
         };
         self.conversation = Some(conv);
@@ -441,7 +442,9 @@ mod tests {
         let (mut checked, mut oneoffs) = (0, 0);
         for w in xs.windows(2) {
             match (w[0].kind, w[1].kind) {
-                (Kind::Turn { conversation: c0, turn: t0 }, Kind::Turn { conversation: c1, turn: t1 }) if c0 == c1 => {
+                (Kind::Turn { conversation: c0, turn: t0, .. }, Kind::Turn { conversation: c1, turn: t1, .. })
+                    if c0 == c1 =>
+                {
                     assert_eq!(t1, t0 + 1);
                     let (m, n) = (messages(&w[0]), messages(&w[1]));
                     assert_eq!(n[..m.len()], m[..], "turn k+1 extends turn k");

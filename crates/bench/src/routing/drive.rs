@@ -10,7 +10,7 @@
 //!
 //! A request may run [`REQUEST_TIMEOUT`], and never past [`GRACE`] after the run's end.
 
-use crate::workload::{Arrival, Corpus, Stream};
+use crate::workload::{Arrival, Corpus, Kind, Stream};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
@@ -41,6 +41,8 @@ pub enum Outcome {
         tokens: (u32, u32),
         /// `X-Queue-Position` when the router sets it (0: it did not wait in a gateway queue).
         queued: u32,
+        /// The port of the worker that served it, from `X-Gateway-Worker` when the router names it (else 0).
+        worker_port: u16,
     },
     /// Failed, with the kind of failure.
     Err(&'static str),
@@ -51,6 +53,8 @@ pub enum Outcome {
 pub struct Sample {
     /// When it ended, from the run's start.
     pub done: Duration,
+    /// What was sent.
+    pub kind: Kind,
     /// How.
     pub outcome: Outcome,
 }
@@ -75,7 +79,7 @@ pub async fn closed_loop(
             while Instant::now() < end {
                 let req = stream.next_request();
                 let outcome = timed(&client, uri.clone(), &req.session, req.body, end).await;
-                samples.push(Sample { done: start.elapsed(), outcome });
+                samples.push(Sample { done: start.elapsed(), kind: req.kind, outcome });
                 if matches!(outcome, Outcome::Err(_)) {
                     tokio::time::sleep(ERROR_PAUSE).await;
                 }
@@ -118,7 +122,7 @@ pub async fn open_loop(
             let req = &arrivals[i].request;
             let outcome = timed(&client, uri, &req.session, req.body.clone(), end).await;
             outstanding.fetch_sub(1, Ordering::Relaxed);
-            Sample { done: start.elapsed(), outcome }
+            Sample { done: start.elapsed(), kind: req.kind, outcome }
         }));
     }
     let mut all = Vec::with_capacity(tasks.len());
@@ -151,6 +155,13 @@ async fn one(client: &HttpClient, uri: http::Uri, session: &str, body: Bytes) ->
     let status = resp.status();
     let queued =
         resp.headers().get("x-queue-position").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok()).unwrap_or(0);
+    let worker_port = resp
+        .headers()
+        .get("x-gateway-worker")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.rsplit(':').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0);
     if !status.is_success() {
         return Outcome::Err(match status.as_u16() {
             429 => "429",
@@ -197,7 +208,7 @@ async fn one(client: &HttpClient, uri: http::Uri, session: &str, body: Bytes) ->
         }
     }
     match (ttft, done) {
-        (Some(ttft), true) => Outcome::Ok { ttft, tokens, queued },
+        (Some(ttft), true) => Outcome::Ok { ttft, tokens, queued, worker_port },
         _ => Outcome::Err("incomplete"),
     }
 }
