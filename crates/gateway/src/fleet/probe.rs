@@ -246,6 +246,7 @@ async fn scrape_load(client: &Client, worker: &Worker, timeout: Duration) -> u32
         worker.mark_alive(Instant::now());
     }
     s.sent_since_scrape.store(0, Ordering::Relaxed);
+    worker.update_dispatch_rate(Instant::now());
     load.max_running.max(0.0) as u32
 }
 

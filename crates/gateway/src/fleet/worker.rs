@@ -88,6 +88,12 @@ pub struct WorkerStats {
     pub dialect: std::sync::atomic::AtomicU8,
     /// When a real request on it last succeeded, in ms since [`Worker::epoch`].
     pub last_success_ms: AtomicU64,
+    /// Requests dispatched to it per second, averaged over the last scrapes (0 until measured). Under
+    /// saturation a dispatch follows each slot that frees: the admission hand-off reads its inverse as
+    /// the worker's own slot interval, so a slow worker's line is not priced at the fleet's pace.
+    pub dispatch_rate: AtomicF64,
+    /// `requests_total` and its time at the last [`Worker::update_dispatch_rate`].
+    dispatch_mark: parking_lot::Mutex<Option<(Instant, u64)>>,
 }
 
 /// What a worker's health probe asks.
@@ -148,6 +154,8 @@ pub struct Worker {
 
 /// Weight of a new sample in the latency and error EWMAs.
 const EWMA_ALPHA: f64 = 0.2;
+/// The longest slot interval [`Worker::slot_interval`] reports (a worker nearly idle between scrapes).
+const MAX_SLOT_INTERVAL_SECS: f64 = 10.0;
 
 impl Worker {
     /// A worker from its config entry. It starts unhealthy until its first probe passes.
@@ -323,6 +331,32 @@ impl Worker {
         self.stats.requests_total.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Updates [`WorkerStats::dispatch_rate`] from the dispatches counted since the last update (the
+    /// scrape calls it once per probe interval): half the last measure, half the one before, so a change
+    /// of pace shows within a few seconds.
+    pub fn update_dispatch_rate(&self, now: Instant) {
+        let s = &self.stats;
+        let total = s.requests_total.load(Ordering::Relaxed);
+        let mut mark = s.dispatch_mark.lock();
+        if let Some((at, before)) = *mark {
+            let secs = now.saturating_duration_since(at).as_secs_f64();
+            if secs < 0.1 {
+                return;
+            }
+            let measured = total.saturating_sub(before) as f64 / secs;
+            let old = s.dispatch_rate.get();
+            s.dispatch_rate.set(if old > 0.0 { (old + measured) / 2.0 } else { measured });
+        }
+        *mark = Some((now, total));
+    }
+
+    /// The expected time between two of its slots freeing under saturation (the inverse of its
+    /// dispatch rate), `None` until a rate was measured.
+    pub fn slot_interval(&self) -> Option<std::time::Duration> {
+        let rate = self.stats.dispatch_rate.get();
+        (rate > 0.0).then(|| std::time::Duration::from_secs_f64((1.0 / rate).min(MAX_SLOT_INTERVAL_SECS)))
+    }
+
     /// Feeds a finished request into the latency and error estimates.
     pub fn record(&self, outcome: &Outcome, now: Instant) {
         let s = &self.stats;
@@ -476,5 +510,31 @@ mod tests {
             g.settle(OutcomeKind::Success, Instant::now(), &cfg);
         }
         assert_eq!(w.breaker_state(Instant::now()), guard::StateName::Closed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_dispatch_rate_is_measured_between_scrapes_and_gives_the_slot_interval() {
+        let w = Worker::new(1, WorkerConfig::from_url("http://h:1"));
+        assert_eq!(w.slot_interval(), None, "nothing measured yet");
+        w.update_dispatch_rate(Instant::now());
+        for _ in 0..20 {
+            w.count_dispatch();
+        }
+        tokio::time::advance(std::time::Duration::from_secs(1)).await;
+        w.update_dispatch_rate(Instant::now());
+        assert_eq!(w.stats.dispatch_rate.get(), 20.0);
+        assert_eq!(w.slot_interval(), Some(std::time::Duration::from_millis(50)));
+        // Half the last measure, half the one before: a pace that drops shows at once, damped.
+        tokio::time::advance(std::time::Duration::from_secs(1)).await;
+        w.update_dispatch_rate(Instant::now());
+        assert_eq!(w.stats.dispatch_rate.get(), 10.0);
+        // Updates closer than 100 ms apart are ignored (no rate from a sliver of time).
+        w.count_dispatch();
+        tokio::time::advance(std::time::Duration::from_millis(10)).await;
+        w.update_dispatch_rate(Instant::now());
+        assert_eq!(w.stats.dispatch_rate.get(), 10.0);
+        // A worker nearly idle reports a bounded interval.
+        w.stats.dispatch_rate.set(0.001);
+        assert_eq!(w.slot_interval(), Some(std::time::Duration::from_secs(10)));
     }
 }

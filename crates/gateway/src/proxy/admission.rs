@@ -646,12 +646,17 @@ impl Admission {
             return;
         }
         let cap = self.capacity_of(worker);
-        // A worker's slot interval: the model's recent dispatch rate shared by its workers.
+        // A worker's slot interval: its own measured dispatch pace; until one is measured, the model's
+        // recent dispatch rate shared by its workers.
         let now = Instant::now().into_std();
         let per_worker = queue.dispatches.lock().estimated_wait(1, now);
         let mut waiting = queue.waiting.lock();
-        let fleet = waiting.items().map(|w| w.workers.len()).max().unwrap_or(1).max(1);
-        let interval = |_: u64| per_worker.saturating_mul(u32::try_from(fleet).unwrap_or(u32::MAX));
+        // The waiters' widest set of workers: the model's fleet, as a rule.
+        let fleet: Vec<Arc<Worker>> =
+            waiting.items().map(|w| &w.workers).max_by_key(|ws| ws.len()).cloned().unwrap_or_default();
+        let shared = per_worker.saturating_mul(u32::try_from(fleet.len().max(1)).unwrap_or(u32::MAX));
+        let interval =
+            |id: WorkerId| fleet.iter().find(|w| w.id == id).and_then(|w| w.slot_interval()).unwrap_or(shared);
         // Budget waiters take no slot.
         let wants_slot = |w: &Waiter| w.tx.is_some();
         while waiting.items().any(wants_slot) {
@@ -860,9 +865,13 @@ mod tests {
         let prefill = || -> Option<Affinity> {
             Some(Box::new(|id| if id == 1 { Duration::from_millis(20) } else { Duration::from_secs(1) }))
         };
-        for (dispatches_per_sec, expect) in [(40, 1), (0, 2)] {
+        // (the model's dispatches in the last second, worker 1's own measured dispatch rate, where it runs)
+        for (dispatches_per_sec, warm_rate, expect) in [(40, 0.0, 1), (0, 0.0, 2), (40, 0.5, 2), (0, 40.0, 1)] {
             let a = admission();
             let (warm, cold) = (worker_numbered(1, 1), worker_numbered(2, 1));
+            // Worker 1's own pace, once measured, prices its line: a slot each 2 s is longer than the
+            // 980 ms it saves (spill), one each 25 ms is shorter (hold out), whatever the model's rate.
+            warm.stats.dispatch_rate.set(warm_rate);
             let busy_warm = LoadGuard::try_take(&warm, 1, a.notify()).expect("room");
             let busy_cold = LoadGuard::try_take(&cold, 1, a.notify()).expect("room");
             // The model's slot interval: 2 workers at 40 dispatches/s free one each 50 ms; with no
@@ -887,7 +896,7 @@ mod tests {
             assert_eq!(
                 if expect == 1 { (on_warm, on_cold) } else { (on_cold, on_warm) },
                 (1, 0),
-                "rate {dispatches_per_sec}"
+                "model rate {dispatches_per_sec}, worker 1's rate {warm_rate}"
             );
             drop(reservation);
         }
