@@ -160,7 +160,11 @@ mod tests {
     use super::*;
 
     fn record(url: &str, n: u64) -> DispatchRecord {
-        DispatchRecord { url: url.into(), chunk_bytes: 128, hashes: (0..n).map(|i| i.wrapping_mul(0x9e37_79b9)).collect() }
+        DispatchRecord {
+            url: url.into(),
+            chunk_bytes: 128,
+            hashes: (0..n).map(|i| i.wrapping_mul(0x9e37_79b9)).collect(),
+        }
     }
 
     #[test]

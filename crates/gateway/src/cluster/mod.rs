@@ -35,9 +35,9 @@ use crate::fleet::worker::Worker;
 use crate::fleet::Fleet;
 use crate::metrics::Metrics;
 use crate::proxy::admission::Admission;
-use routing::Policy;
 use gateway_core::{ErrorKind, GatewayError};
 use parking_lot::Mutex;
+use routing::Policy;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -281,7 +281,14 @@ impl Cluster {
         tokio::spawn(breakers::opening_loop(redis.clone(), opening_rx, stop.clone()));
         tokio::spawn(affinity::dispatch_loop(redis.clone(), self.replica.clone(), dispatch_rx, stop.clone()));
         let (cluster, policy) = (Arc::clone(&self), Box::new(policy));
-        tokio::spawn(subscribe_loop(redis.clone(), cluster, Arc::clone(&admission), Arc::clone(&fleet), policy, stop.clone()));
+        tokio::spawn(subscribe_loop(
+            redis.clone(),
+            cluster,
+            Arc::clone(&admission),
+            Arc::clone(&fleet),
+            policy,
+            stop.clone(),
+        ));
         tokio::spawn(Arc::clone(&self).renew_loop(redis.clone(), Arc::clone(&admission), stop.clone()));
         loop {
             tokio::select! {

@@ -280,7 +280,12 @@ impl RedisSlots {
     /// Publishes `message` on `channel`.
     pub async fn publish(&self, channel: &str, message: &[u8]) -> Result<(), String> {
         let mut conn = self.redis.conn().await?;
-        redis::cmd("PUBLISH").arg(channel).arg(message).query_async::<i64>(&mut conn).await.map_err(|e| e.to_string())?;
+        redis::cmd("PUBLISH")
+            .arg(channel)
+            .arg(message)
+            .query_async::<i64>(&mut conn)
+            .await
+            .map_err(|e| e.to_string())?;
         Ok(())
     }
 

@@ -134,12 +134,8 @@ impl Gateway {
             let state = Arc::downgrade(&state);
             move || state.upgrade().map(|s| Arc::clone(&s.snapshot.load().policy))
         };
-        let cluster = Arc::clone(&state.cluster).run(
-            Arc::clone(&state.admission),
-            state.shutdown.clone(),
-            fleet.clone(),
-            policy,
-        );
+        let cluster =
+            Arc::clone(&state.cluster).run(Arc::clone(&state.admission), state.shutdown.clone(), fleet.clone(), policy);
         tokio::spawn(cluster);
         let sweeper =
             Arc::clone(&state.admission).run_sweeper(Duration::from_millis(500), state.shutdown.clone(), fleet);
