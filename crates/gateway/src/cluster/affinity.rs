@@ -5,7 +5,7 @@
 //! replicas each remembered only its own dispatches, so a conversation whose turns reach different
 //! replicas found no holder at the next one and landed on a random worker, without its cache.
 //!
-//! With `backend = "redis"` each dispatch with prefix hashes is also queued here
+//! With `backend = "redis"` (and `share_dispatches`, on by default) each dispatch with prefix hashes is also queued here
 //! ([`Cluster::share_dispatch`]: the worker's URL and the first [`MAX_SHARED_HASHES`] hashes; a full
 //! queue drops the record, the request never waits), and a background task publishes the waiting
 //! records together, one `PUBLISH` per batch on [`super::redis::DISPATCH_CHANNEL`], fire and forget.
@@ -51,7 +51,11 @@ impl Cluster {
     /// indexes (`backend = "redis"`, Redis up, the request has prefix hashes; else nothing). Never
     /// blocks: a full queue drops the record.
     pub fn share_dispatch(&self, url: &str, features: &RequestFeatures) {
-        if features.prefix_hashes.is_empty() || self.redis.is_none() || !self.shares_slots() {
+        if features.prefix_hashes.is_empty()
+            || !self.cfg.share_dispatches
+            || self.redis.is_none()
+            || !self.shares_slots()
+        {
             return;
         }
         let hashes = &features.prefix_hashes[..features.prefix_hashes.len().min(MAX_SHARED_HASHES)];
@@ -67,13 +71,14 @@ impl Cluster {
 
     /// Feeds the records of one heard message to `policy` as dispatches to this replica's workers.
     pub(super) fn hear_dispatches(&self, payload: &[u8], fleet: &crate::fleet::Fleet, policy: &dyn Policy) {
-        let Some((from, records)) = decode(payload) else {
+        // Its own messages come back too (it subscribes to the channel it publishes on): not read.
+        if sender(payload).is_none_or(|from| from == self.replica.as_bytes()) {
+            return;
+        }
+        let Some((_, records)) = decode(payload) else {
             tracing::debug!("cluster: a dispatch message could not be read; skipped");
             return;
         };
-        if from == self.replica.as_bytes() {
-            return;
-        }
         for r in records {
             let Some(w) = fleet.workers.iter().find(|w| w.base_url == r.url) else { continue };
             let features = RequestFeatures {
@@ -129,6 +134,11 @@ pub fn encode(from: &[u8], records: &[DispatchRecord], out: &mut Vec<u8>) {
     }
 }
 
+/// The sender's id of a message written by [`encode`], read without the records.
+pub fn sender(msg: &[u8]) -> Option<&[u8]> {
+    msg.get(1..1 + usize::from(*msg.first()?))
+}
+
 /// Reads a message written by [`encode`]: the sender's id and the records; `None` when malformed
 /// (a record claiming more than [`MAX_SHARED_HASHES`] hashes is).
 pub fn decode(mut msg: &[u8]) -> Option<(&[u8], Vec<DispatchRecord>)> {
@@ -174,6 +184,7 @@ mod tests {
         encode(b"replica-1", &records, &mut msg);
         let (from, back) = decode(&msg).expect("reads");
         assert_eq!(from, b"replica-1");
+        assert_eq!(sender(&msg), Some(&b"replica-1"[..]));
         assert_eq!(back, records);
         assert_eq!(msg.len(), 1 + 9 + 3 * (2 + 10 + 4 + 2) + (3 + 128) * 8, "bounded: 8 bytes per hash");
     }

@@ -25,6 +25,17 @@
 //!
 //! Every second the replicas also agree on each worker's learned capacity (the highest any learned), so
 //! a count in Redis is compared with the same capacity whichever replica asks.
+//!
+//! Two kinds of news travel on the same subscription, never on the request path's clock:
+//! - breaker openings ([`breakers`]): a replica whose breaker for a worker opens tells the others, who
+//!   open theirs for the time left without counting a failure (and never tell it again); a key with the
+//!   opening's time lets a replica that starts meanwhile learn it at its re-check. Trials and closing
+//!   stay local.
+//! - dispatch records ([`affinity`]): where each prompt was sent (its prefix hashes), batched, fed to
+//!   every other replica's policy, so a conversation finds the worker holding it from any replica.
+//!
+//! Both are queued through bounded channels that drop rather than block, and both stop while Redis is
+//! down (each replica then judges and routes on what it sees itself).
 
 pub mod affinity;
 pub mod breakers;
