@@ -8,7 +8,9 @@
 //!   slots back within its lease.
 //! - Redis down: `redis_failure = "local"` serves, `"deny"` refuses, both count it; Redis back, sharing
 //!   resumes without a restart.
-//! - Replicas sharing Redis agree on a worker's learned capacity.
+//! - Replicas sharing Redis agree on a worker's learned capacity, open each other's breakers (told once,
+//!   learned by a replica started meanwhile) and hold a conversation on one worker whichever replica gets
+//!   each turn (dispatch records).
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
 
 mod common;
@@ -370,23 +372,11 @@ async fn subscribed(conn: &mut redis::aio::MultiplexedConnection, channel: &str,
     }
 }
 
-/// Twelve conversations with long distinct system prompts, each turn sent to the next of three replicas:
-/// every turn of a conversation lands on the worker that served its first, because each replica tells
-/// the others where it sent each prompt (dispatch records). Without them a turn reaching another replica
-/// would find no holder there and land on a random worker (all 36 follow-ups on the same one by chance:
-/// 4^-36).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_conversation_stays_on_one_worker_whichever_replica_gets_each_turn() {
-    let redis_server = RedisServer::start();
-    let mut conn = redis::Client::open(redis_server.url()).unwrap().get_multiplexed_async_connection().await.unwrap();
-    let sims = sims(4, |_| fast_sim()).await;
-    let mut replicas = Vec::new();
-    for _ in 0..3 {
-        replicas.push(gateway(redis_replica(&sims, &redis_server.url())).await);
-    }
-    subscribed(&mut conn, "llmgw:affinity:dispatched", 3).await;
+/// Twelve conversations with long distinct system prompts, each turn sent to the next of `replicas`:
+/// the worker that served each turn, per conversation.
+async fn converse(replicas: &[llm_gateway::Gateway]) -> Vec<Vec<String>> {
     let c = client();
-    let mut placed = std::collections::BTreeMap::<String, usize>::new();
+    let mut out = Vec::new();
     for conv in 0..12 {
         let topic = format!("You are assistant number {conv}. ");
         let system = topic.repeat(3000 / topic.len());
@@ -403,11 +393,51 @@ async fn a_conversation_stays_on_one_worker_whichever_replica_gets_each_turn() {
             let content = answer["choices"][0]["message"]["content"].as_str().unwrap_or("").to_string();
             messages.push(serde_json::json!({"role": "assistant", "content": content}));
         }
-        assert!(served.iter().all(|w| *w == served[0]), "conversation {conv} moved between workers: {served:?}");
-        *placed.entry(served[0].clone()).or_default() += 1;
+        out.push(served);
     }
-    eprintln!("conversations per worker: {placed:?}");
-    assert!(placed.len() >= 2, "new conversations are spread (p2c), not all on one worker: {placed:?}");
+    out
+}
+
+/// Each turn of a conversation sent to the next of three replicas lands on the worker that served its
+/// first, because each replica tells the others where it sent each prompt (dispatch records). With the
+/// records off, the same conversations move: a turn reaching another replica finds no holder there and
+/// lands on a random worker (all 36 follow-ups staying put by chance: 4^-36), which shows the first
+/// assertion is not vacuous.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conversation_stays_on_one_worker_whichever_replica_gets_each_turn() {
+    let redis_server = RedisServer::start();
+    let mut conn = redis::Client::open(redis_server.url()).unwrap().get_multiplexed_async_connection().await.unwrap();
+    let sims = sims(4, |_| fast_sim()).await;
+    for share in [true, false] {
+        let _ = redis::cmd("FLUSHALL").query_async::<String>(&mut conn).await;
+        let mut replicas = Vec::new();
+        for _ in 0..3 {
+            let mut cfg = redis_replica(&sims, &redis_server.url());
+            cfg.cluster.share_dispatches = share;
+            replicas.push(gateway(cfg).await);
+        }
+        subscribed(&mut conn, "llmgw:affinity:dispatched", 3).await;
+        let conversations = converse(&replicas).await;
+        let stayed = |served: &Vec<String>| served.iter().all(|w| *w == served[0]);
+        if share {
+            for (i, served) in conversations.iter().enumerate() {
+                assert!(stayed(served), "conversation {i} moved between workers: {served:?}");
+            }
+            let mut placed = std::collections::BTreeMap::<&str, usize>::new();
+            for served in &conversations {
+                *placed.entry(served[0].as_str()).or_default() += 1;
+            }
+            eprintln!("conversations per worker: {placed:?}");
+            assert!(placed.len() >= 2, "new conversations are spread (p2c), not all on one worker: {placed:?}");
+        } else {
+            let moved = conversations.iter().filter(|s| !stayed(s)).count();
+            eprintln!("without dispatch records {moved} of 12 conversations moved");
+            assert!(moved > 0, "without dispatch records turns land anywhere: {conversations:?}");
+        }
+        for gw in replicas {
+            gw.shutdown(Duration::from_secs(5)).await;
+        }
+    }
 }
 
 /// The breaker list of the gateway at `url`: worker `i`'s breaker JSON.
