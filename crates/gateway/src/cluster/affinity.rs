@@ -72,7 +72,7 @@ impl Cluster {
     /// Feeds the records of one heard message to `policy` as dispatches to this replica's workers.
     pub(super) fn hear_dispatches(&self, payload: &[u8], fleet: &crate::fleet::Fleet, policy: &dyn Policy) {
         // Its own messages come back too (it subscribes to the channel it publishes on): not read.
-        if sender(payload).is_none_or(|from| from == self.replica.as_bytes()) {
+        if !policy.uses_prefix_hashes() || sender(payload).is_none_or(|from| from == self.replica.as_bytes()) {
             return;
         }
         let Some((_, records)) = decode(payload) else {
