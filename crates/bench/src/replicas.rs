@@ -4,7 +4,9 @@
 //! 1. Overhead: one gateway in front of a zero-latency vllm-sim, `cluster.backend = "local"` then
 //!    `"redis"` (a real `redis-server` from `PATH` on loopback), the same closed loop; the added mean
 //!    latency is the shared count's cost per request (one Lua call to take the slot on the request path,
-//!    the release in the background).
+//!    the release in the background). Redis is run twice, without and with `share_dispatches` (each
+//!    request's prefix hashes published, batched, in the background), so the records' cost is the
+//!    difference of two runs of the same binary.
 //! 2. Saturated fleet: two replicas in front of two sims with few slots, a closed loop above their total
 //!    capacity split over the replicas, local then redis: requests/s, latency, and the most requests the
 //!    sims ever held waiting inside (sampled every millisecond).
@@ -30,6 +32,10 @@ pub struct Args {
     /// `--max-num-seqs` of each sim of the saturated fleet.
     #[arg(long, default_value_t = 8)]
     seqs: usize,
+    /// Characters of the overhead runs' prompt (0: one short sentence): a longer prompt has more prefix
+    /// hashes to share (one per 128 bytes, at most 128).
+    #[arg(long, default_value_t = 0)]
+    prompt_chars: usize,
 }
 
 /// A `redis-server` on a free loopback port, killed when dropped.
@@ -60,7 +66,7 @@ impl Drop for Redis {
     }
 }
 
-fn config(sims: &[&vllm_sim::SimHandle], cap: u32, redis: Option<u16>) -> Config {
+fn config(sims: &[&vllm_sim::SimHandle], cap: u32, redis: Option<u16>, share_dispatches: bool) -> Config {
     let mut cfg = Config::default();
     cfg.server.host = "127.0.0.1".into();
     cfg.server.port = 0;
@@ -76,6 +82,7 @@ fn config(sims: &[&vllm_sim::SimHandle], cap: u32, redis: Option<u16>) -> Config
     if let Some(port) = redis {
         cfg.cluster.backend = ClusterBackend::Redis;
         cfg.cluster.redis_url = format!("redis://127.0.0.1:{port}");
+        cfg.cluster.share_dispatches = share_dispatches;
     }
     cfg
 }
@@ -84,12 +91,15 @@ async fn gateway(cfg: Config) -> anyhow::Result<Gateway> {
     Gateway::serve(tokio::net::TcpListener::bind("127.0.0.1:0").await?, cfg).await
 }
 
-fn body(tokens: u32) -> Bytes {
+fn body(tokens: u32, prompt_chars: usize) -> Bytes {
+    let sentence = "Say something about load balancers.";
+    let prompt =
+        if prompt_chars == 0 { sentence.to_string() } else { sentence.chars().cycle().take(prompt_chars).collect() };
     Bytes::from(
         serde_json::json!({
             "model": "demo-model",
             "max_tokens": tokens,
-            "messages": [{"role": "user", "content": "Say something about load balancers."}],
+            "messages": [{"role": "user", "content": prompt}],
         })
         .to_string(),
     )
@@ -118,20 +128,25 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     })
     .await?;
     println!(
-        "shared slots overhead: one gateway, one zero-latency vllm-sim, concurrency {}, {}s per run",
-        args.concurrency, args.duration
+        "shared slots overhead: one gateway (p2c_kv), one zero-latency vllm-sim, concurrency {}, {}s per run, prompt of {} chars",
+        args.concurrency, args.duration, if args.prompt_chars == 0 { 35 } else { args.prompt_chars }
     );
     println!("| cluster.backend | rps | mean | p50 | p99 | errors |");
     println!("|---|---|---|---|---|---|");
     let mut means = Vec::new();
-    for backend in [None, Some(redis.1)] {
-        let gw = gateway(config(&[&sim], 1024, backend)).await?;
+    let runs = [
+        ("local", None, true),
+        ("redis, share_dispatches = false", Some(redis.1), false),
+        ("redis", Some(redis.1), true),
+    ];
+    let prompt = body(16, args.prompt_chars);
+    for (label, backend, share) in runs {
+        let gw = gateway(config(&[&sim], 1024, backend, share)).await?;
         let url = format!("{}/v1/chat/completions", gw.url());
-        load::run(&url, body(16), args.concurrency, Duration::from_millis(500)).await?;
-        let r = load::run(&url, body(16), args.concurrency, duration).await?;
+        load::run(&url, prompt.clone(), args.concurrency, Duration::from_millis(500)).await?;
+        let r = load::run(&url, prompt.clone(), args.concurrency, duration).await?;
         println!(
-            "| {} | {:.0} | {} | {} | {} | {} |",
-            if backend.is_some() { "redis" } else { "local" },
+            "| {label} | {:.0} | {} | {} | {} | {} |",
             r.rps(),
             ms(mean(&r)),
             ms(r.quantile(0.5)),
@@ -141,12 +156,15 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         means.push((mean(&r), r.rps()));
         gw.shutdown(Duration::from_secs(5)).await;
     }
-    if let [(local, local_rps), (shared, shared_rps)] = means[..] {
+    if let [(local, local_rps), (quiet, quiet_rps), (shared, shared_rps)] = means[..] {
         let cpu = |rps: f64| 2.0 / rps.max(1e-9) * 1e6;
+        let us = |a: Duration, b: Duration| (a.as_secs_f64() - b.as_secs_f64()) * 1e6;
         println!(
-            "\nadded mean latency per request: {:.0} µs; CPU per request (2 cores / rps): local {:.0} µs, redis {:.0} µs",
-            shared.saturating_sub(local).as_secs_f64() * 1e6,
+            "\nadded mean latency per request: redis {:.0} µs, of which dispatch records {:.0} µs; CPU per request (2 cores / rps): local {:.0} µs, redis without records {:.0} µs, redis {:.0} µs",
+            us(shared, local),
+            us(shared, quiet),
             cpu(local_rps),
+            cpu(quiet_rps),
             cpu(shared_rps)
         );
     }
@@ -167,13 +185,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     println!("|---|---|---|---|---|---|---|");
     for backend in [None, Some(redis.1)] {
         let refs: Vec<&vllm_sim::SimHandle> = sims.iter().collect();
-        let a = gateway(config(&refs, args.seqs as u32, backend)).await?;
-        let b = gateway(config(&refs, args.seqs as u32, backend)).await?;
+        let a = gateway(config(&refs, args.seqs as u32, backend, true)).await?;
+        let b = gateway(config(&refs, args.seqs as u32, backend, true)).await?;
         let (ua, ub) = (format!("{}/v1/chat/completions", a.url()), format!("{}/v1/chat/completions", b.url()));
         // Warm-up, then let the sims drain.
         let _ = tokio::join!(
-            load::run(&ua, body(32), clients / 2, Duration::from_millis(500)),
-            load::run(&ub, body(32), clients / 2, Duration::from_millis(500))
+            load::run(&ua, body(32, 0), clients / 2, Duration::from_millis(500)),
+            load::run(&ub, body(32, 0), clients / 2, Duration::from_millis(500))
         );
         tokio::time::sleep(Duration::from_secs(2)).await;
         let stop = Arc::new(AtomicBool::new(false));
@@ -192,8 +210,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             })
         };
         let (ra, rb) = tokio::join!(
-            load::run(&ua, body(32), clients / 2, duration),
-            load::run(&ub, body(32), clients / 2, duration)
+            load::run(&ua, body(32, 0), clients / 2, duration),
+            load::run(&ub, body(32, 0), clients / 2, duration)
         );
         stop.store(true, Ordering::Relaxed);
         let _ = watcher.await;

@@ -8,7 +8,9 @@
 //!   slots back within its lease.
 //! - Redis down: `redis_failure = "local"` serves, `"deny"` refuses, both count it; Redis back, sharing
 //!   resumes without a restart.
-//! - Replicas sharing Redis agree on a worker's learned capacity.
+//! - Replicas sharing Redis agree on a worker's learned capacity, open each other's breakers (told once,
+//!   learned by a replica started meanwhile) and hold a conversation on one worker whichever replica gets
+//!   each turn (dispatch records).
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
 
 mod common;
@@ -344,4 +346,169 @@ async fn replicas_agree_on_learned_capacity() {
     a.state.snapshot.load().fleet.workers[0].stats.learned_capacity.fetch_max(3, Ordering::Relaxed);
     wait_for("the other replica to learn it", Duration::from_secs(5), || async { learned(&b) == 3 }).await;
     assert_eq!(learned(&a), 3);
+}
+
+/// A config for an in-process replica in front of `sims` sharing through `redis`, routing with `p2c_kv`.
+fn redis_replica(sims: &[vllm_sim::SimHandle], redis: &str) -> llm_gateway::Config {
+    let mut cfg = replica_config(sims, 0);
+    cfg.cluster.backend = llm_gateway::config::ClusterBackend::Redis;
+    cfg.cluster.redis_url = redis.to_string();
+    cfg.routing.strategy = routing::Strategy::P2cKv;
+    cfg
+}
+
+/// Waits until `n` connections listen on `channel` (the replicas' subscriptions are up), so nothing
+/// told before is lost.
+async fn subscribed(conn: &mut redis::aio::MultiplexedConnection, channel: &str, n: usize) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, count): (String, usize) =
+            redis::cmd("PUBSUB").arg("NUMSUB").arg(channel).query_async(conn).await.unwrap();
+        if count >= n {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "only {count} of {n} subscriptions to {channel}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Twelve conversations with long distinct system prompts, each turn sent to the next of `replicas`:
+/// the worker that served each turn, per conversation.
+async fn converse(replicas: &[llm_gateway::Gateway]) -> Vec<Vec<String>> {
+    let c = client();
+    let mut out = Vec::new();
+    for conv in 0..12 {
+        let topic = format!("You are assistant number {conv}. ");
+        let system = topic.repeat(3000 / topic.len());
+        let mut messages = vec![serde_json::json!({"role": "system", "content": system})];
+        let mut served = Vec::new();
+        for turn in 0..4 {
+            messages.push(serde_json::json!({"role": "user", "content": format!("question {turn} of {conv}")}));
+            let gw = &replicas[(conv + turn) % replicas.len()];
+            let body = serde_json::json!({"model": "demo-model", "messages": messages, "max_tokens": 8});
+            let resp = c.post(format!("{}/v1/chat/completions", gw.url())).json(&body).send().await.unwrap();
+            assert_eq!(resp.status(), 200);
+            served.push(resp.headers()["x-gateway-worker"].to_str().unwrap().to_string());
+            let answer: serde_json::Value = resp.json().await.unwrap();
+            let content = answer["choices"][0]["message"]["content"].as_str().unwrap_or("").to_string();
+            messages.push(serde_json::json!({"role": "assistant", "content": content}));
+        }
+        out.push(served);
+    }
+    out
+}
+
+/// Each turn of a conversation sent to the next of three replicas lands on the worker that served its
+/// first, because each replica tells the others where it sent each prompt (dispatch records). With the
+/// records off, the same conversations move: a turn reaching another replica finds no holder there and
+/// lands on a random worker (all 36 follow-ups staying put by chance: 4^-36), which shows the first
+/// assertion is not vacuous.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conversation_stays_on_one_worker_whichever_replica_gets_each_turn() {
+    let redis_server = RedisServer::start();
+    let mut conn = redis::Client::open(redis_server.url()).unwrap().get_multiplexed_async_connection().await.unwrap();
+    let sims = sims(4, |_| fast_sim()).await;
+    for share in [true, false] {
+        let _ = redis::cmd("FLUSHALL").query_async::<String>(&mut conn).await;
+        let mut replicas = Vec::new();
+        for _ in 0..3 {
+            let mut cfg = redis_replica(&sims, &redis_server.url());
+            cfg.cluster.share_dispatches = share;
+            replicas.push(gateway(cfg).await);
+        }
+        subscribed(&mut conn, "llmgw:affinity:dispatched", 3).await;
+        let conversations = converse(&replicas).await;
+        let stayed = |served: &Vec<String>| served.iter().all(|w| *w == served[0]);
+        if share {
+            for (i, served) in conversations.iter().enumerate() {
+                assert!(stayed(served), "conversation {i} moved between workers: {served:?}");
+            }
+            let mut placed = std::collections::BTreeMap::<&str, usize>::new();
+            for served in &conversations {
+                *placed.entry(served[0].as_str()).or_default() += 1;
+            }
+            eprintln!("conversations per worker: {placed:?}");
+            assert!(placed.len() >= 2, "new conversations are spread (p2c), not all on one worker: {placed:?}");
+        } else {
+            let moved = conversations.iter().filter(|s| !stayed(s)).count();
+            eprintln!("without dispatch records {moved} of 12 conversations moved");
+            assert!(moved > 0, "without dispatch records turns land anywhere: {conversations:?}");
+        }
+        for gw in replicas {
+            gw.shutdown(Duration::from_secs(5)).await;
+        }
+    }
+}
+
+/// The breaker list of the gateway at `url`: worker `i`'s breaker JSON.
+async fn breaker_of(url: &str, i: usize) -> serde_json::Value {
+    let stats: serde_json::Value =
+        client().get(format!("{url}/api/circuit-breaker/stats")).send().await.unwrap().json().await.unwrap();
+    stats[i]["breaker"].clone()
+}
+
+/// A worker that fails opens the breaker of the replica that sent to it; the other replica opens its
+/// own on hearing it, without a failure of its own and without sending the worker anything, and a
+/// replica started while the opening lasts learns it from Redis. The opening is told once: hearing it
+/// tells no one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_breaker_opened_on_one_replica_opens_on_the_others() {
+    let redis_server = RedisServer::start();
+    let mut conn = redis::Client::open(redis_server.url()).unwrap().get_multiplexed_async_connection().await.unwrap();
+    let sims = sims(2, |_| fast_sim()).await;
+    sims[1].set_faults(vllm_sim::Faults { error_rate: 1.0, ..vllm_sim::Faults::default() });
+    let config = || {
+        let mut cfg = redis_replica(&sims, &redis_server.url());
+        cfg.routing.strategy = routing::Strategy::RoundRobin;
+        cfg.circuit_breaker.timeout_seconds = 60;
+        cfg.retry.base_ms = 1;
+        cfg.retry.max_ms = 5;
+        cfg
+    };
+    let (a, b) = (gateway(config()).await, gateway(config()).await);
+    subscribed(&mut conn, "llmgw:breaker:opened", 2).await;
+
+    let url = format!("{}/v1/chat/completions", a.url());
+    for _ in 0..20 {
+        // Half go to the failing worker first and are retried on the other: every one succeeds.
+        let resp = client().post(&url).json(&chat("demo-model", "hi", false)).send().await.unwrap();
+        assert_eq!(resp.status(), 200);
+        if breaker_state(&a.url(), 1).await == "open" {
+            break;
+        }
+    }
+    assert_eq!(breaker_state(&a.url(), 1).await, "open", "the replica sending to the failing worker opened");
+
+    let b_url = b.url();
+    wait_for("the other replica to open its breaker", Duration::from_secs(5), || {
+        let b_url = b_url.clone();
+        async move { breaker_state(&b_url, 1).await == "open" }
+    })
+    .await;
+    let key = format!("llmgw:breaker:{}", sims[1].url().trim_end_matches('/'));
+    let told: String = redis::cmd("GET").arg(&key).query_async(&mut conn).await.unwrap();
+    let heard = breaker_of(&b.url(), 1).await;
+    assert_eq!(heard["counters"]["failures"], 0, "opened without failing there: {heard}");
+    assert!(heard["retry_after_ms"].as_u64().unwrap() > 50_000, "open for the time left: {heard}");
+    for _ in 0..10 {
+        assert_eq!(post_chat(&b.url(), false).await.status(), 200);
+    }
+    let heard = breaker_of(&b.url(), 1).await;
+    assert_eq!(heard["counters"]["failures"], 0, "it sent the failing worker nothing: {heard}");
+    let sent = metrics_of(&b.url()).await;
+    let to_failing =
+        sent.lines().filter(|l| l.starts_with("llm_gateway_upstream_outcomes_total") && l.contains("\"sim-1\""));
+    assert_eq!(to_failing.count(), 0, "no outcome at the failing worker");
+
+    let late = gateway(config()).await;
+    let late_url = late.url();
+    wait_for("a replica started meanwhile to learn the opening", Duration::from_secs(5), || {
+        let late_url = late_url.clone();
+        async move { breaker_state(&late_url, 1).await == "open" }
+    })
+    .await;
+    assert_eq!(breaker_of(&late.url(), 1).await["counters"]["failures"], 0);
+    let still: String = redis::cmd("GET").arg(&key).query_async(&mut conn).await.unwrap();
+    assert_eq!(still, told, "hearing an opening tells no one (no echo)");
+    assert_eq!(breaker_of(&a.url(), 1).await["counters"]["opens"], 1);
 }

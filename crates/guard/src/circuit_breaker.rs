@@ -416,6 +416,19 @@ impl CircuitBreaker {
         (self.state == BreakerState::Closed).then(|| self.go(BreakerState::Open { since: now }, now))
     }
 
+    /// Opens a Closed breaker now so that trials start after `open_for` (at most its own `timeout`):
+    /// an opening another gateway made and told of, with the time it has left. Its own failure streak
+    /// and counters of results are not touched. Returns the transition, or `None` when it was not Closed.
+    pub fn trip_for(&mut self, now: Instant, open_for: Duration) -> Option<Transition> {
+        if self.state != BreakerState::Closed {
+            return None;
+        }
+        // Opened as if `timeout - open_for` ago, so the usual timeout check ends it on time.
+        let since = now.checked_sub(self.cfg.timeout.saturating_sub(open_for)).unwrap_or(now);
+        let t = self.go(BreakerState::Open { since }, now);
+        Some(t)
+    }
+
     /// Forces the breaker Closed with a clean streak (an operator's reset). Returns the transition
     /// when it was not Closed already. Outstanding permits become stale.
     pub fn reset(&mut self, now: Instant) -> Option<Transition> {
@@ -692,5 +705,26 @@ mod tests {
         assert_eq!(b.counters().opens, 1);
         assert!(b.try_acquire(t0).is_err());
         assert_eq!(b.trip(t0), None, "already open");
+    }
+
+    #[test]
+    fn trip_for_opens_for_the_time_left_at_most_its_own_timeout() {
+        // Started well after the clock's origin, so `now - timeout` exists.
+        let t0 = Instant::now() + secs(60);
+        let mut b = CircuitBreaker::default();
+        let mut p = b.try_acquire(t0).unwrap();
+        b.on_failure(p, t0);
+        let t = b.trip_for(t0, secs(10)).expect("closed trips");
+        assert_eq!((t.from, t.to), (Closed, Open));
+        assert_eq!(b.snapshot(t0).retry_after_ms, Some(10_000), "open for the time the other had left");
+        assert_eq!(b.counters().failures, 1, "no failure of its own is counted");
+        assert!(b.try_acquire(t0 + secs(9)).is_err());
+        p = b.try_acquire(t0 + secs(10)).expect("a trial after the time left, not after its own 30 s");
+        assert!(p.is_trial());
+        assert_eq!(b.trip_for(t0 + secs(10), secs(5)), None, "half-open is left alone (it probes for itself)");
+        let mut longer = CircuitBreaker::default();
+        longer.trip_for(t0, secs(300));
+        assert_eq!(longer.snapshot(t0).retry_after_ms, Some(30_000), "never longer than its own timeout");
+        b.on_cancel(p);
     }
 }

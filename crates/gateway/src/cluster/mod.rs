@@ -25,7 +25,20 @@
 //!
 //! Every second the replicas also agree on each worker's learned capacity (the highest any learned), so
 //! a count in Redis is compared with the same capacity whichever replica asks.
+//!
+//! Two kinds of news travel on the same subscription, never on the request path's clock:
+//! - breaker openings ([`breakers`]): a replica whose breaker for a worker opens tells the others, who
+//!   open theirs for the time left without counting a failure (and never tell it again); a key with the
+//!   opening's time lets a replica that starts meanwhile learn it at its re-check. Trials and closing
+//!   stay local.
+//! - dispatch records ([`affinity`]): where each prompt was sent (its prefix hashes), batched, fed to
+//!   every other replica's policy, so a conversation finds the worker holding it from any replica.
+//!
+//! Both are queued through bounded channels that drop rather than block, and both stop while Redis is
+//! down (each replica then judges and routes on what it sees itself).
 
+pub mod affinity;
+pub mod breakers;
 pub mod redis;
 
 use crate::config::{ClusterBackend, ClusterConfig, RedisFailure};
@@ -35,6 +48,7 @@ use crate::metrics::Metrics;
 use crate::proxy::admission::Admission;
 use gateway_core::{ErrorKind, GatewayError};
 use parking_lot::Mutex;
+use routing::Policy;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -104,6 +118,14 @@ pub struct Cluster {
     held: Mutex<HashMap<u64, Arc<str>>>,
     releases: mpsc::Sender<Release>,
     release_rx: Mutex<Option<mpsc::Receiver<Release>>>,
+    /// This replica's breaker openings on their way to the others.
+    openings: mpsc::Sender<breakers::Opening>,
+    opening_rx: Mutex<Option<mpsc::Receiver<breakers::Opening>>>,
+    /// The opening last applied per worker URL (workers of the fleet only): each is applied once.
+    heard_openings: Mutex<HashMap<String, String>>,
+    /// Dispatch records on their way to the others.
+    dispatches: mpsc::Sender<affinity::DispatchRecord>,
+    dispatch_rx: Mutex<Option<mpsc::Receiver<affinity::DispatchRecord>>>,
     /// Redis answered last time it was asked.
     up: AtomicBool,
     metrics: Arc<Metrics>,
@@ -124,6 +146,8 @@ impl Cluster {
             },
         };
         let (releases, rx) = mpsc::channel(RELEASE_QUEUE);
+        let (openings, opening_rx) = mpsc::channel(breakers::OPENING_QUEUE);
+        let (dispatches, dispatch_rx) = mpsc::channel(affinity::DISPATCH_QUEUE);
         let up = cfg.backend == ClusterBackend::Redis && redis.is_some();
         metrics.cluster_shared.set(i64::from(up));
         Arc::new(Self {
@@ -134,6 +158,11 @@ impl Cluster {
             held: Mutex::default(),
             releases,
             release_rx: Mutex::new(Some(rx)),
+            openings,
+            opening_rx: Mutex::new(Some(opening_rx)),
+            heard_openings: Mutex::default(),
+            dispatches,
+            dispatch_rx: Mutex::new(Some(dispatch_rx)),
             up: AtomicBool::new(up),
             metrics,
         })
@@ -240,21 +269,37 @@ impl Cluster {
         }
     }
 
-    /// Runs the background side until `stop`: releases, the freed-slot subscription, and the re-check
-    /// (marks cleared, leases renewed, Redis pinged while down). `fleet` is the fleet in force (`None`
-    /// once the gateway is gone). Returns at once with the local backend.
+    /// Runs the background side until `stop`: releases, breaker openings and dispatch records sent, the
+    /// subscription (freed slots, openings and dispatch records heard), and the re-check (marks cleared,
+    /// leases renewed, openings read, Redis pinged while down). `fleet` and `policy` are those in force
+    /// (`None` once the gateway is gone). Returns at once with the local backend.
     pub async fn run(
         self: Arc<Self>,
         admission: Arc<Admission>,
         stop: CancellationToken,
         fleet: impl Fn() -> Option<Arc<Fleet>> + Send + Sync + 'static,
+        policy: impl Fn() -> Option<Arc<dyn Policy>> + Send + Sync + 'static,
     ) {
         let Some(redis) = self.redis.clone() else { return };
         admission.set_discount_foreign(!self.shares_slots());
         let Some(rx) = self.release_rx.lock().take() else { return };
+        let (Some(opening_rx), Some(dispatch_rx)) = (self.opening_rx.lock().take(), self.dispatch_rx.lock().take())
+        else {
+            return;
+        };
         let fleet = Arc::new(fleet);
         tokio::spawn(release_loop(redis.clone(), rx, stop.clone()));
-        tokio::spawn(subscribe_loop(redis.clone(), Arc::clone(&admission), stop.clone(), Arc::clone(&fleet)));
+        tokio::spawn(breakers::opening_loop(redis.clone(), opening_rx, stop.clone()));
+        tokio::spawn(affinity::dispatch_loop(redis.clone(), self.replica.clone(), dispatch_rx, stop.clone()));
+        let (cluster, policy) = (Arc::clone(&self), Box::new(policy));
+        tokio::spawn(subscribe_loop(
+            redis.clone(),
+            cluster,
+            Arc::clone(&admission),
+            Arc::clone(&fleet),
+            policy,
+            stop.clone(),
+        ));
         tokio::spawn(Arc::clone(&self).renew_loop(redis.clone(), Arc::clone(&admission), stop.clone()));
         loop {
             tokio::select! {
@@ -272,6 +317,7 @@ impl Cluster {
             admission.set_discount_foreign(!self.shares_slots());
             if self.shares_slots() {
                 self.agree_capacity(&redis, &current).await;
+                self.recheck_openings(&redis, &current).await;
             }
             // Freed slots whose message was lost, and slots of dead replicas whose lease ended: asked
             // of Redis first, so a worker still full does not bounce its waiters through the queue.
@@ -356,20 +402,29 @@ async fn release_loop(redis: redis::RedisSlots, mut rx: mpsc::Receiver<Release>,
     }
 }
 
-/// Listens for freed slots on [`redis::FREED_CHANNEL`] and hands each to this replica's best waiter for
-/// that worker; reconnects (after a pause) when the subscription breaks, clearing every mark then, as
-/// messages may have been missed.
-async fn subscribe_loop(
+/// The policy in force, for heard dispatch records.
+type PolicyNow = Box<dyn Fn() -> Option<Arc<dyn Policy>> + Send + Sync>;
+
+/// Listens on the cluster's channels: a freed slot ([`redis::FREED_CHANNEL`]) goes to this replica's
+/// best waiter for that worker, a breaker opening ([`redis::OPENED_CHANNEL`]) opens this replica's
+/// breaker, dispatch records ([`redis::DISPATCH_CHANNEL`]) feed the policy. Reconnects (after a pause)
+/// when the subscription breaks, clearing every full mark then, as messages may have been missed.
+async fn subscribe_loop<F>(
     redis: redis::RedisSlots,
+    cluster: Arc<Cluster>,
     admission: Arc<Admission>,
+    fleet: Arc<F>,
+    policy: PolicyNow,
     stop: CancellationToken,
-    fleet: Arc<impl Fn() -> Option<Arc<Fleet>> + Send + Sync + 'static>,
-) {
+) where
+    F: Fn() -> Option<Arc<Fleet>> + Send + Sync + 'static,
+{
     use futures_util::StreamExt;
+    let channels = [redis::FREED_CHANNEL, redis::OPENED_CHANNEL, redis::DISPATCH_CHANNEL];
     loop {
         let subscribed = async {
             let mut pubsub = redis.client().get_async_pubsub().await.map_err(|e| e.to_string())?;
-            pubsub.subscribe(redis::FREED_CHANNEL).await.map_err(|e| e.to_string())?;
+            pubsub.subscribe(&channels).await.map_err(|e| e.to_string())?;
             Ok::<_, String>(pubsub)
         };
         let pubsub = tokio::select! {
@@ -388,14 +443,27 @@ async fn subscribe_loop(
                     _ = stop.cancelled() => return,
                     m = messages.next() => match m { Some(m) => m, None => break },
                 };
-                let Ok(url) = msg.get_payload::<String>() else { continue };
                 let Some(current) = fleet() else { return };
-                for w in current.workers.iter().filter(|w| w.base_url == url) {
-                    w.stats.share.freed();
-                    admission.slot_freed(w);
+                match msg.get_channel_name() {
+                    redis::FREED_CHANNEL => {
+                        let Ok(url) = msg.get_payload::<String>() else { continue };
+                        for w in current.workers.iter().filter(|w| w.base_url == url) {
+                            w.stats.share.freed();
+                            admission.slot_freed(w);
+                        }
+                    }
+                    redis::OPENED_CHANNEL => {
+                        let Ok(text) = msg.get_payload::<String>() else { continue };
+                        cluster.hear_opening_message(&text, &current);
+                    }
+                    redis::DISPATCH_CHANNEL => {
+                        let Some(policy) = policy() else { return };
+                        cluster.hear_dispatches(msg.get_payload_bytes(), &current, policy.as_ref());
+                    }
+                    _ => {}
                 }
             }
-            tracing::debug!("cluster: freed-slot subscription ended; reconnecting");
+            tracing::debug!("cluster: subscription ended; reconnecting");
         }
         tokio::select! {
             _ = stop.cancelled() => return,

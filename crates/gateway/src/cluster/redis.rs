@@ -8,6 +8,8 @@
 //! learn of the freed slot without polling. Renewing only extends members that still exist (`XX`): a
 //! slot released (or expired) is never brought back by a late renewal. Learned capacities meet in one
 //! hash (`llmgw:capacity`, the highest per worker), so every replica holds a worker to the same count.
+//! A breaker opening is a key per worker (`llmgw:breaker:<url>`) that expires with the opening, told on
+//! [`OPENED_CHANNEL`]; dispatch records go out on [`DISPATCH_CHANNEL`] and are kept nowhere.
 
 use crate::redis_conn::LazyRedis;
 use std::sync::Arc;
@@ -84,6 +86,37 @@ redis.call('PEXPIRE', KEYS[1], 86400000)
 return out
 "#;
 
+/// Where a breaker opening is told: `<opening id> <open ms> <worker URL>`.
+pub const OPENED_CHANNEL: &str = "llmgw:breaker:opened";
+
+/// Where dispatch records are told, batched ([`super::affinity`] encodes them).
+pub const DISPATCH_CHANNEL: &str = "llmgw:affinity:dispatched";
+
+/// KEYS: the worker's opening key. ARGV: opening id, open ms, channel, message. Remembers the opening
+/// for its open time (for replicas that start or reconnect meanwhile) and tells the others now.
+const OPENED: &str = r#"
+redis.call('SET', KEYS[1], ARGV[1], 'PX', tonumber(ARGV[2]))
+redis.call('PUBLISH', ARGV[3], ARGV[4])
+return 1
+"#;
+
+/// KEYS: workers' opening keys. Returns per key its opening id and the ms it has left ('' and 0: none).
+const OPENINGS: &str = r#"
+local out = {}
+for k = 1, #KEYS do
+  local id = redis.call('GET', KEYS[k])
+  local left = redis.call('PTTL', KEYS[k])
+  if id and left > 0 then
+    out[#out + 1] = id
+    out[#out + 1] = left
+  else
+    out[#out + 1] = ''
+    out[#out + 1] = 0
+  end
+end
+return out
+"#;
+
 /// The key of a worker's slot set (its URL, the one name every replica gives it the same way).
 pub fn slots_key(worker_url: &str) -> String {
     format!("llmgw:slots:{worker_url}")
@@ -91,6 +124,11 @@ pub fn slots_key(worker_url: &str) -> String {
 
 fn marker_key(worker_url: &str) -> String {
     format!("llmgw:slots-refused:{worker_url}")
+}
+
+/// The key holding a worker's breaker opening while it lasts.
+pub fn opening_key(worker_url: &str) -> String {
+    format!("llmgw:breaker:{worker_url}")
 }
 
 /// A lazily connected, self-reconnecting handle to the shared slot counts.
@@ -102,6 +140,8 @@ pub struct RedisSlots {
     renew: Arc<redis::Script>,
     has_room: Arc<redis::Script>,
     capacity: Arc<redis::Script>,
+    opened: Arc<redis::Script>,
+    openings: Arc<redis::Script>,
 }
 
 impl RedisSlots {
@@ -114,6 +154,8 @@ impl RedisSlots {
             renew: Arc::new(redis::Script::new(RENEW)),
             has_room: Arc::new(redis::Script::new(HAS_ROOM)),
             capacity: Arc::new(redis::Script::new(CAPACITY)),
+            opened: Arc::new(redis::Script::new(OPENED)),
+            openings: Arc::new(redis::Script::new(OPENINGS)),
         })
     }
 
@@ -194,6 +236,57 @@ impl RedisSlots {
         let mut conn = self.redis.conn().await?;
         let out: Vec<u32> = inv.invoke_async(&mut conn).await.map_err(|e| e.to_string())?;
         Ok(out)
+    }
+
+    /// Remembers the opening `id` of the breaker of the worker at `url` for `open`, and tells the others.
+    pub async fn opened(&self, url: &str, id: &str, open: Duration) -> Result<(), String> {
+        let open_ms = (open.as_millis() as u64).max(1);
+        let message = format!("{id} {open_ms} {url}");
+        let mut conn = self.redis.conn().await?;
+        let _: i64 = self
+            .opened
+            .key(opening_key(url))
+            .arg(id)
+            .arg(open_ms)
+            .arg(OPENED_CHANNEL)
+            .arg(message)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(())
+    }
+
+    /// The breaker openings in force for the workers at `urls`, in order: the opening id and the time
+    /// it has left, or `None`.
+    pub async fn openings(&self, urls: &[&str]) -> Result<Vec<Option<(String, Duration)>>, String> {
+        if urls.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut inv = self.openings.prepare_invoke();
+        for url in urls {
+            inv.key(opening_key(url));
+        }
+        let mut conn = self.redis.conn().await?;
+        let flat: Vec<redis::Value> = inv.invoke_async(&mut conn).await.map_err(|e| e.to_string())?;
+        let mut out = Vec::with_capacity(urls.len());
+        for pair in flat.chunks(2) {
+            let id: String = pair.first().and_then(|v| redis::from_redis_value(v).ok()).unwrap_or_default();
+            let left: u64 = pair.get(1).and_then(|v| redis::from_redis_value(v).ok()).unwrap_or(0);
+            out.push((!id.is_empty() && left > 0).then(|| (id, Duration::from_millis(left))));
+        }
+        Ok(out)
+    }
+
+    /// Publishes `message` on `channel`.
+    pub async fn publish(&self, channel: &str, message: &[u8]) -> Result<(), String> {
+        let mut conn = self.redis.conn().await?;
+        redis::cmd("PUBLISH")
+            .arg(channel)
+            .arg(message)
+            .query_async::<i64>(&mut conn)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(())
     }
 
     /// Whether Redis answers.

@@ -147,6 +147,10 @@ pub struct ClusterConfig {
     pub redis_failure: RedisFailure,
     /// Timeout of one Redis call taking a slot.
     pub redis_timeout_ms: u64,
+    /// With `backend = "redis"`: tell the other replicas where each prompt was sent (its prefix hashes),
+    /// so prefix affinity is the same from any replica (one batched publish, fed to every other replica's
+    /// policy). Only for a policy that reads prefix hashes (`p2c_kv`).
+    pub share_dispatches: bool,
 }
 
 impl Default for ClusterConfig {
@@ -157,6 +161,7 @@ impl Default for ClusterConfig {
             lease_secs: 10,
             redis_failure: RedisFailure::Local,
             redis_timeout_ms: 100,
+            share_dispatches: true,
         }
     }
 }

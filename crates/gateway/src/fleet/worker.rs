@@ -227,6 +227,18 @@ impl Worker {
         self.log_transition(t)
     }
 
+    /// Opens its breaker for `open_for` because another replica's breaker for it opened
+    /// ([`crate::cluster`]); its own failure streak is left alone. Logged here at info (the opener warned);
+    /// returns the transition for the caller to count.
+    pub fn open_breaker_as_told(&self, now: Instant, open_for: std::time::Duration) -> Option<Transition> {
+        let t = self.breaker.lock().trip_for(now.into_std(), open_for);
+        if t.is_some() {
+            let open_ms = open_for.as_millis() as u64;
+            tracing::info!(worker = %self.name, open_ms, "circuit breaker opened: another replica's breaker opened");
+        }
+        t
+    }
+
     /// Whether its breaker would let a request through now.
     pub fn breaker_admits(&self, now: Instant) -> bool {
         self.breaker.would_admit(now)

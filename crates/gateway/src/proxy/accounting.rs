@@ -39,6 +39,8 @@ pub struct RequestInfo {
     /// Where the response id of a `/v1/responses` answer is remembered (`None` for other endpoints,
     /// or when `responses.max_remembered` is 0).
     pub response_homes: Option<Arc<crate::proxy::response_homes::ResponseHomes>>,
+    /// Where a breaker opening is told to the other replicas (`[cluster]`).
+    pub cluster: Arc<crate::cluster::Cluster>,
 }
 
 /// Tokens an answer used, and where the numbers come from (`reported` by the worker, or `counted`).
@@ -269,6 +271,7 @@ impl RequestRecord {
         }
         let transition = self.load.settle(verdict, now, breaker_cfg);
         m.count_transition(&worker.name, transition);
+        self.info.cluster.breaker_opened(&worker, transition);
         m.upstream_outcomes.with_label_values(&[&worker.name, kind.as_str()]).inc();
         worker
     }

@@ -93,6 +93,7 @@ pub async fn dispatch(
         let picked = pick(app, &snap, out, &mut reservation, attempts, fresh.take()).await?;
         let worker = Arc::clone(picked.load.worker());
         let predicted = snap.policy.on_dispatch(out.features, worker.id);
+        app.cluster.share_dispatch(&worker.base_url, out.features);
         if cfg.rate_limit.enabled {
             app.limiter.load().charge_worker(worker.id, cfg.rate_limit.per_worker_qps);
         }
@@ -282,6 +283,7 @@ fn on_stall(app: &AppState, snap: &Snapshot, worker: &Worker, silent: Duration) 
     if snap.config.circuit_breaker.enabled {
         let transition = worker.trip_breaker(Instant::now());
         app.metrics.count_transition(&worker.name, transition);
+        app.cluster.breaker_opened(worker, transition);
     }
     tracing::warn!(
         worker = %worker.name,

@@ -216,6 +216,7 @@ async fn handle(
         endpoint,
         response_homes: (endpoint == Endpoint::Responses && app.response_homes.enabled())
             .then(|| Arc::clone(&app.response_homes)),
+        cluster: Arc::clone(&app.cluster),
     };
     // A Responses follow-up goes to the worker holding the response it continues, while it is eligible.
     let pinned = (endpoint == Endpoint::Responses)

@@ -130,8 +130,12 @@ impl Gateway {
             let state = Arc::downgrade(&state);
             move || state.upgrade().map(|s| Arc::clone(&s.snapshot.load().fleet))
         };
+        let policy = {
+            let state = Arc::downgrade(&state);
+            move || state.upgrade().map(|s| Arc::clone(&s.snapshot.load().policy))
+        };
         let cluster =
-            Arc::clone(&state.cluster).run(Arc::clone(&state.admission), state.shutdown.clone(), fleet.clone());
+            Arc::clone(&state.cluster).run(Arc::clone(&state.admission), state.shutdown.clone(), fleet.clone(), policy);
         tokio::spawn(cluster);
         let sweeper =
             Arc::clone(&state.admission).run_sweeper(Duration::from_millis(500), state.shutdown.clone(), fleet);
