@@ -413,20 +413,16 @@ impl CircuitBreaker {
     /// over a window: a worker failing half its requests at random rarely fails five in a row).
     /// Returns the transition, or `None` when it was not Closed.
     pub fn trip(&mut self, now: Instant) -> Option<Transition> {
-        (self.state == BreakerState::Closed).then(|| self.go(BreakerState::Open { since: now }, now))
+        self.trip_for(now, self.cfg.timeout)
     }
 
     /// Opens a Closed breaker now so that trials start after `open_for` (at most its own `timeout`):
     /// an opening another gateway made and told of, with the time it has left. Its own failure streak
     /// and counters of results are not touched. Returns the transition, or `None` when it was not Closed.
     pub fn trip_for(&mut self, now: Instant, open_for: Duration) -> Option<Transition> {
-        if self.state != BreakerState::Closed {
-            return None;
-        }
         // Opened as if `timeout - open_for` ago, so the usual timeout check ends it on time.
         let since = now.checked_sub(self.cfg.timeout.saturating_sub(open_for)).unwrap_or(now);
-        let t = self.go(BreakerState::Open { since }, now);
-        Some(t)
+        (self.state == BreakerState::Closed).then(|| self.go(BreakerState::Open { since }, now))
     }
 
     /// Forces the breaker Closed with a clean streak (an operator's reset). Returns the transition

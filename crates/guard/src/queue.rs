@@ -151,7 +151,7 @@ pub struct QueueConfig {
     pub aging: Duration,
     /// Round robin between tenants within a level (else pure arrival order).
     pub fairness: bool,
-    /// Times the waiter next in line may be passed over by [`AdmissionQueue::pop_preferring`] for a
+    /// Times the waiter next in line may be passed over by [`AdmissionQueue::pop_preferring`] for
     /// another of equal standing the freed worker suits better; zero turns the preference off.
     pub max_overtaken: u32,
     /// Weights of the level.
@@ -817,10 +817,8 @@ mod tests {
         assert_eq!(drain(&mut q, t0 + secs(25)), vec![1, 2]);
     }
 
-    /// Savings for the hand-off tests: the worker holds the prefix of items divisible by 10, which saves
-    /// them a second of prefill.
-    /// Multiples of 10 are held by the freed worker (20 ms to a first token); the others are cold
-    /// everywhere (1 s of prefill).
+    /// Fits for the hand-off tests: multiples of 10 are held by the freed worker (20 ms to a first
+    /// token); the others are cold everywhere (1 s of prefill).
     fn held(v: &u32) -> Fit {
         Fit {
             here: if v.is_multiple_of(10) { Duration::from_millis(20) } else { secs(1) + Duration::from_millis(20) },
