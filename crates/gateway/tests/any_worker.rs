@@ -75,7 +75,8 @@ async fn a_failing_probe_does_not_eject_a_worker_whose_real_requests_succeed() {
 #[tokio::test]
 async fn capacity_comes_from_the_first_tier_that_knows_and_one_slot_is_held_at_one() {
     // sim-0: llama.cpp with one slot (`/props` total_slots 1); sim-1: TGI (`/info`); sim-2: SGLang
-    // (`/get_server_info`); sim-3: vLLM, which states nothing; sim-4: llama.cpp, but configured.
+    // (`/get_server_info`); sim-3: vLLM, which states nothing (on the ramp until learned: twice its
+    // peers' largest capacity, 6, or the floor of 16); sim-4: llama.cpp, but configured.
     let dialects = [
         MetricsDialect::Llamacpp,
         MetricsDialect::Tgi,
@@ -95,6 +96,10 @@ async fn capacity_comes_from_the_first_tier_that_knows_and_one_slot_is_held_at_o
     cfg.workers[4].max_concurrency = 3;
     cfg.queue.default_worker_concurrency = 0;
     let gw = gateway(cfg).await;
+    wait_for("the vLLM worker on its ramp", Duration::from_secs(5), || async {
+        workers(&gw.url()).await[3]["capacity_source"] == "ramp"
+    })
+    .await;
     let shown: Vec<(serde_json::Value, String)> = workers(&gw.url())
         .await
         .iter()
@@ -104,7 +109,7 @@ async fn capacity_comes_from_the_first_tier_that_knows_and_one_slot_is_held_at_o
         (serde_json::json!(1), "engine"),
         (serde_json::json!(6), "engine"),
         (serde_json::json!(5), "engine"),
-        (serde_json::Value::Null, "default"),
+        (serde_json::json!(16), "ramp"),
         (serde_json::json!(3), "configured"),
     ]
     .into_iter()

@@ -54,6 +54,62 @@ async fn a_single_full_worker_keeps_serving_instead_of_tripping_its_breaker() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_never_seen_full_takes_the_ramp_not_the_whole_burst() {
+    // Two vLLM-like workers with 4 slots; the gateway was told sim-0's, not sim-1's. Before the ramp
+    // sim-1 was unlimited and took every stream of a burst that sim-0 had no room for.
+    let sims = sims(2, |_| small_sim(4)).await;
+    let mut cfg = test_config(worker_configs(&sims));
+    cfg.workers[0].max_concurrency = 4;
+    let gw = gateway(cfg).await;
+    let url = gw.url();
+    let shown = || async {
+        let ws: Vec<serde_json::Value> =
+            client().get(format!("{url}/api/workers")).send().await.unwrap().json().await.unwrap();
+        (ws[1]["capacity"].clone(), ws[1]["capacity_source"].as_str().unwrap_or("").to_string())
+    };
+    wait_for("sim-1 on its ramp", Duration::from_secs(5), || async { shown().await.1 == "ramp" }).await;
+    assert_eq!(shown().await.0, serde_json::json!(16), "twice its peer's 4, at least the floor of 16");
+    let sims: Vec<_> = sims.into_iter().map(Arc::new).collect();
+    let most_waiting_inside = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let sampler = {
+        let (sim, most) = (Arc::clone(&sims[1]), Arc::clone(&most_waiting_inside));
+        tokio::spawn(async move {
+            loop {
+                most.fetch_max(sim.waiting(), std::sync::atomic::Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+    };
+    let sends: Vec<_> = (0..40)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move {
+                let resp = post_chat(&url, true).await;
+                let status = resp.status().as_u16();
+                let queued = resp.headers().get("x-queue-position").and_then(|v| v.to_str().ok()) != Some("0");
+                assert!(resp.text().await.unwrap().trim_end().ends_with("data: [DONE]"));
+                (status, queued)
+            })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for s in sends {
+        answers.push(tokio::time::timeout(Duration::from_secs(60), s).await.expect("no hang").unwrap());
+    }
+    sampler.abort();
+    assert!(answers.iter().all(|(status, _)| *status == 200), "{answers:?}");
+    let queued = answers.iter().filter(|(_, q)| *q).count();
+    assert!(queued >= 40 - 4 - 16, "all but sim-0's 4 and sim-1's ramp of 16 waited in the gateway: {queued}");
+    let most = most_waiting_inside.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(most <= 16 - 4, "at most the ramp less its 4 slots waited inside sim-1: {most}");
+    // The burst showed it full: its capacity is learned.
+    wait_for("sim-1's capacity learned from the burst", Duration::from_secs(5), || async {
+        shown().await == (serde_json::json!(4), "learned".to_string())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_workers_are_overloaded_not_failing() {
     // Two workers, both full: neither is the last admitting one, yet time queued inside them is not a
     // slow call against their health.

@@ -1,13 +1,23 @@
 //! How many requests the gateway keeps in flight on a worker, and which evidence decided it.
 //!
-//! Four tiers, the first that knows wins ([`tier`]):
+//! Five tiers, the first that knows wins ([`tier`]):
 //!
 //! | tier | source | why it ranks there |
 //! |---|---|---|
 //! | `configured` | the worker's `max_concurrency` | the operator knows best |
 //! | `engine` | what the engine says it runs at once: llama.cpp's `/props` `total_slots`, TGI's `/info` `max_batch_size` (else `max_concurrent_requests`), SGLang's `/get_server_info` `max_running_requests` or `sglang:max_running_requests_under_SLO` | a stated limit, true from the first request |
 //! | `learned` | the most requests seen running while others waited inside the worker | true, but only after the worker was once full |
-//! | `default` | `queue.default_worker_concurrency` (0 = unlimited) | a guess |
+//! | `default` | `queue.default_worker_concurrency` when set | a guess |
+//! | `ramp` | a worker whose metrics report its load, never seen full, while another worker serving one of its models has a known capacity: twice the larger of that capacity and the most it was seen running ([`ramp`], at least [`RAMP_FLOOR`]) | a bound that grows as the worker shows it copes |
+//!
+//! Without the ramp, a worker whose capacity is not learned yet is unlimited, and in a burst it takes
+//! every request its learned peers have no room for: measured in the routing bench's `bursts`, a sim not
+//! yet seen full took 62 requests in under a second while its peers held 8 each, and their TTFT reached
+//! 5 s. On the ramp it takes twice what its peers hold, then shows it is full (its capacity is learned
+//! at the next scrape) or not (the bound doubles at each scrape, as a TCP window opens). A fleet where
+//! no capacity is known yet stays unlimited, so a gateway starting in front of large engines does not
+//! throttle them while it learns; a worker without load metrics can never be seen full and stays
+//! unlimited too (or `default`).
 //!
 //! vLLM exports no metric with its `max_num_seqs` (its `vllm:cache_config_info` describes the KV cache,
 //! not the batch), so a vLLM worker's capacity is learned. A worker that says it runs one request at a
@@ -22,13 +32,15 @@ pub enum CapacitySource {
     Engine,
     /// Learned from running and waiting counts.
     Learned,
-    /// `queue.default_worker_concurrency`, or unlimited when that is 0.
+    /// `queue.default_worker_concurrency`, or unlimited when that is 0 and the ramp does not apply.
     Default,
+    /// Twice its peers' known capacity or the most it was seen running, until learned ([`ramp`]).
+    Ramp,
 }
 
 impl CapacitySource {
     /// Every source, for exporting and forgetting metric series.
-    pub const ALL: [CapacitySource; 4] = [Self::Configured, Self::Engine, Self::Learned, Self::Default];
+    pub const ALL: [CapacitySource; 5] = [Self::Configured, Self::Engine, Self::Learned, Self::Default, Self::Ramp];
 
     /// The name shown in `/api/workers` and the `source` label.
     pub fn as_str(self) -> &'static str {
@@ -37,18 +49,34 @@ impl CapacitySource {
             Self::Engine => "engine",
             Self::Learned => "learned",
             Self::Default => "default",
+            Self::Ramp => "ramp",
         }
     }
 }
 
-/// The capacity in force and its source; 0 means "unknown" for each input, and the result is `u32::MAX`
-/// (unlimited) when every tier is 0.
-pub fn tier(configured: u32, engine: u32, learned: u32, default: u32) -> (u32, CapacitySource) {
+/// The least a worker on the ramp may hold: room for a small engine's whole batch and its next one.
+pub const RAMP_FLOOR: u32 = 16;
+
+/// The ramp's bound for a worker seen running at most `seen` requests at once whose peers' largest
+/// known capacity is `peers`: twice the larger, at least [`RAMP_FLOOR`]; 0 (no ramp) when no peer's
+/// capacity is known.
+pub fn ramp(peers: u32, seen: u32) -> u32 {
+    if peers == 0 {
+        return 0;
+    }
+    peers.max(seen).saturating_mul(2).max(RAMP_FLOOR)
+}
+
+/// The capacity in force and its source; 0 means "unknown" for each input (`ramp` is 0 for a worker
+/// without load metrics or without a peer of known capacity), and the result is `u32::MAX` (unlimited)
+/// when every tier is 0.
+pub fn tier(configured: u32, engine: u32, learned: u32, default: u32, ramp: u32) -> (u32, CapacitySource) {
     [
         (configured, CapacitySource::Configured),
         (engine, CapacitySource::Engine),
         (learned, CapacitySource::Learned),
         (default, CapacitySource::Default),
+        (ramp, CapacitySource::Ramp),
     ]
     .into_iter()
     .find(|(c, _)| *c > 0)
@@ -85,12 +113,29 @@ mod tests {
 
     #[test]
     fn the_first_known_tier_wins() {
-        assert_eq!(tier(8, 4, 2, 1), (8, CapacitySource::Configured));
-        assert_eq!(tier(0, 4, 2, 1), (4, CapacitySource::Engine));
-        assert_eq!(tier(0, 0, 2, 1), (2, CapacitySource::Learned));
-        assert_eq!(tier(0, 0, 0, 1), (1, CapacitySource::Default));
-        assert_eq!(tier(0, 0, 0, 0), (u32::MAX, CapacitySource::Default), "nothing known: unlimited");
-        assert_eq!(tier(0, 1, 64, 32), (1, CapacitySource::Engine), "one slot said is one slot held");
+        assert_eq!(tier(8, 4, 2, 1, 16), (8, CapacitySource::Configured));
+        assert_eq!(tier(0, 4, 2, 1, 16), (4, CapacitySource::Engine));
+        assert_eq!(tier(0, 0, 2, 1, 16), (2, CapacitySource::Learned));
+        assert_eq!(tier(0, 0, 0, 1, 16), (1, CapacitySource::Default));
+        assert_eq!(tier(0, 0, 0, 0, 16), (16, CapacitySource::Ramp));
+        assert_eq!(tier(0, 0, 0, 0, 0), (u32::MAX, CapacitySource::Default), "nothing known: unlimited");
+        assert_eq!(tier(0, 1, 64, 32, 16), (1, CapacitySource::Engine), "one slot said is one slot held");
+    }
+
+    #[test]
+    fn the_ramp_starts_at_twice_the_peers_and_doubles_what_was_seen() {
+        assert_eq!(ramp(0, 0), 0, "no peer known: no ramp (unlimited)");
+        assert_eq!(ramp(0, 100), 0);
+        assert_eq!(ramp(1, 0), RAMP_FLOOR, "a one-slot peer: the floor");
+        assert_eq!(ramp(32, 0), 64);
+        assert_eq!(ramp(32, 40), 80, "seen running beyond its peers: twice that");
+        // Scrape after scrape, a worker that fills each bound without a queue of its own opens the next.
+        let mut bound = ramp(8, 0);
+        for _ in 0..10 {
+            bound = ramp(8, bound);
+        }
+        assert_eq!(bound, RAMP_FLOOR << 10, "ten scrapes from 16 to 16384");
+        assert_eq!(ramp(8, u32::MAX), u32::MAX, "saturates");
     }
 
     #[test]
@@ -113,6 +158,6 @@ mod tests {
     #[test]
     fn names_are_stable() {
         let names: Vec<_> = CapacitySource::ALL.iter().map(|s| s.as_str()).collect();
-        assert_eq!(names, ["configured", "engine", "learned", "default"]);
+        assert_eq!(names, ["configured", "engine", "learned", "default", "ramp"]);
     }
 }

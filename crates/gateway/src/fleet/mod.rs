@@ -55,6 +55,39 @@ impl Fleet {
         Fleet { workers }
     }
 
+    /// Tells each worker the largest capacity known (configured, stated or learned) among the other
+    /// workers serving one of its models: where its ramp starts ([`crate::fleet::capacity`]).
+    pub fn share_capacities(&self) {
+        for w in &self.workers {
+            let models = w.models.load();
+            let known = self
+                .workers
+                .iter()
+                .filter(|o| o.id != w.id && o.models.load().iter().any(|m| models.contains(m)))
+                .map(|o| o.known_capacity())
+                .max()
+                .unwrap_or(0);
+            w.stats.peer_capacity.store(known, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// Runs [`Fleet::share_capacities`] every `period` over the fleet `fleet` returns (the fleet in
+    /// force; `None` once the gateway is gone) until `stop` is cancelled.
+    pub async fn run_capacity_sharing(
+        period: std::time::Duration,
+        stop: tokio_util::sync::CancellationToken,
+        fleet: impl Fn() -> Option<Arc<Fleet>>,
+    ) {
+        loop {
+            let Some(f) = fleet() else { return };
+            f.share_capacities();
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(period) => {}
+            }
+        }
+    }
+
     /// Applies `[circuit_breaker]` thresholds to every worker's breaker (keeps their state).
     pub fn configure_breakers(&self, cfg: &crate::config::CircuitBreakerConfig) {
         for w in &self.workers {

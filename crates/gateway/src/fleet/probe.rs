@@ -222,7 +222,9 @@ async fn ask_engine_capacity(client: &Client, worker: &Worker, timeout: Duration
 async fn scrape_load(client: &Client, worker: &Worker, timeout: Duration) -> u32 {
     let s = &worker.stats;
     let url = format!("{}/metrics", worker.base_url);
-    // Whatever the engine counts as ours was in flight at some instant of the scrape: the peak covers it.
+    // The most this gateway had in flight there since the last scrape began (the ramp's evidence), then
+    // a fresh peak: whatever the engine counts as ours was in flight at some instant of this scrape.
+    let peak_since_last = s.slots.peak();
     s.slots.start_peak();
     let load = match upstream::get(client, &url, worker.auth_header.as_ref(), timeout, MAX_PROBE_BYTES).await {
         Ok((status, body)) if status.is_success() => parse_metrics(&String::from_utf8_lossy(&body)),
@@ -239,6 +241,7 @@ async fn scrape_load(client: &Client, worker: &Worker, timeout: Duration) -> u32
     if load.waiting > 0.0 && load.running > 0.0 {
         s.learned_capacity.fetch_max(load.running as u32, Ordering::Relaxed);
     }
+    s.seen_running.fetch_max((load.running as u32).max(peak_since_last), Ordering::Relaxed);
     // Tokens generated since the last scrape: the worker is working, however long its answers take
     // (the stall rule's evidence for long non-streamed generations).
     let generated = load.generated as u64;

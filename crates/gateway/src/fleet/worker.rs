@@ -69,6 +69,12 @@ pub struct WorkerStats {
     pub requests_total: AtomicU64,
     /// Requests it was seen running while others waited in its own queue: its `max_num_seqs`.
     pub learned_capacity: AtomicU32,
+    /// The most requests seen on it at once: running at a scrape, or in flight from this gateway
+    /// between two scrapes (the ramp's evidence, [`crate::fleet::capacity::ramp`]).
+    pub seen_running: AtomicU32,
+    /// The largest capacity known for another worker serving one of its models (0: none);
+    /// [`crate::fleet::Fleet::share_capacities`] keeps it.
+    pub peer_capacity: AtomicU32,
     /// Requests its engine says it runs at once (0: it did not say); see [`crate::fleet::capacity`].
     pub engine_capacity: AtomicU32,
     /// Consecutive failed probes.
@@ -290,15 +296,30 @@ impl Worker {
     }
 
     /// Its capacity and the tier that set it: `max_concurrency`, else what its engine reports, else what
-    /// was learned from its metrics, else `default` (0 = unlimited).
+    /// was learned from its metrics, else `default` when set, else the ramp when its metrics report its
+    /// load and a peer's capacity is known, else unlimited.
     pub fn capacity_tier(&self, default: u32) -> (u32, crate::fleet::capacity::CapacitySource) {
         let s = &self.stats;
+        let scraped = self.dialect() != crate::fleet::scrape::Dialect::None;
+        let (peers, seen) = (s.peer_capacity.load(Ordering::Relaxed), s.seen_running.load(Ordering::Relaxed));
+        let ramp = if scraped { crate::fleet::capacity::ramp(peers, seen) } else { 0 };
         crate::fleet::capacity::tier(
             self.spec.max_concurrency,
             s.engine_capacity.load(Ordering::Relaxed),
             s.learned_capacity.load(Ordering::Relaxed),
             default,
+            ramp,
         )
+    }
+
+    /// Its capacity when configured, stated by its engine or learned; 0 when none of those knows (the
+    /// default and the ramp are bounds the gateway chose, not the worker's batch size).
+    pub fn known_capacity(&self) -> u32 {
+        use crate::fleet::capacity::CapacitySource::{Configured, Engine, Learned};
+        match self.capacity_tier(0) {
+            (c, Configured | Engine | Learned) => c,
+            _ => 0,
+        }
     }
 
     /// Healthy and not draining.
@@ -323,10 +344,7 @@ impl Worker {
             ttft_ms: s.ttft_ms.get(),
             tpot_ms: s.tpot_ms.get(),
             error_rate: s.error_rate.get(),
-            max_running: match self.capacity(0) {
-                u32::MAX => 0,
-                c => c,
-            },
+            max_running: self.known_capacity(),
             cache_tokens: s.cache_tokens.load(Ordering::Relaxed),
         }
     }

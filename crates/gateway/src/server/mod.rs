@@ -137,6 +137,13 @@ impl Gateway {
         let cluster =
             Arc::clone(&state.cluster).run(Arc::clone(&state.admission), state.shutdown.clone(), fleet.clone(), policy);
         tokio::spawn(cluster);
+        // Fast enough that a worker not yet learned is on its ramp before a burst piles onto it.
+        let sharing = crate::fleet::Fleet::run_capacity_sharing(
+            Duration::from_millis(100),
+            state.shutdown.clone(),
+            fleet.clone(),
+        );
+        tokio::spawn(sharing);
         let sweeper =
             Arc::clone(&state.admission).run_sweeper(Duration::from_millis(500), state.shutdown.clone(), fleet);
         tokio::spawn(sweeper);
