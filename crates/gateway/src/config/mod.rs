@@ -420,7 +420,7 @@ impl Default for QueueConfig {
     fn default() -> Self {
         Self {
             enabled: true,
-            max_size: 100,
+            max_size: 1000,
             timeout_secs: 60,
             aging_secs: 10,
             enable_fairness: true,
