@@ -367,9 +367,11 @@ impl Admission {
     }
 
     /// Lets a request for `model` through at once when a candidate has room and no request waits for
-    /// a slot; else queues it until a slot is reserved for it, its deadline passes (504), or the queue
-    /// is full (429). `candidates` are the eligible workers for the model; `affinity` is asked for only
-    /// when the request waits.
+    /// a slot, unless the candidate that would take least for its prompt (per `affinity`) is full: then,
+    /// and when every candidate is full, it queues until a slot is reserved for it (the hand-off holds
+    /// it out for that worker only while its line is shorter than the prefill saved), its deadline
+    /// passes (504), or the queue is full (429). `candidates` are the eligible workers for the model;
+    /// `affinity` is asked for only when some candidate is full.
     pub async fn admit(
         &self,
         model: &Arc<str>,
@@ -388,8 +390,19 @@ impl Admission {
         }
         // Budget waiters take no slot: they do not make a newcomer queue.
         let slot_waiters = queue.waiting.lock().items().any(|w| w.tx.is_some());
+        let mut affinity = Some(affinity);
+        let mut asked = None;
         if !slot_waiters && candidates.iter().any(|w| self.has_room(w)) {
-            return Ok((QueueTicket::default(), None));
+            if candidates.iter().all(|w| self.has_room(w)) {
+                return Ok((QueueTicket::default(), None));
+            }
+            // A full worker holding more of the prompt than any with room: the request waits, and the
+            // hand-off decides at once whether that worker's line is worth the prefill it saves.
+            let prefill = affinity.take().and_then(|a| a());
+            if !prefill.as_ref().is_some_and(|p| self.prefers_a_full_worker(p, candidates)) {
+                return Ok((QueueTicket::default(), None));
+            }
+            asked = Some(prefill);
         }
         if now >= spec.deadline {
             return Err(queue_timeout(model, Duration::ZERO));
@@ -398,7 +411,8 @@ impl Admission {
         let (ticket, position) = {
             let mut waiting = queue.waiting.lock();
             let workers = candidates.iter().map(|w| Arc::clone(w)).collect();
-            let waiter = Waiter { tx: Some(tx), budget: None, affinity: affinity(), workers };
+            let affinity = asked.unwrap_or_else(|| affinity.take().and_then(|a| a()));
+            let waiter = Waiter { tx: Some(tx), budget: None, affinity, workers };
             match waiting.push_with(waiter, spec.meta(), now.into_std()) {
                 Ok(ticket) => (ticket, waiting.position(ticket, now.into_std()).unwrap_or(waiting.len())),
                 Err(_) => {
@@ -433,6 +447,18 @@ impl Admission {
                 queue_timeout(model, spec.deadline.saturating_duration_since(now))
             }),
         }
+    }
+
+    /// Whether the worker with the shortest prefill of this request (per `prefill`) is full while
+    /// another has room: then its prompt is held where it cannot start now.
+    fn prefers_a_full_worker(&self, prefill: &Affinity, candidates: &[&Arc<Worker>]) -> bool {
+        let (mut full, mut free) = (Duration::MAX, Duration::MAX);
+        for w in candidates {
+            let t = prefill(w.id);
+            let best = if self.has_room(w) { &mut free } else { &mut full };
+            *best = (*best).min(t);
+        }
+        full.saturating_add(FIT_TIE) < free
     }
 
     /// Whether requests for `model` wait for the budget named `key` (a newcomer of that budget then
@@ -899,6 +925,51 @@ mod tests {
                 "model rate {dispatches_per_sec}, worker 1's rate {warm_rate}"
             );
             drop(reservation);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_newcomer_whose_prompt_a_full_worker_holds_waits_for_it_when_its_line_is_short() {
+        let model: Arc<str> = Arc::from("m");
+        let prefill = || -> Option<Affinity> {
+            Some(Box::new(|id| if id == 1 { Duration::from_millis(20) } else { Duration::from_secs(1) }))
+        };
+        let same_everywhere = || -> Option<Affinity> { Some(Box::new(|_| Duration::from_secs(1))) };
+        // (its prompt, the model's dispatches in the last second, where it runs)
+        let cases: [(&dyn Fn() -> Option<Affinity>, u32, WorkerId); 3] =
+            [(&prefill, 40, 1), (&prefill, 0, 2), (&same_everywhere, 40, 2)];
+        for (affinity, dispatches_per_sec, expect) in cases {
+            let a = admission();
+            let (warm, cold) = (worker_numbered(1, 1), worker_numbered(2, 1));
+            for _ in 0..dispatches_per_sec {
+                a.record_dispatch(&model, Duration::ZERO);
+            }
+            // Worker 1 (holding the prompt) is full, worker 2 has room.
+            let busy_warm = LoadGuard::try_take(&warm, 1, a.notify()).expect("room");
+            let (cands, wait) = ([&warm, &cold], spec(&a, Priority::Normal, 1));
+            let newcomer = a.admit(&model, &cands, &wait, affinity);
+            tokio::pin!(newcomer);
+            if expect == 1 {
+                // 980 ms to save against a 50 ms line: it waits, and worker 2's slot stays free.
+                assert!(futures_util::poll!(&mut newcomer).is_pending(), "waits for worker 1");
+                assert_eq!(cold.stats.slots.taken(), 0);
+                drop(busy_warm);
+                let (ticket, reservation) = newcomer.await.expect("admitted");
+                assert!(ticket.position > 0, "it waited in the queue");
+                assert_eq!((warm.stats.slots.reserved(), cold.stats.slots.reserved()), (1, 0));
+                drop(reservation);
+            } else {
+                let (ticket, reservation) = newcomer.await.expect("admitted");
+                if dispatches_per_sec == 0 {
+                    // A line priced at a second per position, more than the 980 ms it saves: the
+                    // hand-off gives it worker 2's slot at once.
+                    assert_eq!(reservation.map(|r| r.worker().id), Some(2));
+                } else {
+                    // Nothing to save anywhere: straight through, as when every worker has room.
+                    assert_eq!((ticket.position, reservation.is_none()), (0, true));
+                }
+                drop(busy_warm);
+            }
         }
     }
 
