@@ -931,14 +931,18 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_newcomer_whose_prompt_a_full_worker_holds_waits_for_it_when_its_line_is_short() {
         let model: Arc<str> = Arc::from("m");
-        let prefill = || -> Option<Affinity> {
-            Some(Box::new(|id| if id == 1 { Duration::from_millis(20) } else { Duration::from_secs(1) }))
-        };
-        let same_everywhere = || -> Option<Affinity> { Some(Box::new(|_| Duration::from_secs(1))) };
-        // (its prompt, the model's dispatches in the last second, where it runs)
-        let cases: [(&dyn Fn() -> Option<Affinity>, u32, WorkerId); 3] =
-            [(&prefill, 40, 1), (&prefill, 0, 2), (&same_everywhere, 40, 2)];
-        for (affinity, dispatches_per_sec, expect) in cases {
+        // (whether worker 1 holds its prompt, the model's dispatches in the last second, where it runs)
+        for (held_on_1, dispatches_per_sec, expect) in [(true, 40, 1), (true, 0, 2), (false, 40, 2)] {
+            let affinity =
+                move || -> Option<Affinity> {
+                    Some(Box::new(move |id| {
+                        if held_on_1 && id == 1 {
+                            Duration::from_millis(20)
+                        } else {
+                            Duration::from_secs(1)
+                        }
+                    }))
+                };
             let a = admission();
             let (warm, cold) = (worker_numbered(1, 1), worker_numbered(2, 1));
             for _ in 0..dispatches_per_sec {
