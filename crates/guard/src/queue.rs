@@ -105,8 +105,20 @@ pub struct Fit {
     /// Time the freed worker would spend before this waiter's first token: the prefill of the part of
     /// its prompt the worker does not hold.
     pub here: Duration,
-    /// A worker (the caller's key) that holds more of its prompt, and the time it would spend instead.
-    pub better: Option<(u64, Duration)>,
+    /// A worker that holds more of its prompt.
+    pub better: Option<Better>,
+}
+
+/// The worker a waiter would rather wait for ([`Fit::better`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Better {
+    /// The worker (the caller's key); waiters holding out for the same key share its line.
+    pub worker: u64,
+    /// Time it would spend before this waiter's first token.
+    pub there: Duration,
+    /// Expected time between two of its slots freeing: what a waiter holding out for it expects to
+    /// wait per waiter ahead of it.
+    pub interval: Duration,
 }
 
 /// Returns to the queue counted by [`Scoring::retries`] at most (so retries cannot outgrow the cap).
@@ -449,16 +461,13 @@ impl<T> AdmissionQueue<T> {
     }
 
     /// Takes the next item for a freed worker among those `accept` approves, by how each `fit`s that
-    /// worker (see "Cache-aware hand-off" in the module docs). `interval(w)` is the expected time
-    /// between two slots freeing on worker `w` (a key of [`Fit::better`]): what a waiter holding out
-    /// for `w` expects to wait per waiter ahead of it. `None` when every accepted waiter of the best
-    /// standing holds out for a better worker: the slot stays free.
+    /// worker (see "Cache-aware hand-off" in the module docs). `None` when every accepted waiter of the
+    /// best standing holds out for a better worker: the slot stays free.
     pub fn pop_preferring(
         &mut self,
         now: Instant,
         mut accept: impl FnMut(&T) -> bool,
         mut fit: impl FnMut(&T) -> Fit,
-        mut interval: impl FnMut(u64) -> Duration,
     ) -> Option<(Ticket, T)> {
         let scan = Scan::new(&self.cfg, now);
         let (standing, head) = self.next_in_line(&scan, &mut accept, |_| true)?;
@@ -488,11 +497,11 @@ impl<T> AdmissionQueue<T> {
         let mut head_held_out = false;
         let mut chosen = None;
         for (_, (_, _, seq), f, waited) in &group {
-            if let Some((w, there)) = f.better {
-                let n = ahead.entry(w).or_default();
+            if let Some(b) = f.better {
+                let n = ahead.entry(b.worker).or_default();
                 *n += 1;
-                let extra = f.here.saturating_sub(there);
-                let expected = interval(w).saturating_mul(*n);
+                let extra = f.here.saturating_sub(b.there);
+                let expected = b.interval.saturating_mul(*n);
                 if extra > expected && *waited < extra.saturating_mul(HOLD_OUT_LIMIT) {
                     head_held_out |= *seq == head;
                     continue;
@@ -826,10 +835,6 @@ mod tests {
         }
     }
 
-    fn no_line(_: u64) -> Duration {
-        Duration::ZERO
-    }
-
     #[test]
     fn hand_off_prefers_the_waiter_the_worker_holds_among_equals() {
         let t0 = Instant::now();
@@ -838,12 +843,12 @@ mod tests {
             for v in [1, 2, 30, 4, 50] {
                 q.push(v, Normal, 7, t0).unwrap();
             }
-            let pop = |q: &mut AdmissionQueue<u32>| q.pop_preferring(t0, |_| true, held, no_line).map(|(_, v)| v);
+            let pop = |q: &mut AdmissionQueue<u32>| q.pop_preferring(t0, |_| true, held).map(|(_, v)| v);
             // Equal standing (one tenant, one class): the held prefixes first, oldest first among them;
             // then arrival order when nothing is held.
             assert_eq!([pop(&mut q), pop(&mut q), pop(&mut q)], [Some(30), Some(50), Some(1)], "fairness {fairness}");
             // `accept` still filters: an odd-only worker takes the odd ones.
-            assert_eq!(q.pop_preferring(t0, |v| v % 2 == 1, held, no_line).map(|(_, v)| v), None);
+            assert_eq!(q.pop_preferring(t0, |v| v % 2 == 1, held).map(|(_, v)| v), None);
             assert_eq!(q.len(), 2);
         }
     }
@@ -855,28 +860,27 @@ mod tests {
         // 100.. are held by worker 7 (20 ms there) and cold here (1 s): 980 ms to save by waiting.
         let fit = |v: &u32| {
             if *v >= 100 {
-                Fit { here: secs(1), better: Some((7, ms(20))) }
+                Fit { here: secs(1), better: Some(Better { worker: 7, there: ms(20), interval: ms(100) }) }
             } else {
                 held(v)
             }
         };
-        let every_100ms = |w: u64| if w == 7 { ms(100) } else { Duration::MAX };
         let mut q = queue(100, 0, false);
         q.push(100, Normal, 1, t0).unwrap();
-        assert_eq!(q.pop_preferring(t0, |_| true, fit, every_100ms).map(|(_, v)| v), None, "worker 7 frees sooner");
+        assert_eq!(q.pop_preferring(t0, |_| true, fit).map(|(_, v)| v), None, "worker 7 frees sooner");
         // A cold newcomer takes the slot; the one holding out stays.
         q.push(1, Normal, 1, t0).unwrap();
-        assert_eq!(q.pop_preferring(t0, |_| true, fit, every_100ms).map(|(_, v)| v), Some(1));
+        assert_eq!(q.pop_preferring(t0, |_| true, fit).map(|(_, v)| v), Some(1));
         // Nine more for worker 7: the tenth in its line expects 1 s there, more than the 980 ms it
         // would save: it spills here; the nine before it keep holding out.
         for v in 101..110 {
             q.push(v, Normal, 1, t0).unwrap();
         }
-        assert_eq!(q.pop_preferring(t0, |_| true, fit, every_100ms).map(|(_, v)| v), Some(109));
-        assert_eq!(q.pop_preferring(t0, |_| true, fit, every_100ms).map(|(_, v)| v), None);
+        assert_eq!(q.pop_preferring(t0, |_| true, fit).map(|(_, v)| v), Some(109));
+        assert_eq!(q.pop_preferring(t0, |_| true, fit).map(|(_, v)| v), None);
         // Should worker 7 stop freeing slots, nobody holds out past three times its saving.
         let late = t0 + ms(2940);
-        assert_eq!(q.pop_preferring(late, |_| true, fit, every_100ms).map(|(_, v)| v), Some(100));
+        assert_eq!(q.pop_preferring(late, |_| true, fit).map(|(_, v)| v), Some(100));
         // Holding out is not being passed over: the head's count did not move while it held out.
         assert_eq!(q.entries.values().map(|e| e.bypassed).max(), Some(0));
     }
@@ -887,7 +891,7 @@ mod tests {
         let mut q = queue(10, 10, true);
         q.push(10, Normal, 1, t0).unwrap(); // held, but normal
         q.push(1, High, 1, t0).unwrap();
-        let pop = |q: &mut AdmissionQueue<u32>| q.pop_preferring(t0, |_| true, held, no_line).map(|(_, v)| v);
+        let pop = |q: &mut AdmissionQueue<u32>| q.pop_preferring(t0, |_| true, held).map(|(_, v)| v);
         assert_eq!(pop(&mut q), Some(1), "class first");
         assert_eq!(pop(&mut q), Some(10));
         // Tenant 1 was just served; tenant 2's turn comes before tenant 1's held waiter.
@@ -909,7 +913,7 @@ mod tests {
         let mut served_at = None;
         for k in 0..2 * DEFAULT_MAX_OVERTAKEN {
             q.push(10 * (k + 1), Normal, 1, t0).unwrap();
-            if q.pop_preferring(t0, |_| true, held, no_line).map(|(_, v)| v) == Some(1) {
+            if q.pop_preferring(t0, |_| true, held).map(|(_, v)| v) == Some(1) {
                 served_at = Some(k);
                 break;
             }
@@ -925,17 +929,17 @@ mod tests {
         q.push(1, Normal, 1, t0).unwrap(); // never held
                                            // Arrived 500 ms later, saves 1 s: 100 ms + 1 s beats 600 ms of waiting.
         q.push(20, Normal, 1, t0 + ms(500)).unwrap();
-        assert_eq!(q.pop_preferring(t0 + ms(600), |_| true, held, no_line).map(|(_, v)| v), Some(20));
+        assert_eq!(q.pop_preferring(t0 + ms(600), |_| true, held).map(|(_, v)| v), Some(20));
         // Arrived 1.5 s later: 100 ms + 1 s no longer beats 1.6 s.
         q.push(40, Normal, 1, t0 + ms(1500)).unwrap();
-        assert_eq!(q.pop_preferring(t0 + ms(1600), |_| true, held, no_line).map(|(_, v)| v), Some(1));
-        assert_eq!(q.pop_preferring(t0 + ms(1600), |_| true, held, no_line).map(|(_, v)| v), Some(40));
+        assert_eq!(q.pop_preferring(t0 + ms(1600), |_| true, held).map(|(_, v)| v), Some(1));
+        assert_eq!(q.pop_preferring(t0 + ms(1600), |_| true, held).map(|(_, v)| v), Some(40));
         // Zero turns the preference off: strict order.
         let mut q = AdmissionQueue::new(QueueConfig { max_overtaken: 0, ..QueueConfig::default() });
         for v in [1, 20, 30] {
             q.push(v, Normal, 1, t0).unwrap();
         }
-        assert_eq!(q.pop_preferring(t0, |_| true, held, no_line).map(|(_, v)| v), Some(1));
+        assert_eq!(q.pop_preferring(t0, |_| true, held).map(|(_, v)| v), Some(1));
     }
 
     #[test]
@@ -950,7 +954,7 @@ mod tests {
                 let now = t0 + secs(u64::from(s));
                 q.push(10 * s, Normal, 2, now).unwrap();
                 q.push(10 * s + 10_000, Normal, 2, now).unwrap();
-                if q.pop_preferring(now, |_| true, held, no_line).map(|(_, v)| v) == Some(1) {
+                if q.pop_preferring(now, |_| true, held).map(|(_, v)| v) == Some(1) {
                     served_low_at = Some(s);
                     break;
                 }
@@ -1089,7 +1093,7 @@ mod tests {
                     }
                     Op::PopPreferring(salt) => {
                         let best = live.values().min().copied();
-                        let got = q.pop_preferring(now, |_| true, |&c| Fit { here: Duration::from_millis((c as u64 ^ salt).wrapping_mul(salt) % 7), better: None }, |_| Duration::ZERO);
+                        let got = q.pop_preferring(now, |_| true, |&c| Fit { here: Duration::from_millis((c as u64 ^ salt).wrapping_mul(salt) % 7), better: None });
                         prop_assert_eq!(got.as_ref().map(|(_, c)| *c), best);
                         if let Some((t, _)) = got { live.remove(&t); }
                     }
@@ -1133,7 +1137,7 @@ mod tests {
                 let standing_of: HashMap<u64, Standing> =
                     q.entries.iter().map(|(&seq, e)| (seq, q.standing(&scan, e, true))).collect();
                 let (t, _) =
-                    q.pop_preferring(now, |_| true, |&v| Fit { here: Duration::from_millis(u64::from((v ^ salt) % 5) * 10), better: None }, |_| Duration::ZERO).unwrap();
+                    q.pop_preferring(now, |_| true, |&v| Fit { here: Duration::from_millis(u64::from((v ^ salt) % 5) * 10), better: None }).unwrap();
                 prop_assert_eq!(standing_of[&t.0], standing);
                 if t.0 != head {
                     let n = passed.entry(head).or_default();

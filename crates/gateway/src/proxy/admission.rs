@@ -46,7 +46,7 @@ use crate::fleet::worker::Worker;
 use crate::fleet::Fleet;
 use arc_swap::ArcSwap;
 use gateway_core::{ErrorKind, GatewayError, Priority, WorkerId};
-use guard::{AdmissionQueue, AvgWait, Fit, Meta, RateEstimator, Ticket};
+use guard::{AdmissionQueue, AvgWait, Better, Fit, Meta, RateEstimator, Ticket};
 use parking_lot::Mutex;
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
@@ -114,17 +114,23 @@ impl Waiter {
     }
 
     /// How this waiter fits `worker`, whose slot freed: its time to first token there, and the
-    /// available worker among its own that would take less (see `guard::AdmissionQueue::pop_preferring`).
-    fn fit(&self, worker: &Worker) -> Fit {
+    /// available worker among its own that would take less, with that worker's slot interval (its own
+    /// measured pace; until one is measured, `per_worker` (the model's recent dispatch interval) times
+    /// the workers sharing it); see `guard::AdmissionQueue::pop_preferring`.
+    fn fit(&self, worker: &Worker, per_worker: Duration) -> Fit {
         let Some(prefill) = &self.affinity else { return Fit::default() };
         let here = prefill(worker.id);
         let better = self
             .workers
             .iter()
             .filter(|w| w.id != worker.id && w.is_available())
-            .map(|w| (w.id, prefill(w.id)))
+            .map(|w| (w, prefill(w.id)))
             .min_by_key(|&(_, t)| t)
-            .filter(|&(_, t)| t + FIT_TIE < here);
+            .filter(|&(_, t)| t + FIT_TIE < here)
+            .map(|(w, there)| {
+                let shared = per_worker.saturating_mul(u32::try_from(self.workers.len()).unwrap_or(u32::MAX));
+                Better { worker: w.id, there, interval: w.slot_interval().unwrap_or(shared) }
+            });
         Fit { here, better }
     }
 }
@@ -672,23 +678,14 @@ impl Admission {
             return;
         }
         let cap = self.capacity_of(worker);
-        // A worker's slot interval: its own measured dispatch pace; until one is measured, the model's
-        // recent dispatch rate shared by its workers.
-        let now = Instant::now().into_std();
-        let per_worker = queue.dispatches.lock().estimated_wait(1, now);
+        let per_worker = queue.dispatches.lock().estimated_wait(1, Instant::now().into_std());
         let mut waiting = queue.waiting.lock();
-        // The waiters' widest set of workers: the model's fleet, as a rule.
-        let fleet: Vec<Arc<Worker>> =
-            waiting.items().map(|w| &w.workers).max_by_key(|ws| ws.len()).cloned().unwrap_or_default();
-        let shared = per_worker.saturating_mul(u32::try_from(fleet.len().max(1)).unwrap_or(u32::MAX));
-        let interval =
-            |id: WorkerId| fleet.iter().find(|w| w.id == id).and_then(|w| w.slot_interval()).unwrap_or(shared);
         // Budget waiters take no slot.
         let wants_slot = |w: &Waiter| w.tx.is_some();
         while waiting.items().any(wants_slot) {
             let Some(slot) = Reservation::try_take(worker, cap, self.notify()) else { return };
-            let fit = |w: &Waiter| w.fit(worker);
-            let Some((_, waiter)) = waiting.pop_preferring(Instant::now().into_std(), wants_slot, fit, interval) else {
+            let fit = |w: &Waiter| w.fit(worker, per_worker);
+            let Some((_, waiter)) = waiting.pop_preferring(Instant::now().into_std(), wants_slot, fit) else {
                 slot.return_quietly();
                 return;
             };
