@@ -40,6 +40,7 @@ pub mod fleet;
 pub mod fuzzing;
 pub mod limits;
 pub mod metrics;
+pub mod periodic;
 pub mod proxy;
 pub mod redis_conn;
 pub mod reload;

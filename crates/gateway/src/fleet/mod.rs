@@ -56,35 +56,28 @@ impl Fleet {
     }
 
     /// Tells each worker the largest capacity known (configured, stated or learned) among the other
-    /// workers serving one of its models: where its ramp starts ([`crate::fleet::capacity`]).
+    /// workers serving one of its models: where its ramp starts ([`crate::fleet::capacity`]). One pass
+    /// over the workers keeps each model's two largest, so a worker's own capacity is never its peers'.
     pub fn share_capacities(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        // Per model: the largest known capacity and whose it is, and the largest among the others.
+        let mut top: std::collections::HashMap<String, (u32, WorkerId, u32)> = std::collections::HashMap::new();
+        for w in &self.workers {
+            let known = w.known_capacity();
+            for m in w.models.load().iter() {
+                let t = top.entry(m.clone()).or_insert((0, w.id, 0));
+                if known > t.0 {
+                    *t = (known, w.id, t.0);
+                } else if t.1 != w.id {
+                    t.2 = t.2.max(known);
+                }
+            }
+        }
         for w in &self.workers {
             let models = w.models.load();
-            let known = self
-                .workers
-                .iter()
-                .filter(|o| o.id != w.id && o.models.load().iter().any(|m| models.contains(m)))
-                .map(|o| o.known_capacity())
-                .max()
-                .unwrap_or(0);
-            w.stats.peer_capacity.store(known, std::sync::atomic::Ordering::Relaxed);
-        }
-    }
-
-    /// Runs [`Fleet::share_capacities`] every `period` over the fleet `fleet` returns (the fleet in
-    /// force; `None` once the gateway is gone) until `stop` is cancelled.
-    pub async fn run_capacity_sharing(
-        period: std::time::Duration,
-        stop: tokio_util::sync::CancellationToken,
-        fleet: impl Fn() -> Option<Arc<Fleet>>,
-    ) {
-        loop {
-            let Some(f) = fleet() else { return };
-            f.share_capacities();
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(period) => {}
-            }
+            let peers = models.iter().filter_map(|m| top.get(m));
+            let known = peers.map(|&(best, id, second)| if id == w.id { second } else { best }).max();
+            w.stats.peer_capacity.store(known.unwrap_or(0), Relaxed);
         }
     }
 
@@ -123,6 +116,29 @@ impl Fleet {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_worker_hears_the_largest_known_capacity_of_the_others_serving_its_models() {
+        let worker = |id, url: &str, cap: u32, models: &[&str]| {
+            let w = Worker::new(id, WorkerConfig { max_concurrency: cap, ..WorkerConfig::from_url(url) });
+            w.models.store(Arc::new(models.iter().map(|m| m.to_string()).collect()));
+            Arc::new(w)
+        };
+        let fleet = Fleet {
+            workers: vec![
+                worker(1, "http://a:1", 8, &["m"]),
+                worker(2, "http://b:1", 32, &["m", "n"]),
+                worker(3, "http://c:1", 0, &["m"]),
+                worker(4, "http://d:1", 0, &["n"]),
+                worker(5, "http://e:1", 4, &["o"]),
+            ],
+        };
+        fleet.share_capacities();
+        let heard: Vec<u32> =
+            fleet.workers.iter().map(|w| w.stats.peer_capacity.load(std::sync::atomic::Ordering::Relaxed)).collect();
+        // b's own 32 is never its peers': it hears a's 8; a model no one else serves hears nothing.
+        assert_eq!(heard, vec![32, 8, 32, 32, 0]);
+    }
 
     #[test]
     fn rebuild_keeps_unchanged_workers_and_their_state() {

@@ -270,11 +270,22 @@ impl RequestRecord {
             m.breaker_failures.with_label_values(&[&worker.name]).inc();
         }
         let transition = self.load.settle(verdict, now, breaker_cfg);
-        m.count_transition(&worker.name, transition);
-        self.info.cluster.breaker_opened(&worker, transition);
+        report_transition(m, &self.info.cluster, &worker, transition);
         m.upstream_outcomes.with_label_values(&[&worker.name, kind.as_str()]).inc();
         worker
     }
+}
+
+/// Makes a breaker transition of `worker` known: counted in `llm_circuit_breaker_transitions_total`,
+/// and an opening told to the other replicas ([`crate::cluster::Cluster::breaker_opened`]).
+pub fn report_transition(
+    metrics: &Metrics,
+    cluster: &crate::cluster::Cluster,
+    worker: &Worker,
+    transition: Option<guard::Transition>,
+) {
+    metrics.count_transition(&worker.name, transition);
+    cluster.breaker_opened(worker, transition);
 }
 
 impl Drop for RequestRecord {

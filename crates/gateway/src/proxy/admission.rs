@@ -8,7 +8,7 @@
 //! and nothing polls. A reservation that is never used (the waiter left) releases itself when dropped,
 //! which frees the slot for the next one. The slot counts themselves are only moved by those guards
 //! ([`crate::fleet::slot`]); this module decides who gets a slot, never counts one by hand.
-//! A slow sweep ([`Admission::run_sweeper`]) only covers capacity that appears without a slot freeing
+//! A slow sweep ([`Admission::sweep`], every 500 ms) only covers capacity that appears without a slot freeing
 //! (a worker added, recovered or learned larger, or load of other replicas gone at the last scrape).
 //!
 //! Capacity is what [`Admission::capacity_of`] says: the worker's, less the load it reported at its last
@@ -56,7 +56,6 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 use tokio::sync::Notify as Wake;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 /// Every model's queue, and the queue settings in force.
 pub struct Admission {
@@ -398,10 +397,11 @@ impl Admission {
         let slot_waiters = queue.waiting.lock().items().any(|w| w.tx.is_some());
         let mut affinity = Some(affinity);
         let mut asked = None;
-        if !slot_waiters && candidates.iter().any(|w| self.has_room(w)) {
-            if candidates.iter().all(|w| self.has_room(w)) {
-                return Ok((QueueTicket::default(), None));
-            }
+        let with_room = if slot_waiters { 0 } else { candidates.iter().filter(|w| self.has_room(w)).count() };
+        if with_room == candidates.len() {
+            return Ok((QueueTicket::default(), None));
+        }
+        if with_room > 0 {
             // A full worker holding more of the prompt than any with room: the request waits, and the
             // hand-off decides at once whether that worker's line is worth the prefill it saves.
             let prefill = affinity.take().and_then(|a| a());
@@ -730,24 +730,6 @@ impl Admission {
             for w in fleet.workers.iter().filter(|w| w.serves(&model)) {
                 self.slot_freed(w);
             }
-        }
-    }
-
-    /// Runs [`Admission::sweep`] every `period` over the workers `fleet` returns (the fleet in force;
-    /// `None` once the gateway is gone) until `stop` is cancelled.
-    pub async fn run_sweeper(
-        self: Arc<Self>,
-        period: Duration,
-        stop: CancellationToken,
-        fleet: impl Fn() -> Option<Arc<Fleet>>,
-    ) {
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(period) => {}
-            }
-            let Some(fleet) = fleet() else { return };
-            self.sweep(&fleet);
         }
     }
 

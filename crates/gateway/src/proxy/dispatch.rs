@@ -9,7 +9,7 @@ use crate::error::error_chain;
 use crate::fleet::slot::{LoadGuard, Reservation};
 use crate::fleet::worker::Worker;
 use crate::metrics::Active;
-use crate::proxy::accounting::{RequestInfo, RequestRecord};
+use crate::proxy::accounting::{report_transition, RequestInfo, RequestRecord};
 use crate::proxy::classify::{classify, AttemptEnd, Meaning};
 use crate::proxy::relay::relayed_response;
 use crate::proxy::request::X_REQUEST_ID;
@@ -209,7 +209,7 @@ async fn pick<'s>(
         };
         let transition = load.take_transition();
         attempts.tried.push(worker.id);
-        app.metrics.count_transition(&worker.name, transition);
+        report_transition(&app.metrics, &app.cluster, &worker, transition);
         app.metrics.routing_decisions.with_label_values(&[snap.policy.name(), &worker.name]).inc();
         let others = all.iter().any(|w| w.id != worker.id);
         return Ok(Picked { load, others });
@@ -281,9 +281,7 @@ async fn send(
 /// A stalled worker is cut off: its breaker opens at once (when breakers are on) and it is logged.
 fn on_stall(app: &AppState, snap: &Snapshot, worker: &Worker, silent: Duration) {
     if snap.config.circuit_breaker.enabled {
-        let transition = worker.trip_breaker(Instant::now());
-        app.metrics.count_transition(&worker.name, transition);
-        app.cluster.breaker_opened(worker, transition);
+        report_transition(&app.metrics, &app.cluster, worker, worker.trip_breaker(Instant::now()));
     }
     tracing::warn!(
         worker = %worker.name,

@@ -6,6 +6,7 @@ pub mod connections;
 
 use crate::config::Config;
 use crate::error::ApiError;
+use crate::periodic;
 use crate::proxy;
 use crate::state::AppState;
 use axum::extract::State;
@@ -138,14 +139,15 @@ impl Gateway {
             Arc::clone(&state.cluster).run(Arc::clone(&state.admission), state.shutdown.clone(), fleet.clone(), policy);
         tokio::spawn(cluster);
         // Fast enough that a worker not yet learned is on its ramp before a burst piles onto it.
-        let sharing = crate::fleet::Fleet::run_capacity_sharing(
-            Duration::from_millis(100),
-            state.shutdown.clone(),
-            fleet.clone(),
-        );
+        let share = fleet.clone();
+        let sharing = periodic::every(Duration::from_millis(100), state.shutdown.clone(), move || {
+            share().map(|f| f.share_capacities()).is_some()
+        });
         tokio::spawn(sharing);
-        let sweeper =
-            Arc::clone(&state.admission).run_sweeper(Duration::from_millis(500), state.shutdown.clone(), fleet);
+        let admission = Arc::clone(&state.admission);
+        let sweeper = periodic::every(Duration::from_millis(500), state.shutdown.clone(), move || {
+            fleet().map(|f| admission.sweep(&f)).is_some()
+        });
         tokio::spawn(sweeper);
         tokio::spawn(crate::batch::runner::run(Arc::downgrade(&state)));
         // The dashboard's charts have history from the start, not from the first page view.
