@@ -21,7 +21,8 @@
 //!   a fallible build, then an infallible commit; [`discovery`]: workers from a watched file and from
 //!   DNS (`dns+http://`), applied through [`reload`].
 //! - [`state`]: the composition root, [`state::Snapshot`] behind `ArcSwap` and [`state::AppState`].
-//! - [`metrics`]: every metric name; [`error`]: the one error response.
+//! - [`metrics`]: every metric name; [`error`]: the one error response; [`logging`]: log lines to
+//!   stderr through a buffer.
 //! - [`batch`]: the Batch API (`/v1/files`, `/v1/batches`), its SQLite store and its runner.
 //! - [`demo`], [`cli`]: `--demo` workers and the command line (server flags and subcommands).
 
@@ -39,6 +40,7 @@ pub mod fleet;
 #[cfg(any(test, fuzzing))]
 pub mod fuzzing;
 pub mod limits;
+pub mod logging;
 pub mod metrics;
 pub mod periodic;
 pub mod proxy;
@@ -49,13 +51,3 @@ pub mod state;
 
 pub use config::Config;
 pub use server::{app, Gateway};
-
-/// Installs the tracing subscriber: human-readable or JSON, filtered by `RUST_LOG` or `log.level`.
-pub fn init_logging(cfg: &config::LogConfig) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&cfg.level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = builder.with_ansi(ansi);
-    let _ = if cfg.format == "json" { builder.json().try_init() } else { builder.try_init() };
-}

@@ -26,7 +26,8 @@ async fn serve(cli: ServeArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    llm_gateway::init_logging(&config.log);
+    // Held to the end: dropping it writes the log lines still buffered.
+    let _log = llm_gateway::logging::init(&config.log);
     // Demo workers live as long as main does.
     let _sims = match cli.demo {
         Some(n) => match demo::start(n.max(1)).await {

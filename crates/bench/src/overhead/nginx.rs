@@ -80,6 +80,24 @@ impl Nginx {
     }
 }
 
+impl Drop for Nginx {
+    /// SIGTERM first, for the master to stop its workers: killed with SIGKILL it cannot, and they would
+    /// keep running (and listening) after the bench; a worker killed before it is replaced at once.
+    fn drop(&mut self) {
+        let master = self.master.pid();
+        let workers = children_of(master);
+        let _ = std::process::Command::new("kill").args(["-TERM", &master.to_string()]).status();
+        let deadline = std::time::Instant::now() + Duration::from_secs(3);
+        while self.master.alive() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        for pid in workers {
+            let _ = std::process::Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+        }
+        self.master.kill();
+    }
+}
+
 /// A port free now (bound and released: nginx binds it a moment later).
 fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())

@@ -769,11 +769,14 @@ pub struct LogConfig {
     pub format: String,
     /// A tracing filter such as `info` or `llm_gateway=debug` (`RUST_LOG` overrides it).
     pub level: String,
+    /// Lines below `warn` are written together at least this often (ms), or sooner when 64 KiB are
+    /// waiting; `warn` and `error` lines at once. 0 writes every line at once. Read at start.
+    pub flush_ms: u64,
 }
 
 impl Default for LogConfig {
     fn default() -> Self {
-        Self { format: "text".into(), level: "info".into() }
+        Self { format: "text".into(), level: "info".into(), flush_ms: 100 }
     }
 }
 

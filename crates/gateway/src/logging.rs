@@ -1,0 +1,209 @@
+//! Where log lines go: stderr, through a small buffer.
+//!
+//! One request line per request written with its own `write` cost about as much CPU as formatting it
+//! (BENCHMARKS.md, "Overhead"). Lines below `warn` are collected and written together when the buffer
+//! holds [`BUFFER_BYTES`] or every `log.flush_ms` (a background thread), as nginx's `access_log
+//! buffer= flush=` and Envoy's access log do; a `warn` or `error` line goes out at once, after the lines
+//! before it, so problems are never late and the order is kept. [`LogFlush`] writes what is left when the
+//! process ends, and a panic writes it before its message. `log.flush_ms = 0` writes every line at once.
+
+use crate::config::LogConfig;
+use parking_lot::Mutex;
+use std::io::Write;
+use std::sync::Arc;
+use std::time::Duration;
+use tracing_subscriber::fmt::MakeWriter;
+
+/// Buffered lines are written once they reach this many bytes (a bound, too: the buffer never holds
+/// much more than one line beyond it).
+pub const BUFFER_BYTES: usize = 64 * 1024;
+
+/// Installs the tracing subscriber: human-readable or JSON, filtered by `RUST_LOG` or `log.level`,
+/// written to stderr through the buffer. Keep the answer until the process ends: dropping it writes
+/// the lines still buffered.
+pub fn init(cfg: &LogConfig) -> LogFlush {
+    use tracing_subscriber::EnvFilter;
+    let sink = Arc::new(Sink::new(std::io::stderr(), cfg.flush_ms > 0));
+    if cfg.flush_ms > 0 {
+        let (period, weak) = (Duration::from_millis(cfg.flush_ms), Arc::downgrade(&sink));
+        let flusher = std::thread::Builder::new().name("log-flush".into()).spawn(move || loop {
+            std::thread::sleep(period);
+            match weak.upgrade() {
+                Some(sink) => sink.flush(),
+                None => return,
+            }
+        });
+        if let Err(e) = flusher {
+            eprintln!("llm-gateway: no log flush thread ({e}): writing each line at once");
+            sink.buffered.store(false, std::sync::atomic::Ordering::Relaxed);
+        }
+        let on_panic = Arc::downgrade(&sink);
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if let Some(sink) = on_panic.upgrade() {
+                sink.flush();
+            }
+            previous(info);
+        }));
+    }
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&cfg.level));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(SinkWriters(Arc::clone(&sink)));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = builder.with_ansi(ansi);
+    let _ = if cfg.format == "json" { builder.json().try_init() } else { builder.try_init() };
+    LogFlush(sink)
+}
+
+/// Writes the buffered log lines when dropped (at the end of `main`).
+pub struct LogFlush(Arc<Sink<std::io::Stderr>>);
+
+impl Drop for LogFlush {
+    fn drop(&mut self) {
+        self.0.flush();
+    }
+}
+
+/// Lines waiting for one `write` to `out`.
+struct Sink<W> {
+    buf: Mutex<Vec<u8>>,
+    out: W,
+    /// Off when lines are written at once (`log.flush_ms = 0`, or no flush thread).
+    buffered: std::sync::atomic::AtomicBool,
+}
+
+impl<W> Sink<W>
+where
+    for<'a> &'a W: Write,
+{
+    fn new(out: W, buffered: bool) -> Self {
+        Self { buf: Mutex::new(Vec::new()), out, buffered: buffered.into() }
+    }
+
+    /// Adds one formatted line; writes the buffer when `urgent`, full, or not buffering.
+    fn push(&self, line: &[u8], urgent: bool) {
+        let mut buf = self.buf.lock();
+        buf.extend_from_slice(line);
+        if urgent || buf.len() >= BUFFER_BYTES || !self.buffered.load(std::sync::atomic::Ordering::Relaxed) {
+            self.write_out(&mut buf);
+        }
+    }
+
+    /// Writes what is buffered.
+    fn flush(&self) {
+        let mut buf = self.buf.lock();
+        if !buf.is_empty() {
+            self.write_out(&mut buf);
+        }
+    }
+
+    /// Written under the lock, so lines keep their order; a failed write drops them, as an
+    /// unbuffered logger would.
+    fn write_out(&self, buf: &mut Vec<u8>) {
+        let _ = (&self.out).write_all(buf);
+        buf.clear();
+        // A burst of long lines must not keep a large allocation for good.
+        if buf.capacity() > 2 * BUFFER_BYTES {
+            buf.shrink_to(BUFFER_BYTES);
+        }
+    }
+}
+
+/// The subscriber's writer factory: one [`LineWriter`] per event, urgent from `warn` up.
+struct SinkWriters(Arc<Sink<std::io::Stderr>>);
+
+impl<'a> MakeWriter<'a> for SinkWriters {
+    type Writer = LineWriter<'a, std::io::Stderr>;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        LineWriter { sink: &self.0, urgent: false }
+    }
+
+    fn make_writer_for(&'a self, meta: &tracing::Metadata<'_>) -> Self::Writer {
+        LineWriter { sink: &self.0, urgent: *meta.level() <= tracing::Level::WARN }
+    }
+}
+
+/// Hands one event's bytes (the subscriber writes each event with one `write_all`) to the sink.
+struct LineWriter<'a, W> {
+    sink: &'a Sink<W>,
+    urgent: bool,
+}
+
+impl<W> Write for LineWriter<'_, W>
+where
+    for<'a> &'a W: Write,
+{
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.sink.push(data, self.urgent);
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stand-in for stderr that records each `write` it is given.
+    #[derive(Default)]
+    struct Writes(Mutex<Vec<Vec<u8>>>);
+
+    impl Write for &Writes {
+        fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().push(data.to_vec());
+            Ok(data.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn writes(sink: &Sink<Writes>) -> Vec<String> {
+        sink.out.0.lock().iter().map(|w| String::from_utf8_lossy(w).into_owned()).collect()
+    }
+
+    #[test]
+    fn info_lines_wait_for_a_flush_and_go_out_in_one_write() {
+        let sink = Sink::new(Writes::default(), true);
+        sink.push(b"a\n", false);
+        sink.push(b"b\n", false);
+        assert!(writes(&sink).is_empty(), "nothing written before the flush");
+        sink.flush();
+        sink.flush();
+        assert_eq!(writes(&sink), vec!["a\nb\n"], "one write, and an empty buffer writes nothing");
+    }
+
+    #[test]
+    fn a_warning_goes_out_at_once_after_the_lines_before_it() {
+        let sink = Sink::new(Writes::default(), true);
+        sink.push(b"info\n", false);
+        sink.push(b"warn\n", true);
+        assert_eq!(writes(&sink), vec!["info\nwarn\n"]);
+    }
+
+    #[test]
+    fn a_full_buffer_is_written_without_waiting_for_the_flush() {
+        let sink = Sink::new(Writes::default(), true);
+        let line = vec![b'x'; 1000];
+        for _ in 0..BUFFER_BYTES / 1000 {
+            sink.push(&line, false);
+        }
+        assert!(writes(&sink).is_empty());
+        sink.push(&line, false);
+        assert_eq!(writes(&sink).len(), 1);
+        assert_eq!(writes(&sink)[0].len(), (BUFFER_BYTES / 1000 + 1) * 1000);
+        assert!(sink.buf.lock().is_empty());
+    }
+
+    #[test]
+    fn unbuffered_writes_each_line_at_once() {
+        let sink = Sink::new(Writes::default(), false);
+        sink.push(b"a\n", false);
+        sink.push(b"b\n", false);
+        assert_eq!(writes(&sink), vec!["a\n", "b\n"]);
+    }
+}
