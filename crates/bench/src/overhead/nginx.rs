@@ -91,7 +91,8 @@ impl Drop for Nginx {
         while self.master.alive() && std::time::Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
-        for pid in workers {
+        // Those the master did not stop in time (normally none are left).
+        for pid in workers.into_iter().filter(|&pid| crate::procs::rss_kb(pid).is_some()) {
             let _ = std::process::Command::new("kill").args(["-KILL", &pid.to_string()]).status();
         }
         self.master.kill();
