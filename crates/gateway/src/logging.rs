@@ -41,7 +41,10 @@ pub fn init(cfg: &LogConfig) -> LogFlush {
         let previous = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
             if let Some(sink) = on_panic.upgrade() {
-                sink.flush();
+                // Not `flush`: a panic on a thread holding the buffer must not deadlock here.
+                if let Some(mut buf) = sink.buf.try_lock_for(Duration::from_millis(100)) {
+                    sink.write_out(&mut buf);
+                }
             }
             previous(info);
         }));
@@ -54,11 +57,20 @@ pub fn init(cfg: &LogConfig) -> LogFlush {
     LogFlush(sink)
 }
 
-/// Writes the buffered log lines when dropped (at the end of `main`).
+/// Writes the buffered log lines when dropped (at the end of `main`), and every line after that at
+/// once (requests a shutdown past its grace period drops are logged later, as the runtime ends).
 pub struct LogFlush(Arc<Sink<std::io::Stderr>>);
+
+impl LogFlush {
+    /// Writes the buffered lines now (before a message printed to stderr directly).
+    pub fn flush(&self) {
+        self.0.flush();
+    }
+}
 
 impl Drop for LogFlush {
     fn drop(&mut self) {
+        self.0.buffered.store(false, std::sync::atomic::Ordering::Relaxed);
         self.0.flush();
     }
 }
@@ -109,10 +121,13 @@ where
 }
 
 /// The subscriber's writer factory: one [`LineWriter`] per event, urgent from `warn` up.
-struct SinkWriters(Arc<Sink<std::io::Stderr>>);
+struct SinkWriters<W>(Arc<Sink<W>>);
 
-impl<'a> MakeWriter<'a> for SinkWriters {
-    type Writer = LineWriter<'a, std::io::Stderr>;
+impl<'a, W: 'a> MakeWriter<'a> for SinkWriters<W>
+where
+    for<'b> &'b W: Write,
+{
+    type Writer = LineWriter<'a, W>;
 
     fn make_writer(&'a self) -> Self::Writer {
         LineWriter { sink: &self.0, urgent: false }
@@ -197,6 +212,31 @@ mod tests {
         assert_eq!(writes(&sink).len(), 1);
         assert_eq!(writes(&sink)[0].len(), (BUFFER_BYTES / 1000 + 1) * 1000);
         assert!(sink.buf.lock().is_empty());
+    }
+
+    #[test]
+    fn through_a_subscriber_warn_and_error_lines_are_urgent_and_info_lines_wait() {
+        let sink = Arc::new(Sink::new(Writes::default(), true));
+        let subscriber =
+            tracing_subscriber::fmt().with_ansi(false).with_writer(SinkWriters(Arc::clone(&sink))).finish();
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::info!("first");
+            tracing::debug!("filtered out");
+        });
+        assert!(writes(&sink).is_empty(), "an info line waits");
+        tracing::subscriber::with_default(
+            tracing_subscriber::fmt().with_ansi(false).with_writer(SinkWriters(Arc::clone(&sink))).finish(),
+            || tracing::warn!("second"),
+        );
+        let out = writes(&sink);
+        assert_eq!(out.len(), 1, "{out:?}");
+        let (first, second) = (out[0].find("first"), out[0].find("second"));
+        assert!(first.is_some() && second.is_some() && first < second, "in order: {out:?}");
+        tracing::subscriber::with_default(
+            tracing_subscriber::fmt().with_ansi(false).with_writer(SinkWriters(Arc::clone(&sink))).finish(),
+            || tracing::error!("third"),
+        );
+        assert_eq!(writes(&sink).len(), 2, "an error line at once");
     }
 
     #[test]

@@ -27,7 +27,7 @@ async fn serve(cli: ServeArgs) -> ExitCode {
         }
     };
     // Held to the end: dropping it writes the log lines still buffered.
-    let _log = llm_gateway::logging::init(&config.log);
+    let log = llm_gateway::logging::init(&config.log);
     // Demo workers live as long as main does.
     let _sims = match cli.demo {
         Some(n) => match demo::start(n.max(1)).await {
@@ -38,6 +38,7 @@ async fn serve(cli: ServeArgs) -> ExitCode {
                 sims
             }
             Err(e) => {
+                log.flush();
                 eprintln!("llm-gateway: cannot start demo workers: {e}");
                 return ExitCode::FAILURE;
             }
@@ -48,6 +49,7 @@ async fn serve(cli: ServeArgs) -> ExitCode {
     let gateway = match Gateway::start(config).await {
         Ok(g) => g,
         Err(e) => {
+            log.flush();
             eprintln!("llm-gateway: {e}");
             return ExitCode::FAILURE;
         }

@@ -56,8 +56,9 @@ impl Fleet {
     }
 
     /// Tells each worker the largest capacity known (configured, stated or learned) among the other
-    /// workers serving one of its models: where its ramp starts ([`crate::fleet::capacity`]). One pass
-    /// over the workers keeps each model's two largest, so a worker's own capacity is never its peers'.
+    /// workers serving one of its models: where its ramp starts ([`crate::fleet::capacity`]). A pass over
+    /// the workers keeps each model's two largest, so a worker's own capacity is never its peers'; a
+    /// second tells each worker.
     pub fn share_capacities(&self) {
         use std::sync::atomic::Ordering::Relaxed;
         // Per model: the largest known capacity and whose it is, and the largest among the others.
