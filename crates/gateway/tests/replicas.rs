@@ -9,7 +9,7 @@
 //! - Redis down: `redis_failure = "local"` serves, `"deny"` refuses, both count it; Redis back, sharing
 //!   resumes without a restart.
 //! - Replicas sharing Redis agree on a worker's learned capacity, open each other's breakers (told once,
-//!   learned by a replica started meanwhile) and hold a conversation on one worker whichever replica gets
+//!   learned by a replica started meanwhile; an operator's reset closes them all) and hold a conversation on one worker whichever replica gets
 //!   each turn (dispatch records).
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
 
@@ -450,7 +450,7 @@ async fn breaker_of(url: &str, i: usize) -> serde_json::Value {
 /// A worker that fails opens the breaker of the replica that sent to it; the other replica opens its
 /// own on hearing it, without a failure of its own and without sending the worker anything, and a
 /// replica started while the opening lasts learns it from Redis. The opening is told once: hearing it
-/// tells no one.
+/// tells no one. An operator's reset on any replica closes every replica's breaker.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_breaker_opened_on_one_replica_opens_on_the_others() {
     let redis_server = RedisServer::start();
@@ -511,4 +511,24 @@ async fn a_breaker_opened_on_one_replica_opens_on_the_others() {
     let still: String = redis::cmd("GET").arg(&key).query_async(&mut conn).await.unwrap();
     assert_eq!(still, told, "hearing an opening tells no one (no echo)");
     assert_eq!(breaker_of(&a.url(), 1).await["counters"]["opens"], 1);
+
+    // The worker is mended and an operator resets its breaker on one replica (not the one that
+    // opened it): every replica closes its own, and the opening ends for replicas yet to start.
+    subscribed(&mut conn, "llmgw:breaker:reset", 3).await;
+    sims[1].set_faults(vllm_sim::Faults::default());
+    let reset = format!("{}/api/circuit-breaker/sim-1/reset", b.url());
+    let resp = client().post(&reset).header("content-type", "application/json").send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(breaker_state(&b.url(), 1).await, "closed");
+    for url in [a.url(), late.url()] {
+        wait_for("every other replica to close its breaker", Duration::from_secs(5), || {
+            let url = url.clone();
+            async move { breaker_state(&url, 1).await == "closed" }
+        })
+        .await;
+    }
+    let left: Option<String> = redis::cmd("GET").arg(&key).query_async(&mut conn).await.unwrap();
+    assert_eq!(left, None, "the opening is over");
+    let resp = client().post(&url).json(&chat("demo-model", "hi", false)).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
 }

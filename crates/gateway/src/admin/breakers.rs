@@ -1,5 +1,6 @@
 //! Admin views of the circuit breakers: `GET /api/circuit-breaker/stats` and
-//! `POST /api/circuit-breaker/{id}/reset` (a mutation: needs the admin token when one is set).
+//! `POST /api/circuit-breaker/{id}/reset` (a mutation: needs the admin token when one is set; with
+//! `[cluster]` sharing through Redis, every replica closes that breaker).
 
 use crate::admin::AdminAuth;
 use crate::error::ApiError;
@@ -52,5 +53,7 @@ async fn reset(
     let t = w.reset_breaker(Instant::now());
     app.metrics.count_transition(&w.name, t);
     tracing::info!(worker = %w.name, "circuit breaker reset by admin");
+    // The other replicas close theirs too (`[cluster]` with Redis), and the opening they may still learn ends.
+    app.cluster.breaker_reset(w).await;
     Ok(Json(breaker_json(w, snap.config.circuit_breaker.enabled)))
 }

@@ -10,6 +10,11 @@
 //! while an opening lasts learns it then. Half-open trials and closing stay local: each replica probes
 //! the worker itself once its own breaker's time is up.
 //!
+//! An operator's reset (`POST /api/circuit-breaker/{id}/reset` on any replica) is the one closing that
+//! travels: [`Cluster::breaker_reset`] deletes the opening's key and publishes the reset
+//! ([`super::redis::RESET_CHANNEL`]), and every other replica closes its breaker on hearing it, so a
+//! worker the operator brought back is not kept out by the replicas that did not see the reset.
+//!
 //! Each opening is applied once per replica: the id last applied per worker is remembered (one entry
 //! per worker of the fleet). With Redis down nothing is shared and every breaker is local as before.
 
@@ -61,6 +66,34 @@ impl Cluster {
         }
         let t = worker.open_breaker_as_told(tokio::time::Instant::now(), open);
         self.metrics.count_transition(&worker.name, t);
+    }
+
+    /// Tells the other replicas that an operator reset `worker`'s breaker here (`backend = "redis"` and
+    /// Redis up; else nothing): its opening ends and they close theirs. Whether they were told.
+    pub async fn breaker_reset(&self, worker: &Worker) -> bool {
+        let Some(redis) = self.redis.as_ref().filter(|_| self.shares_slots()) else { return false };
+        let told = tokio::time::timeout(RECHECK, redis.reset(&worker.base_url, &self.replica)).await;
+        let told = matches!(told, Ok(Ok(())));
+        if !told {
+            tracing::warn!(worker = %worker.name, "cluster: the breaker reset was not told; other replicas keep theirs until it times out");
+        }
+        told
+    }
+
+    /// A message of [`redis::RESET_CHANNEL`]: `<replica> <url>`; another replica's operator reset the
+    /// worker's breaker, so this replica closes its own.
+    pub(super) fn hear_reset_message(&self, payload: &str, fleet: &Fleet) {
+        let Some((replica, url)) = payload.split_once(' ') else { return };
+        if replica == self.replica.as_str() {
+            return;
+        }
+        if let Some(w) = fleet.workers.iter().find(|w| w.base_url == url) {
+            let t = w.reset_breaker(tokio::time::Instant::now());
+            if t.is_some() {
+                tracing::info!(worker = %w.name, "circuit breaker reset by an admin of another replica");
+            }
+            self.metrics.count_transition(&w.name, t);
+        }
     }
 
     /// A message of [`redis::OPENED_CHANNEL`]: `<id> <open ms> <url>`.

@@ -407,7 +407,7 @@ type PolicyNow = Box<dyn Fn() -> Option<Arc<dyn Policy>> + Send + Sync>;
 
 /// Listens on the cluster's channels: a freed slot ([`redis::FREED_CHANNEL`]) goes to this replica's
 /// best waiter for that worker, a breaker opening ([`redis::OPENED_CHANNEL`]) opens this replica's
-/// breaker, dispatch records ([`redis::DISPATCH_CHANNEL`]) feed the policy. Reconnects (after a pause)
+/// breaker and an operator's reset ([`redis::RESET_CHANNEL`]) closes it, dispatch records ([`redis::DISPATCH_CHANNEL`]) feed the policy. Reconnects (after a pause)
 /// when the subscription breaks, clearing every full mark then, as messages may have been missed.
 async fn subscribe_loop<F>(
     redis: redis::RedisSlots,
@@ -420,7 +420,7 @@ async fn subscribe_loop<F>(
     F: Fn() -> Option<Arc<Fleet>> + Send + Sync + 'static,
 {
     use futures_util::StreamExt;
-    let channels = [redis::FREED_CHANNEL, redis::OPENED_CHANNEL, redis::DISPATCH_CHANNEL];
+    let channels = [redis::FREED_CHANNEL, redis::OPENED_CHANNEL, redis::RESET_CHANNEL, redis::DISPATCH_CHANNEL];
     loop {
         let subscribed = async {
             let mut pubsub = redis.client().get_async_pubsub().await.map_err(|e| e.to_string())?;
@@ -455,6 +455,10 @@ async fn subscribe_loop<F>(
                     redis::OPENED_CHANNEL => {
                         let Ok(text) = msg.get_payload::<String>() else { continue };
                         cluster.hear_opening_message(&text, &current);
+                    }
+                    redis::RESET_CHANNEL => {
+                        let Ok(text) = msg.get_payload::<String>() else { continue };
+                        cluster.hear_reset_message(&text, &current);
                     }
                     redis::DISPATCH_CHANNEL => {
                         let Some(policy) = policy() else { return };

@@ -9,7 +9,7 @@
 //! slot released (or expired) is never brought back by a late renewal. Learned capacities meet in one
 //! hash (`llmgw:capacity`, the highest per worker), so every replica holds a worker to the same count.
 //! A breaker opening is a key per worker (`llmgw:breaker:<url>`) that expires with the opening, told on
-//! [`OPENED_CHANNEL`]; dispatch records go out on [`DISPATCH_CHANNEL`] and are kept nowhere.
+//! [`OPENED_CHANNEL`], and an operator's reset deletes it and is told on [`RESET_CHANNEL`]; dispatch records go out on [`DISPATCH_CHANNEL`] and are kept nowhere.
 
 use crate::redis_conn::LazyRedis;
 use std::sync::Arc;
@@ -89,6 +89,17 @@ return out
 /// Where a breaker opening is told: `<opening id> <open ms> <worker URL>`.
 pub const OPENED_CHANNEL: &str = "llmgw:breaker:opened";
 
+/// Where an operator's breaker reset is told: `<replica> <worker url>`.
+pub const RESET_CHANNEL: &str = "llmgw:breaker:reset";
+
+/// KEYS: the worker's opening key. ARGV: channel, message. Ends the opening for replicas yet to learn
+/// it, and tells the others to close their breakers now.
+const RESET: &str = r#"
+redis.call('DEL', KEYS[1])
+redis.call('PUBLISH', ARGV[1], ARGV[2])
+return 1
+"#;
+
 /// Where dispatch records are told, batched ([`super::affinity`] encodes them).
 pub const DISPATCH_CHANNEL: &str = "llmgw:affinity:dispatched";
 
@@ -142,6 +153,7 @@ pub struct RedisSlots {
     capacity: Arc<redis::Script>,
     opened: Arc<redis::Script>,
     openings: Arc<redis::Script>,
+    reset: Arc<redis::Script>,
 }
 
 impl RedisSlots {
@@ -156,6 +168,7 @@ impl RedisSlots {
             capacity: Arc::new(redis::Script::new(CAPACITY)),
             opened: Arc::new(redis::Script::new(OPENED)),
             openings: Arc::new(redis::Script::new(OPENINGS)),
+            reset: Arc::new(redis::Script::new(RESET)),
         })
     }
 
@@ -250,6 +263,21 @@ impl RedisSlots {
             .arg(open_ms)
             .arg(OPENED_CHANNEL)
             .arg(message)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(())
+    }
+
+    /// Ends the breaker opening of the worker at `url` and tells the other replicas, as `replica`, that an
+    /// operator reset it.
+    pub async fn reset(&self, url: &str, replica: &str) -> Result<(), String> {
+        let mut conn = self.redis.conn().await?;
+        let _: i64 = self
+            .reset
+            .key(opening_key(url))
+            .arg(RESET_CHANNEL)
+            .arg(format!("{replica} {url}"))
             .invoke_async(&mut conn)
             .await
             .map_err(|e| e.to_string())?;
