@@ -407,8 +407,9 @@ type PolicyNow = Box<dyn Fn() -> Option<Arc<dyn Policy>> + Send + Sync>;
 
 /// Listens on the cluster's channels: a freed slot ([`redis::FREED_CHANNEL`]) goes to this replica's
 /// best waiter for that worker, a breaker opening ([`redis::OPENED_CHANNEL`]) opens this replica's
-/// breaker and an operator's reset ([`redis::RESET_CHANNEL`]) closes it, dispatch records ([`redis::DISPATCH_CHANNEL`]) feed the policy. Reconnects (after a pause)
-/// when the subscription breaks, clearing every full mark then, as messages may have been missed.
+/// breaker and an operator's reset ([`redis::RESET_CHANNEL`]) closes it, dispatch records
+/// ([`redis::DISPATCH_CHANNEL`]) feed the policy. Reconnects (after a pause) when the subscription
+/// breaks, clearing every full mark then, as messages may have been missed.
 async fn subscribe_loop<F>(
     redis: redis::RedisSlots,
     cluster: Arc<Cluster>,

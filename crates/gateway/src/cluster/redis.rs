@@ -9,7 +9,8 @@
 //! slot released (or expired) is never brought back by a late renewal. Learned capacities meet in one
 //! hash (`llmgw:capacity`, the highest per worker), so every replica holds a worker to the same count.
 //! A breaker opening is a key per worker (`llmgw:breaker:<url>`) that expires with the opening, told on
-//! [`OPENED_CHANNEL`], and an operator's reset deletes it and is told on [`RESET_CHANNEL`]; dispatch records go out on [`DISPATCH_CHANNEL`] and are kept nowhere.
+//! [`OPENED_CHANNEL`]; an operator's reset deletes it and is told on [`RESET_CHANNEL`]. Dispatch records
+//! go out on [`DISPATCH_CHANNEL`] and are kept nowhere.
 
 use crate::redis_conn::LazyRedis;
 use std::sync::Arc;

@@ -61,12 +61,13 @@ impl Fleet {
     /// second tells each worker.
     pub fn share_capacities(&self) {
         use std::sync::atomic::Ordering::Relaxed;
+        let models: Vec<Arc<Vec<String>>> = self.workers.iter().map(|w| w.models.load_full()).collect();
         // Per model: the largest known capacity and whose it is, and the largest among the others.
-        let mut top: std::collections::HashMap<String, (u32, WorkerId, u32)> = std::collections::HashMap::new();
-        for w in &self.workers {
+        let mut top: std::collections::HashMap<&str, (u32, WorkerId, u32)> = std::collections::HashMap::new();
+        for (w, served) in self.workers.iter().zip(&models) {
             let known = w.known_capacity();
-            for m in w.models.load().iter() {
-                let t = top.entry(m.clone()).or_insert((0, w.id, 0));
+            for m in served.iter() {
+                let t = top.entry(m.as_str()).or_insert((0, w.id, 0));
                 if known > t.0 {
                     *t = (known, w.id, t.0);
                 } else if t.1 != w.id {
@@ -74,9 +75,8 @@ impl Fleet {
                 }
             }
         }
-        for w in &self.workers {
-            let models = w.models.load();
-            let peers = models.iter().filter_map(|m| top.get(m));
+        for (w, served) in self.workers.iter().zip(&models) {
+            let peers = served.iter().filter_map(|m| top.get(m.as_str()));
             let known = peers.map(|&(best, id, second)| if id == w.id { second } else { best }).max();
             w.stats.peer_capacity.store(known.unwrap_or(0), Relaxed);
         }
