@@ -63,7 +63,7 @@ pub struct Args {
     /// Directory holding the `vllm-sim` and `llm-gateway` binaries (default: beside this one).
     #[arg(long)]
     bin_dir: Option<PathBuf>,
-    /// Directory for the child processes' logs and each run's per-request samples (`TAG-samples.csv`: end, TTFT or error).
+    /// Directory for the child processes' logs and each run's per-request samples (`TAG-samples.csv`: end, conversation, system prompt, turn, worker, TTFT, tokens, queue position or error).
     #[arg(long, default_value = "target/bench-routing")]
     logs: PathBuf,
     /// Open loop: most requests in flight; arrivals beyond it are dropped and counted as errors.
@@ -425,20 +425,27 @@ async fn measure(
 /// Every request's end and TTFT (or error), one CSV line each, so a tail can be placed in time.
 fn write_samples(path: &std::path::Path, samples: &[Sample]) -> anyhow::Result<()> {
     use std::fmt::Write as _;
-    let mut out =
-        String::from("done_ms,system,turn,worker_port,ttft_ms,prompt_tokens,cached_tokens,queue_position,error\n");
+    let mut out = String::from(
+        "done_ms,conversation,system,turn,worker_port,ttft_ms,prompt_tokens,cached_tokens,queue_position,error\n",
+    );
     for s in samples {
         let done = s.done.as_millis();
-        // One-offs have no system prompt: left empty.
-        let (system, turn) = match s.kind {
-            Kind::Turn { system, turn, .. } => (system.to_string(), turn.to_string()),
-            Kind::OneOff => (String::new(), String::new()),
+        // One-offs have no conversation or system prompt: left empty.
+        let (conversation, system, turn) = match s.kind {
+            Kind::Turn { stream, conversation, system, turn } => {
+                (format!("{stream}-{conversation}"), system.to_string(), turn.to_string())
+            }
+            Kind::OneOff => (String::new(), String::new(), String::new()),
         };
         let _ = match s.outcome {
             Outcome::Ok { ttft, tokens: (prompt, cached), queued, worker_port } => {
-                writeln!(out, "{done},{system},{turn},{worker_port},{},{prompt},{cached},{queued},", ttft.as_millis())
+                writeln!(
+                    out,
+                    "{done},{conversation},{system},{turn},{worker_port},{},{prompt},{cached},{queued},",
+                    ttft.as_millis()
+                )
             }
-            Outcome::Err(kind) => writeln!(out, "{done},{system},{turn},,,,,,{kind}"),
+            Outcome::Err(kind) => writeln!(out, "{done},{conversation},{system},{turn},,,,,,{kind}"),
         };
     }
     std::fs::write(path, out)?;

@@ -90,6 +90,8 @@ impl Shape {
 pub enum Kind {
     /// Turn `turn` (from 1) of a conversation.
     Turn {
+        /// The stream (client) it belongs to.
+        stream: u64,
         /// Conversation number within its stream.
         conversation: u64,
         /// Turn number, from 1.
@@ -250,7 +252,7 @@ impl Stream {
         messages.extend(conv.history.iter().map(|(r, c)| (*r, c.as_str())));
         let req = Request {
             session: format!("c{}-conv-{}", self.client, conv.id),
-            kind: Kind::Turn { conversation: conv.id, turn: conv.sent, system: conv.system },
+            kind: Kind::Turn { stream: self.client, conversation: conv.id, turn: conv.sent, system: conv.system },
             body: self.corpus.body(&messages),
         };
         self.conversation = Some(conv);
