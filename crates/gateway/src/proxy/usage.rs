@@ -9,11 +9,20 @@
 use bytes::Bytes;
 use gateway_core::{ErrorKind, GatewayError};
 use http_body::{Body, Frame};
+use memchr::memmem::{Finder, FinderRev};
 use std::pin::Pin;
+use std::sync::LazyLock;
 use std::task::{Context, Poll};
 
 /// Bytes kept across chunk boundaries so a key split between two chunks is still found.
 const CARRY: usize = 48;
+
+/// The searchers, built once: building one per search cost more than the search itself (callgrind:
+/// about 5,000 instructions per request, 4% of the gateway's).
+static EVENT: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"data:"));
+static PROMPT_TOKENS: LazyLock<FinderRev<'static>> = LazyLock::new(|| FinderRev::new(b"\"prompt_tokens\""));
+static COMPLETION_TOKENS: LazyLock<FinderRev<'static>> = LazyLock::new(|| FinderRev::new(b"\"completion_tokens\""));
+static CACHED_TOKENS: LazyLock<FinderRev<'static>> = LazyLock::new(|| FinderRev::new(b"\"cached_tokens\""));
 
 /// Scans relayed chunks for usage numbers and counts SSE events.
 #[derive(Debug, Default)]
@@ -35,14 +44,14 @@ impl UsageScanner {
         let mut buf = std::mem::take(&mut self.carry);
         let scan_from = buf.len();
         buf.extend_from_slice(chunk);
-        self.events += count(&buf, b"data:", scan_from) as u64;
-        if let Some(v) = last_number_after(&buf, b"\"prompt_tokens\"") {
+        self.events += count(&buf, &EVENT, scan_from) as u64;
+        if let Some(v) = last_number_after(&buf, &PROMPT_TOKENS) {
             self.prompt_tokens = Some(v);
         }
-        if let Some(v) = last_number_after(&buf, b"\"completion_tokens\"") {
+        if let Some(v) = last_number_after(&buf, &COMPLETION_TOKENS) {
             self.completion_tokens = Some(v);
         }
-        if let Some(v) = last_number_after(&buf, b"\"cached_tokens\"") {
+        if let Some(v) = last_number_after(&buf, &CACHED_TOKENS) {
             self.cached_tokens = Some(v);
         }
         let keep = buf.len().min(CARRY);
@@ -51,16 +60,17 @@ impl UsageScanner {
     }
 }
 
-/// Occurrences of `needle` that end after `from` (so carried bytes are not counted twice).
-fn count(hay: &[u8], needle: &[u8], from: usize) -> usize {
-    memchr::memmem::find_iter(hay, needle).filter(|i| i + needle.len() > from).count()
+/// Occurrences of `needle`'s needle that end after `from` (so carried bytes are not counted twice).
+fn count(hay: &[u8], needle: &Finder<'_>, from: usize) -> usize {
+    let len = needle.needle().len();
+    needle.find_iter(hay).filter(|i| i + len > from).count()
 }
 
 /// The number after the last `key:` in `hay`, when it is whole (a vectorised search: a byte-by-byte
 /// comparison at every offset cost about 2% of the gateway's CPU per request).
-fn last_number_after(hay: &[u8], key: &[u8]) -> Option<u64> {
-    let pos = memchr::memmem::rfind(hay, key)?;
-    let rest = &hay[pos + key.len()..];
+fn last_number_after(hay: &[u8], key: &FinderRev<'_>) -> Option<u64> {
+    let pos = key.rfind(hay)?;
+    let rest = &hay[pos + key.needle().len()..];
     let rest = rest.trim_ascii_start().strip_prefix(b":")?.trim_ascii_start();
     let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
     // A number cut by the chunk boundary is read again, whole, with the next chunk.
