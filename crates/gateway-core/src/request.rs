@@ -214,10 +214,13 @@ struct Part<'a> {
 /// `lists` is how many lists enclose `raw`. Each level re-reads only its own items, and serde_json
 /// skips the contents of a raw value without recursion, so the cost stays linear in the body.
 fn visit_text(raw: &RawValue, lists: usize, f: &mut dyn FnMut(&str)) -> Result<(), serde_json::Error> {
-    let s = raw.get().trim_start();
+    let s = raw.get().trim();
     if s.starts_with('"') {
-        let text: Cow<'_, str> = serde_json::from_str(raw.get())?;
-        f(&text);
+        // A string without escapes is its own text (the raw value is valid JSON): no second parse.
+        match s.get(1..s.len() - 1).filter(|inner| memchr::memchr(b'\\', inner.as_bytes()).is_none()) {
+            Some(inner) => f(inner),
+            None => f(&serde_json::from_str::<Cow<'_, str>>(s)?),
+        }
     } else if s.starts_with('[') && lists < MAX_TEXT_LISTS {
         let items: Vec<&RawValue> = serde_json::from_str(raw.get())?;
         for item in items {
@@ -383,6 +386,17 @@ mod tests {
         assert_eq!((f.prompt_tokens(), f.chunk_bytes), (3, 8));
         // Hashes convert to tokens at 8 bytes = 2 tokens each, capped by the prompt's estimate.
         assert_eq!((f.tokens_in_hashes(1), f.tokens_in_hashes(5)), (2, 3));
+    }
+
+    #[test]
+    fn escaped_and_plain_text_read_alike() {
+        let plain =
+            parse(r#"{"messages":[{"role":"system","content":"be brief"},{"role":"user","content":"héllo, x"}]}"#);
+        let escaped = parse(
+            r#"{"messages":[{"role":"system","content":"be\u0020brief"},{"role":"user","content":"h\u00e9llo,\u0020x"}]}"#,
+        );
+        assert_eq!(plain.prompt_chars, 16);
+        assert_eq!(escaped, plain);
     }
 
     #[test]
