@@ -144,6 +144,9 @@ pub struct Worker {
     pub spec: WorkerConfig,
     /// Base URL without a trailing slash or credentials (what requests go to; never shown).
     pub base_url: String,
+    /// Scheme and authority of `base_url` when it has no path: a request's upstream URI is then built
+    /// from them and the client's path, with no formatting and parsing per request.
+    pub origin: Option<(http::uri::Scheme, http::uri::Authority)>,
     /// `Authorization` header value sent upstream, when the worker has an API key.
     pub auth_header: Option<http::HeaderValue>,
     /// Models it serves: configured, or learned from `/v1/models`.
@@ -173,10 +176,17 @@ impl Worker {
                     v
                 },
             );
+        let base_url = crate::config::strip_userinfo(&spec.url).trim_end_matches('/').to_string();
+        let origin = base_url.parse::<http::Uri>().ok().and_then(|uri| {
+            let parts = uri.into_parts();
+            let no_path = parts.path_and_query.as_ref().is_none_or(|p| p.as_str() == "/");
+            parts.scheme.zip(parts.authority).filter(|_| no_path)
+        });
         Self {
             id,
             name: spec.display_name(),
-            base_url: crate::config::strip_userinfo(&spec.url).trim_end_matches('/').to_string(),
+            base_url,
+            origin,
             auth_header,
             models: ArcSwap::from_pointee(spec.models.clone()),
             spec,

@@ -385,10 +385,22 @@ fn build_upstream_request(
     request_id: &str,
     gateway_auth: bool,
 ) -> Result<http::Request<Full<Bytes>>, GatewayError> {
-    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    let uri: http::Uri = format!("{}{}", worker.base_url, path)
-        .parse()
-        .map_err(|e| GatewayError::new(ErrorKind::Internal, format!("bad upstream URI: {e}")))?;
+    let bad = |e: &dyn std::fmt::Display| GatewayError::new(ErrorKind::Internal, format!("bad upstream URI: {e}"));
+    let uri = match &worker.origin {
+        Some((scheme, authority)) => {
+            let mut uri = http::uri::Parts::default();
+            uri.scheme = Some(scheme.clone());
+            uri.authority = Some(authority.clone());
+            uri.path_and_query =
+                Some(parts.uri.path_and_query().cloned().unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")));
+            http::Uri::from_parts(uri).map_err(|e| bad(&e))?
+        }
+        // A base URL with a path: the client's path goes after it.
+        None => {
+            let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+            format!("{}{}", worker.base_url, path).parse().map_err(|e| bad(&e))?
+        }
+    };
     let mut req = http::Request::new(Full::new(body));
     *req.method_mut() = parts.method.clone();
     *req.uri_mut() = uri;
@@ -413,6 +425,22 @@ fn build_upstream_request(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_upstream_uri_is_the_workers_origin_or_base_path_with_the_clients_path() {
+        let client = http::Request::post("/v1/chat/completions?x=1").body(()).expect("request").into_parts().0;
+        for (base, want) in [
+            ("http://w:8000", "http://w:8000/v1/chat/completions?x=1"),
+            ("http://w:8000/", "http://w:8000/v1/chat/completions?x=1"),
+            ("http://key@w:8000/api/", "http://w:8000/api/v1/chat/completions?x=1"),
+        ] {
+            let worker = Worker::new(1, crate::config::WorkerConfig::from_url(base));
+            assert_eq!(worker.origin.is_some(), !base.contains("/api"), "{base}");
+            let req = build_upstream_request(&worker, &client, Bytes::new(), "id-1", false).expect("builds");
+            assert_eq!(req.uri(), want, "{base}");
+            assert_eq!(req.headers()[&X_REQUEST_ID], "id-1");
+        }
+    }
 
     #[test]
     fn backoff_is_capped_full_jitter() {
