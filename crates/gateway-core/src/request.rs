@@ -119,11 +119,14 @@ pub struct PrefixOptions {
     pub chunk_bytes: usize,
     /// Chunks hashed at most (bounds the cost of huge prompts).
     pub max_chunks: usize,
+    /// Whether a session key is derived from the first system and user messages when the body names
+    /// none ([`RequestFeatures::session_key`]): it copies both, so only a policy that reads it asks.
+    pub session_from_messages: bool,
 }
 
 impl Default for PrefixOptions {
     fn default() -> Self {
-        Self { chunk_bytes: 128, max_chunks: 128 }
+        Self { chunk_bytes: 128, max_chunks: 128, session_from_messages: true }
     }
 }
 
@@ -268,6 +271,7 @@ impl RequestFeatures {
                 hasher.feed(role.as_bytes());
                 hasher.feed(b"\n");
                 let slot = match role {
+                    _ if !opts.session_from_messages => None,
                     "system" | "developer" if first_system.is_none() => Some(first_system.insert(String::new())),
                     "user" if first_user.is_none() => Some(first_user.insert(String::new())),
                     _ => None,
@@ -350,7 +354,7 @@ impl RequestFeatures {
 /// the test replaying its corpus.
 #[cfg(any(test, fuzzing))]
 pub fn check_any_body(body: &[u8]) {
-    let opts = PrefixOptions { chunk_bytes: 16, max_chunks: 8 };
+    let opts = PrefixOptions { chunk_bytes: 16, max_chunks: 8, ..PrefixOptions::default() };
     let parsed = RequestFeatures::parse(body, opts);
     if nests_deeper_than(body, MAX_JSON_DEPTH) {
         assert!(parsed.is_err(), "a body nested deeper than the limit was accepted");
@@ -367,7 +371,11 @@ mod tests {
     use super::*;
 
     fn parse(body: &str) -> RequestFeatures {
-        RequestFeatures::parse(body.as_bytes(), PrefixOptions { chunk_bytes: 8, max_chunks: 64 }).expect("parses")
+        RequestFeatures::parse(
+            body.as_bytes(),
+            PrefixOptions { chunk_bytes: 8, max_chunks: 64, ..PrefixOptions::default() },
+        )
+        .expect("parses")
     }
 
     #[test]
@@ -386,6 +394,21 @@ mod tests {
         assert_eq!((f.prompt_tokens(), f.chunk_bytes), (3, 8));
         // Hashes convert to tokens at 8 bytes = 2 tokens each, capped by the prompt's estimate.
         assert_eq!((f.tokens_in_hashes(1), f.tokens_in_hashes(5)), (2, 3));
+    }
+
+    #[test]
+    fn a_session_key_from_the_messages_only_when_asked_for() {
+        let body = br#"{"messages":[{"role":"system","content":"s"},{"role":"user","content":"u"}]}"#;
+        let opts = PrefixOptions::default();
+        let asked = RequestFeatures::parse(body, opts).expect("parses");
+        let not = RequestFeatures::parse(body, PrefixOptions { session_from_messages: false, ..opts }).expect("parses");
+        assert!(asked.session_key.is_some());
+        assert_eq!(not.session_key, None);
+        assert_eq!((not.prompt_chars, &not.prefix_hashes), (asked.prompt_chars, &asked.prefix_hashes));
+        // A session the body names is read either way.
+        let named = br#"{"session_id":"c1","messages":[{"role":"user","content":"u"}]}"#;
+        let named = RequestFeatures::parse(named, PrefixOptions { session_from_messages: false, ..opts });
+        assert!(named.expect("parses").session_key.is_some());
     }
 
     #[test]

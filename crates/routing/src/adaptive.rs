@@ -82,6 +82,10 @@ impl Policy for Adaptive {
         "adaptive"
     }
 
+    fn uses_session_key(&self) -> bool {
+        false
+    }
+
     fn uses_prefix_hashes(&self) -> bool {
         false
     }

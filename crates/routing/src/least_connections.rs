@@ -20,6 +20,10 @@ impl Policy for LeastConnections {
         "least_connections"
     }
 
+    fn uses_session_key(&self) -> bool {
+        false
+    }
+
     fn uses_prefix_hashes(&self) -> bool {
         false
     }

@@ -23,6 +23,10 @@ impl Policy for LeastQueue {
         "least_queue"
     }
 
+    fn uses_session_key(&self) -> bool {
+        false
+    }
+
     fn uses_prefix_hashes(&self) -> bool {
         false
     }

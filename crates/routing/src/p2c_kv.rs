@@ -203,6 +203,10 @@ impl Policy for P2cKv {
         "p2c_kv"
     }
 
+    fn uses_session_key(&self) -> bool {
+        false
+    }
+
     fn select(&self, req: &RequestFeatures, candidates: &[WorkerView], rng: &mut dyn RngCore) -> Option<usize> {
         let n = candidates.len();
         match n {

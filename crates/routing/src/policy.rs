@@ -19,6 +19,13 @@ pub trait Policy: Send + Sync {
         true
     }
 
+    /// Whether `select` reads `RequestFeatures::session_key` when the request names no session (the
+    /// gateway then derives one from the first system and user messages, copying them). True unless a
+    /// policy says otherwise.
+    fn uses_session_key(&self) -> bool {
+        true
+    }
+
     /// Picks one of `candidates` (index into the slice) for `req`; `None` only when it is empty.
     fn select(&self, req: &RequestFeatures, candidates: &[WorkerView], rng: &mut dyn RngCore) -> Option<usize>;
 

@@ -25,6 +25,10 @@ impl Policy for RoundRobin {
         "round_robin"
     }
 
+    fn uses_session_key(&self) -> bool {
+        false
+    }
+
     fn uses_prefix_hashes(&self) -> bool {
         false
     }

@@ -29,6 +29,10 @@ impl Policy for Weighted {
         "weighted"
     }
 
+    fn uses_session_key(&self) -> bool {
+        false
+    }
+
     fn uses_prefix_hashes(&self) -> bool {
         false
     }

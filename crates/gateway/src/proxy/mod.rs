@@ -282,10 +282,15 @@ async fn handle(
     }
 }
 
-/// How the prompt is hashed for the policy in force: not at all for a policy that reads no prefix hashes.
+/// How the prompt is read for the policy in force: no prefix hashes, or no session key from its
+/// messages, for a policy that reads none.
 fn prefix_options(policy: &dyn routing::Policy) -> PrefixOptions {
     let all = PrefixOptions::default();
-    PrefixOptions { max_chunks: if policy.uses_prefix_hashes() { all.max_chunks } else { 0 }, ..all }
+    PrefixOptions {
+        max_chunks: if policy.uses_prefix_hashes() { all.max_chunks } else { 0 },
+        session_from_messages: policy.uses_session_key(),
+        ..all
+    }
 }
 
 /// `X-Estimated-Wait`: seconds with one decimal (most requests wait for nothing: no formatting then).
