@@ -8,7 +8,7 @@
 //! `itoa`, strings that need no escaping as they are. It is used when stderr is not a terminal (then
 //! there are no colours to keep); a terminal keeps the default, styled formatter.
 
-use std::fmt::{self, Write as _};
+use std::fmt;
 use tracing::field::{Field, Visit};
 use tracing_subscriber::field::{MakeVisitor, VisitFmt, VisitOutput};
 use tracing_subscriber::fmt::format::Writer;
@@ -111,7 +111,8 @@ impl VisitFmt for PlainVisitor<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::{Arc, Mutex};
+    use parking_lot::Mutex;
+    use std::sync::Arc;
 
     /// Collects what a subscriber writes.
     #[derive(Clone, Default)]
@@ -119,7 +120,7 @@ mod tests {
 
     impl std::io::Write for Out {
         fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
+            self.0.lock().extend_from_slice(buf);
             Ok(buf.len())
         }
         fn flush(&mut self) -> std::io::Result<()> {
@@ -162,7 +163,7 @@ mod tests {
             .with_writer(move || w.clone())
             .finish();
         tracing::subscriber::with_default(sub, event);
-        let text = |o: Out| String::from_utf8(o.0.lock().unwrap().clone()).unwrap();
+        let text = |o: Out| String::from_utf8(o.0.lock().clone()).expect("utf-8");
         (text(default), text(plain))
     }
 
