@@ -8,6 +8,7 @@
 //! process ends, and a panic writes it before its message. `log.flush_ms = 0` writes every line at once.
 
 pub mod fields;
+pub mod timestamp;
 
 use crate::config::LogConfig;
 use parking_lot::Mutex;
@@ -52,7 +53,10 @@ pub fn init(cfg: &LogConfig) -> LogFlush {
         }));
     }
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&cfg.level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(SinkWriters(Arc::clone(&sink)));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_timer(timestamp::Timestamp)
+        .with_writer(SinkWriters(Arc::clone(&sink)));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = builder.with_ansi(ansi);
     let _ = match (cfg.format == "json", ansi) {
