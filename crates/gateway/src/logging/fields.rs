@@ -111,22 +111,9 @@ impl VisitFmt for PlainVisitor<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use parking_lot::Mutex;
+    use crate::logging::tests::{writes, Writes};
+    use crate::logging::{Sink, SinkWriters};
     use std::sync::Arc;
-
-    /// Collects what a subscriber writes.
-    #[derive(Clone, Default)]
-    struct Out(Arc<Mutex<Vec<u8>>>);
-
-    impl std::io::Write for Out {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
 
     fn event() {
         let id: std::sync::Arc<str> = "96401316-e134-4ac1-9666-da13e661cf16".into();
@@ -151,20 +138,23 @@ mod tests {
 
     /// The same event through the default formatter and through [`PlainFields`], without timestamps.
     fn both() -> (String, String) {
-        let (default, plain) = (Out::default(), Out::default());
-        let w = default.clone();
-        let sub = tracing_subscriber::fmt().without_time().with_ansi(false).with_writer(move || w.clone()).finish();
+        // Unbuffered sinks: each line is written as it is made.
+        let (default, plain) =
+            (Arc::new(Sink::new(Writes::default(), false)), Arc::new(Sink::new(Writes::default(), false)));
+        let sub = tracing_subscriber::fmt()
+            .without_time()
+            .with_ansi(false)
+            .with_writer(SinkWriters(Arc::clone(&default)))
+            .finish();
         tracing::subscriber::with_default(sub, event);
-        let w = plain.clone();
         let sub = tracing_subscriber::fmt()
             .without_time()
             .with_ansi(false)
             .fmt_fields(PlainFields)
-            .with_writer(move || w.clone())
+            .with_writer(SinkWriters(Arc::clone(&plain)))
             .finish();
         tracing::subscriber::with_default(sub, event);
-        let text = |o: Out| String::from_utf8(o.0.lock().clone()).expect("utf-8");
-        (text(default), text(plain))
+        (writes(&default).concat(), writes(&plain).concat())
     }
 
     #[test]

@@ -170,12 +170,12 @@ where
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
     /// A stand-in for stderr that records each `write` it is given.
     #[derive(Default)]
-    struct Writes(Mutex<Vec<Vec<u8>>>);
+    pub(super) struct Writes(Mutex<Vec<Vec<u8>>>);
 
     impl Write for &Writes {
         fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
@@ -188,7 +188,7 @@ mod tests {
         }
     }
 
-    fn writes(sink: &Sink<Writes>) -> Vec<String> {
+    pub(super) fn writes(sink: &Sink<Writes>) -> Vec<String> {
         sink.out.0.lock().iter().map(|w| String::from_utf8_lossy(w).into_owned()).collect()
     }
 

@@ -60,10 +60,10 @@ impl UsageScanner {
     }
 }
 
-/// Occurrences of `needle`'s needle that end after `from` (so carried bytes are not counted twice).
-fn count(hay: &[u8], needle: &Finder<'_>, from: usize) -> usize {
-    let len = needle.needle().len();
-    needle.find_iter(hay).filter(|i| i + len > from).count()
+/// Occurrences of what `finder` looks for that end after `from` (so carried bytes are not counted twice).
+fn count(hay: &[u8], finder: &Finder<'_>, from: usize) -> usize {
+    let len = finder.needle().len();
+    finder.find_iter(hay).filter(|i| i + len > from).count()
 }
 
 /// The number after the last `key:` in `hay`, when it is whole (a vectorised search: a byte-by-byte
