@@ -5,8 +5,11 @@
 //!   and per-connection limits ([`server::connections`]), the byte budget of buffered bodies
 //!   ([`server::budget`]).
 //! - [`proxy`]: the inference endpoints in the order a request meets them: parse, admit
-//!   ([`proxy::admission`]), pick and forward ([`proxy::upstream`]), relay the answer
+//!   ([`proxy::admission`]), pick and forward ([`proxy::dispatch`]), relay the answer
 //!   ([`proxy::relay`], [`proxy::sse`], [`proxy::usage`]).
+//! - [`upstream`]: HTTP/1.1 to workers, beneath both the proxy and the fleet: each worker's keep-alive
+//!   connections ([`upstream::connections`], owned by the request using one), the control plane's
+//!   pooled client, hop-by-hop headers.
 //! - [`fleet`]: the workers in force ([`fleet::worker`]), their load slots and guards ([`fleet::slot`]),
 //!   active health probes ([`fleet::probe`]) and engine `/metrics` scraping ([`fleet::scrape`]).
 //! - [`cluster`]: replicas sharing workers: a worker's slots counted in Redis ([`cluster::redis`]),
@@ -48,6 +51,7 @@ pub mod redis_conn;
 pub mod reload;
 pub mod server;
 pub mod state;
+pub mod upstream;
 
 pub use config::Config;
 pub use server::{app, Gateway};

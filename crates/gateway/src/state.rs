@@ -5,7 +5,7 @@ use crate::config::Config;
 use crate::fleet::probe::ProbeSet;
 use crate::fleet::Fleet;
 use crate::metrics::Metrics;
-use crate::proxy::upstream::{self, Client};
+use crate::upstream::{self, Client};
 use arc_swap::ArcSwap;
 use gateway_core::WorkerId;
 use routing::Policy;
@@ -30,8 +30,10 @@ pub struct Snapshot {
 pub struct AppState {
     /// The snapshot in force; swapped whole on change.
     pub snapshot: ArcSwap<Snapshot>,
-    /// Pooled client towards workers.
+    /// The control plane's pooled client towards workers (probes, scrapes, model discovery).
     pub client: Client,
+    /// Opens the connections requests take to workers ([`crate::fleet::worker::Worker::connections`]).
+    pub connector: upstream::HttpConnector,
     /// Every exported metric.
     pub metrics: Arc<Metrics>,
     /// When the gateway started.
@@ -87,6 +89,7 @@ impl AppState {
             batch: crate::batch::Batches::new(config.batch.data_dir.clone()),
             admission,
             client,
+            connector: upstream::connector(&config.upstream),
             limiter: ArcSwap::new(crate::limits::RateLimiter::new(&config.rate_limit)),
             body_budget: crate::server::budget::ByteBudget::new(),
             reload: tokio::sync::Mutex::new(()),

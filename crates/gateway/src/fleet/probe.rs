@@ -11,7 +11,7 @@ use crate::config::HealthConfig;
 use crate::fleet::scrape::{parse_metrics, WorkerLoad};
 use crate::fleet::worker::{ProbePath, Worker};
 use crate::fleet::Fleet;
-use crate::proxy::upstream::{self, Client};
+use crate::upstream::{self, Client};
 use gateway_core::WorkerId;
 use parking_lot::Mutex;
 use std::collections::HashMap;

@@ -9,6 +9,7 @@ use arc_swap::ArcSwap;
 use gateway_core::{Outcome, WorkerId, WorkerView};
 use guard::Transition;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
 use tokio::time::Instant;
 
 /// An `f64` stored in an `AtomicU64`.
@@ -144,9 +145,8 @@ pub struct Worker {
     pub spec: WorkerConfig,
     /// Base URL without a trailing slash or credentials (what requests go to; never shown).
     pub base_url: String,
-    /// Scheme and authority of `base_url` when it has no path: a request's upstream URI is then built
-    /// from them and the client's path, with no formatting and parsing per request.
-    pub origin: Option<(http::uri::Scheme, http::uri::Authority)>,
+    /// Its idle keep-alive connections, and where they go (`base_url`'s host and path).
+    pub connections: Arc<crate::upstream::connections::WorkerConnections>,
     /// `Authorization` header value sent upstream, when the worker has an API key.
     pub auth_header: Option<http::HeaderValue>,
     /// Models it serves: configured, or learned from `/v1/models`.
@@ -177,16 +177,12 @@ impl Worker {
                 },
             );
         let base_url = crate::config::strip_userinfo(&spec.url).trim_end_matches('/').to_string();
-        let origin = base_url.parse::<http::Uri>().ok().and_then(|uri| {
-            let parts = uri.into_parts();
-            let no_path = parts.path_and_query.as_ref().is_none_or(|p| p.as_str() == "/");
-            parts.scheme.zip(parts.authority).filter(|_| no_path)
-        });
+        let connections = Arc::new(crate::upstream::connections::WorkerConnections::new(&base_url));
         Self {
             id,
             name: spec.display_name(),
             base_url,
-            origin,
+            connections,
             auth_header,
             models: ArcSwap::from_pointee(spec.models.clone()),
             spec,

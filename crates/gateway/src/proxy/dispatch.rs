@@ -13,9 +13,9 @@ use crate::proxy::accounting::{report_transition, RequestInfo, RequestRecord};
 use crate::proxy::classify::{classify, AttemptEnd, Meaning};
 use crate::proxy::relay::relayed_response;
 use crate::proxy::request::X_REQUEST_ID;
-use crate::proxy::upstream::strip_hop_by_hop;
 use crate::proxy::usage::strip_usage_event;
 use crate::state::{AppState, Snapshot};
+use crate::upstream::{self, strip_hop_by_hop};
 use axum::response::Response;
 use bytes::Bytes;
 use gateway_core::{ErrorKind, GatewayError, RequestFeatures, WorkerId};
@@ -256,7 +256,10 @@ async fn send(
     worker: &Worker,
     dispatched: Instant,
     deadline: Instant,
-) -> Result<Answer<Result<http::Response<hyper::body::Incoming>, hyper_util::client::legacy::Error>>, GatewayError> {
+) -> Result<
+    Answer<Result<http::Response<upstream::connections::WorkerBody>, upstream::connections::SendError>>,
+    GatewayError,
+> {
     let cfg = &snap.config.upstream;
     let request =
         build_upstream_request(worker, out.parts, out.bytes.clone(), &out.info.request_id, snap.auth.enabled())?;
@@ -267,7 +270,8 @@ async fn send(
     };
     let first_byte_by = (dispatched + Duration::from_millis(first_byte_ms)).min(deadline);
     let stall = guard::StallRule { floor: Duration::from_millis(cfg.stall_timeout_ms), factor: STALL_FACTOR };
-    let answer = await_answer(worker, app.client.request(request), dispatched, first_byte_by, stall).await;
+    let answer =
+        await_answer(worker, worker.connections.send(&app.connector, request), dispatched, first_byte_by, stall).await;
     if let Answer::Headers(Ok(resp)) = &answer {
         let now = Instant::now();
         worker.mark_alive(now);
@@ -376,8 +380,8 @@ fn no_worker(snap: &Snapshot, model: &str) -> GatewayError {
     GatewayError::new(ErrorKind::NoHealthyWorker, message)
 }
 
-/// The request for `worker`: the client's method, path and end-to-end headers, the worker's own key,
-/// and the request id.
+/// The request for `worker`: the client's method, path (after the worker's base path, in origin form:
+/// `Host` is set where it is sent) and end-to-end headers, the worker's own key, and the request id.
 fn build_upstream_request(
     worker: &Worker,
     parts: &http::request::Parts,
@@ -385,22 +389,10 @@ fn build_upstream_request(
     request_id: &str,
     gateway_auth: bool,
 ) -> Result<http::Request<Full<Bytes>>, GatewayError> {
-    let bad = |e: &dyn std::fmt::Display| GatewayError::new(ErrorKind::Internal, format!("bad upstream URI: {e}"));
-    let uri = match &worker.origin {
-        Some((scheme, authority)) => {
-            let mut uri = http::uri::Parts::default();
-            uri.scheme = Some(scheme.clone());
-            uri.authority = Some(authority.clone());
-            uri.path_and_query =
-                Some(parts.uri.path_and_query().cloned().unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")));
-            http::Uri::from_parts(uri).map_err(|e| bad(&e))?
-        }
-        // A base URL with a path: the client's path goes after it.
-        None => {
-            let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-            format!("{}{}", worker.base_url, path).parse().map_err(|e| bad(&e))?
-        }
-    };
+    let uri = worker
+        .connections
+        .request_uri(parts.uri.path_and_query())
+        .map_err(|e| GatewayError::new(ErrorKind::Internal, format!("bad upstream URI: {e}")))?;
     let mut req = http::Request::new(Full::new(body));
     *req.method_mut() = parts.method.clone();
     *req.uri_mut() = uri;
@@ -427,15 +419,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_upstream_uri_is_the_workers_origin_or_base_path_with_the_clients_path() {
+    fn the_upstream_path_is_the_workers_base_path_then_the_clients() {
         let client = http::Request::post("/v1/chat/completions?x=1").body(()).expect("request").into_parts().0;
         for (base, want) in [
-            ("http://w:8000", "http://w:8000/v1/chat/completions?x=1"),
-            ("http://w:8000/", "http://w:8000/v1/chat/completions?x=1"),
-            ("http://key@w:8000/api/", "http://w:8000/api/v1/chat/completions?x=1"),
+            ("http://w:8000", "/v1/chat/completions?x=1"),
+            ("http://w:8000/", "/v1/chat/completions?x=1"),
+            ("http://key@w:8000/api/", "/api/v1/chat/completions?x=1"),
         ] {
             let worker = Worker::new(1, crate::config::WorkerConfig::from_url(base));
-            assert_eq!(worker.origin.is_some(), !base.contains("/api"), "{base}");
             let req = build_upstream_request(&worker, &client, Bytes::new(), "id-1", false).expect("builds");
             assert_eq!(req.uri(), want, "{base}");
             assert_eq!(req.headers()[&X_REQUEST_ID], "id-1");

@@ -19,7 +19,6 @@ pub mod relay;
 pub mod request;
 pub mod response_homes;
 pub mod sse;
-pub mod upstream;
 pub mod usage;
 
 use crate::config::OnLimit;

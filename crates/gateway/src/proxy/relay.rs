@@ -10,13 +10,13 @@ use crate::proxy::accounting::RequestRecord;
 use crate::proxy::classify::{classify, AttemptEnd};
 use crate::proxy::request::X_GATEWAY_WORKER;
 use crate::proxy::sse::SseTail;
-use crate::proxy::upstream::strip_hop_by_hop;
+use crate::upstream::connections::WorkerBody;
+use crate::upstream::strip_hop_by_hop;
 use axum::response::Response;
 use bytes::Bytes;
 use gateway_core::{ErrorKind, GatewayError, OutcomeKind};
 use http::header::{HeaderValue, CONTENT_TYPE};
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -36,7 +36,7 @@ const MAX_IDLE_YIELDS: u8 = 2;
 
 /// The relayed response body.
 pub struct RelayBody {
-    upstream: Incoming,
+    upstream: WorkerBody,
     sse: bool,
     state: State,
     tail: SseTail,
@@ -64,7 +64,7 @@ enum Deferred {
 impl RelayBody {
     /// Relays `upstream`; `sse` turns on the never-end-silently guarantees of event streams.
     pub fn new(
-        upstream: Incoming,
+        upstream: WorkerBody,
         sse: bool,
         record: RequestRecord,
         idle_timeout: Duration,
@@ -265,7 +265,7 @@ impl Body for RelayBody {
 /// The client's response for a worker's answer: status and end-to-end headers, `X-Gateway-Worker`, and
 /// the relayed body owning `record`.
 pub fn relayed_response(
-    resp: http::Response<Incoming>,
+    resp: http::Response<WorkerBody>,
     record: RequestRecord,
     idle_timeout: Duration,
     deadline: Instant,

@@ -1,29 +1,36 @@
-//! The pooled HTTP/1.1 client towards workers.
+//! HTTP/1.1 towards workers: the connector, each worker's request connections ([`connections`]), the
+//! pooled client of the control plane (probes, scrapes, model discovery), hop-by-hop headers.
 //!
-//! hyper-util's pooled client was measured cheaper per request than reqwest (see the foundation issue),
-//! and the proxy only needs plain HTTP with keep-alive. `TCP_NODELAY` is set: without it a later stream on
-//! a kept-alive connection waits ~40 ms for Nagle's algorithm.
+//! The proxy only needs plain HTTP with keep-alive. `TCP_NODELAY` is set: without it a later stream on a
+//! kept-alive connection waits ~40 ms for Nagle's algorithm.
+
+pub mod connections;
 
 use crate::config::UpstreamConfig;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
-use hyper_util::client::legacy::connect::HttpConnector;
+pub use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use std::time::Duration;
 
 /// The client type used for every request to a worker.
 pub type Client = hyper_util::client::legacy::Client<HttpConnector, Full<Bytes>>;
 
-/// Builds the pooled client.
-pub fn client(cfg: &UpstreamConfig) -> Client {
+/// The connector to workers: `TCP_NODELAY`, TCP keep-alive, `upstream.connect_timeout_ms`.
+pub fn connector(cfg: &UpstreamConfig) -> HttpConnector {
     let mut http = HttpConnector::new();
     http.set_nodelay(true);
     http.set_connect_timeout(Some(Duration::from_millis(cfg.connect_timeout_ms)));
     http.set_keepalive(Some(Duration::from_secs(60)));
+    http
+}
+
+/// The control plane's pooled client (probes, scrapes, model discovery).
+pub fn client(cfg: &UpstreamConfig) -> Client {
     hyper_util::client::legacy::Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(90))
-        .pool_max_idle_per_host(1024)
-        .build(http)
+        .pool_max_idle_per_host(64)
+        .build(connector(cfg))
 }
 
 /// A small GET (probes, model discovery): status and body up to `max_bytes`, within `timeout`.

@@ -1,0 +1,347 @@
+//! A worker's keep-alive HTTP/1.1 connections, each owned by the request using it.
+//!
+//! hyper-util's pooled client costs, per request, a pool lookup keyed by origin, a race between the
+//! checkout and a lazy connect, and a task spawned to wait until the connection is idle again (about a
+//! tenth of the gateway's instructions per request, see BENCHMARKS.md). Here a worker keeps its idle
+//! connections in a short list: a request takes the most recently used one (or opens one), sends on it,
+//! and its response body puts it back when the body has been read to its end. A body dropped earlier (the
+//! client went away, the relay gave up) drops the connection with it, so a half-read response never
+//! reaches the next request.
+//!
+//! An idle connection the worker closed is found closed at checkout and skipped; one it closes while the
+//! request is being handed over fails with the request unsent ([`hyper::client::conn::TrySendError`]),
+//! and the request goes out on the next connection. A request that was written is never sent twice here:
+//! whether to retry it elsewhere is the dispatcher's decision.
+
+use bytes::Bytes;
+use http::header::{HeaderValue, HOST};
+use http::uri::{Authority, PathAndQuery, Uri};
+use http_body::{Body as _, Frame, SizeHint};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper_util::client::legacy::connect::HttpConnector;
+use parking_lot::Mutex;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::time::Instant;
+use tower::Service as _;
+
+/// Idle connections kept per worker; a connection given back beyond it is closed.
+const MAX_IDLE: usize = 1024;
+/// An idle connection older than this is closed rather than reused (the worker may have forgotten it).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+type Sender = SendRequest<Full<Bytes>>;
+
+/// Where a worker's requests go: the address to connect to, its `Host`, the path its API lives under.
+#[derive(Debug)]
+struct Target {
+    /// `http://host:port`, what the connector resolves and connects to.
+    connect_to: Uri,
+    host: HeaderValue,
+    /// The base URL's path without its trailing slash (`""` for none): a request's path goes after it.
+    base_path: String,
+}
+
+/// One worker's idle connections, most recently used last.
+#[derive(Debug)]
+pub struct WorkerConnections {
+    target: Option<Target>,
+    idle: Mutex<Vec<(Sender, Instant)>>,
+}
+
+/// Why a request could not be sent to the worker.
+#[derive(Debug)]
+pub struct SendError {
+    connect: bool,
+    source: Box<dyn std::error::Error + Send + Sync>,
+}
+
+impl SendError {
+    /// The connection could not be made, so the worker saw nothing of the request.
+    pub fn is_connect(&self) -> bool {
+        self.connect
+    }
+}
+
+impl std::fmt::Display for SendError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.connect { "cannot connect" } else { "request failed" })
+    }
+}
+
+impl std::error::Error for SendError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&*self.source)
+    }
+}
+
+impl WorkerConnections {
+    /// No connections yet to the worker at `base_url` (`http://host:port[/path]`). A URL that is not
+    /// that fails each request with an error saying so.
+    pub fn new(base_url: &str) -> Self {
+        let target = base_url.parse::<Uri>().ok().and_then(|uri| {
+            let authority: Authority = uri.authority()?.clone();
+            let host = HeaderValue::from_str(authority.as_str()).ok()?;
+            let connect_to = Uri::builder().scheme(uri.scheme()?.clone()).authority(authority).path_and_query("/");
+            let base_path = uri.path().trim_end_matches('/').to_string();
+            Some(Target { connect_to: connect_to.build().ok()?, host, base_path })
+        });
+        Self { target, idle: Mutex::new(Vec::new()) }
+    }
+
+    /// The request target for the client's `path`: the worker's base path, then `path`.
+    pub fn request_uri(&self, path: Option<&PathAndQuery>) -> Result<Uri, String> {
+        let target = self.target.as_ref().ok_or("the worker's URL has no host")?;
+        let path = path.map_or("/", PathAndQuery::as_str);
+        if target.base_path.is_empty() {
+            return path.parse().map_err(|e: http::uri::InvalidUri| e.to_string());
+        }
+        format!("{}{path}", target.base_path).parse().map_err(|e: http::uri::InvalidUri| e.to_string())
+    }
+
+    /// Sends `req` (its URI in origin form, from [`Self::request_uri`]) on an idle connection, or on a
+    /// new one made with `connector`, and returns the response whose body gives the connection back.
+    pub async fn send(
+        self: &Arc<Self>,
+        connector: &HttpConnector,
+        mut req: http::Request<Full<Bytes>>,
+    ) -> Result<http::Response<WorkerBody>, SendError> {
+        let target = self
+            .target
+            .as_ref()
+            .ok_or_else(|| SendError { connect: true, source: "the worker's URL has no host".into() })?;
+        req.headers_mut().insert(HOST, target.host.clone());
+        while let Some(mut sender) = self.checkout() {
+            if sender.ready().await.is_err() {
+                continue;
+            }
+            match sender.try_send_request(req).await {
+                Ok(resp) => return Ok(self.wrap(resp, sender)),
+                Err(mut e) => match e.take_message() {
+                    // Closed under us before a byte was written: the next connection takes it.
+                    Some(unsent) => req = unsent,
+                    None => return Err(SendError { connect: false, source: e.into_error().into() }),
+                },
+            }
+        }
+        let io = connector
+            .clone()
+            .call(target.connect_to.clone())
+            .await
+            .map_err(|e| SendError { connect: true, source: e.into() })?;
+        let (mut sender, conn) =
+            http1::handshake(io).await.map_err(|e| SendError { connect: true, source: e.into() })?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "worker connection ended with an error");
+            }
+        });
+        let resp = sender.send_request(req).await.map_err(|e| SendError { connect: false, source: e.into() })?;
+        Ok(self.wrap(resp, sender))
+    }
+
+    /// Idle connections held now.
+    pub fn idle(&self) -> usize {
+        self.idle.lock().len()
+    }
+
+    fn wrap(self: &Arc<Self>, resp: http::Response<Incoming>, sender: Sender) -> http::Response<WorkerBody> {
+        resp.map(|inner| {
+            let mut body = WorkerBody { inner, home: Some((sender, Arc::clone(self))) };
+            body.give_back_if_ended();
+            body
+        })
+    }
+
+    /// The most recently used idle connection that is still open and not too old.
+    fn checkout(&self) -> Option<Sender> {
+        let now = Instant::now();
+        let mut idle = self.idle.lock();
+        while let Some((sender, since)) = idle.pop() {
+            if !sender.is_closed() && now.duration_since(since) < IDLE_TIMEOUT {
+                return Some(sender);
+            }
+        }
+        None
+    }
+
+    fn give_back(&self, sender: Sender) {
+        if sender.is_closed() {
+            return;
+        }
+        let now = Instant::now();
+        let mut idle = self.idle.lock();
+        // The least recently used is at the front: close it when it has idled too long or there is no room.
+        if idle.first().is_some_and(|(_, since)| now.duration_since(*since) >= IDLE_TIMEOUT) || idle.len() >= MAX_IDLE {
+            idle.remove(0);
+        }
+        idle.push((sender, now));
+    }
+}
+
+/// A worker's response body: gives its connection back to the worker's idle list once read to the end.
+#[derive(Debug)]
+pub struct WorkerBody {
+    inner: Incoming,
+    home: Option<(Sender, Arc<WorkerConnections>)>,
+}
+
+impl WorkerBody {
+    fn give_back_if_ended(&mut self) {
+        if self.inner.is_end_stream() {
+            self.give_back();
+        }
+    }
+
+    fn give_back(&mut self) {
+        if let Some((sender, home)) = self.home.take() {
+            home.give_back(sender);
+        }
+    }
+}
+
+impl http_body::Body for WorkerBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => self.give_back(),
+            Poll::Ready(Some(Ok(_))) => self.give_back_if_ended(),
+            // A failed body leaves its connection unusable: it is dropped with `home`.
+            Poll::Ready(Some(Err(_))) => self.home = None,
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A worker on loopback answering each request head with `body`, closing the connection after
+    /// `per_conn` answers; counts connections and keeps the request heads it read.
+    struct Server {
+        url: String,
+        accepted: Arc<AtomicUsize>,
+        heads: Arc<Mutex<Vec<String>>>,
+    }
+
+    async fn server(body: &'static str, per_conn: usize) -> Server {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let (accepted, heads) = (Arc::new(AtomicUsize::new(0)), Arc::new(Mutex::new(Vec::new())));
+        let (a, h) = (Arc::clone(&accepted), Arc::clone(&heads));
+        tokio::spawn(async move {
+            while let Ok((mut sock, _)) = listener.accept().await {
+                a.fetch_add(1, Ordering::SeqCst);
+                let h = Arc::clone(&h);
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    for _ in 0..per_conn {
+                        let head = loop {
+                            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                                break String::from_utf8_lossy(&buf.drain(..end + 4).collect::<Vec<_>>()).into_owned();
+                            }
+                            let mut chunk = [0u8; 1024];
+                            match sock.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                        };
+                        h.lock().push(head);
+                        let resp = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}", body.len());
+                        if sock.write_all(resp.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Server { url, accepted, heads }
+    }
+
+    fn get(conns: &WorkerConnections, path: &str) -> http::Request<Full<Bytes>> {
+        let uri = conns.request_uri(Some(&PathAndQuery::try_from(path).expect("path"))).expect("uri");
+        http::Request::get(uri).body(Full::new(Bytes::new())).expect("request")
+    }
+
+    async fn read(resp: http::Response<WorkerBody>) -> String {
+        let body = resp.into_body().collect().await.expect("body").to_bytes();
+        String::from_utf8_lossy(&body).into_owned()
+    }
+
+    #[tokio::test]
+    async fn a_connection_read_to_its_end_serves_the_next_request() {
+        let s = server("hello", usize::MAX).await;
+        let conns = Arc::new(WorkerConnections::new(&format!("{}/api/", s.url)));
+        let connector = HttpConnector::new();
+        for _ in 0..3 {
+            let resp = conns.send(&connector, get(&conns, "/v1/models?x=1")).await.expect("sent");
+            assert_eq!(read(resp).await, "hello");
+            assert_eq!(conns.idle(), 1, "given back once read");
+        }
+        assert_eq!(s.accepted.load(Ordering::SeqCst), 1, "one connection for three requests");
+        let heads = s.heads.lock();
+        let host = s.url.trim_start_matches("http://");
+        assert!(heads[0].starts_with("GET /api/v1/models?x=1 HTTP/1.1\r\n"), "{}", heads[0]);
+        assert!(heads[0].to_ascii_lowercase().contains(&format!("host: {host}\r\n")), "{}", heads[0]);
+    }
+
+    #[tokio::test]
+    async fn a_body_dropped_before_its_end_takes_its_connection_with_it() {
+        let s = server("a body the caller never reads", usize::MAX).await;
+        let conns = Arc::new(WorkerConnections::new(&s.url));
+        let connector = HttpConnector::new();
+        let resp = conns.send(&connector, get(&conns, "/")).await.expect("sent");
+        drop(resp);
+        assert_eq!(conns.idle(), 0, "a half-read connection is not reused");
+        let resp = conns.send(&connector, get(&conns, "/")).await.expect("sent");
+        assert_eq!(read(resp).await, "a body the caller never reads");
+        assert_eq!(s.accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_worker_closed_is_skipped() {
+        // One answer per connection, then the worker closes it.
+        let s = server("once", 1).await;
+        let conns = Arc::new(WorkerConnections::new(&s.url));
+        let connector = HttpConnector::new();
+        for _ in 0..4 {
+            let resp = conns.send(&connector, get(&conns, "/")).await.expect("sent despite the closed idle one");
+            assert_eq!(read(resp).await, "once");
+        }
+        assert_eq!(s.accepted.load(Ordering::SeqCst), 4);
+    }
+
+    #[tokio::test]
+    async fn a_worker_not_listening_is_a_connect_error() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        drop(listener);
+        let conns = Arc::new(WorkerConnections::new(&url));
+        let err = conns.send(&HttpConnector::new(), get(&conns, "/")).await.expect_err("nobody listens");
+        assert!(err.is_connect(), "{err}");
+        let hostless = Arc::new(WorkerConnections::new("not a url"));
+        assert!(hostless.request_uri(None).is_err());
+        let req = http::Request::get("/").body(Full::new(Bytes::new())).expect("request");
+        assert!(hostless.send(&HttpConnector::new(), req).await.expect_err("no host").is_connect());
+    }
+}
