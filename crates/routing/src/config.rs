@@ -21,7 +21,8 @@ pub enum Strategy {
     /// Fewest requests in flight from this gateway, ties at random.
     LeastConnections,
     /// Power of two choices ranked by predicted time to first token, plus the best prefix-cache match
-    /// (the default: it wins the routing bench's every scenario, see BENCHMARKS.md).
+    /// (the default: it serves the most requests in every saturated scenario of the routing bench, see
+    /// BENCHMARKS.md).
     #[default]
     P2cKv,
     /// Consistent hashing of the session key with bounded loads.
