@@ -79,7 +79,8 @@ impl AppState {
         let metrics = Arc::new(Metrics::new()?);
         let admission = crate::proxy::admission::Admission::new(&config.queue, metrics.queue_rejected.clone());
         admission.set_batch_share(config.batch.max_share);
-        let client = upstream::client(&config.upstream);
+        let connector = upstream::connector(&config.upstream);
+        let client = upstream::client(connector.clone());
         let shutdown = CancellationToken::new();
         let probes = ProbeSet::new(client.clone(), config.health.clone(), shutdown.clone());
         let cluster = crate::cluster::Cluster::new(&config.cluster, Arc::clone(&metrics));
@@ -89,7 +90,7 @@ impl AppState {
             batch: crate::batch::Batches::new(config.batch.data_dir.clone()),
             admission,
             client,
-            connector: upstream::connector(&config.upstream),
+            connector,
             limiter: ArcSwap::new(crate::limits::RateLimiter::new(&config.rate_limit)),
             body_budget: crate::server::budget::ByteBudget::new(),
             reload: tokio::sync::Mutex::new(()),

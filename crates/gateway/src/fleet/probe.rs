@@ -326,8 +326,11 @@ mod tests {
     #[tokio::test]
     async fn the_set_probes_new_workers_once_and_stops_those_that_left() {
         let shutdown = CancellationToken::new();
-        let set =
-            ProbeSet::new(upstream::client(&UpstreamConfig::default()), HealthConfig::default(), shutdown.clone());
+        let set = ProbeSet::new(
+            upstream::client(upstream::connector(&UpstreamConfig::default())),
+            HealthConfig::default(),
+            shutdown.clone(),
+        );
         let fleet = Fleet { workers: vec![unreachable(1), unreachable(2)] };
         set.start(&fleet, &HealthConfig::default()).await;
         assert_eq!(set.len(), 2);
@@ -344,7 +347,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_probe_task_ends_with_its_stop_token_or_its_settings() {
-        let client = upstream::client(&UpstreamConfig::default());
+        let client = upstream::client(upstream::connector(&UpstreamConfig::default()));
         let (tx, rx) = watch::channel(HealthConfig::default());
         let stop = CancellationToken::new();
         let task = tokio::spawn(run(client.clone(), unreachable(1), rx, stop.clone()));

@@ -95,12 +95,19 @@ impl WorkerConnections {
 
     /// The request target for the client's `path`: the worker's base path, then `path`.
     pub fn request_uri(&self, path: Option<&PathAndQuery>) -> Result<Uri, String> {
-        let target = self.target.as_ref().ok_or("the worker's URL has no host")?;
-        let path = path.map_or("/", PathAndQuery::as_str);
-        if target.base_path.is_empty() {
-            return path.parse().map_err(|e: http::uri::InvalidUri| e.to_string());
+        let target = self.target()?;
+        match path {
+            // No base path: the client's own, already parsed, is the target.
+            Some(path) if target.base_path.is_empty() => Ok(Uri::from(path.clone())),
+            _ => {
+                let path = path.map_or("/", PathAndQuery::as_str);
+                format!("{}{path}", target.base_path).parse().map_err(|e: http::uri::InvalidUri| e.to_string())
+            }
         }
-        format!("{}{path}", target.base_path).parse().map_err(|e: http::uri::InvalidUri| e.to_string())
+    }
+
+    fn target(&self) -> Result<&Target, &'static str> {
+        self.target.as_ref().ok_or("the worker's URL has no host")
     }
 
     /// Sends `req` (its URI in origin form, from [`Self::request_uri`]) on an idle connection, or on a
@@ -110,10 +117,7 @@ impl WorkerConnections {
         connector: &HttpConnector,
         mut req: http::Request<Full<Bytes>>,
     ) -> Result<http::Response<WorkerBody>, SendError> {
-        let target = self
-            .target
-            .as_ref()
-            .ok_or_else(|| SendError { connect: true, source: "the worker's URL has no host".into() })?;
+        let target = self.target().map_err(|e| SendError { connect: true, source: e.into() })?;
         req.headers_mut().insert(HOST, target.host.clone());
         while let Some(mut sender) = self.checkout() {
             if sender.ready().await.is_err() {
@@ -145,7 +149,8 @@ impl WorkerConnections {
     }
 
     /// Idle connections held now.
-    pub fn idle(&self) -> usize {
+    #[cfg(test)]
+    fn idle(&self) -> usize {
         self.idle.lock().len()
     }
 

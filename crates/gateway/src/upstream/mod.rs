@@ -25,12 +25,12 @@ pub fn connector(cfg: &UpstreamConfig) -> HttpConnector {
     http
 }
 
-/// The control plane's pooled client (probes, scrapes, model discovery).
-pub fn client(cfg: &UpstreamConfig) -> Client {
+/// The control plane's pooled client (probes, scrapes, model discovery), over `connector`.
+pub fn client(connector: HttpConnector) -> Client {
     hyper_util::client::legacy::Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(90))
         .pool_max_idle_per_host(64)
-        .build(connector(cfg))
+        .build(connector)
 }
 
 /// A small GET (probes, model discovery): status and body up to `max_bytes`, within `timeout`.
