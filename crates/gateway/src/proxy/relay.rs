@@ -30,9 +30,6 @@ enum State {
 
 /// Most bytes gathered into one relayed chunk.
 const MAX_BATCH: usize = 64 * 1024;
-/// Yields without a new frame before a gathered batch goes out. The upstream connection's task may run on
-/// the other worker thread, so one empty yield can come too early; two cost well under a microsecond more.
-const MAX_IDLE_YIELDS: u8 = 2;
 
 /// The relayed response body.
 pub struct RelayBody {
@@ -46,8 +43,6 @@ pub struct RelayBody {
     record: Option<RequestRecord>,
     /// Event-stream bytes received but not yet handed to hyper (see `poll_frame`).
     batch: bytes::BytesMut,
-    /// Yields in a row that brought no new frame (the batch goes out after [`MAX_IDLE_YIELDS`]).
-    idle_yields: u8,
     /// Whether an event-stream chunk went out yet: the first is handed over at once (its time to first
     /// byte is the client's time to first token); only later ones are gathered.
     first_sent: bool,
@@ -80,7 +75,6 @@ impl RelayBody {
             deadline: Box::pin(tokio::time::sleep_until(deadline)),
             record: Some(record),
             batch: bytes::BytesMut::new(),
-            idle_yields: 0,
             first_sent: false,
             deferred: None,
         }
@@ -112,7 +106,6 @@ impl RelayBody {
 
     /// Hands the gathered event-stream bytes to hyper.
     fn flush_batch(&mut self) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        self.idle_yields = 0;
         self.first_sent = true;
         Poll::Ready(Some(Ok(Frame::data(self.batch.split().freeze()))))
     }
@@ -152,13 +145,10 @@ impl Body for RelayBody {
     type Data = Bytes;
     type Error = BoxError;
 
-    /// Relays frames as they come. For event streams, the first frame goes out at once; after it, frames
-    /// that are already available are gathered
-    /// into one chunk, and the task yields once before handing them over: hyper's client delivers one
-    /// frame per task hand-off, so without this every SSE event costs its own `writev` to the client
-    /// (nginx, reading the socket itself, gets them in one read). The task yields while yields
-    /// still bring frames, and sends the batch after [`MAX_IDLE_YIELDS`] that bring none: no waiting on
-    /// the worker, only on frames already on their way.
+    /// Relays frames as they come. For event streams, the first frame goes out at once; after it, the
+    /// frames already read from the worker's socket (this task drives the connection, so that is every
+    /// frame available until the body is pending) are gathered into one chunk: events that arrived
+    /// together cost one `writev` to the client, not one each, and nothing waits on the worker.
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         if let State::Done = this.state {
@@ -199,8 +189,6 @@ impl Body for RelayBody {
                         return Poll::Ready(Some(Ok(Frame::data(data))));
                     }
                     this.batch.extend_from_slice(&data);
-                    // Progress since the last yield: another yield may bring more.
-                    this.idle_yields = 0;
                     if this.batch.len() >= MAX_BATCH {
                         return this.flush_batch();
                     }
@@ -222,13 +210,6 @@ impl Body for RelayBody {
                 }
                 Poll::Pending => {
                     if !this.batch.is_empty() {
-                        if this.idle_yields < MAX_IDLE_YIELDS {
-                            this.idle_yields += 1;
-                            // `yield_now` defers the wake-up until other ready tasks (the upstream
-                            // connection's) have run; a plain self-wake would run this task again first.
-                            let _ = std::pin::pin!(tokio::task::yield_now()).poll(cx);
-                            return Poll::Pending;
-                        }
                         return this.flush_batch();
                     }
                     if this.deadline.as_mut().poll(cx).is_ready() {

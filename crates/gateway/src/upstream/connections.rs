@@ -1,4 +1,4 @@
-//! A worker's keep-alive HTTP/1.1 connections, each owned by the request using it.
+//! A worker's keep-alive HTTP/1.1 connections, each owned and driven by the request using it.
 //!
 //! hyper-util's pooled client costs, per request, a pool lookup keyed by origin, a race between the
 //! checkout and a lazy connect, and a task spawned to wait until the connection is idle again (about a
@@ -8,10 +8,17 @@
 //! client went away, the relay gave up) drops the connection with it, so a half-read response never
 //! reaches the next request.
 //!
-//! An idle connection the worker closed is found closed at checkout and skipped; one it closes while the
-//! request is being handed over fails with the request unsent ([`hyper::client::conn::TrySendError`]),
-//! and the request goes out on the next connection. A request that was written is never sent twice here:
-//! whether to retry it elsewhere is the dispatcher's decision.
+//! No task runs a connection: the request's own task polls it (hyper's connection future) while it
+//! waits for the answer's head, and the response body polls it before each read. So a request's bytes
+//! go from the worker's socket to the client's without a hand-off between tasks (each costs a wake-up
+//! and a trip through a channel), and an idle connection costs a socket and its buffers, no task.
+//!
+//! An idle connection is polled once at checkout: one the worker closed ends there and is skipped; one
+//! it closes while the request is handed over fails with the request unsent
+//! ([`hyper::client::conn::TrySendError`]), and the request goes out on the next connection. A request
+//! that was written is never sent twice here: whether to retry it elsewhere is the dispatcher's decision.
+//! A worker that closes an idle connection leaves its socket open here until the next checkout or the
+//! idle timeout passes over it (at most [`MAX_IDLE`] per worker).
 
 use bytes::Bytes;
 use http::header::{HeaderValue, HOST};
@@ -21,7 +28,9 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioIo;
 use parking_lot::Mutex;
+use std::future::{poll_fn, Future as _};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -35,6 +44,52 @@ const MAX_IDLE: usize = 1024;
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
 type Sender = SendRequest<Full<Bytes>>;
+type Driver = http1::Connection<TokioIo<tokio::net::TcpStream>, Full<Bytes>>;
+
+/// One HTTP/1.1 connection: the handle requests are sent through and the future that does its IO,
+/// polled by whoever holds the connection.
+struct Connection {
+    sender: Sender,
+    /// `None` once it ended: dropping it fails what the connection still owed.
+    driver: Option<Driver>,
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Connection")
+    }
+}
+
+impl Connection {
+    /// Does the connection's pending IO; whether it is still open (not closed by the worker, not failed).
+    fn drive(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(driver) = &mut self.driver else { return false };
+        let Poll::Ready(ended) = Pin::new(driver).poll(cx) else { return true };
+        if let Err(e) = ended {
+            tracing::debug!(error = %e, "worker connection ended with an error");
+        }
+        self.driver = None;
+        false
+    }
+
+    /// Whether the connection can take a request: it is driven until its sender is ready, and cannot if
+    /// it ended instead.
+    async fn ready(&mut self) -> bool {
+        poll_fn(|cx| if self.drive(cx) { self.sender.poll_ready(cx).map(|r| r.is_ok()) } else { Poll::Ready(false) })
+            .await
+    }
+
+    /// Waits for `answer` (to a request sent on this connection), driving the connection meanwhile: the
+    /// connection first, so the answer it read is there when the answer is polled.
+    async fn answer<F: std::future::Future>(&mut self, answer: F) -> F::Output {
+        let mut answer = std::pin::pin!(answer);
+        poll_fn(|cx| {
+            self.drive(cx);
+            answer.as_mut().poll(cx)
+        })
+        .await
+    }
+}
 
 /// Where a worker's requests go: the address to connect to, its `Host`, the path its API lives under.
 #[derive(Debug)]
@@ -50,7 +105,7 @@ struct Target {
 #[derive(Debug)]
 pub struct WorkerConnections {
     target: Option<Target>,
-    idle: Mutex<Vec<(Sender, Instant)>>,
+    idle: Mutex<Vec<(Box<Connection>, Instant)>>,
 }
 
 /// Why a request could not be sent to the worker.
@@ -119,14 +174,14 @@ impl WorkerConnections {
     ) -> Result<http::Response<WorkerBody>, SendError> {
         let target = self.target().map_err(|e| SendError { connect: true, source: e.into() })?;
         req.headers_mut().insert(HOST, target.host.clone());
-        while let Some(mut sender) = self.checkout() {
-            if sender.ready().await.is_err() {
+        while let Some(mut conn) = self.checkout() {
+            if !conn.ready().await {
                 continue;
             }
-            match sender.try_send_request(req).await {
-                Ok(resp) => return Ok(self.wrap(resp, sender)),
+            let sent = conn.sender.try_send_request(req);
+            match conn.answer(sent).await {
+                Ok(resp) => return Ok(self.wrap(resp, conn)),
                 Err(mut e) => match e.take_message() {
-                    // Closed under us before a byte was written: the next connection takes it.
                     Some(unsent) => req = unsent,
                     None => return Err(SendError { connect: false, source: e.into_error().into() }),
                 },
@@ -137,62 +192,58 @@ impl WorkerConnections {
             .call(target.connect_to.clone())
             .await
             .map_err(|e| SendError { connect: true, source: e.into() })?;
-        let (mut sender, conn) =
-            http1::handshake(io).await.map_err(|e| SendError { connect: true, source: e.into() })?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "worker connection ended with an error");
-            }
-        });
-        let resp = sender.send_request(req).await.map_err(|e| SendError { connect: false, source: e.into() })?;
-        Ok(self.wrap(resp, sender))
+        let (sender, driver) = http1::handshake(io).await.map_err(|e| SendError { connect: true, source: e.into() })?;
+        // Boxed: the driver holds its buffers inline, and the connection moves on every checkout and return.
+        let mut conn = Box::new(Connection { sender, driver: Some(driver) });
+        let sent = conn.sender.send_request(req);
+        let resp = conn.answer(sent).await.map_err(|e| SendError { connect: false, source: e.into() })?;
+        Ok(self.wrap(resp, conn))
     }
 
-    /// Idle connections held now.
     #[cfg(test)]
     fn idle(&self) -> usize {
         self.idle.lock().len()
     }
 
-    fn wrap(self: &Arc<Self>, resp: http::Response<Incoming>, sender: Sender) -> http::Response<WorkerBody> {
+    fn wrap(self: &Arc<Self>, resp: http::Response<Incoming>, conn: Box<Connection>) -> http::Response<WorkerBody> {
         resp.map(|inner| {
-            let mut body = WorkerBody { inner, home: Some((sender, Arc::clone(self))) };
+            let mut body = WorkerBody { inner, conn: Some((conn, Arc::clone(self))) };
             body.give_back_if_ended();
             body
         })
     }
 
     /// The most recently used idle connection that is still open and not too old.
-    fn checkout(&self) -> Option<Sender> {
+    fn checkout(&self) -> Option<Box<Connection>> {
         let now = Instant::now();
         let mut idle = self.idle.lock();
-        while let Some((sender, since)) = idle.pop() {
-            if !sender.is_closed() && now.duration_since(since) < IDLE_TIMEOUT {
-                return Some(sender);
+        while let Some((conn, since)) = idle.pop() {
+            if now.duration_since(since) < IDLE_TIMEOUT {
+                return Some(conn);
             }
         }
         None
     }
 
-    fn give_back(&self, sender: Sender) {
-        if sender.is_closed() {
-            return;
-        }
+    /// Keeps `conn`, whose last answer was read to its end, for the next request (closing the oldest
+    /// idle one when it is too old or the list is full).
+    fn give_back(&self, conn: Box<Connection>) {
         let now = Instant::now();
         let mut idle = self.idle.lock();
-        // The least recently used is at the front: close it when it has idled too long or there is no room.
         if idle.first().is_some_and(|(_, since)| now.duration_since(*since) >= IDLE_TIMEOUT) || idle.len() >= MAX_IDLE {
             idle.remove(0);
         }
-        idle.push((sender, now));
+        idle.push((conn, now));
     }
 }
 
-/// A worker's response body: gives its connection back to the worker's idle list once read to the end.
+/// A worker's response body: drives its connection while it is read, and gives the connection back to
+/// the worker's idle list once read to the end.
 #[derive(Debug)]
 pub struct WorkerBody {
     inner: Incoming,
-    home: Option<(Sender, Arc<WorkerConnections>)>,
+    /// The connection the body arrives on (until it is given back or ends) and whose list it returns to.
+    conn: Option<(Box<Connection>, Arc<WorkerConnections>)>,
 }
 
 impl WorkerBody {
@@ -203,8 +254,8 @@ impl WorkerBody {
     }
 
     fn give_back(&mut self) {
-        if let Some((sender, home)) = self.home.take() {
-            home.give_back(sender);
+        if let Some((conn, home)) = self.conn.take() {
+            home.give_back(conn);
         }
     }
 }
@@ -214,12 +265,18 @@ impl http_body::Body for WorkerBody {
     type Error = hyper::Error;
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        // The connection first, so what it reads is in the body's channel when the body is polled. One
+        // that ended has delivered all it will: the body then ends or fails.
+        if let Some((conn, _)) = &mut self.conn {
+            if !conn.drive(cx) {
+                self.conn = None;
+            }
+        }
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         match &polled {
             Poll::Ready(None) => self.give_back(),
             Poll::Ready(Some(Ok(_))) => self.give_back_if_ended(),
-            // A failed body leaves its connection unusable: it is dropped with `home`.
-            Poll::Ready(Some(Err(_))) => self.home = None,
+            Poll::Ready(Some(Err(_))) => self.conn = None,
             Poll::Pending => {}
         }
         polled
