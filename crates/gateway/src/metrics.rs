@@ -6,12 +6,14 @@
 //! A worker has one identity in every metric: the label `worker`, its name (config `name`, else
 //! `host:port`, never its URL, which may carry credentials).
 
+use parking_lot::RwLock;
 use prometheus::core::Collector;
 use prometheus::{
-    Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
 };
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 /// Buckets for request latency, seconds: 5 ms to 10 min.
 const LATENCY_BUCKETS: &[f64] =
@@ -92,6 +94,28 @@ pub struct Metrics {
     pub batch_lines_per_second: Gauge,
     /// `llm_gateway_batches{status}`.
     pub batches: IntGaugeVec,
+    /// Each model's request series, resolved once ([`Metrics::model_series`]).
+    models: RwLock<HashMap<Arc<str>, Arc<ModelSeries>>>,
+}
+
+/// Models whose series are kept resolved; past it a model's series are looked up per request (still
+/// counted, only slower). Model labels are the fleet's served models, a bounded set.
+const MAX_RESOLVED_MODELS: usize = 1024;
+
+/// One model's per-request series, resolved once: a request records its outcome without looking each
+/// series up by its label strings (a hash and a lock per series).
+#[derive(Debug)]
+pub struct ModelSeries {
+    /// `llm_gateway_requests_total{model, status="200"}`, the usual outcome (others are looked up).
+    pub ok: IntCounter,
+    /// `llm_gateway_request_latency_seconds{model}`.
+    pub latency: Histogram,
+    /// `llm_gateway_time_to_first_token_seconds{model}`.
+    pub ttft: Histogram,
+    /// `llm_gateway_tokens_total{model, kind="prompt"}`.
+    pub prompt_tokens: IntCounter,
+    /// `llm_gateway_tokens_total{model, kind="completion"}`.
+    pub completion_tokens: IntCounter,
 }
 
 /// Registers collectors and remembers their names (a `Vec` metric with no series yet is absent from
@@ -260,7 +284,27 @@ impl Metrics {
             names: std::mem::take(&mut r.names),
             labels: std::mem::take(&mut r.labels),
             registry: r.registry,
+            models: RwLock::new(HashMap::new()),
         })
+    }
+
+    /// `model`'s per-request series, resolved on its first request and kept.
+    pub fn model_series(&self, model: &Arc<str>) -> Arc<ModelSeries> {
+        if let Some(series) = self.models.read().get(model) {
+            return Arc::clone(series);
+        }
+        let series = Arc::new(ModelSeries {
+            ok: self.requests.with_label_values(&[model, "200"]),
+            latency: self.latency.with_label_values(&[model]),
+            ttft: self.ttft.with_label_values(&[model]),
+            prompt_tokens: self.tokens.with_label_values(&[model, "prompt"]),
+            completion_tokens: self.tokens.with_label_values(&[model, "completion"]),
+        });
+        let mut models = self.models.write();
+        if models.len() < MAX_RESOLVED_MODELS {
+            models.insert(Arc::clone(model), Arc::clone(&series));
+        }
+        series
     }
 
     /// Every metric family name the gateway exports, whether or not it has series yet; dashboards and
@@ -405,6 +449,28 @@ fn sum_by(family: &IntCounterVec, keys: &[&str]) -> BTreeMap<Vec<String>, u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_models_resolved_series_are_the_exported_ones_and_kept_up_to_a_bound() {
+        let m = Metrics::new().expect("metrics register");
+        let model: Arc<str> = Arc::from("m");
+        let series = m.model_series(&model);
+        series.ok.inc();
+        series.prompt_tokens.inc_by(7);
+        series.latency.observe(0.2);
+        assert_eq!(m.requests.with_label_values(&["m", "200"]).get(), 1);
+        assert_eq!(m.tokens.with_label_values(&["m", "prompt"]).get(), 7);
+        assert_eq!(m.latency.with_label_values(&["m"]).get_sample_count(), 1);
+        assert!(Arc::ptr_eq(&series, &m.model_series(&model)), "resolved once");
+        for i in 0..MAX_RESOLVED_MODELS + 5 {
+            m.model_series(&Arc::from(format!("model-{i}")));
+        }
+        assert_eq!(m.models.read().len(), MAX_RESOLVED_MODELS);
+        let late: Arc<str> = Arc::from("late");
+        m.model_series(&late).ok.inc();
+        m.model_series(&late).ok.inc();
+        assert_eq!(m.requests.with_label_values(&["late", "200"]).get(), 2, "past the bound still counted");
+    }
 
     #[test]
     fn names_cover_metrics_without_series() {

@@ -24,6 +24,8 @@ pub struct RequestInfo {
     pub snap: Arc<Snapshot>,
     /// Model label (a served model name).
     pub model: Arc<str>,
+    /// The model's per-request series.
+    pub series: Arc<crate::metrics::ModelSeries>,
     /// The request id, for the log line.
     pub request_id: Arc<str>,
     /// The API key's tenant, for the log line.
@@ -121,7 +123,7 @@ impl RequestRecord {
             self.first_byte = Some(now);
             if self.info.stream {
                 let ttft = now.duration_since(self.info.received).as_secs_f64();
-                self.info.metrics.ttft.with_label_values(&[&self.info.model]).observe(ttft);
+                self.info.series.ttft.observe(ttft);
             }
         }
         self.usage.scan(data);
@@ -153,8 +155,13 @@ impl RequestRecord {
         let (m, model) = (&self.info.metrics, &self.info.model);
         let latency = now.duration_since(self.info.received);
         let status = if kind == OutcomeKind::Cancelled { 499 } else { self.status };
-        m.requests.with_label_values(&[model, status_label(status)]).inc();
-        m.latency.with_label_values(&[model]).observe(latency.as_secs_f64());
+        let series = &self.info.series;
+        if status == 200 {
+            series.ok.inc();
+        } else {
+            m.requests.with_label_values(&[model, status_label(status)]).inc();
+        }
+        series.latency.observe(latency.as_secs_f64());
         let used = self.tokens_used();
         if let Some(charge) = self.charge.take() {
             // Without any count (a non-streamed answer with no usage) the estimate charged stands.
@@ -163,8 +170,8 @@ impl RequestRecord {
             }
         }
         if let Some(t) = &used {
-            m.tokens.with_label_values(&[model, "prompt"]).inc_by(t.prompt);
-            m.tokens.with_label_values(&[model, "completion"]).inc_by(t.completion);
+            series.prompt_tokens.inc_by(t.prompt);
+            series.completion_tokens.inc_by(t.completion);
         }
         tracing::info!(
             request_id = %self.info.request_id,

@@ -206,6 +206,7 @@ async fn handle(
     let info = RequestInfo {
         metrics: Arc::clone(&app.metrics),
         snap: Arc::clone(&snap),
+        series: app.metrics.model_series(&model),
         model: Arc::clone(&model),
         request_id: Arc::clone(request_id),
         tenant: tenant.as_ref().map(|t| Arc::clone(&t.name)),
