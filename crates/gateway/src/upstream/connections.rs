@@ -48,16 +48,11 @@ type Driver = http1::Connection<TokioIo<tokio::net::TcpStream>, Full<Bytes>>;
 
 /// One HTTP/1.1 connection: the handle requests are sent through and the future that does its IO,
 /// polled by whoever holds the connection.
+#[derive(Debug)]
 struct Connection {
     sender: Sender,
     /// `None` once it ended: dropping it fails what the connection still owed.
     driver: Option<Driver>,
-}
-
-impl std::fmt::Debug for Connection {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Connection")
-    }
 }
 
 impl Connection {
@@ -182,6 +177,7 @@ impl WorkerConnections {
             match conn.answer(sent).await {
                 Ok(resp) => return Ok(self.wrap(resp, conn)),
                 Err(mut e) => match e.take_message() {
+                    // Closed under us before a byte was written: the next connection takes it.
                     Some(unsent) => req = unsent,
                     None => return Err(SendError { connect: false, source: e.into_error().into() }),
                 },
@@ -200,6 +196,7 @@ impl WorkerConnections {
         Ok(self.wrap(resp, conn))
     }
 
+    /// Idle connections held now.
     #[cfg(test)]
     fn idle(&self) -> usize {
         self.idle.lock().len()
@@ -213,7 +210,8 @@ impl WorkerConnections {
         })
     }
 
-    /// The most recently used idle connection that is still open and not too old.
+    /// The most recently used idle connection not too old (whether the worker closed it is found when
+    /// it is driven, [`Connection::ready`]).
     fn checkout(&self) -> Option<Box<Connection>> {
         let now = Instant::now();
         let mut idle = self.idle.lock();
@@ -230,6 +228,7 @@ impl WorkerConnections {
     fn give_back(&self, conn: Box<Connection>) {
         let now = Instant::now();
         let mut idle = self.idle.lock();
+        // The least recently used is at the front: close it when it has idled too long or there is no room.
         if idle.first().is_some_and(|(_, since)| now.duration_since(*since) >= IDLE_TIMEOUT) || idle.len() >= MAX_IDLE {
             idle.remove(0);
         }
@@ -276,6 +275,7 @@ impl http_body::Body for WorkerBody {
         match &polled {
             Poll::Ready(None) => self.give_back(),
             Poll::Ready(Some(Ok(_))) => self.give_back_if_ended(),
+            // A failed body leaves its connection unusable: it is dropped with `conn`.
             Poll::Ready(Some(Err(_))) => self.conn = None,
             Poll::Pending => {}
         }
