@@ -144,6 +144,9 @@ fn warn_restart_only(old: &Config, new: &Config) {
     if old.upstream.connect_timeout_ms != new.upstream.connect_timeout_ms {
         tracing::warn!("upstream.connect_timeout_ms changed: takes effect after a restart");
     }
+    if old.upstream.read_buffer_bytes != new.upstream.read_buffer_bytes {
+        tracing::warn!("upstream.read_buffer_bytes changed: takes effect after a restart");
+    }
     if old.cluster != new.cluster {
         tracing::warn!("[cluster] changed: takes effect after a restart");
     }

@@ -33,7 +33,7 @@ pub struct AppState {
     /// The control plane's pooled client towards workers (probes, scrapes, model discovery).
     pub client: Client,
     /// Opens the connections requests take to workers ([`crate::fleet::worker::Worker::connections`]).
-    pub connector: upstream::HttpConnector,
+    pub connector: upstream::Connector,
     /// Every exported metric.
     pub metrics: Arc<Metrics>,
     /// When the gateway started.
@@ -80,7 +80,7 @@ impl AppState {
         let admission = crate::proxy::admission::Admission::new(&config.queue, metrics.queue_rejected.clone());
         admission.set_batch_share(config.batch.max_share);
         let connector = upstream::connector(&config.upstream);
-        let client = upstream::client(connector.clone());
+        let client = upstream::client(connector.tcp.clone());
         let shutdown = CancellationToken::new();
         let probes = ProbeSet::new(client.clone(), config.health.clone(), shutdown.clone());
         let cluster = crate::cluster::Cluster::new(&config.cluster, Arc::clone(&metrics));

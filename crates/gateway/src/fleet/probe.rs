@@ -327,7 +327,7 @@ mod tests {
     async fn the_set_probes_new_workers_once_and_stops_those_that_left() {
         let shutdown = CancellationToken::new();
         let set = ProbeSet::new(
-            upstream::client(upstream::connector(&UpstreamConfig::default())),
+            upstream::client(upstream::connector(&UpstreamConfig::default()).tcp),
             HealthConfig::default(),
             shutdown.clone(),
         );
@@ -347,7 +347,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_probe_task_ends_with_its_stop_token_or_its_settings() {
-        let client = upstream::client(upstream::connector(&UpstreamConfig::default()));
+        let client = upstream::client(upstream::connector(&UpstreamConfig::default()).tcp);
         let (tx, rx) = watch::channel(HealthConfig::default());
         let stop = CancellationToken::new();
         let task = tokio::spawn(run(client.clone(), unreachable(1), rx, stop.clone()));

@@ -20,6 +20,7 @@
 //! A worker that closes an idle connection leaves its socket open here until the next checkout or the
 //! idle timeout passes over it (at most [`MAX_IDLE`] per worker).
 
+use super::Connector;
 use bytes::Bytes;
 use http::header::{HeaderValue, HOST};
 use http::uri::{Authority, PathAndQuery, Uri};
@@ -27,7 +28,6 @@ use http_body::{Body as _, Frame, SizeHint};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioIo;
 use parking_lot::Mutex;
 use std::future::{poll_fn, Future as _};
@@ -164,7 +164,7 @@ impl WorkerConnections {
     /// new one made with `connector`, and returns the response whose body gives the connection back.
     pub async fn send(
         self: &Arc<Self>,
-        connector: &HttpConnector,
+        connector: &Connector,
         mut req: http::Request<Full<Bytes>>,
     ) -> Result<http::Response<WorkerBody>, SendError> {
         let target = self.target().map_err(|e| SendError { connect: true, source: e.into() })?;
@@ -184,11 +184,13 @@ impl WorkerConnections {
             }
         }
         let io = connector
+            .tcp
             .clone()
             .call(target.connect_to.clone())
             .await
             .map_err(|e| SendError { connect: true, source: e.into() })?;
-        let (sender, driver) = http1::handshake(io).await.map_err(|e| SendError { connect: true, source: e.into() })?;
+        let (sender, driver) =
+            connector.http1.handshake(io).await.map_err(|e| SendError { connect: true, source: e.into() })?;
         // Boxed: the driver holds its buffers inline, and the connection moves on every checkout and return.
         let mut conn = Box::new(Connection { sender, driver: Some(driver) });
         let sent = conn.sender.send_request(req);
@@ -294,6 +296,8 @@ impl http_body::Body for WorkerBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::UpstreamConfig;
+    use crate::upstream::connector;
     use http_body_util::BodyExt;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -307,6 +311,11 @@ mod tests {
     }
 
     async fn server(body: &'static str, per_conn: usize) -> Server {
+        answering(String::new(), body.to_string(), per_conn).await
+    }
+
+    /// [`server`] answering with `headers` (each line ending in CRLF) and `body`.
+    async fn answering(headers: String, body: String, per_conn: usize) -> Server {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let url = format!("http://{}", listener.local_addr().expect("addr"));
         let (accepted, heads) = (Arc::new(AtomicUsize::new(0)), Arc::new(Mutex::new(Vec::new())));
@@ -315,6 +324,7 @@ mod tests {
             while let Ok((mut sock, _)) = listener.accept().await {
                 a.fetch_add(1, Ordering::SeqCst);
                 let h = Arc::clone(&h);
+                let resp = format!("HTTP/1.1 200 OK\r\n{headers}content-length: {}\r\n\r\n{body}", body.len());
                 tokio::spawn(async move {
                     let mut buf = Vec::new();
                     for _ in 0..per_conn {
@@ -329,7 +339,6 @@ mod tests {
                             }
                         };
                         h.lock().push(head);
-                        let resp = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}", body.len());
                         if sock.write_all(resp.as_bytes()).await.is_err() {
                             return;
                         }
@@ -354,7 +363,7 @@ mod tests {
     async fn a_connection_read_to_its_end_serves_the_next_request() {
         let s = server("hello", usize::MAX).await;
         let conns = Arc::new(WorkerConnections::new(&format!("{}/api/", s.url)));
-        let connector = HttpConnector::new();
+        let connector = connector(&UpstreamConfig::default());
         for _ in 0..3 {
             let resp = conns.send(&connector, get(&conns, "/v1/models?x=1")).await.expect("sent");
             assert_eq!(read(resp).await, "hello");
@@ -371,7 +380,7 @@ mod tests {
     async fn a_body_dropped_before_its_end_takes_its_connection_with_it() {
         let s = server("a body the caller never reads", usize::MAX).await;
         let conns = Arc::new(WorkerConnections::new(&s.url));
-        let connector = HttpConnector::new();
+        let connector = connector(&UpstreamConfig::default());
         let resp = conns.send(&connector, get(&conns, "/")).await.expect("sent");
         drop(resp);
         assert_eq!(conns.idle(), 0, "a half-read connection is not reused");
@@ -385,7 +394,7 @@ mod tests {
         // One answer per connection, then the worker closes it.
         let s = server("once", 1).await;
         let conns = Arc::new(WorkerConnections::new(&s.url));
-        let connector = HttpConnector::new();
+        let connector = connector(&UpstreamConfig::default());
         for _ in 0..4 {
             let resp = conns.send(&connector, get(&conns, "/")).await.expect("sent despite the closed idle one");
             assert_eq!(read(resp).await, "once");
@@ -399,11 +408,33 @@ mod tests {
         let url = format!("http://{}", listener.local_addr().expect("addr"));
         drop(listener);
         let conns = Arc::new(WorkerConnections::new(&url));
-        let err = conns.send(&HttpConnector::new(), get(&conns, "/")).await.expect_err("nobody listens");
+        let err =
+            conns.send(&connector(&UpstreamConfig::default()), get(&conns, "/")).await.expect_err("nobody listens");
         assert!(err.is_connect(), "{err}");
         let hostless = Arc::new(WorkerConnections::new("not a url"));
         assert!(hostless.request_uri(None).is_err());
         let req = http::Request::get("/").body(Full::new(Bytes::new())).expect("request");
-        assert!(hostless.send(&HttpConnector::new(), req).await.expect_err("no host").is_connect());
+        assert!(hostless.send(&connector(&UpstreamConfig::default()), req).await.expect_err("no host").is_connect());
+    }
+
+    #[tokio::test]
+    async fn a_fixed_read_buffer_reads_large_bodies_and_refuses_a_head_that_does_not_fit() {
+        let small = connector(&UpstreamConfig { read_buffer_bytes: Some(1024), ..UpstreamConfig::default() });
+        let body = "x".repeat(100_000);
+        let s = answering(String::new(), body.clone(), usize::MAX).await;
+        let conns = Arc::new(WorkerConnections::new(&s.url));
+        for _ in 0..2 {
+            let resp = conns.send(&small, get(&conns, "/")).await.expect("sent");
+            assert_eq!(read(resp).await, body, "read through the 1 KB buffer whole");
+        }
+        assert_eq!(s.accepted.load(Ordering::SeqCst), 1);
+
+        let padded = answering(format!("x-padding: {}\r\n", "p".repeat(2000)), "ok".into(), usize::MAX).await;
+        let conns = Arc::new(WorkerConnections::new(&padded.url));
+        let err = conns.send(&small, get(&conns, "/")).await.expect_err("a 2 KB head does not fit in 1 KB");
+        assert!(!err.is_connect(), "{err}");
+        let resp =
+            conns.send(&connector(&UpstreamConfig::default()), get(&conns, "/")).await.expect("hyper's own fits it");
+        assert_eq!(read(resp).await, "ok");
     }
 }

@@ -16,13 +16,27 @@ use std::time::Duration;
 /// The client type used for every request to a worker.
 pub type Client = hyper_util::client::legacy::Client<HttpConnector, Full<Bytes>>;
 
-/// The connector to workers: `TCP_NODELAY`, TCP keep-alive, `upstream.connect_timeout_ms`.
-pub fn connector(cfg: &UpstreamConfig) -> HttpConnector {
-    let mut http = HttpConnector::new();
-    http.set_nodelay(true);
-    http.set_connect_timeout(Some(Duration::from_millis(cfg.connect_timeout_ms)));
-    http.set_keepalive(Some(Duration::from_secs(60)));
-    http
+/// How connections to workers are opened: over TCP, then HTTP/1.1 on it.
+#[derive(Debug, Clone)]
+pub struct Connector {
+    /// `TCP_NODELAY`, TCP keep-alive, `upstream.connect_timeout_ms`; the control plane's client uses it too.
+    pub tcp: HttpConnector,
+    /// hyper's settings for a request connection (`upstream.read_buffer_bytes`).
+    pub http1: hyper::client::conn::http1::Builder,
+}
+
+/// The connector to workers for `cfg`.
+pub fn connector(cfg: &UpstreamConfig) -> Connector {
+    let mut tcp = HttpConnector::new();
+    tcp.set_nodelay(true);
+    tcp.set_connect_timeout(Some(Duration::from_millis(cfg.connect_timeout_ms)));
+    tcp.set_keepalive(Some(Duration::from_secs(60)));
+    let mut http1 = hyper::client::conn::http1::Builder::new();
+    if let Some(n) = cfg.read_buffer_bytes {
+        // Exact: hyper's adaptive buffer starts at 8 KB whatever its maximum.
+        http1.read_buf_exact_size(Some(n));
+    }
+    Connector { tcp, http1 }
 }
 
 /// The control plane's pooled client (probes, scrapes, model discovery), over `connector`.
