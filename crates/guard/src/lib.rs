@@ -31,8 +31,8 @@ pub use circuit_breaker::{
     Transition,
 };
 pub use queue::{
-    AdmissionQueue, Better, Fit, Full, Meta, QueueConfig, Scoring, Ticket, DEFAULT_MAX_OVERTAKEN, HOLD_OUT_LIMIT,
-    RETRY_CAP,
+    AdmissionQueue, Better, Fit, Full, Meta, QueueConfig, Scoring, Ticket, DEFAULT_MAX_OVERTAKEN,
+    DEFAULT_PREFILL_WEIGHT, HOLD_OUT_LIMIT, RETRY_CAP,
 };
 pub use rate::{AvgWait, RateEstimator, SlidingErrorRate};
 pub use share::{foreign_load, room_for_us};

@@ -64,17 +64,20 @@
 //!   than a cold prefill, the prompt spills to W (a hot prompt then lives on two workers). A waiter
 //!   never holds out once it has waited [`HOLD_OUT_LIMIT`] times the prefill it would save (a bound
 //!   should the better worker stop freeing slots).
-//! - **Of the others, the time W saves counts as time already waited**: they go in the order of their
-//!   wait (or, with deadlines, their lateness) less the time W would spend before their first token.
-//!   A waiter W holds goes before a cold one that has waited less than the prefill it would cost W
-//!   longer: the slot frees sooner, the prompt stays where it lives, and a cold prompt is placed on a
-//!   worker when no waiter of that worker's own prompts is left, i.e. on the worker whose cache is in
-//!   least demand. With equal fits (a policy without a cache model) this is exactly `pop`'s order.
+//! - **Of the others, the time W saves counts as time already waited, [`QueueConfig::prefill_weight`]
+//!   times** (2 by default): they go in the order of their wait (or, with deadlines, their lateness)
+//!   less that weight times the time W would spend before their first token. A waiter W holds goes
+//!   before a cold one that has waited less than twice the prefill it would cost W longer: the slot
+//!   frees sooner, the prompt stays where it lives, and a cold prompt is placed on a worker when no
+//!   waiter of that worker's own prompts is left, i.e. on the worker whose cache is in least demand.
+//!   With equal fits (a policy without a cache model) this is exactly `pop`'s order.
 //!
-//! Measured on the routing bench's tight scenario, the opposite order (the waiter whose first token
-//! would come latest first, cold before warm) shortens the tail only by placing cold prompts at once on
-//! whichever worker frees, which evicts prompts in demand: hits fell from 0.73 to 0.35 and throughput
-//! by 45%; plain arrival order gave 0.67 and -10% (BENCHMARKS.md, issue 13).
+//! The weight trades throughput against the tail. Measured on the routing bench (BENCHMARKS.md, issue
+//! 13): under tight caches at saturation, weight 1 served 77 req/s at hit rate 0.73 and TTFT p50/p99
+//! 0.51/1.5 s; weight 2, 82 req/s at 0.78 and 0.41/1.76 s; weight 3, 86 req/s at 0.80 and 0.35/1.9 s
+//! (each cold prompt placed later evicts less that is in demand; the cold requests wait longer). The
+//! opposite direction (0: wait alone; or cold before warm) shortens the tail only by placing cold
+//! prompts at once on whichever worker frees: hits fell to 0.67 and 0.35.
 //!
 //! As a backstop whatever the fits, the waiter `pop` would serve is passed over at most
 //! [`QueueConfig::max_overtaken`] times unless it holds out itself (0: strict `pop` order).
@@ -94,6 +97,10 @@ use std::time::{Duration, Instant};
 /// [`AdmissionQueue::pop_preferring`] for another of equal standing the freed worker suits better:
 /// about one round of hand-offs on a small fleet.
 pub const DEFAULT_MAX_OVERTAKEN: u32 = 16;
+
+/// Default of [`QueueConfig::prefill_weight`]: each second of prefill the freed worker would spend on a
+/// waiter counts as two seconds less waited (measured on the routing bench, see the module docs).
+pub const DEFAULT_PREFILL_WEIGHT: f64 = 2.0;
 
 /// A waiter holds out for a better worker until it has waited this many times the prefill it would
 /// save: a bound should that worker stop freeing slots.
@@ -166,6 +173,10 @@ pub struct QueueConfig {
     /// Times the waiter next in line may be passed over by [`AdmissionQueue::pop_preferring`] for
     /// another of equal standing the freed worker suits better; zero turns the preference off.
     pub max_overtaken: u32,
+    /// Seconds of waiting each second of the freed worker's time to first token counts against, in
+    /// [`AdmissionQueue::pop_preferring`]'s order: 0 serves equals by their wait alone, higher prefers
+    /// the waiters the worker holds more strongly.
+    pub prefill_weight: f64,
     /// Weights of the level.
     pub scoring: Scoring,
 }
@@ -177,6 +188,7 @@ impl Default for QueueConfig {
             aging: Duration::from_secs(10),
             fairness: true,
             max_overtaken: DEFAULT_MAX_OVERTAKEN,
+            prefill_weight: DEFAULT_PREFILL_WEIGHT,
             scoring: Scoring::default(),
         }
     }
@@ -475,8 +487,9 @@ impl<T> AdmissionQueue<T> {
             return self.serve(head);
         }
         // The group the head belongs to, in the order this worker serves it: what each waited (or how
-        // little slack its deadline has left) less the time this worker would spend before its first
-        // token, the longest first; then `pop`'s own order.
+        // little slack its deadline has left) less `prefill_weight` times the time this worker would
+        // spend before its first token, the longest first; then `pop`'s own order.
+        let weight = self.cfg.prefill_weight;
         let mut group: Vec<(f64, Tiebreak, Fit, Duration)> = Vec::new();
         for (&seq, e) in &self.entries {
             if self.standing(&scan, e, true) != standing || !accept(&e.item) {
@@ -489,7 +502,7 @@ impl<T> AdmissionQueue<T> {
                 (1, Some(deadline), _) => -secs_between(now, deadline),
                 _ => waited.as_secs_f64(),
             };
-            group.push((lateness - f.here.as_secs_f64(), tie, f, waited));
+            group.push((lateness - weight * f.here.as_secs_f64(), tie, f, waited));
         }
         group.sort_by(|a, b| (a.1 .0).cmp(&b.1 .0).then(b.0.total_cmp(&a.0)).then(a.1.cmp(&b.1)));
         // Waiters already holding out for each better worker, in this order: the queue before them there.
@@ -922,19 +935,28 @@ mod tests {
     }
 
     #[test]
-    fn a_waiter_is_overtaken_only_by_ones_whose_saving_exceeds_its_longer_wait() {
+    fn a_waiter_is_overtaken_only_by_ones_whose_weighted_saving_exceeds_its_longer_wait() {
         let t0 = Instant::now();
         let ms = Duration::from_millis;
-        let mut q = queue(100, 0, false);
-        q.push(1, Normal, 1, t0).unwrap(); // never held
-                                           // Arrived 500 ms later, saves 1 s: 100 ms + 1 s beats 600 ms of waiting.
-        q.push(20, Normal, 1, t0 + ms(500)).unwrap();
-        assert_eq!(q.pop_preferring(t0 + ms(600), |_| true, held).map(|(_, v)| v), Some(20));
-        // Arrived 1.5 s later: 100 ms + 1 s no longer beats 1.6 s.
-        q.push(40, Normal, 1, t0 + ms(1500)).unwrap();
-        assert_eq!(q.pop_preferring(t0 + ms(1600), |_| true, held).map(|(_, v)| v), Some(1));
-        assert_eq!(q.pop_preferring(t0 + ms(1600), |_| true, held).map(|(_, v)| v), Some(40));
-        // Zero turns the preference off: strict order.
+        for weight in [1.0, 2.0, 3.0] {
+            let mut q = AdmissionQueue::new(QueueConfig { prefill_weight: weight, ..QueueConfig::default() });
+            // A held waiter saves 1 s of prefill (20 ms against 1.02 s), worth `weight` s of waiting.
+            let worth = ms((weight * 1000.0) as u64);
+            q.push(1, Normal, 1, t0).unwrap(); // never held
+            q.push(20, Normal, 1, t0 + worth - ms(100)).unwrap();
+            let now = t0 + worth;
+            assert_eq!(q.pop_preferring(now, |_| true, held).map(|(_, v)| v), Some(20), "weight {weight}");
+            q.push(40, Normal, 1, t0 + worth + ms(100)).unwrap();
+            let now = t0 + worth + ms(200);
+            assert_eq!(q.pop_preferring(now, |_| true, held).map(|(_, v)| v), Some(1), "weight {weight}");
+            assert_eq!(q.pop_preferring(now, |_| true, held).map(|(_, v)| v), Some(40));
+        }
+        // Weight 0: equals leave by their wait alone, however much a later one would save.
+        let mut q = AdmissionQueue::new(QueueConfig { prefill_weight: 0.0, ..QueueConfig::default() });
+        q.push(1, Normal, 1, t0).unwrap();
+        q.push(20, Normal, 1, t0 + ms(1)).unwrap();
+        assert_eq!(q.pop_preferring(t0 + ms(2), |_| true, held).map(|(_, v)| v), Some(1));
+        // A max_overtaken of zero turns the preference off: strict order.
         let mut q = AdmissionQueue::new(QueueConfig { max_overtaken: 0, ..QueueConfig::default() });
         for v in [1, 20, 30] {
             q.push(v, Normal, 1, t0).unwrap();

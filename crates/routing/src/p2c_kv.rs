@@ -62,8 +62,9 @@
 //!   [`Policy::prefill_time`] for W and for the waiter's other workers (the prefill of the part of its
 //!   prompt each does not hold, at each one's learned prefill rate): a waiter another worker holds may
 //!   hold out for it while that worker's line is shorter than the prefill it would save, and of the
-//!   rest the one whose wait, less W's prefill of it, is longest goes first: what W's cache saves
-//!   counts as time already waited (`guard::AdmissionQueue::pop_preferring`).
+//!   rest the one whose wait, less W's prefill of it (times `queue.prefill_weight`, 2 by default), is
+//!   longest goes first: what W's cache saves counts as time already waited
+//!   (`guard::AdmissionQueue::pop_preferring`).
 //!   The policy's lock is taken inside the queue's and never the other way round.
 
 use crate::config::{P2cConfig, PrefixConfig};

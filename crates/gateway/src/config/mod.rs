@@ -388,6 +388,9 @@ pub struct QueueConfig {
     /// Cache-aware hand-off: a freed worker may serve a waiter whose prompt it holds before older ones
     /// of equal standing, each of which may be overtaken this many times; 0 = strict order.
     pub max_overtaken: u32,
+    /// Cache-aware hand-off: seconds of waiting that each second of the freed worker's predicted time
+    /// to first token counts against (0 = wait alone; higher = prompts stay where they are cached more).
+    pub prefill_weight: f64,
     /// Weights of the order waiting requests leave in.
     pub scoring: ScoringConfig,
 }
@@ -426,6 +429,7 @@ impl Default for QueueConfig {
             enable_fairness: true,
             default_worker_concurrency: 0,
             max_overtaken: guard::DEFAULT_MAX_OVERTAKEN,
+            prefill_weight: guard::DEFAULT_PREFILL_WEIGHT,
             scoring: ScoringConfig::default(),
         }
     }
@@ -439,6 +443,7 @@ impl QueueConfig {
             aging: std::time::Duration::from_secs(self.aging_secs),
             fairness: self.enable_fairness,
             max_overtaken: self.max_overtaken,
+            prefill_weight: self.prefill_weight,
             scoring: guard::Scoring {
                 priority: self.scoring.priority,
                 wait: self.scoring.wait,
@@ -963,6 +968,7 @@ impl Config {
             ("queue.scoring.wait", sc.wait),
             ("queue.scoring.token_fit", sc.token_fit),
             ("queue.scoring.retries", sc.retries),
+            ("queue.prefill_weight", self.queue.prefill_weight),
         ] {
             if !v.is_finite() || !(0.0..=1_000.0).contains(&v) {
                 return Err(format!("{key}: {v} must be a number from 0 to 1000"));

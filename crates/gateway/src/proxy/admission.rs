@@ -670,7 +670,8 @@ impl Admission {
 
     /// Hands `worker`'s free slots to `queue`'s best waiters while it has room: among waiters of equal
     /// standing, a waiter whose prompt another worker holds may hold out for it, and of the others the
-    /// one whose wait, less this worker's time to its first token, is longest goes first
+    /// one whose wait, less `queue.prefill_weight` times this worker's time to its first token, is
+    /// longest goes first
     /// (`guard::AdmissionQueue::pop_preferring`).
     /// The slot is reserved (a compare-and-swap against capacity) before a waiter is taken from the queue.
     fn dispatch_to(&self, queue: &ModelQueue, worker: &Arc<Worker>) {
