@@ -67,7 +67,7 @@
 //! - **Of the others, the time W saves counts as time already waited, [`QueueConfig::prefill_weight`]
 //!   times** (2 by default): they go in the order of their wait (or, with deadlines, their lateness)
 //!   less that weight times the time W would spend before their first token. A waiter W holds goes
-//!   before a cold one that has waited less than twice the prefill it would cost W longer: the slot
+//!   before a cold one that has waited longer by less than twice the prefill W saves on it: the slot
 //!   frees sooner, the prompt stays where it lives, and a cold prompt is placed on a worker when no
 //!   waiter of that worker's own prompts is left, i.e. on the worker whose cache is in least demand.
 //!   With equal fits (a policy without a cache model) this is exactly `pop`'s order.
