@@ -424,3 +424,54 @@ async fn model_max_concurrency_holds_requests_until_a_stream_ends() {
     .await;
     assert_eq!(post(&c, &gw.url(), None, &chat("demo-model", "hi", false)).await.status(), 200);
 }
+
+#[tokio::test]
+async fn tenant_and_model_buckets_in_redis_are_kept_apart_and_name_their_limits() {
+    let redis = RedisServer::start();
+    let sims = sims(1, |_| tiny_sim()).await;
+    let shared = |model: ModelConfig, per_user_rpm: u64, per_user_rpd: u64| {
+        let mut cfg = limited(&sims, model);
+        cfg.rate_limit.backend = RateLimitBackend::Redis;
+        cfg.rate_limit.redis_url = redis.url();
+        cfg.rate_limit.per_user_rpm = per_user_rpm;
+        cfg.rate_limit.per_user_rpd = per_user_rpd;
+        cfg
+    };
+    let c = client();
+    let send = |gw: String, user: &'static str| {
+        let c = c.clone();
+        async move {
+            let mut body = chat("demo-model", "hi", false);
+            body["user"] = user.into();
+            let resp = post(&c, &gw, None, &body).await;
+            let status = resp.status().as_u16();
+            let err: serde_json::Value = if status == 429 { resp.json().await.unwrap() } else { Default::default() };
+            (status, err["error"]["code"].as_str().map(str::to_owned))
+        }
+    };
+    // Per day: a tenant's 2, the model's 3 over all tenants.
+    let gw = gateway(shared(ModelConfig { requests_per_day: 3, ..demo_model() }, 0, 2)).await;
+    assert_eq!(send(gw.url(), "a").await, (200, None));
+    assert_eq!(send(gw.url(), "a").await, (200, None));
+    assert_eq!(send(gw.url(), "a").await, (429, Some("per_user_rpd".into())));
+    assert_eq!(send(gw.url(), "b").await, (200, None), "b has its own day; the model's third");
+    assert_eq!(send(gw.url(), "c").await, (429, Some("per_model_rpd".into())));
+    drop(gw);
+    // Per minute, on another gateway sharing the same Redis: a tenant's 1, the model's 2. A refused
+    // request charges no bucket, so d's second one leaves the model's count at 1.
+    let gw = gateway(shared(ModelConfig { requests_per_minute: 2, ..demo_model() }, 1, 0)).await;
+    assert_eq!(send(gw.url(), "d").await, (200, None));
+    assert_eq!(send(gw.url(), "d").await, (429, Some("per_user_rpm".into())));
+    assert_eq!(send(gw.url(), "e").await, (200, None));
+    assert_eq!(send(gw.url(), "f").await, (429, Some("per_model_rpm".into())));
+    let m = c.get(format!("{}/metrics", gw.url())).send().await.unwrap().text().await.unwrap();
+    assert_eq!(metric_value(&m, "llm_rate_limiter_fallback_total"), 0.0, "Redis answered every check");
+    // The buckets live in Redis under the tenant's and the model's own keys.
+    let mut conn = redis::Client::open(redis.url()).unwrap().get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS").arg("llmgw:*").query_async(&mut conn).await.unwrap();
+    for expected in ["llmgw:rl:d:rpm", "llmgw:rl:e:rpm", "llmgw:rlm:demo-model:rpm"] {
+        assert!(keys.iter().any(|k| k == expected), "{expected} in {keys:?}");
+    }
+    assert!(keys.iter().any(|k| k.starts_with("llmgw:rl:a:rpd:")), "{keys:?}");
+    assert!(keys.iter().any(|k| k.starts_with("llmgw:rlm:demo-model:rpd:")), "{keys:?}");
+}

@@ -104,41 +104,13 @@ impl RedisBuckets {
             order.push(Limit::GlobalRps);
         }
         if let Some(t) = tenant {
-            if limits.rpd > 0 {
-                let day_end = (day + 1) * 86_400;
-                inv.key(format!("llmgw:rl:{t}:rpd:{day}")).arg("win").arg(day_end).arg(limits.rpd).arg(1).arg(1);
-                order.push(Limit::Rpd);
-            }
-            if limits.rpm > 0 {
-                let rpm = limits.rpm as f64;
-                inv.key(format!("llmgw:rl:{t}:rpm")).arg("tb").arg(rpm / 60.0).arg(rpm).arg(1).arg(1);
-                order.push(Limit::Rpm);
-            }
-            if limits.tpm > 0 {
-                let tpm = limits.tpm as f64;
-                let need = (tokens as f64).min(tpm);
-                inv.key(format!("llmgw:rl:{t}:tpm")).arg("tb").arg(tpm / 60.0).arg(tpm).arg(need).arg(tokens);
-                order.push(Limit::Tpm);
-            }
+            let scope = [Limit::Rpd, Limit::Rpm, Limit::Tpm];
+            add_scope(&mut inv, &mut order, limits, &format!("llmgw:rl:{t}"), scope, day, tokens);
         }
         // Model keys have their own prefix: no tenant name can collide with them.
         if let Some(m) = model.filter(|_| limits.per_model()) {
-            if limits.model_rpd > 0 {
-                let day_end = (day + 1) * 86_400;
-                inv.key(format!("llmgw:rlm:{m}:rpd:{day}")).arg("win").arg(day_end).arg(limits.model_rpd).arg(1).arg(1);
-                order.push(Limit::ModelRpd);
-            }
-            if limits.model_rpm > 0 {
-                let rpm = limits.model_rpm as f64;
-                inv.key(format!("llmgw:rlm:{m}:rpm")).arg("tb").arg(rpm / 60.0).arg(rpm).arg(1).arg(1);
-                order.push(Limit::ModelRpm);
-            }
-            if limits.model_tpm > 0 {
-                let tpm = limits.model_tpm as f64;
-                let need = (tokens as f64).min(tpm);
-                inv.key(format!("llmgw:rlm:{m}:tpm")).arg("tb").arg(tpm / 60.0).arg(tpm).arg(need).arg(tokens);
-                order.push(Limit::ModelTpm);
-            }
+            let scope = [Limit::ModelRpd, Limit::ModelRpm, Limit::ModelTpm];
+            add_scope(&mut inv, &mut order, limits, &format!("llmgw:rlm:{m}"), scope, day, tokens);
         }
         if order.is_empty() {
             return Ok(Ok(Quota::default()));
@@ -176,5 +148,41 @@ impl RedisBuckets {
         let _: i64 =
             self.adjust.key(key).arg(delta).arg(f64::MAX).invoke_async(&mut conn).await.map_err(|e| e.to_string())?;
         Ok(())
+    }
+}
+
+/// Adds one scope's buckets (a tenant's or a model's: requests per day, requests per minute, tokens
+/// per minute, the kinds in `[rpd, rpm, tpm]`) under the key `prefix` to `inv`, and their kinds to
+/// `order` in the same order. A bucket whose size is 0 is off and left out.
+fn add_scope(
+    inv: &mut redis::ScriptInvocation<'_>,
+    order: &mut Vec<Limit>,
+    limits: &Limits,
+    prefix: &str,
+    [rpd, rpm, tpm]: [Limit; 3],
+    day: u64,
+    tokens: u64,
+) {
+    let per_day = limits.of(rpd);
+    if per_day > 0 {
+        let day_end = (day + 1) * 86_400;
+        inv.key(format!("{prefix}:rpd:{day}")).arg("win").arg(day_end).arg(per_day).arg(1).arg(1);
+        order.push(rpd);
+    }
+    let per_minute = limits.of(rpm) as f64;
+    if per_minute > 0.0 {
+        inv.key(format!("{prefix}:rpm")).arg("tb").arg(per_minute / 60.0).arg(per_minute).arg(1).arg(1);
+        order.push(rpm);
+    }
+    let tokens_per_minute = limits.of(tpm) as f64;
+    if tokens_per_minute > 0.0 {
+        let need = (tokens as f64).min(tokens_per_minute);
+        inv.key(format!("{prefix}:tpm"))
+            .arg("tb")
+            .arg(tokens_per_minute / 60.0)
+            .arg(tokens_per_minute)
+            .arg(need)
+            .arg(tokens);
+        order.push(tpm);
     }
 }
