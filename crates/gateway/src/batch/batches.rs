@@ -3,7 +3,7 @@
 
 use super::jsonl::ENDPOINTS;
 use super::store::{status, unix_now, BatchRow};
-use super::{bad_request, not_found, owner};
+use super::{bad_request, not_found, owner, page};
 use crate::error::ApiError;
 use crate::state::AppState;
 use axum::extract::{Path, Query, State};
@@ -150,16 +150,8 @@ async fn list(
     let owner = owner(&app, &headers)?;
     let limit = q.limit.unwrap_or(20).clamp(1, 100);
     let after = q.after.clone();
-    let mut rows = app.batch.db(move |s| s.list_batches(owner.as_deref(), after.as_deref(), limit + 1)).await?;
-    let has_more = rows.len() > limit;
-    rows.truncate(limit);
-    Ok(Json(json!({
-        "object": "list",
-        "data": rows.iter().map(BatchRow::to_json).collect::<Vec<_>>(),
-        "first_id": rows.first().map(|r| r.id.clone()),
-        "last_id": rows.last().map(|r| r.id.clone()),
-        "has_more": has_more,
-    })))
+    let rows = app.batch.db(move |s| s.list_batches(owner.as_deref(), after.as_deref(), limit + 1)).await?;
+    Ok(Json(page(rows, limit, |r| &r.id, BatchRow::to_json)))
 }
 
 /// `POST /v1/batches/{id}/cancel`: `cancelling` until the lines in flight finish, then `cancelled`

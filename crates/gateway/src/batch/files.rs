@@ -7,7 +7,7 @@
 //! generic `server.max_body_bytes` does not apply here: it bounds inference bodies.
 
 use super::store::{unix_now, FileRow};
-use super::{bad_request, not_found, owner};
+use super::{bad_request, not_found, owner, page};
 use crate::error::ApiError;
 use crate::state::AppState;
 use axum::body::Body;
@@ -165,17 +165,9 @@ async fn list(
     let owner = owner(&app, &headers)?;
     let limit = q.limit.unwrap_or(10_000).clamp(1, 10_000);
     let (purpose, after) = (q.purpose.clone(), q.after.clone());
-    let mut rows =
+    let rows =
         app.batch.db(move |s| s.list_files(owner.as_deref(), purpose.as_deref(), after.as_deref(), limit + 1)).await?;
-    let has_more = rows.len() > limit;
-    rows.truncate(limit);
-    Ok(Json(json!({
-        "object": "list",
-        "data": rows.iter().map(FileRow::to_json).collect::<Vec<_>>(),
-        "first_id": rows.first().map(|r| r.id.clone()),
-        "last_id": rows.last().map(|r| r.id.clone()),
-        "has_more": has_more,
-    })))
+    Ok(Json(page(rows, limit, |r| &r.id, FileRow::to_json)))
 }
 
 async fn find(app: &Arc<AppState>, headers: &http::HeaderMap, id: String) -> Result<FileRow, ApiError> {

@@ -25,6 +25,7 @@ use crate::state::AppState;
 use axum::Router;
 use gateway_core::{ErrorKind, GatewayError};
 use parking_lot::Mutex;
+use serde_json::{json, Value};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -166,7 +167,43 @@ pub fn bad_request(param: &'static str, message: impl Into<String>) -> ApiError 
     ApiError(GatewayError::new(ErrorKind::InvalidJson, message).with_code("invalid_request").with_param(param))
 }
 
+/// One page of an OpenAI list (`object: "list"`, `first_id`, `last_id`, `has_more`) from `rows` read
+/// with one row more than `limit`: that extra row, dropped here, is what says there are more.
+pub fn page<R>(mut rows: Vec<R>, limit: usize, id: impl Fn(&R) -> &str, to_json: impl Fn(&R) -> Value) -> Value {
+    let has_more = rows.len() > limit;
+    rows.truncate(limit);
+    json!({
+        "object": "list",
+        "data": rows.iter().map(to_json).collect::<Vec<_>>(),
+        "first_id": rows.first().map(&id),
+        "last_id": rows.last().map(&id),
+        "has_more": has_more,
+    })
+}
+
 /// The Batch API's routes (`/v1/files*`, `/v1/batches*`, `GET /api/batches`).
 pub fn routes() -> Router<Arc<AppState>> {
     files::routes().merge(batches::routes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ids(n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("id-{i}")).collect()
+    }
+
+    #[test]
+    fn a_page_drops_the_extra_row_and_says_there_is_more() {
+        let p = page(ids(3), 2, |r| r.as_str(), |r| json!({ "id": r }));
+        assert_eq!(p["object"], "list");
+        assert_eq!(p["data"], json!([{ "id": "id-0" }, { "id": "id-1" }]));
+        assert_eq!((&p["first_id"], &p["last_id"], &p["has_more"]), (&json!("id-0"), &json!("id-1"), &json!(true)));
+        let last = page(ids(2), 2, |r| r.as_str(), |r| json!({ "id": r }));
+        assert_eq!((&last["last_id"], &last["has_more"]), (&json!("id-1"), &json!(false)));
+        let empty = page(ids(0), 2, |r| r.as_str(), |r| json!({ "id": r }));
+        assert_eq!((&empty["data"], &empty["first_id"], &empty["last_id"]), (&json!([]), &Value::Null, &Value::Null));
+        assert_eq!(empty["has_more"], false);
+    }
 }
