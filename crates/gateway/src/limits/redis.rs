@@ -105,12 +105,12 @@ impl RedisBuckets {
         }
         if let Some(t) = tenant {
             let scope = [Limit::Rpd, Limit::Rpm, Limit::Tpm];
-            add_scope(&mut inv, &mut order, limits, &format!("llmgw:rl:{t}"), scope, day, tokens);
+            add_scope(&mut inv, &mut order, limits, ("rl", t), scope, day, tokens);
         }
         // Model keys have their own prefix: no tenant name can collide with them.
         if let Some(m) = model.filter(|_| limits.per_model()) {
             let scope = [Limit::ModelRpd, Limit::ModelRpm, Limit::ModelTpm];
-            add_scope(&mut inv, &mut order, limits, &format!("llmgw:rlm:{m}"), scope, day, tokens);
+            add_scope(&mut inv, &mut order, limits, ("rlm", m), scope, day, tokens);
         }
         if order.is_empty() {
             return Ok(Ok(Quota::default()));
@@ -152,13 +152,13 @@ impl RedisBuckets {
 }
 
 /// Adds one scope's buckets (a tenant's or a model's: requests per day, requests per minute, tokens
-/// per minute, the kinds in `[rpd, rpm, tpm]`) under the key `prefix` to `inv`, and their kinds to
-/// `order` in the same order. A bucket whose size is 0 is off and left out.
+/// per minute, the kinds in `[rpd, rpm, tpm]`) to `inv`, keyed `llmgw:{space}:{name}:..`, and their
+/// kinds to `order` in the same order. A bucket whose size is 0 is off and left out (no key is built).
 fn add_scope(
     inv: &mut redis::ScriptInvocation<'_>,
     order: &mut Vec<Limit>,
     limits: &Limits,
-    prefix: &str,
+    (space, name): (&str, &str),
     [rpd, rpm, tpm]: [Limit; 3],
     day: u64,
     tokens: u64,
@@ -166,18 +166,18 @@ fn add_scope(
     let per_day = limits.of(rpd);
     if per_day > 0 {
         let day_end = (day + 1) * 86_400;
-        inv.key(format!("{prefix}:rpd:{day}")).arg("win").arg(day_end).arg(per_day).arg(1).arg(1);
+        inv.key(format!("llmgw:{space}:{name}:rpd:{day}")).arg("win").arg(day_end).arg(per_day).arg(1).arg(1);
         order.push(rpd);
     }
     let per_minute = limits.of(rpm) as f64;
     if per_minute > 0.0 {
-        inv.key(format!("{prefix}:rpm")).arg("tb").arg(per_minute / 60.0).arg(per_minute).arg(1).arg(1);
+        inv.key(format!("llmgw:{space}:{name}:rpm")).arg("tb").arg(per_minute / 60.0).arg(per_minute).arg(1).arg(1);
         order.push(rpm);
     }
     let tokens_per_minute = limits.of(tpm) as f64;
     if tokens_per_minute > 0.0 {
         let need = (tokens as f64).min(tokens_per_minute);
-        inv.key(format!("{prefix}:tpm"))
+        inv.key(format!("llmgw:{space}:{name}:tpm"))
             .arg("tb")
             .arg(tokens_per_minute / 60.0)
             .arg(tokens_per_minute)
