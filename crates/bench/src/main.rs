@@ -49,6 +49,9 @@ enum Cmd {
     Batch(batch::Args),
     /// Shared worker slots (`[cluster]` in Redis): cost per request, and two replicas on a saturated fleet.
     Replicas(replicas::Args),
+    /// A bare hyper reverse proxy to one worker: the floor `bench overhead --peers hyper` measures.
+    #[command(hide = true)]
+    HyperProxy(overhead::floor::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -62,6 +65,7 @@ fn main() -> anyhow::Result<()> {
             Cmd::Soak(args) => soak::run(args).await,
             Cmd::Batch(args) => batch::run(args).await,
             Cmd::Replicas(args) => replicas::run(args).await,
+            Cmd::HyperProxy(args) => overhead::floor::run(args).await,
         }
     })
 }

@@ -13,6 +13,7 @@
 //!   on a slow sim; the clients speak HTTP/2 (100 streams per connection), because this container's hard
 //!   limit of open files per process (20000) cannot hold 10k client and 10k upstream sockets in one process.
 
+pub mod floor;
 mod nginx;
 
 use crate::load;
@@ -44,7 +45,8 @@ pub struct Args {
     /// Streams held open at once for the memory figure (0: skip it).
     #[arg(long, default_value_t = 10_000)]
     open_streams: usize,
-    /// Which peers to run: `direct` (the sim alone), `nginx`, `gateway`.
+    /// Which peers to run: `direct` (the sim alone), `nginx`, `hyper` (a bare hyper proxy, the stack's
+    /// floor), `gateway`.
     #[arg(long, value_delimiter = ',', default_value = "direct,nginx,gateway")]
     peers: Vec<String>,
     /// The gateway's routing strategy (nginx's is round robin).
@@ -66,6 +68,7 @@ pub struct Args {
 enum PeerKind {
     Direct,
     Nginx,
+    Hyper,
     Gateway,
     Baseline,
 }
@@ -75,6 +78,7 @@ impl PeerKind {
         match self {
             PeerKind::Direct => "direct",
             PeerKind::Nginx => "nginx",
+            PeerKind::Hyper => "hyper",
             PeerKind::Gateway => "gateway",
             PeerKind::Baseline => "baseline",
         }
@@ -149,6 +153,14 @@ impl Setup {
                 let n =
                     nginx::Nginx::start(&self.nginx, &self.dir.join(format!("nginx-{tag}")), backend, self.log).await?;
                 Ok(Peer { kind, url: n.url.clone(), h2_url: n.h2_url.clone(), _proc: None, nginx: Some(n), pid: None })
+            }
+            PeerKind::Hyper => {
+                let out = self.dir.join(format!("hyper-{tag}.out"));
+                let me = std::env::current_exe()?;
+                let mut proc = Proc::spawn(&me, &["hyper-proxy", "--upstream", sim_url], &out, true)?;
+                let url = proc.listening().await?;
+                let pid = proc.pid();
+                Ok(Peer { kind, h2_url: url.clone(), url, _proc: Some(proc), nginx: None, pid: Some(pid) })
             }
             PeerKind::Gateway | PeerKind::Baseline => {
                 let bin = match (kind, &self.baseline) {
@@ -246,10 +258,13 @@ fn us(d: Duration) -> String {
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let (gateway, sim) = binaries()?;
-    let kinds: Vec<PeerKind> = [PeerKind::Direct, PeerKind::Nginx, PeerKind::Baseline, PeerKind::Gateway]
-        .into_iter()
-        .filter(|k| args.peers.iter().any(|p| p == k.name()) || (*k == PeerKind::Baseline && args.baseline.is_some()))
-        .collect();
+    let kinds: Vec<PeerKind> =
+        [PeerKind::Direct, PeerKind::Nginx, PeerKind::Hyper, PeerKind::Baseline, PeerKind::Gateway]
+            .into_iter()
+            .filter(|k| {
+                args.peers.iter().any(|p| p == k.name()) || (*k == PeerKind::Baseline && args.baseline.is_some())
+            })
+            .collect();
     let nginx_bin = if kinds.contains(&PeerKind::Nginx) { nginx::binary()? } else { PathBuf::from("nginx") };
     let dir = std::env::temp_dir().join(format!("llm-gateway-overhead-{}", std::process::id()));
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -313,7 +328,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 if peer.kind == PeerKind::Nginx {
                     nginx = Some((cpu, m.report.rps()));
                 }
-                if let (Some(n), PeerKind::Gateway | PeerKind::Baseline) = (&nginx, peer.kind) {
+                if let (Some(n), PeerKind::Hyper | PeerKind::Gateway | PeerKind::Baseline) = (&nginx, peer.kind) {
                     let ratio = (cpu / n.0.max(1e-12), m.report.rps() / n.1.max(1e-12));
                     match ratios.iter_mut().find(|r| r.0 == conc && r.1 == peer.kind) {
                         Some(r) => r.2.push(ratio),
@@ -321,7 +336,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                     }
                 }
                 let vs = |f: fn(&(f64, f64)) -> f64, x: f64| match (&nginx, peer.kind) {
-                    (Some(n), PeerKind::Gateway | PeerKind::Baseline) => format!("{:.2}", x / f(n).max(1e-12)),
+                    (Some(n), PeerKind::Hyper | PeerKind::Gateway | PeerKind::Baseline) => {
+                        format!("{:.2}", x / f(n).max(1e-12))
+                    }
                     _ => "".into(),
                 };
                 let direct = peer.kind == PeerKind::Direct;

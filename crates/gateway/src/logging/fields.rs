@@ -21,90 +21,156 @@ impl<'a> MakeVisitor<Writer<'a>> for PlainFields {
     type Visitor = PlainVisitor<'a>;
 
     fn make_visitor(&self, writer: Writer<'a>) -> PlainVisitor<'a> {
-        PlainVisitor { writer, first: true, result: Ok(()) }
+        PlainVisitor { writer, text: FieldText::default() }
     }
 }
 
-/// Writes one event's fields, separated by spaces, as the default formatter does.
+/// Room for a request line's fields without growing.
+const LINE_CAPACITY: usize = 512;
+
+/// One line's fields as text: `name=value` separated by spaces, the message bare, strings quoted as
+/// `Debug` quotes them, `%` (display) values bare. What [`PlainVisitor`] writes for an event, and what
+/// the request line writes without going through tracing ([`crate::logging::write_info`]).
+#[derive(Debug)]
+pub struct FieldText(String);
+
+impl Default for FieldText {
+    fn default() -> Self {
+        Self(String::with_capacity(LINE_CAPACITY))
+    }
+}
+
+impl FieldText {
+    /// The text so far.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Starts a field: the separator, then `name=` (nothing for the message).
+    fn start(&mut self, name: &str) {
+        if !self.0.is_empty() {
+            self.0.push(' ');
+        }
+        if name != "message" {
+            self.0.push_str(name.strip_prefix("r#").unwrap_or(name));
+            self.0.push('=');
+        }
+    }
+
+    /// The event's message.
+    pub fn message(&mut self, text: &str) -> &mut Self {
+        self.start("message");
+        self.0.push_str(text);
+        self
+    }
+
+    /// An integer field.
+    pub fn int(&mut self, name: &str, value: impl itoa::Integer) -> &mut Self {
+        self.start(name);
+        self.0.push_str(itoa::Buffer::new().format(value));
+        self
+    }
+
+    /// An integer field when there is one (tracing writes nothing for `None`).
+    pub fn some_int(&mut self, name: &str, value: Option<impl itoa::Integer>) -> &mut Self {
+        if let Some(v) = value {
+            self.int(name, v);
+        }
+        self
+    }
+
+    /// A boolean field.
+    pub fn bool(&mut self, name: &str, value: bool) -> &mut Self {
+        self.start(name);
+        self.0.push_str(if value { "true" } else { "false" });
+        self
+    }
+
+    /// A string field, quoted.
+    pub fn str(&mut self, name: &str, value: &str) -> &mut Self {
+        self.start(name);
+        if value.bytes().all(|b| (b' '..=b'~').contains(&b) && b != b'"' && b != b'\\') {
+            // What `Debug` would write for it, without its per-character escaping.
+            self.0.push('"');
+            self.0.push_str(value);
+            self.0.push('"');
+        } else {
+            self.write(format_args!("{value:?}"));
+        }
+        self
+    }
+
+    /// A string field when there is one.
+    pub fn some_str(&mut self, name: &str, value: Option<&str>) -> &mut Self {
+        if let Some(v) = value {
+            self.str(name, v);
+        }
+        self
+    }
+
+    /// A field written by its `Display` (tracing's `%value`), bare.
+    pub fn display(&mut self, name: &str, value: &str) -> &mut Self {
+        self.start(name);
+        self.0.push_str(value);
+        self
+    }
+
+    /// A field written by its `Debug`.
+    pub fn debug(&mut self, name: &str, value: &dyn fmt::Debug) -> &mut Self {
+        self.start(name);
+        self.write(format_args!("{value:?}"));
+        self
+    }
+
+    fn write(&mut self, args: fmt::Arguments<'_>) {
+        use fmt::Write;
+        // Writing to a String cannot fail.
+        let _ = self.0.write_fmt(args);
+    }
+}
+
+/// Writes one event's fields, separated by spaces, as the default formatter does. They are collected
+/// in a [`FieldText`] and handed to the subscriber's writer once, in [`VisitOutput::finish`]: a write
+/// through it is a dynamic call, and a field took three.
 pub struct PlainVisitor<'a> {
     writer: Writer<'a>,
-    first: bool,
-    result: fmt::Result,
-}
-
-impl PlainVisitor<'_> {
-    /// Starts a field: the separator, then `name=` (nothing for the message).
-    fn start(&mut self, field: &Field) -> bool {
-        if self.result.is_err() {
-            return false;
-        }
-        if !std::mem::take(&mut self.first) {
-            self.result = self.writer.write_char(' ');
-        }
-        let name = field.name();
-        if name != "message" {
-            let name = name.strip_prefix("r#").unwrap_or(name);
-            self.result =
-                self.result.and_then(|()| self.writer.write_str(name)).and_then(|()| self.writer.write_char('='));
-        }
-        self.result.is_ok()
-    }
-
-    fn integer(&mut self, field: &Field, value: impl itoa::Integer) {
-        if self.start(field) {
-            self.result = self.writer.write_str(itoa::Buffer::new().format(value));
-        }
-    }
+    text: FieldText,
 }
 
 impl Visit for PlainVisitor<'_> {
     fn record_u64(&mut self, field: &Field, value: u64) {
-        self.integer(field, value);
+        self.text.int(field.name(), value);
     }
 
     fn record_i64(&mut self, field: &Field, value: i64) {
-        self.integer(field, value);
+        self.text.int(field.name(), value);
     }
 
     fn record_bool(&mut self, field: &Field, value: bool) {
-        if self.start(field) {
-            self.result = self.writer.write_str(if value { "true" } else { "false" });
-        }
+        self.text.bool(field.name(), value);
     }
 
     fn record_str(&mut self, field: &Field, value: &str) {
-        if !self.start(field) {
-            return;
-        }
-        self.result = if field.name() == "message" {
-            self.writer.write_str(value)
-        } else if value.bytes().all(|b| (b' '..=b'~').contains(&b) && b != b'"' && b != b'\\') {
-            // What `Debug` would write for it, without its per-character escaping.
-            self.writer
-                .write_char('"')
-                .and_then(|()| self.writer.write_str(value))
-                .and_then(|()| self.writer.write_char('"'))
-        } else {
-            write!(self.writer, "{value:?}")
+        match field.name() {
+            "message" => self.text.message(value),
+            name => self.text.str(name, value),
         };
     }
 
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-        if self.start(field) {
-            self.result = write!(self.writer, "{value:?}");
-        }
+        self.text.debug(field.name(), value);
     }
 }
 
 impl VisitOutput<fmt::Result> for PlainVisitor<'_> {
-    fn finish(self) -> fmt::Result {
-        self.result
+    fn finish(mut self) -> fmt::Result {
+        self.writer.write_str(self.text.as_str())
     }
 }
 
 impl VisitFmt for PlainVisitor<'_> {
     fn writer(&mut self) -> &mut dyn fmt::Write {
-        &mut self.writer
+        &mut self.text.0
     }
 }
 

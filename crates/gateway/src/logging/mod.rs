@@ -6,14 +6,19 @@
 //! buffer= flush=` and Envoy's access log do; a `warn` or `error` line goes out at once, after the lines
 //! before it, so problems are never late and the order is kept. [`LogFlush`] writes what is left when the
 //! process ends, and a panic writes it before its message. `log.flush_ms = 0` writes every line at once.
+//!
+//! The request line, one per request, may skip tracing's event machinery: when lines are plain text
+//! ([`fields::PlainFields`]), [`write_info`] lays it out as the formatter would and hands it to the same
+//! buffer, at about a fifth of the instructions (BENCHMARKS.md, Overhead).
 
 pub mod fields;
 pub mod timestamp;
 
 use crate::config::LogConfig;
 use parking_lot::Mutex;
+use std::cell::RefCell;
 use std::io::Write;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tracing_subscriber::fmt::MakeWriter;
 
@@ -63,9 +68,45 @@ pub fn init(cfg: &LogConfig) -> LogFlush {
         (true, _) => builder.json().try_init(),
         // Colours on a terminal; otherwise the same text, written for a fraction of the cost.
         (false, true) => builder.try_init(),
-        (false, false) => builder.fmt_fields(fields::PlainFields).try_init(),
+        (false, false) => {
+            let installed = builder.fmt_fields(fields::PlainFields).try_init();
+            if installed.is_ok() {
+                let _ = PLAIN.set(Arc::clone(&sink));
+            }
+            installed
+        }
     };
     LogFlush(sink)
+}
+
+/// The buffer of the process's plain-text subscriber, once installed: where [`write_info`] writes.
+static PLAIN: OnceLock<Arc<Sink<std::io::Stderr>>> = OnceLock::new();
+
+/// Writes an `info` line of `target` with `fields` straight to the log buffer, laid out as the
+/// plain-text formatter lays out an event; `false` when lines are not plain text in this process
+/// (JSON, colours on a terminal, no subscriber of ours), and the caller logs through tracing. The
+/// caller has checked the filter (`tracing::enabled!`).
+pub fn write_info(target: &str, fields: &fields::FieldText) -> bool {
+    let Some(sink) = PLAIN.get() else { return false };
+    thread_local!(static LINE: RefCell<String> = const { RefCell::new(String::new()) });
+    LINE.with_borrow_mut(|line| {
+        line.clear();
+        info_line(line, target, fields);
+        sink.push(line.as_bytes(), false);
+    });
+    true
+}
+
+/// `<time>  INFO <target>: <fields>` and a newline, as tracing-subscriber's full format writes an
+/// `info` event without colours, thread names or spans (the gateway opens none).
+fn info_line(line: &mut String, target: &str, fields: &fields::FieldText) {
+    // Writing to a String cannot fail.
+    let _ = timestamp::write_now(line);
+    line.push_str("  INFO ");
+    line.push_str(target);
+    line.push_str(": ");
+    line.push_str(fields.as_str());
+    line.push('\n');
 }
 
 /// Writes the buffered log lines when dropped (at the end of `main`), and every line after that at
@@ -167,6 +208,28 @@ where
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
     }
+}
+
+/// What `f`'s events look like through the process's plain-text subscriber (timestamps included).
+#[cfg(test)]
+pub(crate) fn traced_plain(f: impl FnOnce()) -> String {
+    let sink = Arc::new(Sink::new(tests::Writes::default(), false));
+    let sub = tracing_subscriber::fmt()
+        .with_timer(timestamp::Timestamp)
+        .with_ansi(false)
+        .fmt_fields(fields::PlainFields)
+        .with_writer(SinkWriters(Arc::clone(&sink)))
+        .finish();
+    tracing::subscriber::with_default(sub, f);
+    tests::writes(&sink).concat()
+}
+
+/// The line [`write_info`] would write.
+#[cfg(test)]
+pub(crate) fn direct_line(target: &str, fields: &fields::FieldText) -> String {
+    let mut line = String::new();
+    info_line(&mut line, target, fields);
+    line
 }
 
 #[cfg(test)]

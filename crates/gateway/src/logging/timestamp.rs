@@ -15,10 +15,15 @@ pub struct Timestamp;
 
 impl FormatTime for Timestamp {
     fn format_time(&self, w: &mut Writer<'_>) -> fmt::Result {
-        // A clock set before 1970 shows the epoch.
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
-        write_at(w, now.as_secs(), now.subsec_micros())
+        write_now(w)
     }
+}
+
+/// Writes the time now.
+pub fn write_now(w: &mut impl fmt::Write) -> fmt::Result {
+    // A clock set before 1970 shows the epoch.
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    write_at(w, now.as_secs(), now.subsec_micros())
 }
 
 /// Writes the time `secs` seconds and `micros` microseconds after the epoch.

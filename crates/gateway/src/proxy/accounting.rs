@@ -6,6 +6,7 @@
 
 use crate::fleet::slot::LoadGuard;
 use crate::fleet::worker::Worker;
+use crate::logging::fields::FieldText;
 use crate::metrics::{status_label, Active, Metrics};
 use crate::proxy::classify::{classify, AttemptEnd};
 use crate::proxy::usage::UsageScanner;
@@ -50,6 +51,82 @@ struct TokensUsed {
     prompt: u64,
     completion: u64,
     source: &'static str,
+}
+
+/// The target of the request line, as tracing names this module.
+const TARGET: &str = module_path!();
+
+/// The `request` log line, one per request (README, Logging): its fields in one place, written
+/// straight to the log buffer when lines are plain text, else through tracing (JSON, a terminal).
+struct RequestLine<'a> {
+    request_id: &'a str,
+    model: &'a str,
+    worker: &'a str,
+    status: u16,
+    outcome: &'static str,
+    stream: bool,
+    retries: u32,
+    tenant: Option<&'a str>,
+    queue_wait_ms: u64,
+    ttft_ms: Option<u64>,
+    latency_ms: u64,
+    prompt_tokens: Option<u64>,
+    cached_tokens: Option<u64>,
+    completion_tokens: Option<u64>,
+    usage: &'static str,
+}
+
+impl RequestLine<'_> {
+    /// Logs the line (the caller checked that `info` is on for this module).
+    fn write(&self) {
+        if !crate::logging::write_info(TARGET, &self.fields()) {
+            self.trace();
+        }
+    }
+
+    /// The fields as the plain-text formatter writes them for [`RequestLine::trace`]'s event.
+    fn fields(&self) -> FieldText {
+        let mut f = FieldText::default();
+        f.message("request")
+            .display("request_id", self.request_id)
+            .display("model", self.model)
+            .display("worker", self.worker)
+            .int("status", self.status)
+            .str("outcome", self.outcome)
+            .bool("stream", self.stream)
+            .int("retries", self.retries)
+            .some_str("tenant", self.tenant)
+            .int("queue_wait_ms", self.queue_wait_ms)
+            .some_int("ttft_ms", self.ttft_ms)
+            .int("latency_ms", self.latency_ms)
+            .some_int("prompt_tokens", self.prompt_tokens)
+            .some_int("cached_tokens", self.cached_tokens)
+            .some_int("completion_tokens", self.completion_tokens)
+            .str("usage", self.usage);
+        f
+    }
+
+    /// The same line as a tracing event.
+    fn trace(&self) {
+        tracing::info!(
+            request_id = %self.request_id,
+            model = %self.model,
+            worker = %self.worker,
+            status = self.status,
+            outcome = self.outcome,
+            stream = self.stream,
+            retries = self.retries,
+            tenant = self.tenant,
+            queue_wait_ms = self.queue_wait_ms,
+            ttft_ms = self.ttft_ms,
+            latency_ms = self.latency_ms,
+            prompt_tokens = self.prompt_tokens,
+            cached_tokens = self.cached_tokens,
+            completion_tokens = self.completion_tokens,
+            usage = self.usage,
+            "request"
+        );
+    }
 }
 
 /// One attempt at a worker, from dispatch until its answer ends.
@@ -173,27 +250,29 @@ impl RequestRecord {
             series.prompt_tokens.inc_by(t.prompt);
             series.completion_tokens.inc_by(t.completion);
         }
-        tracing::info!(
-            request_id = %self.info.request_id,
-            model = %model,
-            worker = %worker.name,
-            status,
-            outcome = kind.as_str(),
-            stream = self.info.stream,
-            retries = self.retries,
-            tenant = self.info.tenant.as_deref(),
-            queue_wait_ms = self.queue_wait.as_millis() as u64,
-            ttft_ms = self
-                .first_byte
-                .filter(|_| self.info.stream)
-                .map(|t| t.duration_since(self.info.received).as_millis() as u64),
-            latency_ms = latency.as_millis() as u64,
-            prompt_tokens = self.usage.prompt_tokens,
-            cached_tokens = self.usage.cached_tokens,
-            completion_tokens = self.usage.completion_tokens,
-            usage = used.as_ref().map_or("estimated", |t| t.source),
-            "request"
-        );
+        if tracing::enabled!(tracing::Level::INFO) {
+            RequestLine {
+                request_id: &self.info.request_id,
+                model,
+                worker: &worker.name,
+                status,
+                outcome: kind.as_str(),
+                stream: self.info.stream,
+                retries: self.retries,
+                tenant: self.info.tenant.as_deref(),
+                queue_wait_ms: self.queue_wait.as_millis() as u64,
+                ttft_ms: self
+                    .first_byte
+                    .filter(|_| self.info.stream)
+                    .map(|t| t.duration_since(self.info.received).as_millis() as u64),
+                latency_ms: latency.as_millis() as u64,
+                prompt_tokens: self.usage.prompt_tokens,
+                cached_tokens: self.usage.cached_tokens,
+                completion_tokens: self.usage.completion_tokens,
+                usage: used.as_ref().map_or("estimated", |t| t.source),
+            }
+            .write();
+        }
         self.active.take();
         self.model_permit.take();
     }
@@ -299,5 +378,54 @@ impl Drop for RequestRecord {
     fn drop(&mut self) {
         // Dropped before the body ended: the client went away.
         self.finish(classify(AttemptEnd::ClientLeft).kind);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `2026-12-04T15:20:01.123456Z`: what both lines start with, and all that may differ.
+    const TIME: usize = 27;
+
+    #[test]
+    fn the_request_line_written_directly_is_the_traced_one() {
+        let full = RequestLine {
+            request_id: "96401316-e134-4ac1-9666-da13e661cf16",
+            model: "demo-model",
+            worker: "http://127.0.0.1:8001",
+            status: 200,
+            outcome: "success",
+            stream: true,
+            retries: 1,
+            tenant: Some("team \"a\""),
+            queue_wait_ms: 12,
+            ttft_ms: Some(45),
+            latency_ms: 300,
+            prompt_tokens: Some(1785),
+            cached_tokens: Some(1776),
+            completion_tokens: Some(16),
+            usage: "reported",
+        };
+        let sparse = RequestLine {
+            tenant: None,
+            ttft_ms: None,
+            prompt_tokens: None,
+            cached_tokens: None,
+            completion_tokens: None,
+            stream: false,
+            usage: "estimated",
+            ..full
+        };
+        for line in [&full, &sparse] {
+            let traced = crate::logging::traced_plain(|| line.trace());
+            let direct = crate::logging::direct_line(TARGET, &line.fields());
+            assert_eq!(traced.get(TIME..), direct.get(TIME..), "{traced}{direct}");
+            assert!(direct.contains(" INFO llm_gateway::proxy::accounting: request request_id=96401316"), "{direct}");
+            assert_eq!((&traced[..4], &traced[TIME - 1..TIME]), (&direct[..4], "Z"));
+        }
+        let sparse = crate::logging::direct_line(TARGET, &sparse.fields());
+        assert!(!sparse.contains("tenant") && !sparse.contains("ttft_ms"), "absent fields are not written: {sparse}");
+        assert!(crate::logging::direct_line(TARGET, &full.fields()).contains(r#"tenant="team \"a\"""#));
     }
 }

@@ -678,11 +678,15 @@ impl Admission {
         if !worker.is_available() {
             return;
         }
+        // Budget waiters take no slot.
+        let wants_slot = |w: &Waiter| w.tx.is_some();
+        // Most slots free with nobody waiting: that look is all they cost.
+        if !queue.waiting.lock().items().any(wants_slot) {
+            return;
+        }
         let cap = self.capacity_of(worker);
         let per_worker = queue.dispatches.lock().estimated_wait(1, Instant::now().into_std());
         let mut waiting = queue.waiting.lock();
-        // Budget waiters take no slot.
-        let wants_slot = |w: &Waiter| w.tx.is_some();
         while waiting.items().any(wants_slot) {
             let Some(slot) = Reservation::try_take(worker, cap, self.notify()) else { return };
             let fit = |w: &Waiter| w.fit(worker, per_worker);

@@ -51,6 +51,12 @@ pub const ROUTES: &[(&str, Endpoint)] = &[
 ];
 
 impl Endpoint {
+    /// Whether `req` is one the proxy serves (a POST to one of [`ROUTES`]), which the server hands to
+    /// [`crate::proxy::forward`] without the router.
+    pub fn is_proxied<B>(req: &http::Request<B>) -> bool {
+        req.method() == http::Method::POST && ROUTES.iter().any(|(p, _)| *p == req.uri().path())
+    }
+
     /// The endpoint served at `path` (chat completions for a path not in [`ROUTES`], which only a
     /// caller bypassing the router can send).
     pub fn from_path(path: &str) -> Self {

@@ -221,10 +221,14 @@ impl HttpBody for CountedBody {
 }
 
 /// The router as hyper calls it for one connection: adds `ConnectInfo` (the proxy reads the client
-/// address) and counts each request in flight until its response body ends.
+/// address) and counts each request in flight until its response body ends. An inference request goes
+/// straight to the proxy: the router would only find the same handler, at a measurable cost per request
+/// (BENCHMARKS.md, Overhead).
 #[derive(Clone)]
 struct Service {
     router: Router,
+    /// The state the proxy serves inference routes with (`None`: everything goes through `router`).
+    app: Option<Arc<AppState>>,
     remote: SocketAddr,
     conn: Arc<Conn>,
 }
@@ -237,6 +241,13 @@ impl hyper::service::Service<http::Request<Incoming>> for Service {
     fn call(&self, mut req: http::Request<Incoming>) -> Self::Future {
         let in_flight = self.conn.start_request();
         req.extensions_mut().insert(ConnectInfo(self.remote));
+        if let Some(app) = self.app.as_ref().filter(|_| crate::proxy::endpoint::Endpoint::is_proxied(&req)) {
+            let app = Arc::clone(app);
+            return Box::pin(async move {
+                let resp = crate::proxy::forward(axum::extract::State(app), req.map(axum::body::Body::new)).await;
+                Ok(resp.map(|inner| CountedBody { inner, _in_flight: in_flight }))
+            });
+        }
         let router = self.router.clone();
         Box::pin(async move {
             let resp = match tower::ServiceExt::oneshot(router, req).await {
@@ -481,7 +492,7 @@ pub async fn serve(listener: TcpListener, router: Router, app: Arc<AppState>, st
         let id = conns.next_id.fetch_add(1, Ordering::Relaxed);
         conns.live.lock().insert(id, Arc::clone(&conn));
         let io = ConnIo { tcp, conn: Arc::clone(&conn), preface: Some(0), _slot: slot };
-        let service = Service { router: router.clone(), remote, conn: Arc::clone(&conn) };
+        let service = Service { router: router.clone(), app: Some(Arc::clone(&app)), remote, conn: Arc::clone(&conn) };
         let (conns, stop, alive) = (Arc::clone(&conns), stop.clone(), alive_rx.clone());
         tokio::spawn(async move {
             serve_connection(io, service, conn, limits, stop).await;
@@ -614,7 +625,8 @@ mod tests {
         let conn = Arc::new(Conn::new(Instant::now()));
         let io =
             ConnIo { tcp: server, conn: Arc::clone(&conn), preface: Some(0), _slot: Connections::new().force_open() };
-        let service = Service { router, remote: SocketAddr::from(([127, 0, 0, 1], 1)), conn: Arc::clone(&conn) };
+        let service =
+            Service { router, app: None, remote: SocketAddr::from(([127, 0, 0, 1], 1)), conn: Arc::clone(&conn) };
         tokio::spawn(serve_connection(io, service, conn, limits, CancellationToken::new()));
         client
     }
