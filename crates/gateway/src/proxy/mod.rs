@@ -47,10 +47,16 @@ const MODEL_BUDGET: u64 = u64::MAX;
 
 /// Every inference endpoint ([`endpoint::ROUTES`]): `/v1/chat/completions`, `/v1/responses`, ...
 pub async fn forward(State(app): State<Arc<AppState>>, req: Request) -> Response {
+    let client = req.extensions().get::<axum::extract::ConnectInfo<std::net::SocketAddr>>().map(|c| c.0.ip());
+    forward_from(app, req, client).await
+}
+
+/// [`forward`] for a request from `client` (the server calls it directly, without the router).
+pub async fn forward_from(app: Arc<AppState>, req: Request, client: Option<std::net::IpAddr>) -> Response {
     let received = Instant::now();
     let request_id = request_id(req.headers());
     let active = Active::new(&app.metrics.active_requests);
-    let mut resp = match handle(&app, req, &request_id, received, active).await {
+    let mut resp = match handle(&app, req, client, &request_id, received, active).await {
         Ok(resp) => resp,
         Err(Refusal { error, model }) => {
             let status = error.status();
@@ -85,12 +91,12 @@ impl From<GatewayError> for Refusal {
 async fn handle(
     app: &Arc<AppState>,
     req: Request,
+    client_addr: Option<std::net::IpAddr>,
     request_id: &Arc<str>,
     received: Instant,
     active: Active,
 ) -> Result<Response, Refusal> {
     let snap = app.snapshot.load_full();
-    let client_addr = req.extensions().get::<axum::extract::ConnectInfo<std::net::SocketAddr>>().map(|c| c.0.ip());
     let (parts, body) = req.into_parts();
     // Unknown callers are turned away before their body is read. A batch line carries its batch's
     // tenant in an extension only the in-process runner can set.

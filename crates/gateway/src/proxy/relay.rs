@@ -38,8 +38,13 @@ pub struct RelayBody {
     state: State,
     tail: SseTail,
     idle_timeout: Duration,
-    idle: Pin<Box<Sleep>>,
-    deadline: Pin<Box<Sleep>>,
+    /// When the last data came (the idle timeout counts from it).
+    last_data: Instant,
+    /// `upstream.total_timeout_ms` from the request's arrival.
+    deadline: Instant,
+    /// Fires at the earlier of the idle and total timeouts; made the first time the worker makes the
+    /// body wait (an answer that arrives whole never needs one).
+    timer: Option<Pin<Box<Sleep>>>,
     record: Option<RequestRecord>,
     /// Event-stream bytes received but not yet handed to hyper (see `poll_frame`).
     batch: bytes::BytesMut,
@@ -71,8 +76,9 @@ impl RelayBody {
             state: State::Relaying,
             tail: SseTail::default(),
             idle_timeout,
-            idle: Box::pin(tokio::time::sleep(idle_timeout)),
-            deadline: Box::pin(tokio::time::sleep_until(deadline)),
+            last_data: Instant::now(),
+            deadline,
+            timer: None,
             record: Some(record),
             batch: bytes::BytesMut::new(),
             first_sent: false,
@@ -172,8 +178,7 @@ impl Body for RelayBody {
                     if let Some(record) = this.record.as_mut() {
                         record.on_data(data, now);
                     }
-                    let next = now + this.idle_timeout;
-                    this.idle.as_mut().reset(next);
+                    this.last_data = now;
                     if !this.sse {
                         // A body with a known length is complete at its last byte; hyper may not poll again.
                         if this.upstream.is_end_stream() {
@@ -212,19 +217,21 @@ impl Body for RelayBody {
                     if !this.batch.is_empty() {
                         return this.flush_batch();
                     }
-                    if this.deadline.as_mut().poll(cx).is_ready() {
-                        return this.fail(
-                            classify(AttemptEnd::TimedOut).kind,
-                            "the request exceeded upstream.total_timeout_ms".into(),
-                        );
+                    let idle_at = this.last_data + this.idle_timeout;
+                    let at = idle_at.min(this.deadline);
+                    let timer = this.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
+                    if timer.deadline() != at {
+                        timer.as_mut().reset(at);
                     }
-                    if this.idle.as_mut().poll(cx).is_ready() {
-                        return this.fail(
-                            classify(AttemptEnd::TimedOut).kind,
-                            "no data within upstream.idle_timeout_ms".into(),
-                        );
+                    if timer.as_mut().poll(cx).is_pending() {
+                        return Poll::Pending;
                     }
-                    return Poll::Pending;
+                    let reason = if this.deadline <= idle_at {
+                        "the request exceeded upstream.total_timeout_ms"
+                    } else {
+                        "no data within upstream.idle_timeout_ms"
+                    };
+                    return this.fail(classify(AttemptEnd::TimedOut).kind, reason.into());
                 }
             }
         }

@@ -240,14 +240,14 @@ impl hyper::service::Service<http::Request<Incoming>> for Service {
 
     fn call(&self, mut req: http::Request<Incoming>) -> Self::Future {
         let in_flight = self.conn.start_request();
-        req.extensions_mut().insert(ConnectInfo(self.remote));
         if let Some(app) = self.app.as_ref().filter(|_| crate::proxy::endpoint::Endpoint::is_proxied(&req)) {
-            let app = Arc::clone(app);
+            let (app, client) = (Arc::clone(app), Some(self.remote.ip()));
             return Box::pin(async move {
-                let resp = crate::proxy::forward(axum::extract::State(app), req.map(axum::body::Body::new)).await;
+                let resp = crate::proxy::forward_from(app, req.map(axum::body::Body::new), client).await;
                 Ok(resp.map(|inner| CountedBody { inner, _in_flight: in_flight }))
             });
         }
+        req.extensions_mut().insert(ConnectInfo(self.remote));
         let router = self.router.clone();
         Box::pin(async move {
             let resp = match tower::ServiceExt::oneshot(router, req).await {
