@@ -92,3 +92,21 @@ async fn a_stalled_stream_times_out_with_an_error_event() {
     assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "{body}");
     assert!(body.contains("idle_timeout_ms"), "{body}");
 }
+
+#[tokio::test]
+async fn a_stream_still_sending_at_its_total_timeout_ends_with_an_error_event() {
+    // Events every 5 ms for about two seconds: the idle timeout never fires, the total one does.
+    let upstream = scripted(std::iter::repeat_n(Some("data: {\"a\":1}\n\n"), 400).collect()).await;
+    let mut cfg = test_config(vec![llm_gateway::config::WorkerConfig::from_url(upstream)]);
+    cfg.upstream.idle_timeout_ms = 5_000;
+    cfg.upstream.total_timeout_ms = 400;
+    let gw = gateway(cfg).await;
+    let resp =
+        client().post(format!("{}/v1/chat/completions", gw.url())).json(&chat("m", "hi", true)).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = tokio::time::timeout(Duration::from_secs(10), resp.text()).await.expect("the stream must end").unwrap();
+    let events = sse_events(&body);
+    assert!(events.len() > 3 && events.len() < 400, "some events, not all: {}", events.len());
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "{body}");
+    assert!(body.contains("total_timeout_ms") && !body.contains("idle_timeout_ms"), "{body}");
+}
