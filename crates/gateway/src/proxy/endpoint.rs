@@ -52,7 +52,7 @@ pub const ROUTES: &[(&str, Endpoint)] = &[
 
 impl Endpoint {
     /// Whether `req` is one the proxy serves (a POST to one of [`ROUTES`]), which the server hands to
-    /// [`crate::proxy::forward`] without the router.
+    /// [`crate::proxy::forward_from`] without the router.
     pub fn is_proxied<B>(req: &http::Request<B>) -> bool {
         req.method() == http::Method::POST && ROUTES.iter().any(|(p, _)| *p == req.uri().path())
     }

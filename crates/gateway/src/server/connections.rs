@@ -220,10 +220,10 @@ impl HttpBody for CountedBody {
     }
 }
 
-/// The router as hyper calls it for one connection: adds `ConnectInfo` (the proxy reads the client
-/// address) and counts each request in flight until its response body ends. An inference request goes
-/// straight to the proxy: the router would only find the same handler, at a measurable cost per request
-/// (BENCHMARKS.md, Overhead).
+/// The gateway as hyper calls it for one connection: counts each request in flight until its response
+/// body ends, and hands an inference request straight to the proxy with the client's address (the
+/// router would only find the same handler, at a measurable cost per request: BENCHMARKS.md,
+/// Overhead); every other request goes to the router, with the address as `ConnectInfo`.
 #[derive(Clone)]
 struct Service {
     router: Router,
