@@ -26,9 +26,14 @@ type Body = http_body_util::Either<Incoming, http_body_util::Empty<bytes::Bytes>
 
 /// Serves on an ephemeral loopback port (printed as `listening on http://...`) until killed.
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    let base = args.upstream.trim_end_matches('/').to_owned();
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     println!("hyper-proxy listening on http://{}", listener.local_addr()?);
+    serve(listener, &args.upstream).await
+}
+
+/// Proxies every request accepted on `listener` to `upstream`.
+async fn serve(listener: TcpListener, upstream: &str) -> anyhow::Result<()> {
+    let base = upstream.trim_end_matches('/').to_owned();
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     let client: Client<HttpConnector, Incoming> =
@@ -67,4 +72,42 @@ fn status(code: StatusCode) -> Response<Body> {
     let mut resp = Response::new(Body::Right(http_body_util::Empty::new()));
     *resp.status_mut() = code;
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The floor relays path, query, body and status both ways, and answers 502 for a worker that is gone.
+    #[tokio::test]
+    async fn relays_requests_and_answers_502_without_a_worker() -> anyhow::Result<()> {
+        let worker = TcpListener::bind("127.0.0.1:0").await?;
+        let worker_url = format!("http://{}", worker.local_addr()?);
+        tokio::spawn(async move {
+            while let Ok((io, _)) = worker.accept().await {
+                let echo = service_fn(|req: Request<Incoming>| async move {
+                    use http_body_util::BodyExt;
+                    let what = format!("{} {}", req.method(), req.uri());
+                    let body = req.into_body().collect().await?.to_bytes();
+                    let text = format!("{what} {}", String::from_utf8_lossy(&body));
+                    Ok::<_, hyper::Error>(Response::new(http_body_util::Full::new(bytes::Bytes::from(text))))
+                });
+                tokio::spawn(hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(io), echo));
+            }
+        });
+        let proxy = |upstream: String| async move {
+            let listener = TcpListener::bind("127.0.0.1:0").await?;
+            let url = format!("http://{}", listener.local_addr()?);
+            tokio::spawn(async move { serve(listener, &upstream).await });
+            anyhow::Ok(url)
+        };
+        let client = reqwest::Client::new();
+        let url = proxy(worker_url).await?;
+        let resp = client.post(format!("{url}/v1/chat/completions?x=1")).body("{}").send().await?;
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.text().await?, "POST /v1/chat/completions?x=1 {}");
+        let gone = proxy("http://127.0.0.1:1".to_owned()).await?;
+        assert_eq!(client.post(format!("{gone}/v1/chat/completions")).send().await?.status(), 502);
+        Ok(())
+    }
 }
