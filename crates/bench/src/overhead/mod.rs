@@ -83,6 +83,11 @@ impl PeerKind {
             PeerKind::Baseline => "baseline",
         }
     }
+
+    /// Whether its CPU and throughput are shown as ratios to nginx's: every proxy but nginx itself.
+    fn beside_nginx(self) -> bool {
+        matches!(self, PeerKind::Hyper | PeerKind::Gateway | PeerKind::Baseline)
+    }
 }
 
 /// A running peer: its URL and the processes whose CPU time it costs (none for direct).
@@ -328,18 +333,16 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 if peer.kind == PeerKind::Nginx {
                     nginx = Some((cpu, m.report.rps()));
                 }
-                if let (Some(n), PeerKind::Hyper | PeerKind::Gateway | PeerKind::Baseline) = (&nginx, peer.kind) {
+                if let Some(n) = nginx.as_ref().filter(|_| peer.kind.beside_nginx()) {
                     let ratio = (cpu / n.0.max(1e-12), m.report.rps() / n.1.max(1e-12));
                     match ratios.iter_mut().find(|r| r.0 == conc && r.1 == peer.kind) {
                         Some(r) => r.2.push(ratio),
                         None => ratios.push((conc, peer.kind, vec![ratio])),
                     }
                 }
-                let vs = |f: fn(&(f64, f64)) -> f64, x: f64| match (&nginx, peer.kind) {
-                    (Some(n), PeerKind::Hyper | PeerKind::Gateway | PeerKind::Baseline) => {
-                        format!("{:.2}", x / f(n).max(1e-12))
-                    }
-                    _ => "".into(),
+                let vs = |f: fn(&(f64, f64)) -> f64, x: f64| match nginx.as_ref().filter(|_| peer.kind.beside_nginx()) {
+                    Some(n) => format!("{:.2}", x / f(n).max(1e-12)),
+                    None => "".into(),
                 };
                 let direct = peer.kind == PeerKind::Direct;
                 println!(

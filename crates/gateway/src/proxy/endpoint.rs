@@ -54,13 +54,18 @@ impl Endpoint {
     /// Whether `req` is one the proxy serves (a POST to one of [`ROUTES`]), which the server hands to
     /// [`crate::proxy::forward_from`] without the router.
     pub fn is_proxied<B>(req: &http::Request<B>) -> bool {
-        req.method() == http::Method::POST && ROUTES.iter().any(|(p, _)| *p == req.uri().path())
+        req.method() == http::Method::POST && Self::at(req.uri().path()).is_some()
     }
 
     /// The endpoint served at `path` (chat completions for a path not in [`ROUTES`], which only a
     /// caller bypassing the router can send).
     pub fn from_path(path: &str) -> Self {
-        ROUTES.iter().find(|(p, _)| *p == path).map_or(Self::Chat, |(_, e)| *e)
+        Self::at(path).unwrap_or(Self::Chat)
+    }
+
+    /// The endpoint of `path` in [`ROUTES`], if any.
+    fn at(path: &str) -> Option<Self> {
+        ROUTES.iter().find(|(p, _)| *p == path).map(|(_, e)| *e)
     }
 
     /// Whether the body is `multipart/form-data` (else JSON).
