@@ -209,6 +209,17 @@ impl Cluster {
         if !self.shares_slots() {
             return self.fallback();
         }
+        // Boxed: Redis's futures take kilobytes, which every request's future would carry (and copy) inline.
+        Box::pin(self.take_shared(redis, worker, cap)).await
+    }
+
+    /// [`Self::take`] once Redis holds the shared count.
+    async fn take_shared(
+        self: &Arc<Self>,
+        redis: &redis::RedisSlots,
+        worker: &Arc<Worker>,
+        cap: u32,
+    ) -> Result<Take, GatewayError> {
         let share = &worker.stats.share;
         let n = self.next_member.fetch_add(1, Ordering::Relaxed);
         let member = self.member(n);

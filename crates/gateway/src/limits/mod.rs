@@ -161,9 +161,9 @@ impl RateLimiter {
             (Shared::Redis(redis), RateLimitBackend::Redis) => {
                 let timeout = Duration::from_millis(cfg.redis_timeout_ms.max(1));
                 let day = unix_secs() / 86_400;
-                match tokio::time::timeout(timeout, redis.check(&limits, day, name.as_deref(), model_name, tokens))
-                    .await
-                {
+                // Boxed: Redis's futures take kilobytes, which every request's future would carry inline.
+                let checked = Box::pin(redis.check(&limits, day, name.as_deref(), model_name, tokens));
+                match tokio::time::timeout(timeout, checked).await {
                     Ok(Ok(verdict)) => verdict,
                     failure => {
                         let why = match failure {

@@ -270,8 +270,9 @@ async fn send(
     };
     let first_byte_by = (dispatched + Duration::from_millis(first_byte_ms)).min(deadline);
     let stall = guard::StallRule { floor: Duration::from_millis(cfg.stall_timeout_ms), factor: STALL_FACTOR };
-    let answer =
-        await_answer(worker, worker.connections.send(&app.connector, request), dispatched, first_byte_by, stall).await;
+    // Pinned here, not moved into `await_answer`: an argument would be stored in its future twice.
+    let sending = std::pin::pin!(worker.connections.send(&app.connector, request));
+    let answer = await_answer(worker, sending, dispatched, first_byte_by, stall).await;
     if let Answer::Headers(Ok(resp)) = &answer {
         let now = Instant::now();
         worker.mark_alive(now);
@@ -332,13 +333,12 @@ enum Answer<T> {
 /// worker is stalled: silent since the request was sent for longer than `rule`'s threshold.
 async fn await_answer<F: std::future::Future>(
     worker: &Worker,
-    send: F,
+    mut send: std::pin::Pin<&mut F>,
     sent: Instant,
     by: Instant,
     rule: guard::StallRule,
 ) -> Answer<F::Output> {
     let threshold = rule.threshold(worker.usual_answer_time());
-    let mut send = std::pin::pin!(send);
     loop {
         let recheck = match guard::StallRule::check(
             threshold,

@@ -181,11 +181,9 @@ async fn handle(
                     })
                 };
                 let give_up = |refused: crate::limits::Refused| refused.into_error(metrics);
-                let ((quota, charge), ticket) = app
-                    .admission
-                    .wait_for_budget(&model, &spec, key, ready_at, recheck, give_up)
-                    .await
-                    .map_err(fail)?;
+                // Boxed: waiting for a budget is rare, and its future would be part of every request's.
+                let waited = Box::pin(app.admission.wait_for_budget(&model, &spec, key, ready_at, recheck, give_up));
+                let ((quota, charge), ticket) = waited.await.map_err(fail)?;
                 (Some(quota), charge, Some(ticket))
             }
         }
@@ -325,4 +323,20 @@ fn multipart_features(body: &[u8], boundary: &str) -> Result<RequestFeatures, Ga
             .with_code("invalid_multipart")
     })?;
     Ok(RequestFeatures { model: fields.model, stream: fields.stream, ..RequestFeatures::default() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every request's future is built on the stack and copied into its box, so its size is CPU per
+    /// request: rare paths (Redis, a new connection, waiting for a budget) are boxed where they start,
+    /// not carried inline. 4.4 KB at stop 31, from 13.8 KB.
+    #[tokio::test]
+    async fn a_request_future_stays_small() {
+        let app = crate::state::AppState::new(crate::config::Config::default()).expect("state");
+        let req = Request::new(axum::body::Body::empty());
+        let size = std::mem::size_of_val(&forward_from(app, req, None));
+        assert!(size <= 5 * 1024, "the request future takes {size} bytes");
+    }
 }

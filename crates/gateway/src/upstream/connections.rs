@@ -183,16 +183,8 @@ impl WorkerConnections {
                 },
             }
         }
-        let io = connector
-            .tcp
-            .clone()
-            .call(target.connect_to.clone())
-            .await
-            .map_err(|e| SendError { connect: true, source: e.into() })?;
-        let (sender, driver) =
-            connector.http1.handshake(io).await.map_err(|e| SendError { connect: true, source: e.into() })?;
-        // Boxed: the driver holds its buffers inline, and the connection moves on every checkout and return.
-        let mut conn = Box::new(Connection { sender, driver: Some(driver) });
+        // Boxed: connecting is rare, and its futures would otherwise be part of every request's.
+        let mut conn = Box::pin(connect(connector, target)).await?;
         let sent = conn.sender.send_request(req);
         let resp = conn.answer(sent).await.map_err(|e| SendError { connect: false, source: e.into() })?;
         Ok(self.wrap(resp, conn))
@@ -236,6 +228,20 @@ impl WorkerConnections {
         }
         idle.push((conn, now));
     }
+}
+
+/// A new connection to `target`, its handshake done.
+async fn connect(connector: &Connector, target: &Target) -> Result<Box<Connection>, SendError> {
+    let io = connector
+        .tcp
+        .clone()
+        .call(target.connect_to.clone())
+        .await
+        .map_err(|e| SendError { connect: true, source: e.into() })?;
+    let (sender, driver) =
+        connector.http1.handshake(io).await.map_err(|e| SendError { connect: true, source: e.into() })?;
+    // Boxed: the driver holds its buffers inline, and the connection moves on every checkout and return.
+    Ok(Box::new(Connection { sender, driver: Some(driver) }))
 }
 
 /// A worker's response body: drives its connection while it is read, and gives the connection back to
