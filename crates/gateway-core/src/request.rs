@@ -163,15 +163,15 @@ pub struct RequestFeatures {
 
 #[derive(Deserialize)]
 struct Wire<'a> {
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "borrowed")]
     model: Option<Cow<'a, str>>,
     #[serde(default)]
     stream: Option<bool>,
     #[serde(default)]
     stream_options: Option<StreamOptions>,
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "borrowed")]
     user: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "borrowed")]
     session_id: Option<Cow<'a, str>>,
     #[serde(default)]
     max_tokens: Option<u64>,
@@ -183,9 +183,9 @@ struct Wire<'a> {
     prompt: Option<&'a RawValue>,
     #[serde(borrow, default)]
     input: Option<&'a RawValue>,
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "borrowed")]
     instructions: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "borrowed")]
     previous_response_id: Option<Cow<'a, str>>,
     #[serde(default)]
     max_output_tokens: Option<u64>,
@@ -199,7 +199,7 @@ struct StreamOptions {
 
 #[derive(Deserialize)]
 struct Message<'a> {
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "borrowed")]
     role: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
     content: Option<&'a RawValue>,
@@ -207,8 +207,39 @@ struct Message<'a> {
 
 #[derive(Deserialize)]
 struct Part<'a> {
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "borrowed")]
     text: Option<Cow<'a, str>>,
+}
+
+/// A string field borrowed from the body when it has no escapes. serde's `borrow` reaches only a bare
+/// `Cow`, so an `Option<Cow<str>>` would copy every string it reads (two roles per chat request).
+fn borrowed<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Cow<'de, str>>, D::Error> {
+    struct Text;
+    impl<'de> serde::de::Visitor<'de> for Text {
+        type Value = Option<Cow<'de, str>>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a string")
+        }
+        fn visit_borrowed_str<E>(self, s: &'de str) -> Result<Self::Value, E> {
+            Ok(Some(Cow::Borrowed(s)))
+        }
+        fn visit_str<E>(self, s: &str) -> Result<Self::Value, E> {
+            Ok(Some(Cow::Owned(s.to_owned())))
+        }
+        fn visit_string<E>(self, s: String) -> Result<Self::Value, E> {
+            Ok(Some(Cow::Owned(s)))
+        }
+        fn visit_unit<E>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_none<E>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_str(self)
+        }
+    }
+    d.deserialize_option(Text)
 }
 
 /// Text of a `content`, `prompt` or `input` value: a string, or lists (at most [`MAX_TEXT_LISTS`]
@@ -369,6 +400,18 @@ pub fn check_any_body(body: &[u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn string_fields_are_borrowed_from_the_body_unless_escaped() {
+        let m: Message<'_> = serde_json::from_str(r#"{"role":"user"}"#).unwrap();
+        assert!(matches!(m.role, Some(Cow::Borrowed("user"))));
+        let m: Message<'_> = serde_json::from_str(r#"{"role":"us\u0065r"}"#).unwrap();
+        assert!(matches!(m.role, Some(Cow::Owned(ref r)) if r == "user"));
+        let m: Message<'_> = serde_json::from_str(r#"{"role":null}"#).unwrap();
+        assert!(m.role.is_none());
+        let err = serde_json::from_str::<Message<'_>>(r#"{"role":5}"#).err().unwrap().to_string();
+        assert!(err.contains("expected a string"), "{err}");
+    }
 
     fn parse(body: &str) -> RequestFeatures {
         RequestFeatures::parse(
