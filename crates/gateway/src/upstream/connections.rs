@@ -76,8 +76,7 @@ impl Connection {
 
     /// Waits for `answer` (to a request sent on this connection), driving the connection meanwhile: the
     /// connection first, so the answer it read is there when the answer is polled.
-    async fn answer<F: std::future::Future>(&mut self, answer: F) -> F::Output {
-        let mut answer = std::pin::pin!(answer);
+    async fn answer<F: std::future::Future>(&mut self, mut answer: Pin<&mut F>) -> F::Output {
         poll_fn(|cx| {
             self.drive(cx);
             answer.as_mut().poll(cx)
@@ -173,7 +172,8 @@ impl WorkerConnections {
             if !conn.ready().await {
                 continue;
             }
-            let sent = conn.sender.try_send_request(req);
+            // Pinned here, not moved into `answer`: an argument would be stored in its future twice.
+            let sent = std::pin::pin!(conn.sender.try_send_request(req));
             match conn.answer(sent).await {
                 Ok(resp) => return Ok(self.wrap(resp, conn)),
                 Err(mut e) => match e.take_message() {
@@ -185,7 +185,7 @@ impl WorkerConnections {
         }
         // Boxed: connecting is rare, and its futures would otherwise be part of every request's.
         let mut conn = Box::pin(connect(connector, target)).await?;
-        let sent = conn.sender.send_request(req);
+        let sent = std::pin::pin!(conn.sender.send_request(req));
         let resp = conn.answer(sent).await.map_err(|e| SendError { connect: false, source: e.into() })?;
         Ok(self.wrap(resp, conn))
     }
