@@ -3,6 +3,7 @@
 //! # Layout
 //! - [`echo`]: client strings bounded and escaped before they reach an error message or a log line.
 //! - [`error`]: the one [`GatewayError`] and its table of OpenAI `type`/`code` strings.
+//! - [`json`]: a validating one-pass JSON reader for the few members of a body the gateway reads.
 //! - [`request`]: [`RequestFeatures`], what routing and admission read from a request body.
 //! - [`multipart`]: the `model` and `stream` form fields of a `multipart/form-data` body.
 //! - [`prefix`]: chained hashes of a prompt's fixed-size chunks, for prefix affinity.
@@ -13,6 +14,7 @@
 
 pub mod echo;
 pub mod error;
+pub mod json;
 pub mod multipart;
 pub mod outcome;
 pub mod prefix;

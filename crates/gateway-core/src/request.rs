@@ -3,14 +3,15 @@
 //! The body itself is forwarded byte for byte; this parse borrows from it and copies out just a few
 //! small fields. Message `content` may be a string or a list of parts (`[{"type":"text","text":..}]`).
 //!
-//! Nothing here recurses once per level of the client's JSON: a body that nests arrays or objects
-//! deeper than [`MAX_JSON_DEPTH`] is refused by one flat scan before anything parses it, serde_json
-//! skips unknown fields and raw values without recursion, and prompt text is looked for only within
-//! [`MAX_TEXT_LISTS`] levels of lists (deeper values are opaque: they count as no text).
+//! The body is read by [`crate::json::Reader`] in one pass that also checks it is JSON. Nothing here
+//! recurses once per level of the client's JSON: a body that nests arrays or objects deeper than
+//! [`MAX_JSON_DEPTH`] is refused, unknown members and deep values are skipped in a loop, and prompt
+//! text is looked for only within [`MAX_TEXT_LISTS`] levels of lists (deeper values are opaque: they
+//! count as no text). A member the gateway reads that appears twice is refused.
 
 use crate::prefix::{hash_bytes, PrefixHasher};
+use crate::json::{JsonError, Kind, Raw, Reader};
 use serde::Deserialize;
-use serde_json::value::RawValue;
 use std::borrow::Cow;
 
 /// Deepest nesting of arrays and objects a request body may have. OpenAI's request shapes need a few
@@ -22,11 +23,12 @@ pub const MAX_JSON_DEPTH: usize = 100;
 /// a list of strings or parts, and a list of such lists. Token ids and anything deeper give no text.
 pub const MAX_TEXT_LISTS: usize = 2;
 
-/// Whether arrays and objects in `body` nest deeper than `limit`.
+/// Whether arrays and objects in `body` nest deeper than `limit`: a check of the reader's depth limit
+/// apart from the reader ([`check_any_body`]).
 ///
 /// One pass over the bytes with no recursion and no allocation; brackets inside strings do not count.
-/// Meant for bodies that are then parsed as JSON: on malformed input the answer is only a guess, and
-/// the parser reports the real error.
+/// On malformed input the answer is only a guess.
+#[cfg(any(test, fuzzing))]
 pub fn nests_deeper_than(body: &[u8], limit: usize) -> bool {
     let mut depth = 0usize;
     let mut i = 0;
@@ -161,130 +163,205 @@ pub struct RequestFeatures {
     pub previous_response_id: Option<String>,
 }
 
-#[derive(Deserialize)]
+/// The members read from a body, before any text is hashed (the hashes are seeded with `model`, which
+/// may come last).
+#[derive(Default)]
 struct Wire<'a> {
-    #[serde(borrow, default, deserialize_with = "borrowed")]
     model: Option<Cow<'a, str>>,
-    #[serde(default)]
     stream: Option<bool>,
-    #[serde(default)]
-    stream_options: Option<StreamOptions>,
-    #[serde(borrow, default, deserialize_with = "borrowed")]
+    stream_options: Option<Option<bool>>,
     user: Option<Cow<'a, str>>,
-    #[serde(borrow, default, deserialize_with = "borrowed")]
     session_id: Option<Cow<'a, str>>,
-    #[serde(default)]
     max_tokens: Option<u64>,
-    #[serde(default)]
     max_completion_tokens: Option<u64>,
-    #[serde(borrow, default)]
-    messages: Option<Vec<Message<'a>>>,
-    #[serde(borrow, default)]
-    prompt: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    input: Option<&'a RawValue>,
-    #[serde(borrow, default, deserialize_with = "borrowed")]
-    instructions: Option<Cow<'a, str>>,
-    #[serde(borrow, default, deserialize_with = "borrowed")]
-    previous_response_id: Option<Cow<'a, str>>,
-    #[serde(default)]
     max_output_tokens: Option<u64>,
+    messages: Option<Vec<Message<'a>>>,
+    prompt: Option<Raw<'a>>,
+    input: Option<Raw<'a>>,
+    instructions: Option<Cow<'a, str>>,
+    previous_response_id: Option<Cow<'a, str>>,
 }
 
-#[derive(Deserialize)]
-struct StreamOptions {
-    #[serde(default)]
-    include_usage: Option<bool>,
-}
-
-#[derive(Deserialize)]
 struct Message<'a> {
-    #[serde(borrow, default, deserialize_with = "borrowed")]
     role: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
-    content: Option<&'a RawValue>,
+    content: Option<Raw<'a>>,
 }
 
-#[derive(Deserialize)]
-struct Part<'a> {
-    #[serde(borrow, default, deserialize_with = "borrowed")]
-    text: Option<Cow<'a, str>>,
-}
-
-/// A string field borrowed from the body when it has no escapes. serde's `borrow` reaches only a bare
-/// `Cow`, so an `Option<Cow<str>>` would copy every string it reads (two roles per chat request).
-fn borrowed<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Cow<'de, str>>, D::Error> {
-    struct Text;
-    impl<'de> serde::de::Visitor<'de> for Text {
-        type Value = Option<Cow<'de, str>>;
-        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            f.write_str("a string")
-        }
-        fn visit_borrowed_str<E>(self, s: &'de str) -> Result<Self::Value, E> {
-            Ok(Some(Cow::Borrowed(s)))
-        }
-        fn visit_str<E>(self, s: &str) -> Result<Self::Value, E> {
-            Ok(Some(Cow::Owned(s.to_owned())))
-        }
-        fn visit_string<E>(self, s: String) -> Result<Self::Value, E> {
-            Ok(Some(Cow::Owned(s)))
-        }
-        fn visit_unit<E>(self) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_none<E>(self) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
-            d.deserialize_str(self)
-        }
+/// Marks member `bit` read; a second member of the same name is an error, as a worker's parser may
+/// take either one (the gateway must not route by one `model` while the worker serves another).
+fn once(seen: &mut u32, bit: u32, key: &str, r: &Reader<'_>) -> Result<(), JsonError> {
+    if *seen & bit != 0 {
+        return Err(r.error(format!("duplicate member `{}`", crate::echo(key))));
     }
-    d.deserialize_option(Text)
+    *seen |= bit;
+    Ok(())
+}
+
+impl<'a> Wire<'a> {
+    fn read(body: &'a [u8]) -> Result<Self, JsonError> {
+        let mut r = Reader::new(body, MAX_JSON_DEPTH)?;
+        if r.peek_kind() != Some(Kind::Object) {
+            return Err(r.error("the request body must be a JSON object"));
+        }
+        let mut w = Wire::default();
+        let mut seen = 0u32;
+        r.object(|key, r| match MEMBERS.iter().position(|m| key == *m) {
+            Some(i) => {
+                once(&mut seen, 1 << i, &key, r)?;
+                w.member(MEMBERS[i], r)
+            }
+            None => r.skip().map(drop),
+        })?;
+        r.end()?;
+        Ok(w)
+    }
+
+    /// Reads the value of member `name`, one of [`MEMBERS`].
+    fn member(&mut self, name: &'static str, r: &mut Reader<'a>) -> Result<(), JsonError> {
+        let raw = |r: &mut Reader<'a>| -> Result<Option<Raw<'a>>, JsonError> {
+            if r.null()? {
+                return Ok(None);
+            }
+            r.skip().map(Some)
+        };
+        match name {
+            "model" => self.model = r.string_or_null(name)?,
+            "stream" => self.stream = r.bool_or_null(name)?,
+            "stream_options" => self.stream_options = stream_options(r)?,
+            "user" => self.user = r.string_or_null(name)?,
+            "session_id" => self.session_id = r.string_or_null(name)?,
+            "max_tokens" => self.max_tokens = r.u64_or_null(name)?,
+            "max_completion_tokens" => self.max_completion_tokens = r.u64_or_null(name)?,
+            "max_output_tokens" => self.max_output_tokens = r.u64_or_null(name)?,
+            "messages" => self.messages = messages(r)?,
+            "prompt" => self.prompt = raw(r)?,
+            "input" => self.input = raw(r)?,
+            "instructions" => self.instructions = r.string_or_null(name)?,
+            _ => self.previous_response_id = r.string_or_null(name)?,
+        }
+        Ok(())
+    }
+}
+
+/// The top-level members [`Wire`] reads (`previous_response_id` is [`Wire::member`]'s last arm).
+const MEMBERS: [&str; 13] = [
+    "model",
+    "stream",
+    "stream_options",
+    "user",
+    "session_id",
+    "max_tokens",
+    "max_completion_tokens",
+    "max_output_tokens",
+    "messages",
+    "prompt",
+    "input",
+    "instructions",
+    "previous_response_id",
+];
+
+/// `stream_options`: `None` when absent or null, else its `include_usage`.
+fn stream_options(r: &mut Reader<'_>) -> Result<Option<Option<bool>>, JsonError> {
+    if r.null()? {
+        return Ok(None);
+    }
+    if r.peek_kind() != Some(Kind::Object) {
+        return Err(r.error("`stream_options` must be an object"));
+    }
+    let (mut include_usage, mut seen) = (None, 0u32);
+    r.object(|key, r| match key.as_ref() {
+        "include_usage" => {
+            once(&mut seen, 1, &key, r)?;
+            include_usage = r.bool_or_null("stream_options.include_usage")?;
+            Ok(())
+        }
+        _ => r.skip().map(drop),
+    })?;
+    Ok(Some(include_usage))
+}
+
+/// `messages`: a list of objects whose `role` and `content` are kept (content as its raw text: the
+/// role decides what the content feeds, and may come after it).
+fn messages<'a>(r: &mut Reader<'a>) -> Result<Option<Vec<Message<'a>>>, JsonError> {
+    if r.null()? {
+        return Ok(None);
+    }
+    if r.peek_kind() != Some(Kind::Array) {
+        return Err(r.error("`messages` must be a list of message objects"));
+    }
+    let mut list = Vec::new();
+    r.array(|r| {
+        if r.peek_kind() != Some(Kind::Object) {
+            return Err(r.error("each of `messages` must be an object"));
+        }
+        let (mut msg, mut seen) = (Message { role: None, content: None }, 0u32);
+        r.object(|key, r| match key.as_ref() {
+            "role" => {
+                once(&mut seen, 1, &key, r)?;
+                msg.role = r.string_or_null("role")?;
+                Ok(())
+            }
+            "content" => {
+                once(&mut seen, 2, &key, r)?;
+                msg.content = if r.null()? { None } else { Some(r.skip()?) };
+                Ok(())
+            }
+            _ => r.skip().map(drop),
+        })?;
+        list.push(msg);
+        Ok(())
+    })?;
+    Ok(Some(list))
 }
 
 /// Text of a `content`, `prompt` or `input` value: a string, or lists (at most [`MAX_TEXT_LISTS`]
 /// deep) of strings and `{"text":..}` parts; token ids and deeper lists give none.
 ///
-/// `lists` is how many lists enclose `raw`. Each level re-reads only its own items, and serde_json
-/// skips the contents of a raw value without recursion, so the cost stays linear in the body.
-fn visit_text(raw: &RawValue, lists: usize, f: &mut dyn FnMut(&str)) -> Result<(), serde_json::Error> {
-    let s = raw.get().trim();
-    if s.starts_with('"') {
-        // A string without escapes is its own text (the raw value is valid JSON): no second parse.
-        match s.get(1..s.len() - 1).filter(|inner| memchr::memchr(b'\\', inner.as_bytes()).is_none()) {
-            Some(inner) => f(inner),
-            None => f(&serde_json::from_str::<Cow<'_, str>>(s)?),
-        }
-    } else if s.starts_with('[') && lists < MAX_TEXT_LISTS {
-        let items: Vec<&RawValue> = serde_json::from_str(raw.get())?;
-        for item in items {
-            if item.get().trim_start().starts_with('{') {
-                let part: Part<'_> = serde_json::from_str(item.get())?;
-                if let Some(text) = part.text {
-                    f(&text);
-                }
-            } else {
-                visit_text(item, lists + 1, f)?;
+/// `lists` is how many lists enclose the value; the recursion is bounded by [`MAX_TEXT_LISTS`], and
+/// anything deeper is skipped by the reader's loop.
+fn visit_text(r: &mut Reader<'_>, lists: usize, f: &mut dyn FnMut(&str)) -> Result<(), JsonError> {
+    match r.kind()? {
+        Kind::String => f(&r.string()?),
+        Kind::Array if lists < MAX_TEXT_LISTS => r.array(|r| match r.kind()? {
+            Kind::Object => {
+                let mut seen = 0u32;
+                r.object(|key, r| match key.as_ref() {
+                    "text" => {
+                        once(&mut seen, 1, &key, r)?;
+                        if let Some(text) = r.string_or_null("text")? {
+                            f(&text);
+                        }
+                        Ok(())
+                    }
+                    _ => r.skip().map(drop),
+                })
             }
+            _ => visit_text(r, lists + 1, &mut *f),
+        })?,
+        _ => {
+            r.skip()?;
         }
     }
     Ok(())
 }
 
+/// [`visit_text`] over a value read before: a string without escapes is its own text.
+fn visit_raw(raw: Raw<'_>, f: &mut dyn FnMut(&str)) -> Result<(), JsonError> {
+    let s = raw.get();
+    if let Some(inner) = s.strip_prefix('"').and_then(|s| s.strip_suffix('"')) {
+        if memchr::memchr(b'\\', inner.as_bytes()).is_none() {
+            f(inner);
+            return Ok(());
+        }
+    }
+    visit_text(&mut Reader::value_in(raw, MAX_JSON_DEPTH), 0, f)
+}
+
 impl RequestFeatures {
-    /// Parses the routing-relevant fields of a JSON body; the error is the JSON parser's reason, or
-    /// that the body nests deeper than [`MAX_JSON_DEPTH`].
-    pub fn parse(body: &[u8], opts: PrefixOptions) -> Result<Self, serde_json::Error> {
-        // serde's derive also accepts a JSON array for a struct; the API takes objects only.
-        if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
-            return Err(serde::de::Error::custom("the request body must be a JSON object"));
-        }
-        if nests_deeper_than(body, MAX_JSON_DEPTH) {
-            return Err(serde::de::Error::custom(format_args!(
-                "arrays and objects nest deeper than {MAX_JSON_DEPTH} levels, the gateway's limit"
-            )));
-        }
-        let wire: Wire<'_> = serde_json::from_slice(body)?;
+    /// Reads the routing-relevant members of a JSON body; the error says what in the body is not
+    /// JSON (or is deeper than [`MAX_JSON_DEPTH`], or has a member of the wrong type) and where.
+    pub fn parse(body: &[u8], opts: PrefixOptions) -> Result<Self, JsonError> {
+        let wire = Wire::read(body)?;
         let model = wire.model.as_deref().unwrap_or("");
         let mut hasher = PrefixHasher::new(model, opts.chunk_bytes, opts.max_chunks);
         let mut prompt_chars = 0usize;
@@ -309,7 +386,7 @@ impl RequestFeatures {
                 };
                 let mut slot = slot;
                 if let Some(content) = msg.content {
-                    visit_text(content, 0, &mut |t| {
+                    visit_raw(content, &mut |t| {
                         feed(t, &mut hasher);
                         if let Some(s) = slot.as_deref_mut() {
                             s.push_str(t);
@@ -328,7 +405,7 @@ impl RequestFeatures {
         }
         for raw in [wire.prompt, wire.input].into_iter().flatten() {
             let mut h = 0u64;
-            visit_text(raw, 0, &mut |t| {
+            visit_raw(raw, &mut |t| {
                 feed(t, &mut hasher);
                 h = hash_bytes(h, t.as_bytes());
             })?;
@@ -343,7 +420,7 @@ impl RequestFeatures {
         Ok(Self {
             model: wire.model.map(Cow::into_owned),
             stream: wire.stream.unwrap_or(false),
-            include_usage: wire.stream_options.as_ref().and_then(|o| o.include_usage).unwrap_or(false),
+            include_usage: wire.stream_options.flatten().unwrap_or(false),
             has_stream_options: wire.stream_options.is_some(),
             user: wire.user.map(Cow::into_owned),
             max_tokens: wire.max_completion_tokens.or(wire.max_tokens).or(wire.max_output_tokens),
@@ -381,7 +458,7 @@ impl RequestFeatures {
 }
 
 /// What must hold for any body, fuzzed or not: the parse answers (no panic, no overflow), refuses
-/// what nests too deep, and bounds what it returns. Run by the `request` fuzz target (`fuzz/`) and by
+/// what nests too deep and what serde_json would not read as JSON, and bounds what it returns. Run by the `request` fuzz target (`fuzz/`) and by
 /// the test replaying its corpus.
 #[cfg(any(test, fuzzing))]
 pub fn check_any_body(body: &[u8]) {
@@ -391,6 +468,10 @@ pub fn check_any_body(body: &[u8]) {
         assert!(parsed.is_err(), "a body nested deeper than the limit was accepted");
     }
     if let Ok(f) = parsed {
+        // The reader accepts nothing serde_json would refuse as JSON (read as `IgnoredAny`, which
+        // checks the grammar; a tree would also refuse numbers beyond f64, like `1e999`).
+        let json = serde_json::from_slice::<serde::de::IgnoredAny>(body);
+        assert!(json.is_ok(), "accepted what serde_json refuses: {json:?}");
         assert!(f.prefix_hashes.len() <= opts.max_chunks);
         assert!(f.prompt_chars <= body.len(), "{} chars from {} bytes", f.prompt_chars, body.len());
         assert!(f.estimated_tokens(u64::MAX) >= f.max_tokens.unwrap_or(u64::MAX));
@@ -400,18 +481,6 @@ pub fn check_any_body(body: &[u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn string_fields_are_borrowed_from_the_body_unless_escaped() {
-        let m: Message<'_> = serde_json::from_str(r#"{"role":"user"}"#).unwrap();
-        assert!(matches!(m.role, Some(Cow::Borrowed("user"))));
-        let m: Message<'_> = serde_json::from_str(r#"{"role":"us\u0065r"}"#).unwrap();
-        assert!(matches!(m.role, Some(Cow::Owned(ref r)) if r == "user"));
-        let m: Message<'_> = serde_json::from_str(r#"{"role":null}"#).unwrap();
-        assert!(m.role.is_none());
-        let err = serde_json::from_str::<Message<'_>>(r#"{"role":5}"#).err().unwrap().to_string();
-        assert!(err.contains("expected a string"), "{err}");
-    }
 
     fn parse(body: &str) -> RequestFeatures {
         RequestFeatures::parse(
@@ -614,5 +683,184 @@ mod tests {
         assert!(Priority::Batch > Priority::Low);
         assert_eq!(Priority::Low.raised(), Priority::Normal);
         assert_eq!(Priority::Urgent.raised(), Priority::Urgent);
+    }
+
+    /// Model, stream, include_usage, max_tokens and prompt characters of a read body.
+    type Read = (Option<String>, bool, bool, Option<u64>, usize);
+
+    /// What a body of `value` must read as, worked out from serde_json's tree: `None` where a member
+    /// the gateway reads has the wrong type. (The tree cannot hold a duplicate member.)
+    fn expected(value: &serde_json::Value) -> Option<Read> {
+        use serde_json::Value;
+        fn string(v: Option<&Value>) -> Option<Option<String>> {
+            match v {
+                None | Some(Value::Null) => Some(None),
+                Some(Value::String(s)) => Some(Some(s.clone())),
+                _ => None,
+            }
+        }
+        fn whole(v: Option<&Value>) -> Option<Option<u64>> {
+            match v {
+                None | Some(Value::Null) => Some(None),
+                Some(n) => n.as_u64().map(Some),
+            }
+        }
+        fn chars(v: &Value, lists: usize) -> Option<usize> {
+            match v {
+                Value::String(s) => Some(s.chars().count()),
+                Value::Array(items) if lists < MAX_TEXT_LISTS => items.iter().try_fold(0, |n, item| match item {
+                    Value::Object(part) => Some(n + string(part.get("text"))?.map_or(0, |t| t.chars().count())),
+                    other => Some(n + chars(other, lists + 1)?),
+                }),
+                _ => Some(0),
+            }
+        }
+        let top = value.as_object()?;
+        for key in ["user", "session_id", "instructions", "previous_response_id"] {
+            string(top.get(key))?;
+        }
+        let stream = match top.get("stream") {
+            None | Some(Value::Null) => false,
+            Some(v) => v.as_bool()?,
+        };
+        let include_usage = match top.get("stream_options") {
+            None | Some(Value::Null) => false,
+            Some(Value::Object(o)) => match o.get("include_usage") {
+                None | Some(Value::Null) => false,
+                Some(v) => v.as_bool()?,
+            },
+            Some(_) => return None,
+        };
+        let [max, completion, output] = ["max_tokens", "max_completion_tokens", "max_output_tokens"].map(|k| whole(top.get(k)));
+        let mut text = top.get("instructions").and_then(Value::as_str).map_or(0, |s| s.chars().count());
+        match top.get("messages") {
+            None | Some(Value::Null) => {}
+            Some(Value::Array(list)) => {
+                for m in list {
+                    let m = m.as_object()?;
+                    string(m.get("role"))?;
+                    text += m.get("content").map_or(Some(0), |c| chars(c, 0))?;
+                }
+            }
+            Some(_) => return None,
+        }
+        for key in ["prompt", "input"] {
+            text += top.get(key).map_or(Some(0), |v| chars(v, 0))?;
+        }
+        Some((string(top.get("model"))?, stream, include_usage, completion?.or(max?).or(output?), text))
+    }
+
+    /// Any JSON value, a few levels deep, its strings drawn to include escapes and non-ASCII text.
+    fn any_json() -> impl proptest::strategy::Strategy<Value = serde_json::Value> {
+        use proptest::prelude::*;
+        use serde_json::Value;
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            "[1-9][0-9]{0,3}".prop_map(|n| Value::Number(n.parse::<u64>().unwrap().into())),
+            Just(serde_json::json!(2.5)),
+            "[a-z \"\\\n\t/é😀]{0,12}".prop_map(Value::String),
+        ];
+        leaf.prop_recursive(4, 32, 4, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                proptest::collection::vec((prop_oneof!["text", "role", "[a-z]{1,3}"], inner), 0..4)
+                    .prop_map(|kv| Value::Object(kv.into_iter().collect())),
+            ]
+        })
+    }
+
+    /// Prompt text as a string or a part, inside 0 to 3 lists (the reader looks inside 2).
+    fn any_text() -> impl proptest::strategy::Strategy<Value = serde_json::Value> {
+        use proptest::prelude::*;
+        (0usize..4, "[a-zé]{1,5}", any::<bool>()).prop_map(|(lists, text, part)| {
+            let mut v = if part { serde_json::json!({ "text": text }) } else { serde_json::Value::String(text) };
+            for _ in 0..lists {
+                v = serde_json::Value::Array(vec![v, serde_json::Value::String("ab".into())]);
+            }
+            v
+        })
+    }
+
+    /// A request body: each member the gateway reads present or not, most of the right type.
+    fn any_body() -> impl proptest::strategy::Strategy<Value = serde_json::Value> {
+        use proptest::prelude::*;
+        use serde_json::{json, Value};
+        let content = prop_oneof![any_text(), any_json()];
+        let message = (prop_oneof![Just(json!("user")), Just(json!("system")), any_json()], content)
+            .prop_map(|(role, content)| json!({"role": role, "content": content}));
+        let members = (
+            proptest::option::of(prop_oneof!["[a-z]{1,8}".prop_map(Value::String), any_json()]),
+            proptest::option::of(any_json()),
+            proptest::option::of(prop_oneof![
+                Just(json!({"include_usage": true})),
+                any_json().prop_map(|v| json!({ "include_usage": v })),
+                any_json()
+            ]),
+            proptest::option::of(prop_oneof![(1u64..5000).prop_map(Value::from), any_json()]),
+            proptest::option::of(prop_oneof![proptest::collection::vec(message, 0..4).prop_map(Value::Array), any_json()]),
+            proptest::option::of(prop_oneof![any_text(), any_json()]),
+            proptest::option::of(any_json()),
+        );
+        members.prop_map(|(model, stream, options, max, messages, prompt, other)| {
+            let mut body = serde_json::Map::new();
+            for (key, value) in [
+                ("model", model),
+                ("stream", stream),
+                ("stream_options", options),
+                ("max_completion_tokens", max),
+                ("messages", messages),
+                ("prompt", prompt),
+                ("other", other),
+            ] {
+                if let Some(v) = value {
+                    body.insert(key.to_owned(), v);
+                }
+            }
+            Value::Object(body)
+        })
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+
+        /// The reader agrees with serde_json: on what a body reads as, and on whether a body cut or
+        /// mangled at one byte is still JSON the gateway accepts.
+        #[test]
+        fn reads_what_serde_json_reads(value in any_body(), pretty in proptest::prelude::any::<bool>(),
+                                       at in 0usize..4096, edit in 0usize..12, on_syntax in proptest::prelude::any::<bool>()) {
+            let text = if pretty { serde_json::to_string_pretty(&value) } else { serde_json::to_string(&value) };
+            let body = text.expect("serializes").into_bytes();
+            let got = RequestFeatures::parse(&body, PrefixOptions::default())
+                .map(|f| (f.model, f.stream, f.include_usage, f.max_tokens, f.prompt_chars));
+            proptest::prop_assert_eq!(got.ok(), expected(&value));
+
+            // Half the edits land on the JSON's punctuation, where a lax reader would show.
+            let mut mangled = body.clone();
+            let syntax: Vec<usize> = (0..body.len()).filter(|&i| b"{}[],:\"".contains(&body[i])).collect();
+            let at = if on_syntax { syntax[at % syntax.len()] } else { at % body.len() };
+            match b"{}[],:\"\\ 0tn".get(edit) {
+                Some(&b) => mangled[at] = b,
+                None => drop(mangled.remove(at)),
+            }
+            check_any_body(&mangled);
+            let ours = RequestFeatures::parse(&mangled, PrefixOptions::default());
+            if let Ok(tree) = serde_json::from_slice::<serde_json::Value>(&mangled) {
+                let duplicate = ours.as_ref().is_err_and(|e| e.to_string().contains("duplicate member"));
+                if !duplicate {
+                    proptest::prop_assert_eq!(ours.is_ok(), expected(&tree).is_some(), "{}", String::from_utf8_lossy(&mangled));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_member_read_twice_is_refused() {
+        for body in [r#"{"model":"a","model":"b"}"#, r#"{"messages":[{"role":"user","role":"system"}]}"#] {
+            let err = RequestFeatures::parse(body.as_bytes(), PrefixOptions::default()).expect_err(body);
+            assert!(err.to_string().contains("duplicate member"), "{err}");
+        }
+        // Members the gateway does not read pass through as they are.
+        assert!(RequestFeatures::parse(br#"{"temperature":1,"temperature":2}"#, PrefixOptions::default()).is_ok());
     }
 }
