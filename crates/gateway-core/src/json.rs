@@ -169,10 +169,8 @@ impl<'a> Reader<'a> {
     fn enter(&mut self) -> Result<(), JsonError> {
         self.depth += 1;
         if self.depth > self.max_depth {
-            return Err(self.error(format!(
-                "arrays and objects nest deeper than {} levels, the gateway's limit",
-                self.max_depth
-            )));
+            return Err(self
+                .error(format!("arrays and objects nest deeper than {} levels, the gateway's limit", self.max_depth)));
         }
         Ok(())
     }
@@ -622,7 +620,10 @@ mod tests {
         let err = skip_all("{\"a\":\n  [1,,2]}").unwrap_err();
         assert_eq!(err.to_string(), "expected a value at line 2 column 6");
         let err = skip_all("[1,2").unwrap_err();
-        assert_eq!(err.to_string(), "the body ends where `,` or `]` after an array element was expected at line 1 column 5");
+        assert_eq!(
+            err.to_string(),
+            "the body ends where `,` or `]` after an array element was expected at line 1 column 5"
+        );
     }
 
     #[test]

@@ -9,8 +9,8 @@
 //! text is looked for only within [`MAX_TEXT_LISTS`] levels of lists (deeper values are opaque: they
 //! count as no text). A member the gateway reads that appears twice is refused.
 
-use crate::prefix::{hash_bytes, PrefixHasher};
 use crate::json::{JsonError, Kind, Raw, Reader};
+use crate::prefix::{hash_bytes, PrefixHasher};
 use serde::Deserialize;
 use std::borrow::Cow;
 
@@ -731,7 +731,8 @@ mod tests {
             },
             Some(_) => return None,
         };
-        let [max, completion, output] = ["max_tokens", "max_completion_tokens", "max_output_tokens"].map(|k| whole(top.get(k)));
+        let [max, completion, output] =
+            ["max_tokens", "max_completion_tokens", "max_output_tokens"].map(|k| whole(top.get(k)));
         let mut text = top.get("instructions").and_then(Value::as_str).map_or(0, |s| s.chars().count());
         match top.get("messages") {
             None | Some(Value::Null) => {}
@@ -798,7 +799,10 @@ mod tests {
                 any_json()
             ]),
             proptest::option::of(prop_oneof![(1u64..5000).prop_map(Value::from), any_json()]),
-            proptest::option::of(prop_oneof![proptest::collection::vec(message, 0..4).prop_map(Value::Array), any_json()]),
+            proptest::option::of(prop_oneof![
+                proptest::collection::vec(message, 0..4).prop_map(Value::Array),
+                any_json()
+            ]),
             proptest::option::of(prop_oneof![any_text(), any_json()]),
             proptest::option::of(any_json()),
         );
