@@ -79,6 +79,21 @@ impl<'a> Raw<'a> {
     }
 }
 
+/// The bytes and words of one kind of container.
+#[derive(Clone, Copy)]
+struct Container {
+    open: u8,
+    close: u8,
+    what: &'static str,
+    after: &'static str,
+}
+
+impl Container {
+    const OBJECT: Self =
+        Self { open: b'{', close: b'}', what: "an object", after: "`,` or `}` after an object member" };
+    const ARRAY: Self = Self { open: b'[', close: b']', what: "an array", after: "`,` or `]` after an array element" };
+}
+
 /// A cursor over a JSON body checked as it goes.
 #[derive(Debug)]
 pub struct Reader<'a> {
@@ -181,44 +196,39 @@ impl<'a> Reader<'a> {
         &mut self,
         mut member: impl FnMut(Cow<'a, str>, &mut Self) -> Result<(), JsonError>,
     ) -> Result<(), JsonError> {
-        self.expect(b'{', "an object")?;
-        self.enter()?;
-        if self.peek() == Some(b'}') {
-            self.pos += 1;
-        } else {
-            loop {
-                let key = self.key()?;
-                member(key, self)?;
-                match self.peek() {
-                    Some(b',') => self.pos += 1,
-                    Some(b'}') => {
-                        self.pos += 1;
-                        break;
-                    }
-                    _ => return Err(self.unexpected("`,` or `}` after an object member")),
-                }
-            }
-        }
-        self.depth -= 1;
-        Ok(())
+        let each = |r: &mut Self| {
+            let key = r.key()?;
+            member(key, r)
+        };
+        self.container(Container::OBJECT, each)
     }
 
     /// Reads an array, calling `item` at each element, which must consume it.
-    pub fn array(&mut self, mut item: impl FnMut(&mut Self) -> Result<(), JsonError>) -> Result<(), JsonError> {
-        self.expect(b'[', "an array")?;
+    pub fn array(&mut self, item: impl FnMut(&mut Self) -> Result<(), JsonError>) -> Result<(), JsonError> {
+        self.container(Container::ARRAY, item)
+    }
+
+    /// An object or array: its opening byte, `each` at every member or element, a comma between them,
+    /// its closing byte.
+    fn container(
+        &mut self,
+        kind: Container,
+        mut each: impl FnMut(&mut Self) -> Result<(), JsonError>,
+    ) -> Result<(), JsonError> {
+        self.expect(kind.open, kind.what)?;
         self.enter()?;
-        if self.peek() == Some(b']') {
+        if self.peek() == Some(kind.close) {
             self.pos += 1;
         } else {
             loop {
-                item(self)?;
+                each(self)?;
                 match self.peek() {
                     Some(b',') => self.pos += 1,
-                    Some(b']') => {
+                    Some(b) if b == kind.close => {
                         self.pos += 1;
                         break;
                     }
-                    _ => return Err(self.unexpected("`,` or `]` after an array element")),
+                    _ => return Err(self.unexpected(kind.after)),
                 }
             }
         }
@@ -503,8 +513,8 @@ impl<'a> Reader<'a> {
                         self.pos += 1;
                         self.depth -= 1;
                     }
-                    (_, true) => return Err(self.unexpected("`,` or `}` after an object member")),
-                    (_, false) => return Err(self.unexpected("`,` or `]` after an array element")),
+                    (_, true) => return Err(self.unexpected(Container::OBJECT.after)),
+                    (_, false) => return Err(self.unexpected(Container::ARRAY.after)),
                 }
             }
         }
