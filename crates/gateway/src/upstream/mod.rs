@@ -91,7 +91,7 @@ pub fn strip_hop_by_hop(headers: &mut http::HeaderMap, keep_length: bool) {
     // or three of the eleven, and each removal is a hash lookup.
     let mut found = 0u16;
     for name in headers.keys() {
-        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+        if let Some(i) = hop_by_hop_index(name) {
             found |= 1 << i;
         }
     }
@@ -104,20 +104,27 @@ pub fn strip_hop_by_hop(headers: &mut http::HeaderMap, keep_length: bool) {
 
 /// Headers that describe one connection, not the message; never forwarded either way.
 pub fn is_hop_by_hop(name: &http::HeaderName) -> bool {
-    matches!(
-        name.as_str(),
-        "connection"
-            | "keep-alive"
-            | "proxy-connection"
-            | "proxy-authenticate"
-            | "proxy-authorization"
-            | "te"
-            | "trailer"
-            | "transfer-encoding"
-            | "upgrade"
-            | "host"
-            | "content-length"
-    )
+    hop_by_hop_index(name).is_some()
+}
+
+/// Where `name` stands in [`HOP_BY_HOP`]: a match on its text (a switch on the length, then one
+/// comparison) rather than a comparison with each of the eleven, which cost about 870 instructions
+/// more per request over the two maps a request strips (callgrind, stop 32).
+fn hop_by_hop_index(name: &http::HeaderName) -> Option<usize> {
+    Some(match name.as_str() {
+        "connection" => 0,
+        "keep-alive" => 1,
+        "proxy-connection" => 2,
+        "proxy-authenticate" => 3,
+        "proxy-authorization" => 4,
+        "te" => 5,
+        "trailer" => 6,
+        "transfer-encoding" => 7,
+        "upgrade" => 8,
+        "host" => 9,
+        "content-length" => 10,
+        _ => return None,
+    })
 }
 
 #[cfg(test)]
@@ -127,8 +134,8 @@ mod tests {
     #[test]
     fn stripping_removes_exactly_the_hop_by_hop_headers() {
         let mut h = http::HeaderMap::new();
-        for name in &HOP_BY_HOP {
-            assert!(is_hop_by_hop(name), "{name}");
+        for (i, name) in HOP_BY_HOP.iter().enumerate() {
+            assert_eq!(hop_by_hop_index(name), Some(i), "{name}");
             h.insert(name.clone(), http::HeaderValue::from_static("x"));
         }
         h.insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
