@@ -64,18 +64,20 @@ pub enum Kind {
     Null,
 }
 
-/// A value's text as it stands in the body (already checked), and how deep it sits: read it again
-/// with [`Reader::value_in`].
+/// A value as it stands in the body (already checked): where, and how deep it sits. Read it again
+/// with [`Reader::value_in`], whose errors then say where in the body.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Raw<'a> {
-    text: &'a str,
+    body: &'a str,
+    start: usize,
+    end: usize,
     depth: usize,
 }
 
 impl<'a> Raw<'a> {
     /// The value's JSON text.
     pub fn get(&self) -> &'a str {
-        self.text
+        &self.body[self.start..self.end]
     }
 }
 
@@ -112,9 +114,9 @@ impl<'a> Reader<'a> {
         Ok(Self { text, pos: 0, depth: 0, max_depth: max_depth.min(MAX_DEPTH_SUPPORTED) })
     }
 
-    /// A reader over a value read before, at the depth it was found.
+    /// A reader at a value read before, at the depth it was found (meant to read that one value).
     pub fn value_in(raw: Raw<'a>, max_depth: usize) -> Self {
-        Self { text: raw.text, pos: 0, depth: raw.depth, max_depth: max_depth.min(MAX_DEPTH_SUPPORTED) }
+        Self { text: raw.body, pos: raw.start, depth: raw.depth, max_depth: max_depth.min(MAX_DEPTH_SUPPORTED) }
     }
 
     fn bytes(&self) -> &'a [u8] {
@@ -498,7 +500,7 @@ impl<'a> Reader<'a> {
             // After a value: close what ends here, then find the next value or finish.
             loop {
                 if self.depth == depth {
-                    return Ok(Raw { text: &self.text[start..self.pos], depth });
+                    return Ok(Raw { body: self.text, start, end: self.pos, depth });
                 }
                 let in_object = objects & (1u128 << (self.depth - depth - 1)) != 0;
                 match (self.peek(), in_object) {
@@ -634,6 +636,23 @@ mod tests {
             err.to_string(),
             "the body ends where `,` or `]` after an array element was expected at line 1 column 5"
         );
+    }
+
+    #[test]
+    fn a_value_read_again_reports_positions_in_the_body() {
+        let body = b"{\"a\":\n  [1, true]}";
+        let mut r = Reader::new(body, 8).unwrap();
+        let mut raw = None;
+        r.object(|_, r| {
+            raw = Some(r.skip()?);
+            Ok(())
+        })
+        .unwrap();
+        let raw = raw.unwrap();
+        assert_eq!(raw.get(), "[1, true]");
+        let mut again = Reader::value_in(raw, 8);
+        let err = again.array(|r| r.u64_or_null("n").map(drop)).unwrap_err();
+        assert_eq!(err.to_string(), "`n` must be a whole number at line 2 column 7");
     }
 
     #[test]
