@@ -159,20 +159,20 @@ impl<'a> Reader<'a> {
 
     /// The next value's kind; an error when no value starts here.
     pub fn kind(&mut self) -> Result<Kind, JsonError> {
-        Ok(match self.peek() {
-            Some(b'{') => Kind::Object,
-            Some(b'[') => Kind::Array,
-            Some(b'"') => Kind::String,
-            Some(b'-' | b'0'..=b'9') => Kind::Number,
-            Some(b't' | b'f') => Kind::Bool,
-            Some(b'n') => Kind::Null,
-            _ => return Err(self.unexpected("a value")),
-        })
+        self.peek_kind().ok_or_else(|| self.unexpected("a value"))
     }
 
     /// The next value's kind, or `None` when no value starts here.
     pub fn peek_kind(&mut self) -> Option<Kind> {
-        self.kind().ok()
+        Some(match self.peek()? {
+            b'{' => Kind::Object,
+            b'[' => Kind::Array,
+            b'"' => Kind::String,
+            b'-' | b'0'..=b'9' => Kind::Number,
+            b't' | b'f' => Kind::Bool,
+            b'n' => Kind::Null,
+            _ => return None,
+        })
     }
 
     /// Only whitespace is left: the body held one value.

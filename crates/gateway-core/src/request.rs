@@ -218,12 +218,6 @@ impl<'a> Wire<'a> {
 
     /// Reads the value of member `name`, one of [`MEMBERS`].
     fn member(&mut self, name: &'static str, r: &mut Reader<'a>) -> Result<(), JsonError> {
-        let raw = |r: &mut Reader<'a>| -> Result<Option<Raw<'a>>, JsonError> {
-            if r.null()? {
-                return Ok(None);
-            }
-            r.skip().map(Some)
-        };
         match name {
             "model" => self.model = r.string_or_null(name)?,
             "stream" => self.stream = r.bool_or_null(name)?,
@@ -234,16 +228,18 @@ impl<'a> Wire<'a> {
             "max_completion_tokens" => self.max_completion_tokens = r.u64_or_null(name)?,
             "max_output_tokens" => self.max_output_tokens = r.u64_or_null(name)?,
             "messages" => self.messages = messages(r)?,
-            "prompt" => self.prompt = raw(r)?,
-            "input" => self.input = raw(r)?,
+            "prompt" => self.prompt = raw_or_null(r)?,
+            "input" => self.input = raw_or_null(r)?,
             "instructions" => self.instructions = r.string_or_null(name)?,
-            _ => self.previous_response_id = r.string_or_null(name)?,
+            "previous_response_id" => self.previous_response_id = r.string_or_null(name)?,
+            // A name in `MEMBERS` without an arm is skipped, never read into another member.
+            _ => drop(r.skip()?),
         }
         Ok(())
     }
 }
 
-/// The top-level members [`Wire`] reads (`previous_response_id` is [`Wire::member`]'s last arm).
+/// The top-level members [`Wire`] reads, each an arm of [`Wire::member`].
 const MEMBERS: [&str; 13] = [
     "model",
     "stream",
@@ -259,6 +255,14 @@ const MEMBERS: [&str; 13] = [
     "instructions",
     "previous_response_id",
 ];
+
+/// A value kept as its raw text to be read later; `null` is `None`.
+fn raw_or_null<'a>(r: &mut Reader<'a>) -> Result<Option<Raw<'a>>, JsonError> {
+    if r.null()? {
+        return Ok(None);
+    }
+    r.skip().map(Some)
+}
 
 /// `stream_options`: `None` when absent or null, else its `include_usage`.
 fn stream_options(r: &mut Reader<'_>) -> Result<Option<Option<bool>>, JsonError> {
@@ -303,7 +307,7 @@ fn messages<'a>(r: &mut Reader<'a>) -> Result<Option<Vec<Message<'a>>>, JsonErro
             }
             "content" => {
                 once(&mut seen, 2, &key, r)?;
-                msg.content = if r.null()? { None } else { Some(r.skip()?) };
+                msg.content = raw_or_null(r)?;
                 Ok(())
             }
             _ => r.skip().map(drop),
