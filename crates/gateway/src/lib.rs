@@ -52,6 +52,7 @@ pub mod reload;
 pub mod server;
 pub mod state;
 pub mod upstream;
+pub mod wakes;
 
 pub use config::Config;
 pub use server::{app, Gateway};

@@ -43,7 +43,8 @@ pub struct RelayBody {
     /// `upstream.total_timeout_ms` from the request's arrival.
     deadline: Instant,
     /// Fires at the earlier of the idle and total timeouts; made the first time the worker makes the
-    /// body wait (an answer that arrives whole never needs one).
+    /// body wait (an answer that arrives whole never needs one). Data that comes meanwhile does not move
+    /// it: it fires at the deadline it was set to, and is moved on then if data came since.
     timer: Option<Pin<Box<Sleep>>>,
     record: Option<RequestRecord>,
     /// Event-stream bytes received but not yet handed to hyper (see `poll_frame`).
@@ -193,6 +194,8 @@ impl Body for RelayBody {
                         this.first_sent = true;
                         return Poll::Ready(Some(Ok(Frame::data(data))));
                     }
+                    // Copied, not held: a chunk still held when the worker's connection reads again
+                    // would make hyper allocate a new read buffer (measured: two allocations per event).
                     this.batch.extend_from_slice(&data);
                     if this.batch.len() >= MAX_BATCH {
                         return this.flush_batch();
@@ -219,11 +222,16 @@ impl Body for RelayBody {
                     }
                     let idle_at = this.last_data + this.idle_timeout;
                     let at = idle_at.min(this.deadline);
-                    let timer = this.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
-                    if timer.deadline() != at {
-                        timer.as_mut().reset(at);
+                    match &mut this.timer {
+                        // Set no later than `at` (which only moves later) and polled when set: it wakes
+                        // this task in time, and is not touched on every chunk.
+                        Some(timer) if !timer.is_elapsed() => return Poll::Pending,
+                        // It fired, but data came since: on to the new deadline.
+                        Some(timer) if at > Instant::now() => timer.as_mut().reset(at),
+                        Some(_) => {}
+                        None => this.timer = Some(Box::pin(tokio::time::sleep_until(at))),
                     }
-                    if timer.as_mut().poll(cx).is_pending() {
+                    if this.timer.as_mut().is_some_and(|t| t.as_mut().poll(cx).is_pending()) {
                         return Poll::Pending;
                     }
                     let reason = if this.deadline <= idle_at {

@@ -24,6 +24,7 @@
 
 use crate::config::ServerConfig;
 use crate::state::AppState;
+use crate::wakes::WokenOnly;
 use axum::extract::ConnectInfo;
 use axum::Router;
 use http_body::{Body as HttpBody, Frame, SizeHint};
@@ -33,7 +34,7 @@ use hyper_util::server::conn::auto;
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::convert::Infallible;
-use std::future::Future;
+use std::future::{poll_fn, Future};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -505,6 +506,16 @@ pub async fn serve(listener: TcpListener, router: Router, app: Arc<AppState>, st
     alive_tx.closed().await;
 }
 
+/// What woke a served connection's loop.
+enum Event<E> {
+    /// hyper is done with the connection.
+    Ended(Result<(), E>),
+    /// The gateway is shutting down.
+    Stop,
+    /// The watchdog's wake or its timer: time to look at the deadlines.
+    Look,
+}
+
 /// Serves one connection, and closes it when its deadline passes or the accept loop reclaims it.
 async fn serve_connection<T>(io: ConnIo<T>, service: Service, conn: Arc<Conn>, limits: Limits, stop: CancellationToken)
 where
@@ -528,6 +539,9 @@ where
     tokio::pin!(look);
     let cancelled = stop.cancelled();
     tokio::pin!(cancelled);
+    // The watchers (shutdown, the watchdog's wake, the timer) are polled only when one of them woke the
+    // task, not on every wake of the connection (every relayed chunk).
+    let watch = WokenOnly::default();
     loop {
         let now = Instant::now();
         let due = if !draining {
@@ -539,20 +553,37 @@ where
         };
         let next_look = now + limits.look_every();
         look.as_mut().reset(due.map_or(next_look, |at| at.min(next_look)));
-        tokio::select! {
-            res = served.as_mut() => {
+        let woke = conn.wake.notified();
+        tokio::pin!(woke);
+        watch.arm();
+        let event = poll_fn(|cx| {
+            if let Poll::Ready(res) = served.as_mut().poll(cx) {
+                return Poll::Ready(Event::Ended(res));
+            }
+            watch.poll(cx, |cx| {
+                if !draining && cancelled.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Event::Stop);
+                }
+                if woke.as_mut().poll(cx).is_ready() || look.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Event::Look);
+                }
+                Poll::Pending
+            })
+        })
+        .await;
+        match event {
+            Event::Ended(res) => {
                 if let Err(e) = res {
                     tracing::debug!(error = %e, "connection ended with an error");
                 }
                 return;
             }
-            _ = cancelled.as_mut(), if !draining => {
+            Event::Stop => {
                 draining = true;
                 conn.draining.store(true, Ordering::Release);
                 served.as_mut().graceful_shutdown();
             }
-            _ = conn.wake.notified() => {}
-            _ = look.as_mut() => {}
+            Event::Look => {}
         }
         let now = Instant::now();
         if draining {

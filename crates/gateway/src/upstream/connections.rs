@@ -21,6 +21,7 @@
 //! idle timeout passes over it (at most [`MAX_IDLE`] per worker).
 
 use super::Connector;
+use crate::wakes::SelfWakes;
 use bytes::Bytes;
 use http::header::{HeaderValue, HOST};
 use http::uri::{Authority, PathAndQuery, Uri};
@@ -53,33 +54,48 @@ struct Connection {
     sender: Sender,
     /// `None` once it ended: dropping it fails what the connection still owed.
     driver: Option<Driver>,
+    /// The waker the connection and what it feeds are polled with: their hand-overs to each other do
+    /// not make the task poll again.
+    wakes: SelfWakes,
+}
+
+/// Does the connection's pending IO; whether it is still open (not closed by the worker, not failed).
+fn drive(driver: &mut Option<Driver>, cx: &mut Context<'_>) -> bool {
+    let Some(conn) = driver else { return false };
+    let Poll::Ready(ended) = Pin::new(conn).poll(cx) else { return true };
+    if let Err(e) = ended {
+        tracing::debug!(error = %e, "worker connection ended with an error");
+    }
+    *driver = None;
+    false
 }
 
 impl Connection {
-    /// Does the connection's pending IO; whether it is still open (not closed by the worker, not failed).
-    fn drive(&mut self, cx: &mut Context<'_>) -> bool {
-        let Some(driver) = &mut self.driver else { return false };
-        let Poll::Ready(ended) = Pin::new(driver).poll(cx) else { return true };
-        if let Err(e) = ended {
-            tracing::debug!(error = %e, "worker connection ended with an error");
-        }
-        self.driver = None;
-        false
-    }
-
     /// Whether the connection can take a request: it is driven until its sender is ready, and cannot if
     /// it ended instead.
     async fn ready(&mut self) -> bool {
-        poll_fn(|cx| if self.drive(cx) { self.sender.poll_ready(cx).map(|r| r.is_ok()) } else { Poll::Ready(false) })
-            .await
+        let Self { sender, driver, wakes } = self;
+        poll_fn(|cx| {
+            wakes.poll(cx, |cx| {
+                if drive(driver, cx) {
+                    sender.poll_ready(cx).map(|r| r.is_ok())
+                } else {
+                    Poll::Ready(false)
+                }
+            })
+        })
+        .await
     }
 
     /// Waits for `answer` (to a request sent on this connection), driving the connection meanwhile: the
     /// connection first, so the answer it read is there when the answer is polled.
     async fn answer<F: std::future::Future>(&mut self, mut answer: Pin<&mut F>) -> F::Output {
+        let Self { driver, wakes, .. } = self;
         poll_fn(|cx| {
-            self.drive(cx);
-            answer.as_mut().poll(cx)
+            wakes.poll(cx, |cx| {
+                drive(driver, cx);
+                answer.as_mut().poll(cx)
+            })
         })
         .await
     }
@@ -241,7 +257,7 @@ async fn connect(connector: &Connector, target: &Target) -> Result<Box<Connectio
     let (sender, driver) =
         connector.http1.handshake(io).await.map_err(|e| SendError { connect: true, source: e.into() })?;
     // Boxed: the driver holds its buffers inline, and the connection moves on every checkout and return.
-    Ok(Box::new(Connection { sender, driver: Some(driver) }))
+    Ok(Box::new(Connection { sender, driver: Some(driver), wakes: SelfWakes::default() }))
 }
 
 /// A worker's response body: drives its connection while it is read, and gives the connection back to
@@ -274,12 +290,22 @@ impl http_body::Body for WorkerBody {
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         // The connection first, so what it reads is in the body's channel when the body is polled. One
         // that ended has delivered all it will: the body then ends or fails.
-        if let Some((conn, _)) = &mut self.conn {
-            if !conn.drive(cx) {
-                self.conn = None;
+        let this = &mut *self;
+        let polled = match &mut this.conn {
+            Some((conn, _)) => {
+                let Connection { driver, wakes, .. } = &mut **conn;
+                let inner = &mut this.inner;
+                let polled = wakes.poll(cx, |cx| {
+                    drive(driver, cx);
+                    Pin::new(&mut *inner).poll_frame(cx)
+                });
+                if driver.is_none() {
+                    this.conn = None;
+                }
+                polled
             }
-        }
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+            None => Pin::new(&mut this.inner).poll_frame(cx),
+        };
         match &polled {
             Poll::Ready(None) => self.give_back(),
             Poll::Ready(Some(Ok(_))) => self.give_back_if_ended(),

@@ -1,0 +1,269 @@
+//! Wakers for futures one task polls together, so that a wake makes the task do only what it was for.
+//!
+//! - [`SelfWakes`]: wakes a poll gives itself, kept inside that poll.
+//! - [`WokenOnly`]: futures polled only when they woke the task, beside one polled on every wake.
+//!
+//! A request drives its worker connection from its own task ([`crate::upstream::connections`]): the connection's
+//! future and the answer or body it feeds talk through hyper's channels, and each hand-over between them
+//! wakes the other side. Both sides are polled by the same task, so each of those wakes made tokio poll
+//! the task again once the poll returned: the client connection's whole dispatcher, for nothing (the
+//! poll had already taken what the wake announced). On a stream that was once per relayed event,
+//! about as many instructions as the relay itself.
+//!
+//! [`SelfWakes::poll`] gives the polled parts a waker of its own. A wake that comes while the poll runs
+//! is noted and the parts are polled once more in place; one that comes between polls (the worker's
+//! socket turned readable) wakes the task as the task's own waker would.
+
+use futures_util::task::AtomicWaker;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll, Wake, Waker};
+
+/// No poll is running: a wake goes to the task.
+const IDLE: u8 = 0;
+/// A poll is running and nothing woke it yet.
+const POLLING: u8 = 1;
+/// A poll is running and something woke it: it goes round again.
+const WOKEN: u8 = 2;
+
+/// Rounds one [`SelfWakes::poll`] makes before handing a wake to the task: parts that wake themselves
+/// every time (tokio's cooperative budget, once spent, does) must let the task yield.
+const MAX_ROUNDS: usize = 4;
+
+/// A waker for the parts one task polls together; see the module docs.
+#[derive(Debug)]
+pub struct SelfWakes {
+    shared: Arc<Shared>,
+    waker: Waker,
+}
+
+#[derive(Debug)]
+struct Shared {
+    state: AtomicU8,
+    /// The task that polled last.
+    task: AtomicWaker,
+}
+
+impl Wake for Shared {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        // While polling, note it (once); between polls, the task must run.
+        if let Err(IDLE) = self.state.compare_exchange(POLLING, WOKEN, Ordering::AcqRel, Ordering::Acquire) {
+            self.task.wake();
+        }
+    }
+}
+
+impl Default for SelfWakes {
+    fn default() -> Self {
+        let shared = Arc::new(Shared { state: AtomicU8::new(IDLE), task: AtomicWaker::new() });
+        let waker = Waker::from(Arc::clone(&shared));
+        Self { shared, waker }
+    }
+}
+
+impl SelfWakes {
+    /// Polls `parts` with this waker, again while they woke themselves during the poll and are still
+    /// pending (at most [`MAX_ROUNDS`] times; then the task is woken to poll again later).
+    ///
+    /// A wake during a poll that ends ready is not passed on: the caller polls again after taking what
+    /// was ready (a body's next frame), and every poll polls all the parts.
+    pub fn poll<T>(&self, cx: &mut Context<'_>, mut parts: impl FnMut(&mut Context<'_>) -> Poll<T>) -> Poll<T> {
+        self.shared.task.register(cx.waker());
+        let mut own = Context::from_waker(&self.waker);
+        for _ in 0..MAX_ROUNDS {
+            self.shared.state.store(POLLING, Ordering::Release);
+            let polled = parts(&mut own);
+            let woken = self.shared.state.swap(IDLE, Ordering::AcqRel) == WOKEN;
+            if polled.is_ready() || !woken {
+                return polled;
+            }
+        }
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+}
+
+/// Futures a task polls only after they woke it: a connection's watchers (its shutdown signal, its
+/// deadline timer), which tokio's `select!` polled on every wake of the connection's task, that is
+/// on every chunk it relays, each taking a lock or a clock.
+#[derive(Debug)]
+pub struct WokenOnly {
+    shared: Arc<Flag>,
+    waker: Waker,
+}
+
+#[derive(Debug)]
+struct Flag {
+    woken: AtomicBool,
+    task: AtomicWaker,
+}
+
+impl Wake for Flag {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::Release);
+        self.task.wake();
+    }
+}
+
+impl Default for WokenOnly {
+    /// Armed: the first [`WokenOnly::poll`] polls.
+    fn default() -> Self {
+        let shared = Arc::new(Flag { woken: AtomicBool::new(true), task: AtomicWaker::new() });
+        let waker = Waker::from(Arc::clone(&shared));
+        Self { shared, waker }
+    }
+}
+
+impl WokenOnly {
+    /// Makes the next [`WokenOnly::poll`] poll: for a future that is new or was moved (a timer reset)
+    /// and must be polled once to register.
+    pub fn arm(&self) {
+        self.shared.woken.store(true, Ordering::Release);
+    }
+
+    /// Polls `watchers` with this waker if one of them woke the task since they were last polled (or
+    /// [`WokenOnly::arm`] was called); pending otherwise, the task to be woken by them.
+    pub fn poll<T>(&self, cx: &mut Context<'_>, watchers: impl FnOnce(&mut Context<'_>) -> Poll<T>) -> Poll<T> {
+        self.shared.task.register(cx.waker());
+        if !self.shared.woken.swap(false, Ordering::AcqRel) {
+            return Poll::Pending;
+        }
+        watchers(&mut Context::from_waker(&self.waker))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    /// A task waker counting its wakes.
+    #[derive(Default)]
+    struct Count(AtomicUsize);
+
+    impl Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn task() -> (Arc<Count>, Waker) {
+        let count = Arc::new(Count::default());
+        (Arc::clone(&count), Waker::from(count))
+    }
+
+    #[test]
+    fn a_wake_during_the_poll_polls_again_without_waking_the_task() {
+        let (count, waker) = task();
+        let wakes = SelfWakes::default();
+        let mut rounds = 0;
+        let polled = wakes.poll(&mut Context::from_waker(&waker), |cx| {
+            rounds += 1;
+            if rounds == 1 {
+                // A channel hand-over: the other side is woken, and it is this poll's own part.
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            Poll::Ready(rounds)
+        });
+        assert_eq!(polled, Poll::Ready(2));
+        assert_eq!(count.0.load(Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn a_wake_between_polls_wakes_the_task() {
+        let (count, waker) = task();
+        let wakes = SelfWakes::default();
+        let mut kept = None;
+        let polled: Poll<()> = wakes.poll(&mut Context::from_waker(&waker), |cx| {
+            // A socket keeps the waker to wake when it turns readable.
+            kept = Some(cx.waker().clone());
+            Poll::Pending
+        });
+        assert_eq!(polled, Poll::Pending);
+        assert_eq!(count.0.load(Ordering::SeqCst), 0);
+        let kept = kept.expect("the part kept the waker");
+        std::thread::spawn(move || kept.wake()).join().expect("joins");
+        assert_eq!(count.0.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn a_wake_during_a_poll_that_ends_ready_is_not_passed_on() {
+        let (count, waker) = task();
+        let wakes = SelfWakes::default();
+        let polled = wakes.poll(&mut Context::from_waker(&waker), |cx| {
+            cx.waker().wake_by_ref();
+            Poll::Ready(())
+        });
+        assert_eq!(polled, Poll::Ready(()));
+        assert_eq!(count.0.load(Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn parts_that_always_wake_themselves_let_the_task_yield() {
+        let (count, waker) = task();
+        let wakes = SelfWakes::default();
+        let mut rounds = 0;
+        let polled: Poll<()> = wakes.poll(&mut Context::from_waker(&waker), |cx| {
+            rounds += 1;
+            cx.waker().wake_by_ref();
+            Poll::Pending
+        });
+        assert_eq!(polled, Poll::Pending);
+        assert_eq!(rounds, MAX_ROUNDS);
+        assert_eq!(count.0.load(Ordering::SeqCst), 1, "the task polls again later");
+    }
+
+    #[test]
+    fn the_last_task_to_poll_is_the_one_woken() {
+        let (first, first_waker) = task();
+        let (second, second_waker) = task();
+        let wakes = SelfWakes::default();
+        let mut kept = None;
+        let _: Poll<()> = wakes.poll(&mut Context::from_waker(&first_waker), |cx| {
+            kept = Some(cx.waker().clone());
+            Poll::Pending
+        });
+        let _: Poll<()> = wakes.poll(&mut Context::from_waker(&second_waker), |_| Poll::Pending);
+        kept.expect("kept").wake();
+        assert_eq!((first.0.load(Ordering::SeqCst), second.0.load(Ordering::SeqCst)), (0, 1));
+    }
+
+    #[test]
+    fn watchers_are_polled_first_then_only_after_they_woke() {
+        let (count, waker) = task();
+        let mut cx = Context::from_waker(&waker);
+        let watch = WokenOnly::default();
+        let (mut polls, mut kept) = (0, None);
+        for _ in 0..3 {
+            // The first poll, then two wakes of the task for something else (a chunk to relay).
+            let _: Poll<()> = watch.poll(&mut cx, |cx| {
+                polls += 1;
+                kept = Some(cx.waker().clone());
+                Poll::Pending
+            });
+        }
+        assert_eq!(polls, 1);
+        kept.take().expect("a watcher kept the waker").wake();
+        assert_eq!(count.0.load(Ordering::SeqCst), 1, "a watcher's wake wakes the task");
+        let _: Poll<()> = watch.poll(&mut cx, |_| {
+            polls += 1;
+            Poll::Pending
+        });
+        assert_eq!(polls, 2, "and the next poll polls the watchers");
+        watch.arm();
+        let _: Poll<()> = watch.poll(&mut cx, |_| {
+            polls += 1;
+            Poll::Pending
+        });
+        assert_eq!(polls, 3, "as does one after arm");
+    }
+}
