@@ -1,6 +1,7 @@
 //! Wakers for futures one task polls together, so that a wake makes the task do only what it was for.
 //!
-//! - [`SelfWakes`]: wakes a poll gives itself, kept inside that poll.
+//! - [`SelfWakes`]: wakes a poll gives itself, kept inside that poll; and no poll at all when nothing
+//!   woke the parts since they were last pending.
 //! - [`WokenOnly`]: futures polled only when they woke the task, beside one polled on every wake.
 //!
 //! A request drives its worker connection from its own task ([`crate::upstream::connections`]): the connection's
@@ -12,19 +13,23 @@
 //!
 //! [`SelfWakes::poll`] gives the polled parts a waker of its own. A wake that comes while the poll runs
 //! is noted and the parts are polled once more in place; one that comes between polls (the worker's
-//! socket turned readable) wakes the task as the task's own waker would.
+//! socket turned readable) wakes the task as the task's own waker would. And parts that were pending
+//! and have not been woken since are pending still: the task, polled for another reason (the relay
+//! asking for the next chunk right after a batch, the client's socket), does not poll them again.
 
 use futures_util::task::AtomicWaker;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
 
-/// No poll is running: a wake goes to the task.
-const IDLE: u8 = 0;
+/// No poll is running, the parts were pending at the last and nothing woke them since.
+const QUIET: u8 = 0;
+/// No poll is running and the parts must be polled (they were ready last, or woke since).
+const STIRRED: u8 = 1;
 /// A poll is running and nothing woke it yet.
-const POLLING: u8 = 1;
+const POLLING: u8 = 2;
 /// A poll is running and something woke it: it goes round again.
-const WOKEN: u8 = 2;
+const WOKEN: u8 = 3;
 
 /// Rounds one [`SelfWakes::poll`] makes before handing a wake to the task: parts that wake themselves
 /// every time (tokio's cooperative budget, once spent, does) must let the task yield.
@@ -50,8 +55,13 @@ impl Wake for Shared {
     }
 
     fn wake_by_ref(self: &Arc<Self>) {
-        // While polling, note it (once); between polls, the task must run.
-        if let Err(IDLE) = self.state.compare_exchange(POLLING, WOKEN, Ordering::AcqRel, Ordering::Acquire) {
+        // While polling, note it (once); between polls, the task must run and poll the parts.
+        let noted = self.state.fetch_update(Ordering::AcqRel, Ordering::Acquire, |state| match state {
+            POLLING => Some(WOKEN),
+            QUIET => Some(STIRRED),
+            _ => None,
+        });
+        if matches!(noted, Ok(QUIET) | Err(STIRRED)) {
             self.task.wake();
         }
     }
@@ -59,7 +69,7 @@ impl Wake for Shared {
 
 impl Default for SelfWakes {
     fn default() -> Self {
-        let shared = Arc::new(Shared { state: AtomicU8::new(IDLE), task: AtomicWaker::new() });
+        let shared = Arc::new(Shared { state: AtomicU8::new(STIRRED), task: AtomicWaker::new() });
         let waker = Waker::from(Arc::clone(&shared));
         Self { shared, waker }
     }
@@ -67,21 +77,28 @@ impl Default for SelfWakes {
 
 impl SelfWakes {
     /// Polls `parts` with this waker, again while they woke themselves during the poll and are still
-    /// pending (at most [`MAX_ROUNDS`] times; then the task is woken to poll again later).
+    /// pending (at most [`MAX_ROUNDS`] times; then the task is woken to poll again later); pending
+    /// without polling them when they were pending and nothing woke them since.
     ///
-    /// A wake during a poll that ends ready is not passed on: the caller polls again after taking what
-    /// was ready (a body's next frame), and every poll polls all the parts.
+    /// `parts` are futures that change only when they wake (hyper's connection and channels are), the
+    /// same from one call to the next until they are ready. A wake during a poll that ends ready is not
+    /// passed on: the next call polls them.
     pub fn poll<T>(&self, cx: &mut Context<'_>, mut parts: impl FnMut(&mut Context<'_>) -> Poll<T>) -> Poll<T> {
         self.shared.task.register(cx.waker());
+        if self.shared.state.load(Ordering::Acquire) == QUIET {
+            return Poll::Pending;
+        }
         let mut own = Context::from_waker(&self.waker);
         for _ in 0..MAX_ROUNDS {
             self.shared.state.store(POLLING, Ordering::Release);
             let polled = parts(&mut own);
-            let woken = self.shared.state.swap(IDLE, Ordering::AcqRel) == WOKEN;
-            if polled.is_ready() || !woken {
+            let after = if polled.is_ready() { STIRRED } else { QUIET };
+            let was = self.shared.state.swap(after, Ordering::AcqRel);
+            if polled.is_ready() || was != WOKEN {
                 return polled;
             }
         }
+        self.shared.state.store(STIRRED, Ordering::Release);
         cx.waker().wake_by_ref();
         Poll::Pending
     }
@@ -193,6 +210,34 @@ mod tests {
         let kept = kept.expect("the part kept the waker");
         std::thread::spawn(move || kept.wake()).join().expect("joins");
         assert_eq!(count.0.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn parts_pending_and_not_woken_since_are_not_polled_again() {
+        let (count, waker) = task();
+        let mut cx = Context::from_waker(&waker);
+        let wakes = SelfWakes::default();
+        let (mut polls, mut kept) = (0, None);
+        for _ in 0..3 {
+            let _: Poll<()> = wakes.poll(&mut cx, |cx| {
+                polls += 1;
+                kept = Some(cx.waker().clone());
+                Poll::Pending
+            });
+        }
+        assert_eq!(polls, 1, "the task polled for something else: the parts are still pending");
+        kept.take().expect("a part kept the waker").wake();
+        assert_eq!(count.0.load(Ordering::SeqCst), 1);
+        let polled = wakes.poll(&mut cx, |_| {
+            polls += 1;
+            Poll::Ready(())
+        });
+        assert_eq!((polled, polls), (Poll::Ready(()), 2), "woken, they are polled");
+        let _: Poll<()> = wakes.poll(&mut cx, |_| {
+            polls += 1;
+            Poll::Pending
+        });
+        assert_eq!(polls, 3, "and after being ready, polled again");
     }
 
     #[test]
