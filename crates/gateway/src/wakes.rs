@@ -104,6 +104,17 @@ impl SelfWakes {
     }
 }
 
+impl SelfWakes {
+    /// Runs `f`, which hands the parts something (a request to send), without waking the task for it:
+    /// the caller polls the parts next, and [`SelfWakes::poll`] will.
+    pub fn stir<R>(&self, f: impl FnOnce() -> R) -> R {
+        self.shared.state.store(POLLING, Ordering::Release);
+        let out = f();
+        self.shared.state.store(STIRRED, Ordering::Release);
+        out
+    }
+}
+
 /// Futures a task polls only after they woke it: a connection's watchers (its shutdown signal, its
 /// deadline timer), which tokio's `select!` polled on every wake of the connection's task, that is
 /// on every chunk it relays, each taking a lock or a clock.
@@ -238,6 +249,28 @@ mod tests {
             Poll::Pending
         });
         assert_eq!(polls, 3, "and after being ready, polled again");
+    }
+
+    #[test]
+    fn what_stir_hands_over_is_polled_next_without_waking_the_task() {
+        let (count, waker) = task();
+        let mut cx = Context::from_waker(&waker);
+        let wakes = SelfWakes::default();
+        let mut kept = None;
+        let _: Poll<()> = wakes.poll(&mut cx, |cx| {
+            kept = Some(cx.waker().clone());
+            Poll::Pending
+        });
+        let kept = kept.expect("a part kept the waker");
+        // Sending a request wakes the connection, which is this task's own part.
+        wakes.stir(|| kept.wake_by_ref());
+        assert_eq!(count.0.load(Ordering::SeqCst), 0);
+        let mut polled = false;
+        let _: Poll<()> = wakes.poll(&mut cx, |_| {
+            polled = true;
+            Poll::Pending
+        });
+        assert!(polled);
     }
 
     #[test]

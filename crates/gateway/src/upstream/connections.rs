@@ -189,7 +189,8 @@ impl WorkerConnections {
                 continue;
             }
             // Pinned here, not moved into `answer`: an argument would be stored in its future twice.
-            let sent = std::pin::pin!(conn.sender.try_send_request(req));
+            // Handing the request over wakes the connection, which this task polls next anyway.
+            let sent = std::pin::pin!(conn.wakes.stir(|| conn.sender.try_send_request(req)));
             match conn.answer(sent).await {
                 Ok(resp) => return Ok(self.wrap(resp, conn)),
                 Err(mut e) => match e.take_message() {
@@ -201,7 +202,7 @@ impl WorkerConnections {
         }
         // Boxed: connecting is rare, and its futures would otherwise be part of every request's.
         let mut conn = Box::pin(connect(connector, target)).await?;
-        let sent = std::pin::pin!(conn.sender.send_request(req));
+        let sent = std::pin::pin!(conn.wakes.stir(|| conn.sender.send_request(req)));
         let resp = conn.answer(sent).await.map_err(|e| SendError { connect: false, source: e.into() })?;
         Ok(self.wrap(resp, conn))
     }
