@@ -21,6 +21,13 @@ impl SseTail {
     pub fn push(&mut self, data: &[u8]) {
         let content = data.trim_ascii_end().len();
         let trailing = (data.len() - content).min(2);
+        if content >= TAIL {
+            // The chunk holds the whole tail (the usual event): what came before is not needed.
+            self.tail.clear();
+            self.tail.extend_from_slice(&data[content - TAIL..content]);
+            self.tail.extend_from_slice(&data[data.len() - trailing..]);
+            return;
+        }
         self.tail.extend_from_slice(&data[content.saturating_sub(TAIL)..content]);
         self.tail.extend_from_slice(&data[data.len() - trailing..]);
         // A run of whitespace longer than two bytes matters only as "not one space" to the `[DONE]`
