@@ -69,9 +69,9 @@ fn events(text: &[u8]) -> Vec<Vec<&[u8]>> {
 pub fn usage(data: &[u8]) {
     let (stream, chunks) = chunked(data);
     let mut parts = UsageScanner::default();
-    chunks.iter().for_each(|c| parts.scan(c));
+    chunks.iter().for_each(|c| parts.scan(c, true));
     let mut whole = UsageScanner::default();
-    whole.scan(stream);
+    whole.scan(stream, true);
     let data_fields = stream.windows(5).filter(|w| w == b"data:").count() as u64;
     assert_eq!((parts.events, whole.events), (data_fields, data_fields));
     for (key, whole, parts) in [

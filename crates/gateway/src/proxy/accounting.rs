@@ -193,8 +193,9 @@ impl RequestRecord {
         self.load.worker()
     }
 
-    /// Notes relayed bytes: a sign of life, the first byte's time, token counts.
-    pub fn on_data(&mut self, data: &[u8], now: Instant) {
+    /// Notes relayed bytes: a sign of life, the first byte's time, token counts (and events, of an
+    /// `event_stream`).
+    pub fn on_data(&mut self, data: &[u8], now: Instant, event_stream: bool) {
         self.load.worker().mark_alive(now);
         if self.first_byte.is_none() && !data.is_empty() {
             self.first_byte = Some(now);
@@ -203,7 +204,7 @@ impl RequestRecord {
                 self.info.series.ttft.observe(ttft);
             }
         }
-        self.usage.scan(data);
+        self.usage.scan(data, event_stream);
         if let Some(id) = self.response_id.as_mut().and_then(|s| s.scan(data)) {
             if let Some(homes) = &self.info.response_homes {
                 homes.remember(&id, &self.load.worker().base_url);

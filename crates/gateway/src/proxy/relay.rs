@@ -177,7 +177,7 @@ impl Body for RelayBody {
                     };
                     let now = Instant::now();
                     if let Some(record) = this.record.as_mut() {
-                        record.on_data(data, now);
+                        record.on_data(data, now, this.sse);
                     }
                     this.last_data = now;
                     if !this.sse {

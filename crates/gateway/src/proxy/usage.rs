@@ -35,32 +35,35 @@ pub struct UsageScanner {
     pub completion_tokens: Option<u64>,
     /// Last `cached_tokens` seen (prompt tokens the worker served from its prefix cache).
     pub cached_tokens: Option<u64>,
-    /// `data:` events seen (an estimate of streamed chunks).
+    /// `data:` events seen in an event stream (an estimate of streamed chunks).
     pub events: u64,
     carry: Vec<u8>,
 }
 
 impl UsageScanner {
-    /// Scans one chunk.
-    pub fn scan(&mut self, chunk: &[u8]) {
+    /// Scans one chunk; events are counted in an `event_stream` only (a JSON answer has none, and
+    /// looking for them cost a tenth of a whole answer's scan).
+    pub fn scan(&mut self, chunk: &[u8], event_stream: bool) {
         if self.carry.is_empty() {
             // The first chunk (a whole non-streamed answer, often) is read where it lies.
-            self.read(chunk, 0);
+            self.read(chunk, 0, event_stream);
             self.carry.extend_from_slice(&chunk[chunk.len() - chunk.len().min(CARRY)..]);
             return;
         }
         let mut buf = std::mem::take(&mut self.carry);
         let scan_from = buf.len();
         buf.extend_from_slice(chunk);
-        self.read(&buf, scan_from);
+        self.read(&buf, scan_from, event_stream);
         let keep = buf.len().min(CARRY);
         buf.drain(..buf.len() - keep);
         self.carry = buf;
     }
 
     /// Counts the events ending after `from` in `buf` and takes the numbers it holds.
-    fn read(&mut self, buf: &[u8], from: usize) {
-        self.events += count(buf, &EVENT, from) as u64;
+    fn read(&mut self, buf: &[u8], from: usize, event_stream: bool) {
+        if event_stream {
+            self.events += count(buf, &EVENT, from) as u64;
+        }
         let [prompt, completion, cached] = last_numbers(buf);
         self.prompt_tokens = prompt.or(self.prompt_tokens);
         self.completion_tokens = completion.or(self.completion_tokens);
@@ -184,7 +187,7 @@ data: [DONE]
         for split in [1, 7, 50, 110, 130, 150] {
             let mut s = UsageScanner::default();
             for chunk in body.chunks(split) {
-                s.scan(chunk);
+                s.scan(chunk, true);
             }
             assert_eq!(s.prompt_tokens, Some(12), "split {split}");
             assert_eq!(s.completion_tokens, Some(345), "split {split}");
@@ -229,10 +232,13 @@ data: [DONE]
     #[test]
     fn non_stream_json() {
         let mut s = UsageScanner::default();
-        s.scan(br#"{"id":"x","usage":{"prompt_tokens": 5, "completion_tokens" : 9}}"#);
+        s.scan(br#"{"id":"x","usage":{"prompt_tokens": 5, "completion_tokens" : 9}}"#, false);
         assert_eq!((s.prompt_tokens, s.completion_tokens, s.events), (Some(5), Some(9), 0));
         assert_eq!(s.cached_tokens, None, "absent when the worker does not say");
-        s.scan(br#"{"usage":{"prompt_tokens":40,"prompt_tokens_details":{"cached_tokens":32},"completion_tokens":1}}"#);
+        s.scan(
+            br#"{"usage":{"prompt_tokens":40,"prompt_tokens_details":{"cached_tokens":32},"completion_tokens":1}}"#,
+            false,
+        );
         assert_eq!((s.prompt_tokens, s.cached_tokens), (Some(40), Some(32)));
     }
 }
