@@ -1,8 +1,6 @@
-//! Wakers for futures one task polls together, so that a wake makes the task do only what it was for.
-//!
-//! - [`SelfWakes`]: wakes a poll gives itself, kept inside that poll; and no poll at all when nothing
-//!   woke the parts since they were last pending.
-//! - [`WokenOnly`]: futures polled only when they woke the task, beside one polled on every wake.
+//! A waker for futures one task polls together, so that a wake makes the task do only what it was for:
+//! wakes a poll gives itself are kept inside that poll, and parts nothing woke since they were last
+//! pending are not polled at all.
 //!
 //! A request drives its worker connection from its own task ([`crate::upstream::connections`]): the connection's
 //! future and the answer or body it feeds talk through hyper's channels, and each hand-over between them
@@ -16,9 +14,13 @@
 //! socket turned readable) wakes the task as the task's own waker would. And parts that were pending
 //! and have not been woken since are pending still: the task, polled for another reason (the relay
 //! asking for the next chunk right after a batch, the client's socket), does not poll them again.
+//!
+//! A served connection's watchers (shutdown, its watchdog's wake and timer) are polled through one
+//! too ([`crate::server::connections`]): `tokio::select!` polled them on every wake of the connection's
+//! task, that is on every relayed chunk, each taking a lock or reading a clock.
 
 use futures_util::task::AtomicWaker;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
 
@@ -110,61 +112,14 @@ impl SelfWakes {
     pub fn stir<R>(&self, f: impl FnOnce() -> R) -> R {
         self.shared.state.store(POLLING, Ordering::Release);
         let out = f();
-        self.shared.state.store(STIRRED, Ordering::Release);
+        self.arm();
         out
     }
-}
 
-/// Futures a task polls only after they woke it: a connection's watchers (its shutdown signal, its
-/// deadline timer), which tokio's `select!` polled on every wake of the connection's task, that is
-/// on every chunk it relays, each taking a lock or a clock.
-#[derive(Debug)]
-pub struct WokenOnly {
-    shared: Arc<Flag>,
-    waker: Waker,
-}
-
-#[derive(Debug)]
-struct Flag {
-    woken: AtomicBool,
-    task: AtomicWaker,
-}
-
-impl Wake for Flag {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        self.woken.store(true, Ordering::Release);
-        self.task.wake();
-    }
-}
-
-impl Default for WokenOnly {
-    /// Armed: the first [`WokenOnly::poll`] polls.
-    fn default() -> Self {
-        let shared = Arc::new(Flag { woken: AtomicBool::new(true), task: AtomicWaker::new() });
-        let waker = Waker::from(Arc::clone(&shared));
-        Self { shared, waker }
-    }
-}
-
-impl WokenOnly {
-    /// Makes the next [`WokenOnly::poll`] poll: for a future that is new or was moved (a timer reset)
-    /// and must be polled once to register.
+    /// Makes the next [`SelfWakes::poll`] poll the parts: they changed without a wake (a future new
+    /// among them, a timer moved).
     pub fn arm(&self) {
-        self.shared.woken.store(true, Ordering::Release);
-    }
-
-    /// Polls `watchers` with this waker if one of them woke the task since they were last polled (or
-    /// [`WokenOnly::arm`] was called); pending otherwise, the task to be woken by them.
-    pub fn poll<T>(&self, cx: &mut Context<'_>, watchers: impl FnOnce(&mut Context<'_>) -> Poll<T>) -> Poll<T> {
-        self.shared.task.register(cx.waker());
-        if !self.shared.woken.swap(false, Ordering::AcqRel) {
-            return Poll::Pending;
-        }
-        watchers(&mut Context::from_waker(&self.waker))
+        self.shared.state.store(STIRRED, Ordering::Release);
     }
 }
 
@@ -249,6 +204,17 @@ mod tests {
             Poll::Pending
         });
         assert_eq!(polls, 3, "and after being ready, polled again");
+        let _: Poll<()> = wakes.poll(&mut cx, |_| {
+            polls += 1;
+            Poll::Pending
+        });
+        assert_eq!(polls, 3, "pending, not woken since");
+        wakes.arm();
+        let _: Poll<()> = wakes.poll(&mut cx, |_| {
+            polls += 1;
+            Poll::Pending
+        });
+        assert_eq!(polls, 4, "armed (a part changed without a wake): polled");
     }
 
     #[test]
@@ -313,35 +279,5 @@ mod tests {
         let _: Poll<()> = wakes.poll(&mut Context::from_waker(&second_waker), |_| Poll::Pending);
         kept.expect("kept").wake();
         assert_eq!((first.0.load(Ordering::SeqCst), second.0.load(Ordering::SeqCst)), (0, 1));
-    }
-
-    #[test]
-    fn watchers_are_polled_first_then_only_after_they_woke() {
-        let (count, waker) = task();
-        let mut cx = Context::from_waker(&waker);
-        let watch = WokenOnly::default();
-        let (mut polls, mut kept) = (0, None);
-        for _ in 0..3 {
-            // The first poll, then two wakes of the task for something else (a chunk to relay).
-            let _: Poll<()> = watch.poll(&mut cx, |cx| {
-                polls += 1;
-                kept = Some(cx.waker().clone());
-                Poll::Pending
-            });
-        }
-        assert_eq!(polls, 1);
-        kept.take().expect("a watcher kept the waker").wake();
-        assert_eq!(count.0.load(Ordering::SeqCst), 1, "a watcher's wake wakes the task");
-        let _: Poll<()> = watch.poll(&mut cx, |_| {
-            polls += 1;
-            Poll::Pending
-        });
-        assert_eq!(polls, 2, "and the next poll polls the watchers");
-        watch.arm();
-        let _: Poll<()> = watch.poll(&mut cx, |_| {
-            polls += 1;
-            Poll::Pending
-        });
-        assert_eq!(polls, 3, "as does one after arm");
     }
 }

@@ -24,7 +24,7 @@
 
 use crate::config::ServerConfig;
 use crate::state::AppState;
-use crate::wakes::WokenOnly;
+use crate::wakes::SelfWakes;
 use axum::extract::ConnectInfo;
 use axum::Router;
 use http_body::{Body as HttpBody, Frame, SizeHint};
@@ -541,7 +541,7 @@ where
     tokio::pin!(cancelled);
     // The watchers (shutdown, the watchdog's wake, the timer) are polled only when one of them woke the
     // task, not on every wake of the connection (every relayed chunk).
-    let watch = WokenOnly::default();
+    let watch = SelfWakes::default();
     loop {
         let now = Instant::now();
         let due = if !draining {
