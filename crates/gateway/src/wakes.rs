@@ -143,6 +143,18 @@ mod tests {
         (Arc::clone(&count), Waker::from(count))
     }
 
+    /// Polls through `wakes` for `task` a part that stays pending and keeps the waker it was given, as
+    /// a socket does to wake when it turns readable; returns that waker.
+    fn pending_part(wakes: &SelfWakes, task: &Waker) -> Waker {
+        let mut kept = None;
+        let polled: Poll<()> = wakes.poll(&mut Context::from_waker(task), |cx| {
+            kept = Some(cx.waker().clone());
+            Poll::Pending
+        });
+        assert_eq!(polled, Poll::Pending);
+        kept.expect("the part was polled")
+    }
+
     #[test]
     fn a_wake_during_the_poll_polls_again_without_waking_the_task() {
         let (count, waker) = task();
@@ -165,15 +177,8 @@ mod tests {
     fn a_wake_between_polls_wakes_the_task() {
         let (count, waker) = task();
         let wakes = SelfWakes::default();
-        let mut kept = None;
-        let polled: Poll<()> = wakes.poll(&mut Context::from_waker(&waker), |cx| {
-            // A socket keeps the waker to wake when it turns readable.
-            kept = Some(cx.waker().clone());
-            Poll::Pending
-        });
-        assert_eq!(polled, Poll::Pending);
+        let kept = pending_part(&wakes, &waker);
         assert_eq!(count.0.load(Ordering::SeqCst), 0);
-        let kept = kept.expect("the part kept the waker");
         std::thread::spawn(move || kept.wake()).join().expect("joins");
         assert_eq!(count.0.load(Ordering::SeqCst), 1);
     }
@@ -222,12 +227,7 @@ mod tests {
         let (count, waker) = task();
         let mut cx = Context::from_waker(&waker);
         let wakes = SelfWakes::default();
-        let mut kept = None;
-        let _: Poll<()> = wakes.poll(&mut cx, |cx| {
-            kept = Some(cx.waker().clone());
-            Poll::Pending
-        });
-        let kept = kept.expect("a part kept the waker");
+        let kept = pending_part(&wakes, &waker);
         // Sending a request wakes the connection, which is this task's own part.
         wakes.stir(|| kept.wake_by_ref());
         assert_eq!(count.0.load(Ordering::SeqCst), 0);
@@ -271,13 +271,9 @@ mod tests {
         let (first, first_waker) = task();
         let (second, second_waker) = task();
         let wakes = SelfWakes::default();
-        let mut kept = None;
-        let _: Poll<()> = wakes.poll(&mut Context::from_waker(&first_waker), |cx| {
-            kept = Some(cx.waker().clone());
-            Poll::Pending
-        });
+        let kept = pending_part(&wakes, &first_waker);
         let _: Poll<()> = wakes.poll(&mut Context::from_waker(&second_waker), |_| Poll::Pending);
-        kept.expect("kept").wake();
+        kept.wake();
         assert_eq!((first.0.load(Ordering::SeqCst), second.0.load(Ordering::SeqCst)), (0, 1));
     }
 }
