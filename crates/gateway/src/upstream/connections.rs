@@ -75,6 +75,9 @@ impl Connection {
     /// it ended instead.
     async fn ready(&mut self) -> bool {
         let Self { sender, driver, wakes } = self;
+        // New to this request: polled whatever it was last (a connection is given back after a ready
+        // poll, so this only guards against one that was not).
+        wakes.arm();
         poll_fn(|cx| {
             wakes.poll(cx, |cx| {
                 if drive(driver, cx) {
