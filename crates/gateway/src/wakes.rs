@@ -100,13 +100,11 @@ impl SelfWakes {
                 return polled;
             }
         }
-        self.shared.state.store(STIRRED, Ordering::Release);
+        self.arm();
         cx.waker().wake_by_ref();
         Poll::Pending
     }
-}
 
-impl SelfWakes {
     /// Runs `f`, which hands the parts something (a request to send), without waking the task for it:
     /// the caller polls the parts next, and [`SelfWakes::poll`] will.
     pub fn stir<R>(&self, f: impl FnOnce() -> R) -> R {

@@ -232,7 +232,8 @@ data: [DONE]
     #[test]
     fn non_stream_json() {
         let mut s = UsageScanner::default();
-        s.scan(br#"{"id":"x","usage":{"prompt_tokens": 5, "completion_tokens" : 9}}"#, false);
+        let answer = br#"{"id":"x","content":"data: is not an event here","usage":{"prompt_tokens": 5, "completion_tokens" : 9}}"#;
+        s.scan(answer, false);
         assert_eq!((s.prompt_tokens, s.completion_tokens, s.events), (Some(5), Some(9), 0));
         assert_eq!(s.cached_tokens, None, "absent when the worker does not say");
         s.scan(
