@@ -12,7 +12,7 @@ use prometheus::{
     Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
     Opts, Registry, TextEncoder,
 };
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 /// Buckets for request latency, seconds: 5 ms to 10 min.
@@ -95,7 +95,7 @@ pub struct Metrics {
     /// `llm_gateway_batches{status}`.
     pub batches: IntGaugeVec,
     /// Each model's request series, resolved once ([`Metrics::model_series`]).
-    models: RwLock<HashMap<Arc<str>, Arc<ModelSeries>>>,
+    models: RwLock<crate::proxy::admission::ModelMap<Arc<ModelSeries>>>,
 }
 
 /// Models whose series are kept resolved; past it a model's series are looked up per request (still
@@ -284,7 +284,7 @@ impl Metrics {
             names: std::mem::take(&mut r.names),
             labels: std::mem::take(&mut r.labels),
             registry: r.registry,
-            models: RwLock::new(HashMap::new()),
+            models: RwLock::default(),
         })
     }
 

@@ -57,16 +57,20 @@ use tokio::sync::oneshot;
 use tokio::sync::Notify as Wake;
 use tokio::time::Instant;
 
+/// A map keyed by model name, hashed with foldhash: looked up several times per request, where
+/// SipHash cost ~190 instructions a lookup (model names are served names, not client-chosen keys).
+pub type ModelMap<V> = HashMap<Arc<str>, V, foldhash::fast::RandomState>;
+
 /// Every model's queue, and the queue settings in force.
 pub struct Admission {
     cfg: ArcSwap<QueueConfig>,
     /// `llm_gateway_queue_rejected_total{model,reason}`.
     rejected: prometheus::IntCounterVec,
-    queues: Mutex<HashMap<Arc<str>, Arc<ModelQueue>>>,
+    queues: Mutex<ModelMap<Arc<ModelQueue>>>,
     /// `batch.max_share` as `f64` bits: the share of a worker's slots batch lines may fill.
     batch_share: AtomicU64,
     /// In-flight counts of the models with `max_concurrency` (bounded by [`crate::config::MAX_MODELS`]).
-    model_slots: Mutex<HashMap<Arc<str>, Arc<ModelSlots>>>,
+    model_slots: Mutex<ModelMap<Arc<ModelSlots>>>,
     /// Discount the load a worker reports that is not ours from its capacity (no shared count in force).
     discount_foreign: AtomicBool,
     me: Weak<Admission>,
@@ -292,8 +296,12 @@ impl Admission {
     }
 
     fn queue(&self, model: &Arc<str>) -> Arc<ModelQueue> {
+        let mut queues = self.queues.lock();
+        if let Some(q) = queues.get(model) {
+            return Arc::clone(q);
+        }
         let cfg = self.cfg.load();
-        Arc::clone(self.queues.lock().entry(Arc::clone(model)).or_insert_with(|| {
+        Arc::clone(queues.entry(Arc::clone(model)).or_insert_with(|| {
             Arc::new(ModelQueue {
                 waiting: Mutex::new(AdmissionQueue::new(cfg.ordering())),
                 dispatches: Mutex::new(RateEstimator::default()),
