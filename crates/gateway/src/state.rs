@@ -24,6 +24,34 @@ pub struct Snapshot {
     pub policy: Arc<dyn Policy>,
     /// The API keys in force.
     pub auth: Arc<crate::auth::Auth>,
+    /// `llm_gateway_routing_decisions_total{strategy,worker}` of each worker, in fleet order: resolved
+    /// once per snapshot, since a label lookup per request cost ~700 instructions.
+    decisions: Vec<prometheus::IntCounter>,
+}
+
+impl Snapshot {
+    /// A snapshot of what is in force, its workers' decision counters resolved in `metrics`.
+    pub fn new(
+        config: Config,
+        fleet: Fleet,
+        policy: Arc<dyn Policy>,
+        auth: crate::auth::Auth,
+        metrics: &Metrics,
+    ) -> Self {
+        let decisions = fleet
+            .workers
+            .iter()
+            .map(|w| metrics.routing_decisions.with_label_values(&[policy.name(), &w.name]))
+            .collect();
+        Self { config: Arc::new(config), fleet: Arc::new(fleet), policy, auth: Arc::new(auth), decisions }
+    }
+
+    /// Counts a routing decision for `worker` (a worker of this snapshot's fleet).
+    pub fn count_decision(&self, worker: &crate::fleet::worker::Worker) {
+        if let Some(i) = self.fleet.workers.iter().position(|w| w.id == worker.id) {
+            self.decisions[i].inc();
+        }
+    }
 }
 
 /// State shared by every request and background task.
@@ -85,6 +113,7 @@ impl AppState {
         let probes = ProbeSet::new(client.clone(), config.health.clone(), shutdown.clone());
         let cluster = crate::cluster::Cluster::new(&config.cluster, Arc::clone(&metrics));
         admission.set_discount_foreign(!cluster.shares_slots());
+        let auth = crate::auth::Auth::from_config(&config.auth).map_err(anyhow::Error::msg)?;
         Ok(Arc::new(Self {
             cluster,
             batch: crate::batch::Batches::new(config.batch.data_dir.clone()),
@@ -97,12 +126,7 @@ impl AppState {
             sampler: crate::dashboard::series::Sampler::new(),
             response_homes: Arc::new(crate::proxy::response_homes::ResponseHomes::new(config.responses.max_remembered)),
             connections: crate::server::connections::Connections::new(),
-            snapshot: ArcSwap::from_pointee(Snapshot {
-                auth: Arc::new(crate::auth::Auth::from_config(&config.auth).map_err(anyhow::Error::msg)?),
-                config: Arc::new(config),
-                fleet: Arc::new(fleet),
-                policy,
-            }),
+            snapshot: ArcSwap::from_pointee(Snapshot::new(config, fleet, policy, auth, &metrics)),
             metrics,
             resolved: ArcSwap::from_pointee(resolved),
             started: Instant::now(),

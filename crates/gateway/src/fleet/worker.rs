@@ -149,6 +149,9 @@ pub struct Worker {
     pub connections: Arc<crate::upstream::connections::WorkerConnections>,
     /// `Authorization` header value sent upstream, when the worker has an API key.
     pub auth_header: Option<http::HeaderValue>,
+    /// Its name as the `X-Gateway-Worker` header of answers (`None` when the name is no header value),
+    /// made once: a clone shares its bytes.
+    pub name_header: Option<http::HeaderValue>,
     /// Models it serves: configured, or learned from `/v1/models`.
     pub models: ArcSwap<Vec<String>>,
     /// Live counters.
@@ -178,9 +181,12 @@ impl Worker {
             );
         let base_url = crate::config::strip_userinfo(&spec.url).trim_end_matches('/').to_string();
         let connections = Arc::new(crate::upstream::connections::WorkerConnections::new(&base_url));
+        let name = spec.display_name();
+        let name_header = http::HeaderValue::from_str(&name).ok();
         Self {
             id,
-            name: spec.display_name(),
+            name,
+            name_header,
             base_url,
             connections,
             auth_header,

@@ -210,7 +210,7 @@ async fn pick<'s>(
         let transition = load.take_transition();
         attempts.tried.push(worker.id);
         report_transition(&app.metrics, &app.cluster, &worker, transition);
-        app.metrics.routing_decisions.with_label_values(&[snap.policy.name(), &worker.name]).inc();
+        snap.count_decision(&worker);
         let others = all.iter().any(|w| w.id != worker.id);
         return Ok(Picked { load, others });
     }

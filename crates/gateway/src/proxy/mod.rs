@@ -275,7 +275,7 @@ async fn handle(
             Ok(mut resp) => {
                 app.admission.record_dispatch(&model, out.queue_wait);
                 let h = resp.headers_mut();
-                h.insert(X_QUEUE_POSITION.clone(), HeaderValue::from(ticket.position));
+                h.insert(X_QUEUE_POSITION.clone(), queue_position_header(ticket.position));
                 h.insert(X_ESTIMATED_WAIT.clone(), estimated_wait_header(ticket.estimated_wait));
                 if let Some(q) = &quota {
                     crate::limits::set_headers(h, q);
@@ -294,6 +294,15 @@ fn prefix_options(policy: &dyn routing::Policy) -> PrefixOptions {
         max_chunks: if policy.uses_prefix_hashes() { all.max_chunks } else { 0 },
         session_from_messages: policy.uses_session_key(),
         ..all
+    }
+}
+
+/// `X-Queue-Position`: most requests waited behind nobody, and a static `0` allocates nothing.
+fn queue_position_header(position: usize) -> HeaderValue {
+    if position == 0 {
+        HeaderValue::from_static("0")
+    } else {
+        HeaderValue::from(position)
     }
 }
 

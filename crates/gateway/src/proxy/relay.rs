@@ -15,7 +15,7 @@ use crate::upstream::strip_hop_by_hop;
 use axum::response::Response;
 use bytes::Bytes;
 use gateway_core::{ErrorKind, GatewayError, OutcomeKind};
-use http::header::{HeaderValue, CONTENT_TYPE};
+use http::header::CONTENT_TYPE;
 use http_body::{Body, Frame, SizeHint};
 use std::future::Future;
 use std::pin::Pin;
@@ -275,8 +275,8 @@ pub fn relayed_response(
     // The worker's own map, its hop-by-hop headers taken out. An event stream may gain a final error
     // event, so it must not keep a fixed length.
     strip_hop_by_hop(&mut parts.headers, !sse);
-    if let Ok(v) = HeaderValue::from_str(&record.worker().name) {
-        parts.headers.insert(X_GATEWAY_WORKER.clone(), v);
+    if let Some(v) = &record.worker().name_header {
+        parts.headers.insert(X_GATEWAY_WORKER.clone(), v.clone());
     }
     let mut out = Response::new(axum::body::Body::new(RelayBody::new(body, sse, record, idle_timeout, deadline)));
     *out.status_mut() = parts.status;
