@@ -662,16 +662,17 @@ impl Admission {
     /// A slot freed on `worker`: the best live waiter of a model it serves gets it; when no live request
     /// waits for the worker, the oldest batch line gets it (within the batch share).
     pub fn slot_freed(&self, worker: &Arc<Worker>) {
-        let queues: Vec<Arc<ModelQueue>> = {
-            let all = self.queues.lock();
-            worker.models.load().iter().filter_map(|m| all.get(m.as_str()).cloned()).collect()
-        };
-        for q in &queues {
-            self.dispatch_to(q, worker);
+        // Each queue looked up per pass, not collected into a list: a worker serves a model or a few,
+        // and a lookup costs less than the list.
+        let models = worker.models.load();
+        let queue = |m: &String| self.queues.lock().get(m.as_str()).cloned();
+        let mut slot_waiters = false;
+        for q in models.iter().filter_map(queue) {
+            slot_waiters |= self.dispatch_to(&q, worker);
         }
-        if queues.iter().all(|q| !q.waiting.lock().items().any(|w| w.tx.is_some())) {
-            for q in &queues {
-                self.dispatch_batch_to(q, worker);
+        if !slot_waiters {
+            for q in models.iter().filter_map(queue) {
+                self.dispatch_batch_to(&q, worker);
             }
         }
     }
@@ -682,37 +683,40 @@ impl Admission {
     /// longest goes first
     /// (`guard::AdmissionQueue::pop_preferring`).
     /// The slot is reserved (a compare-and-swap against capacity) before a waiter is taken from the queue.
-    fn dispatch_to(&self, queue: &ModelQueue, worker: &Arc<Worker>) {
-        if !worker.is_available() {
-            return;
-        }
+    /// Returns whether requests still wait for a slot in `queue` (batch lines wait behind them).
+    fn dispatch_to(&self, queue: &ModelQueue, worker: &Arc<Worker>) -> bool {
         // Budget waiters take no slot.
         let wants_slot = |w: &Waiter| w.tx.is_some();
         // Most slots free with nobody waiting: that look is all they cost.
         if !queue.waiting.lock().items().any(wants_slot) {
-            return;
+            return false;
+        }
+        if !worker.is_available() {
+            return true;
         }
         let cap = self.capacity_of(worker);
         let per_worker = queue.dispatches.lock().estimated_wait(1, Instant::now().into_std());
         let mut waiting = queue.waiting.lock();
         while waiting.items().any(wants_slot) {
-            let Some(slot) = Reservation::try_take(worker, cap, self.notify()) else { return };
+            let Some(slot) = Reservation::try_take(worker, cap, self.notify()) else { return true };
             let fit = |w: &Waiter| w.fit(worker, per_worker);
             let Some((_, waiter)) = waiting.pop_preferring(Instant::now().into_std(), wants_slot, fit) else {
                 slot.return_quietly();
-                return;
+                return true;
             };
             hand_over(waiter, slot);
         }
+        false
     }
 
     /// Hands `worker`'s spare slots (within the batch share) to `queue`'s oldest batch lines.
     fn dispatch_batch_to(&self, queue: &ModelQueue, worker: &Arc<Worker>) {
-        if !worker.is_available() {
+        let mut batch = queue.batch.lock();
+        // Most slots free with no batch line waiting: that look is all they cost.
+        if batch.is_empty() || !worker.is_available() {
             return;
         }
         let cap = self.slots_for(worker, Priority::Batch);
-        let mut batch = queue.batch.lock();
         while !batch.is_empty() {
             let Some(slot) = Reservation::try_take(worker, cap, self.notify()) else { return };
             let Some(waiter) = batch.pop_front() else {
