@@ -20,15 +20,15 @@ COPY crates/vllm-sim/Cargo.toml crates/vllm-sim/
 COPY crates/bench/Cargo.toml crates/bench/
 COPY docker/stub-crates.sh /usr/local/bin/stub-crates
 RUN sh /usr/local/bin/stub-crates . \
- && cargo build --release --locked -p llm-gateway -p vllm-sim \
+ && cargo build --profile dist --locked -p llm-gateway -p vllm-sim \
  && rm -rf crates/*/src crates/*/benches
 
 # 2. The real sources. COPY keeps the build context's modification times, which may be older than the
 #    placeholders just compiled: touch them so cargo rebuilds the workspace crates (and only them).
 COPY crates crates
 RUN find crates -name '*.rs' -exec touch {} + \
- && cargo build --release --locked -p llm-gateway -p vllm-sim \
- && install -D -m 0755 target/release/llm-gateway target/release/vllm-sim -t /out/
+ && cargo build --profile dist --locked -p llm-gateway -p vllm-sim \
+ && install -D -m 0755 target/dist/llm-gateway target/dist/vllm-sim -t /out/
 
 # ---- runtime: slim Debian, non-root ----
 # Both binaries link only libc, libm and libgcc_s (workers and Redis are spoken to over plain TCP, no TLS

@@ -15,15 +15,23 @@ pub fn binaries() -> anyhow::Result<(PathBuf, PathBuf)> {
     if let Some(cargo) = std::env::var_os("CARGO") {
         let mut cmd = Command::new(cargo);
         cmd.args(["build", "-p", "llm-gateway", "-p", "vllm-sim", "--bins"]);
-        if dir.ends_with("release") {
-            cmd.arg("--release");
+        // The profile this bench was built with (`target/<profile>/bench`), so the gateway measured is
+        // built the same way.
+        match dir.file_name().and_then(|n| n.to_str()) {
+            Some("debug") | None => {}
+            Some("release") => {
+                cmd.arg("--release");
+            }
+            Some(profile) => {
+                cmd.args(["--profile", profile]);
+            }
         }
         anyhow::ensure!(cmd.status()?.success(), "building llm-gateway and vllm-sim failed");
     }
     let (gw, sim) = (dir.join("llm-gateway"), dir.join("vllm-sim"));
     anyhow::ensure!(
         gw.exists() && sim.exists(),
-        "{} or {} is missing: cargo build --release -p llm-gateway -p vllm-sim --bins",
+        "{} or {} is missing: cargo build --release (or --profile dist) -p llm-gateway -p vllm-sim --bins",
         gw.display(),
         sim.display()
     );
