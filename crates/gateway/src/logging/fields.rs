@@ -40,6 +40,8 @@ impl Default for FieldText {
     }
 }
 
+// The writers are `#[inline]`: at a call with a literal name, each piece is a copy of known length
+// rather than a `memcpy` call (600 instructions of the request line's 2,500, callgrind).
 impl FieldText {
     /// The text so far.
     pub fn as_str(&self) -> &str {
@@ -47,6 +49,7 @@ impl FieldText {
     }
 
     /// Starts a field: the separator, then `name=` (nothing for the message).
+    #[inline]
     fn start(&mut self, name: &str) {
         if !self.0.is_empty() {
             self.0.push(' ');
@@ -58,6 +61,7 @@ impl FieldText {
     }
 
     /// The event's message.
+    #[inline]
     pub fn message(&mut self, text: &str) -> &mut Self {
         self.start("message");
         self.0.push_str(text);
@@ -65,6 +69,7 @@ impl FieldText {
     }
 
     /// An integer field.
+    #[inline]
     pub fn int(&mut self, name: &str, value: impl itoa::Integer) -> &mut Self {
         self.start(name);
         self.0.push_str(itoa::Buffer::new().format(value));
@@ -72,6 +77,7 @@ impl FieldText {
     }
 
     /// An integer field when there is one (tracing writes nothing for `None`).
+    #[inline]
     pub fn some_int(&mut self, name: &str, value: Option<impl itoa::Integer>) -> &mut Self {
         if let Some(v) = value {
             self.int(name, v);
@@ -80,6 +86,7 @@ impl FieldText {
     }
 
     /// A boolean field.
+    #[inline]
     pub fn bool(&mut self, name: &str, value: bool) -> &mut Self {
         self.start(name);
         self.0.push_str(if value { "true" } else { "false" });
@@ -87,6 +94,7 @@ impl FieldText {
     }
 
     /// A string field, quoted.
+    #[inline]
     pub fn str(&mut self, name: &str, value: &str) -> &mut Self {
         self.start(name);
         if value.bytes().all(|b| (b' '..=b'~').contains(&b) && b != b'"' && b != b'\\') {
@@ -101,6 +109,7 @@ impl FieldText {
     }
 
     /// A string field when there is one.
+    #[inline]
     pub fn some_str(&mut self, name: &str, value: Option<&str>) -> &mut Self {
         if let Some(v) = value {
             self.str(name, v);
@@ -109,6 +118,7 @@ impl FieldText {
     }
 
     /// A field written by its `Display` (tracing's `%value`), bare.
+    #[inline]
     pub fn display(&mut self, name: &str, value: &str) -> &mut Self {
         self.start(name);
         self.0.push_str(value);
