@@ -48,11 +48,18 @@ const MODEL_BUDGET: u64 = u64::MAX;
 /// Every inference endpoint ([`endpoint::ROUTES`]): `/v1/chat/completions`, `/v1/responses`, ...
 pub async fn forward(State(app): State<Arc<AppState>>, req: Request) -> Response {
     let client = req.extensions().get::<axum::extract::ConnectInfo<std::net::SocketAddr>>().map(|c| c.0.ip());
-    forward_from(app, req, client).await
+    forward_from(app, req, client, std::convert::identity).await
 }
 
-/// [`forward`] for a request from `client` (the server calls it directly, without the router).
-pub async fn forward_from(app: Arc<AppState>, req: Request, client: Option<std::net::IpAddr>) -> Response {
+/// [`forward`] for a request from `client` (the server calls it directly, without the router), its
+/// response handed to `wrap`: the server's wrapping done inside this future, not in another future
+/// around it, which copied this one's ~4 KB twice more per request (callgrind, 1,200 instructions).
+pub async fn forward_from<R>(
+    app: Arc<AppState>,
+    req: Request,
+    client: Option<std::net::IpAddr>,
+    wrap: impl FnOnce(Response) -> R,
+) -> R {
     let received = Instant::now();
     let request_id = request_id(req.headers());
     let active = Active::new(&app.metrics.active_requests);
@@ -71,7 +78,7 @@ pub async fn forward_from(app: Arc<AppState>, req: Request, client: Option<std::
     if let Ok(v) = HeaderValue::from_str(&request_id) {
         resp.headers_mut().insert(X_REQUEST_ID.clone(), v);
     }
-    resp
+    wrap(resp)
 }
 
 /// The gateway's own answer to a request it did not forward, with the model it named once known.
@@ -346,7 +353,7 @@ mod tests {
     async fn a_request_future_stays_small() {
         let app = crate::state::AppState::new(crate::config::Config::default()).expect("state");
         let req = Request::new(axum::body::Body::empty());
-        let size = std::mem::size_of_val(&forward_from(app, req, None));
+        let size = std::mem::size_of_val(&forward_from(app, req, None, std::convert::identity));
         assert!(size <= 5 * 1024, "the request future takes {size} bytes");
     }
 }

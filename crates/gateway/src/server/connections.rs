@@ -243,10 +243,10 @@ impl hyper::service::Service<http::Request<Incoming>> for Service {
         let in_flight = self.conn.start_request();
         if let Some(app) = self.app.as_ref().filter(|_| crate::proxy::endpoint::Endpoint::is_proxied(&req)) {
             let (app, client) = (Arc::clone(app), Some(self.remote.ip()));
-            return Box::pin(async move {
-                let resp = crate::proxy::forward_from(app, req.map(axum::body::Body::new), client).await;
+            let counted = move |resp: axum::response::Response| {
                 Ok(resp.map(|inner| CountedBody { inner, _in_flight: in_flight }))
-            });
+            };
+            return Box::pin(crate::proxy::forward_from(app, req.map(axum::body::Body::new), client, counted));
         }
         req.extensions_mut().insert(ConnectInfo(self.remote));
         let router = self.router.clone();
