@@ -11,7 +11,8 @@
 # --stream: streamed requests instead, 64 events 5 ms apart as a worker sends them (each event its own
 #   read, so what a relayed event costs is counted; events that arrive together would hide it), 10 at
 #   once over 10 connections, 20 and then 80 streams: (Ir(80) - Ir(20)) / 60.
-# --floor: the same through `bench hyper-proxy` (a bare hyper proxy, the stack's floor) instead.
+# --floor: the same through `bench hyper-proxy` (a bare hyper proxy, the stack's floor) instead, the
+#   bench beside GATEWAY_BIN (so `--floor target/dist/llm-gateway` counts the floor built as dist).
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 stream=0 floor=0
@@ -26,10 +27,14 @@ done
 bin=${1:-$here/target/release/llm-gateway}
 out=${2:-$(mktemp -d)}
 mkdir -p "$out"
-sim=$here/target/release/vllm-sim
-bench=$here/target/release/bench
+# vllm-sim and bench from GATEWAY_BIN's directory when they are there (`target/dist/llm-gateway`
+# counts the dist profile), else target/release's (a saved older build, say).
+dir=$(dirname "$bin")
+[ -x "$dir/bench" ] && [ -x "$dir/vllm-sim" ] || dir=$here/target/release
+sim=$dir/vllm-sim
+bench=$dir/bench
 command -v valgrind >/dev/null || { echo "needs valgrind (apt-get install valgrind)" >&2; exit 1; }
-[ -x "$sim" ] && [ -x "$bench" ] || { echo "build first: cargo build --release --workspace --bins" >&2; exit 1; }
+[ -x "$sim" ] && [ -x "$bench" ] || { echo "build first: cargo build --release --workspace --bins (or --profile dist)" >&2; exit 1; }
 if [ "$stream" = 1 ]; then itl=5 tokens=64; else itl=0 tokens=16; fi
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
