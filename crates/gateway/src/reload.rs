@@ -100,7 +100,7 @@ pub fn prepare(app: &AppState, old: &Snapshot, new: Config) -> Result<Option<Pre
         != (old.config.rate_limit.backend, &old.config.rate_limit.redis_url))
         // A new backend starts with fresh buckets; limits merely changed keep theirs.
         .then(|| RateLimiter::new(&new.rate_limit));
-    let snapshot = Snapshot::new(new, fleet, policy, auth, &app.metrics);
+    let snapshot = Snapshot::new(new, fleet, policy, auth);
     Ok(Some(Prepared { snapshot, limiter }))
 }
 

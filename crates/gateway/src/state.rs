@@ -3,6 +3,7 @@
 
 use crate::config::Config;
 use crate::fleet::probe::ProbeSet;
+use crate::fleet::worker::Worker;
 use crate::fleet::Fleet;
 use crate::metrics::Metrics;
 use crate::upstream::{self, Client};
@@ -10,7 +11,7 @@ use arc_swap::ArcSwap;
 use gateway_core::WorkerId;
 use routing::Policy;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -24,32 +25,52 @@ pub struct Snapshot {
     pub policy: Arc<dyn Policy>,
     /// The API keys in force.
     pub auth: Arc<crate::auth::Auth>,
-    /// `llm_gateway_routing_decisions_total{strategy,worker}` of each worker, in fleet order: resolved
-    /// once per snapshot, since a label lookup per request cost ~700 instructions.
-    decisions: Vec<prometheus::IntCounter>,
+    /// Each worker's counters (fleet order), resolved the first time they count.
+    counters: Vec<WorkerCounters>,
+}
+
+/// Outcome kinds, one counter each ([`gateway_core::OutcomeKind`] from `Success` to `Cancelled`).
+const OUTCOME_KINDS: usize = gateway_core::OutcomeKind::Cancelled as usize + 1;
+
+/// A worker's per-request counters, each resolved once (a label lookup per request cost ~700
+/// instructions) and only when it first counts (a series exists once something happened).
+#[derive(Default)]
+struct WorkerCounters {
+    /// `llm_gateway_routing_decisions_total{strategy,worker}`.
+    decisions: OnceLock<prometheus::IntCounter>,
+    /// `llm_gateway_upstream_outcomes_total{worker,outcome}`, by [`gateway_core::OutcomeKind`].
+    outcomes: [OnceLock<prometheus::IntCounter>; OUTCOME_KINDS],
 }
 
 impl Snapshot {
-    /// A snapshot of what is in force, its workers' decision counters resolved in `metrics`.
-    pub fn new(
-        config: Config,
-        fleet: Fleet,
-        policy: Arc<dyn Policy>,
-        auth: crate::auth::Auth,
-        metrics: &Metrics,
-    ) -> Self {
-        let decisions = fleet
-            .workers
-            .iter()
-            .map(|w| metrics.routing_decisions.with_label_values(&[policy.name(), &w.name]))
-            .collect();
-        Self { config: Arc::new(config), fleet: Arc::new(fleet), policy, auth: Arc::new(auth), decisions }
+    /// A snapshot of what is in force.
+    pub fn new(config: Config, fleet: Fleet, policy: Arc<dyn Policy>, auth: crate::auth::Auth) -> Self {
+        let counters = fleet.workers.iter().map(|_| WorkerCounters::default()).collect();
+        Self { config: Arc::new(config), fleet: Arc::new(fleet), policy, auth: Arc::new(auth), counters }
     }
 
-    /// Counts a routing decision for `worker` (a worker of this snapshot's fleet).
-    pub fn count_decision(&self, worker: &crate::fleet::worker::Worker) {
-        if let Some(i) = self.fleet.workers.iter().position(|w| w.id == worker.id) {
-            self.decisions[i].inc();
+    /// The counters of `worker`, a worker of this snapshot's fleet.
+    fn counters(&self, worker: &Worker) -> Option<&WorkerCounters> {
+        let i = self.fleet.workers.iter().position(|w| w.id == worker.id)?;
+        self.counters.get(i)
+    }
+
+    /// Counts a routing decision for `worker`.
+    pub fn count_decision(&self, metrics: &Metrics, worker: &Worker) {
+        if let Some(c) = self.counters(worker) {
+            c.decisions
+                .get_or_init(|| metrics.routing_decisions.with_label_values(&[self.policy.name(), &worker.name]))
+                .inc();
+        }
+    }
+
+    /// Counts an outcome of `worker`'s.
+    pub fn count_outcome(&self, metrics: &Metrics, worker: &Worker, kind: gateway_core::OutcomeKind) {
+        match self.counters(worker) {
+            Some(c) => c.outcomes[kind as usize]
+                .get_or_init(|| metrics.upstream_outcomes.with_label_values(&[&worker.name, kind.as_str()]))
+                .inc(),
+            None => metrics.upstream_outcomes.with_label_values(&[&worker.name, kind.as_str()]).inc(),
         }
     }
 }
@@ -126,7 +147,7 @@ impl AppState {
             sampler: crate::dashboard::series::Sampler::new(),
             response_homes: Arc::new(crate::proxy::response_homes::ResponseHomes::new(config.responses.max_remembered)),
             connections: crate::server::connections::Connections::new(),
-            snapshot: ArcSwap::from_pointee(Snapshot::new(config, fleet, policy, auth, &metrics)),
+            snapshot: ArcSwap::from_pointee(Snapshot::new(config, fleet, policy, auth)),
             metrics,
             resolved: ArcSwap::from_pointee(resolved),
             started: Instant::now(),

@@ -358,7 +358,7 @@ impl RequestRecord {
         }
         let transition = self.load.settle(verdict, now, breaker_cfg);
         report_transition(m, &self.info.cluster, &worker, transition);
-        m.upstream_outcomes.with_label_values(&[&worker.name, kind.as_str()]).inc();
+        self.info.snap.count_outcome(m, &worker, kind);
         worker
     }
 }

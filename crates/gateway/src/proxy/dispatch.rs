@@ -210,7 +210,7 @@ async fn pick<'s>(
         let transition = load.take_transition();
         attempts.tried.push(worker.id);
         report_transition(&app.metrics, &app.cluster, &worker, transition);
-        snap.count_decision(&worker);
+        snap.count_decision(&app.metrics, &worker);
         let others = all.iter().any(|w| w.id != worker.id);
         return Ok(Picked { load, others });
     }
