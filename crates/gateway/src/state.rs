@@ -57,20 +57,19 @@ impl Snapshot {
 
     /// Counts a routing decision for `worker`.
     pub fn count_decision(&self, metrics: &Metrics, worker: &Worker) {
-        if let Some(c) = self.counters(worker) {
-            c.decisions
-                .get_or_init(|| metrics.routing_decisions.with_label_values(&[self.policy.name(), &worker.name]))
-                .inc();
+        let resolve = || metrics.routing_decisions.with_label_values(&[self.policy.name(), &worker.name]);
+        match self.counters(worker) {
+            Some(c) => c.decisions.get_or_init(resolve).inc(),
+            None => resolve().inc(),
         }
     }
 
     /// Counts an outcome of `worker`'s.
     pub fn count_outcome(&self, metrics: &Metrics, worker: &Worker, kind: gateway_core::OutcomeKind) {
+        let resolve = || metrics.upstream_outcomes.with_label_values(&[&worker.name, kind.as_str()]);
         match self.counters(worker) {
-            Some(c) => c.outcomes[kind as usize]
-                .get_or_init(|| metrics.upstream_outcomes.with_label_values(&[&worker.name, kind.as_str()]))
-                .inc(),
-            None => metrics.upstream_outcomes.with_label_values(&[&worker.name, kind.as_str()]).inc(),
+            Some(c) => c.outcomes[kind as usize].get_or_init(resolve).inc(),
+            None => resolve().inc(),
         }
     }
 }
@@ -201,5 +200,45 @@ impl AppState {
             };
             m.breaker_state.with_label_values(&[name]).set(state);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::WorkerConfig;
+    use gateway_core::OutcomeKind;
+
+    /// A worker's counters count into the series its labels name, appear only once they count, and
+    /// a worker outside the snapshot is still counted.
+    #[test]
+    fn a_workers_counters_count_into_its_series() {
+        let metrics = Metrics::new().expect("metrics");
+        let fleet = Fleet {
+            workers: vec![
+                Arc::new(Worker::new(1, WorkerConfig::from_url("http://a:8000"))),
+                Arc::new(Worker::new(2, WorkerConfig::from_url("http://b:8000"))),
+            ],
+        };
+        let config = Config::default();
+        let policy = routing::build(&config.routing);
+        let snap = Snapshot::new(config, fleet, Arc::clone(&policy), crate::auth::Auth::new(false, &[]));
+        let (a, b) = (Arc::clone(&snap.fleet.workers[0]), Arc::clone(&snap.fleet.workers[1]));
+        let outside = Worker::new(3, WorkerConfig::from_url("http://c:8000"));
+        assert!(!metrics.render().contains("llm_gateway_routing_decisions_total{"), "no series before a decision");
+        for _ in 0..3 {
+            snap.count_decision(&metrics, &a);
+        }
+        snap.count_decision(&metrics, &outside);
+        snap.count_outcome(&metrics, &a, OutcomeKind::Success);
+        snap.count_outcome(&metrics, &a, OutcomeKind::Timeout);
+        snap.count_outcome(&metrics, &a, OutcomeKind::Success);
+        let decisions = |w: &Worker| metrics.routing_decisions.with_label_values(&[policy.name(), &w.name]).get();
+        let outcomes =
+            |w: &Worker, k: OutcomeKind| metrics.upstream_outcomes.with_label_values(&[&w.name, k.as_str()]).get();
+        assert_eq!((decisions(&a), decisions(&outside)), (3, 1));
+        assert_eq!((outcomes(&a, OutcomeKind::Success), outcomes(&a, OutcomeKind::Timeout)), (2, 1));
+        let text = metrics.render();
+        assert!(!text.contains(&format!("worker=\"{}\"", b.name)), "no series for a worker that did nothing:\n{text}");
     }
 }
