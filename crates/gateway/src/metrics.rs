@@ -95,7 +95,7 @@ pub struct Metrics {
     /// `llm_gateway_batches{status}`.
     pub batches: IntGaugeVec,
     /// Each model's request series, resolved once ([`Metrics::model_series`]).
-    models: RwLock<crate::proxy::admission::ModelMap<Arc<ModelSeries>>>,
+    models: RwLock<crate::config::ModelMap<Arc<ModelSeries>>>,
 }
 
 /// Models whose series are kept resolved; past it a model's series are looked up per request (still

@@ -58,19 +58,22 @@ impl Snapshot {
     /// Counts a routing decision for `worker`.
     pub fn count_decision(&self, metrics: &Metrics, worker: &Worker) {
         let resolve = || metrics.routing_decisions.with_label_values(&[self.policy.name(), &worker.name]);
-        match self.counters(worker) {
-            Some(c) => c.decisions.get_or_init(resolve).inc(),
-            None => resolve().inc(),
-        }
+        count(self.counters(worker).map(|c| &c.decisions), resolve);
     }
 
     /// Counts an outcome of `worker`'s.
     pub fn count_outcome(&self, metrics: &Metrics, worker: &Worker, kind: gateway_core::OutcomeKind) {
         let resolve = || metrics.upstream_outcomes.with_label_values(&[&worker.name, kind.as_str()]);
-        match self.counters(worker) {
-            Some(c) => c.outcomes[kind as usize].get_or_init(resolve).inc(),
-            None => resolve().inc(),
-        }
+        count(self.counters(worker).map(|c| &c.outcomes[kind as usize]), resolve);
+    }
+}
+
+/// Adds one to the counter in `slot`, resolved the first time; a worker outside the snapshot (no slot)
+/// is counted through a lookup.
+fn count(slot: Option<&OnceLock<prometheus::IntCounter>>, resolve: impl FnOnce() -> prometheus::IntCounter) {
+    match slot {
+        Some(slot) => slot.get_or_init(resolve).inc(),
+        None => resolve().inc(),
     }
 }
 

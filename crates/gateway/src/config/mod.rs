@@ -104,6 +104,11 @@ pub struct ModelConfig {
 /// Most `[[models]]` tables (each is a set of buckets and a queue).
 pub const MAX_MODELS: usize = 1024;
 
+/// A map keyed by served model name (queues, model slots, metric series), hashed with foldhash: looked
+/// up several times per request, where SipHash cost ~190 instructions a lookup (model names are served
+/// names, not client-chosen keys).
+pub type ModelMap<V> = std::collections::HashMap<std::sync::Arc<str>, V, foldhash::fast::RandomState>;
+
 impl Config {
     /// The `[[models]]` table of the served model `name`.
     pub fn model(&self, name: &str) -> Option<&ModelConfig> {

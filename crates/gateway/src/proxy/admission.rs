@@ -48,7 +48,7 @@ use arc_swap::ArcSwap;
 use gateway_core::{ErrorKind, GatewayError, Priority, WorkerId};
 use guard::{AdmissionQueue, AvgWait, Better, Fit, Meta, RateEstimator, Ticket};
 use parking_lot::Mutex;
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
@@ -57,20 +57,16 @@ use tokio::sync::oneshot;
 use tokio::sync::Notify as Wake;
 use tokio::time::Instant;
 
-/// A map keyed by model name, hashed with foldhash: looked up several times per request, where
-/// SipHash cost ~190 instructions a lookup (model names are served names, not client-chosen keys).
-pub type ModelMap<V> = HashMap<Arc<str>, V, foldhash::fast::RandomState>;
-
 /// Every model's queue, and the queue settings in force.
 pub struct Admission {
     cfg: ArcSwap<QueueConfig>,
     /// `llm_gateway_queue_rejected_total{model,reason}`.
     rejected: prometheus::IntCounterVec,
-    queues: Mutex<ModelMap<Arc<ModelQueue>>>,
+    queues: Mutex<crate::config::ModelMap<Arc<ModelQueue>>>,
     /// `batch.max_share` as `f64` bits: the share of a worker's slots batch lines may fill.
     batch_share: AtomicU64,
     /// In-flight counts of the models with `max_concurrency` (bounded by [`crate::config::MAX_MODELS`]).
-    model_slots: Mutex<ModelMap<Arc<ModelSlots>>>,
+    model_slots: Mutex<crate::config::ModelMap<Arc<ModelSlots>>>,
     /// Discount the load a worker reports that is not ours from its capacity (no shared count in force).
     discount_foreign: AtomicBool,
     me: Weak<Admission>,
