@@ -455,7 +455,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_fixed_read_buffer_reads_large_bodies_and_refuses_a_head_that_does_not_fit() {
-        let small = connector(&UpstreamConfig { read_buffer_bytes: Some(1024), ..UpstreamConfig::default() });
+        let small = connector(&UpstreamConfig { read_buffer_bytes: 1024, ..UpstreamConfig::default() });
         let body = "x".repeat(100_000);
         let s = answering(String::new(), body.clone(), usize::MAX).await;
         let conns = Arc::new(WorkerConnections::new(&s.url));
@@ -470,7 +470,7 @@ mod tests {
         let err = conns.send(&small, get(&conns, "/")).await.expect_err("a 2 KB head does not fit in 1 KB");
         assert!(!err.is_connect(), "{err}");
         let resp =
-            conns.send(&connector(&UpstreamConfig::default()), get(&conns, "/")).await.expect("hyper's own fits it");
+            conns.send(&connector(&UpstreamConfig::default()), get(&conns, "/")).await.expect("the default 4 KB fits it");
         assert_eq!(read(resp).await, "ok");
     }
 }

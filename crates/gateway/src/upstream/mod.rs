@@ -32,10 +32,8 @@ pub fn connector(cfg: &UpstreamConfig) -> Connector {
     tcp.set_connect_timeout(Some(Duration::from_millis(cfg.connect_timeout_ms)));
     tcp.set_keepalive(Some(Duration::from_secs(60)));
     let mut http1 = hyper::client::conn::http1::Builder::new();
-    if let Some(n) = cfg.read_buffer_bytes {
-        // Exact: hyper's adaptive buffer starts at 8 KB whatever its maximum.
-        http1.read_buf_exact_size(Some(n));
-    }
+    // Exact: hyper's adaptive buffer starts at 8 KB whatever its maximum.
+    http1.read_buf_exact_size(Some(cfg.read_buffer_bytes));
     Connector { tcp, http1 }
 }
 
