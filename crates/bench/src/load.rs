@@ -23,6 +23,18 @@ pub struct Report {
 }
 
 impl Report {
+    /// This run and `other` as one: counts and times added, latencies pooled.
+    pub fn merge(mut self, other: Report) -> Report {
+        self.ok += other.ok;
+        self.errors += other.errors;
+        self.elapsed += other.elapsed;
+        self.latencies.extend(other.latencies);
+        self.latencies.sort_unstable();
+        self.first_bytes.extend(other.first_bytes);
+        self.first_bytes.sort_unstable();
+        self
+    }
+
     /// Successful requests per second.
     pub fn rps(&self) -> f64 {
         self.ok as f64 / self.elapsed.as_secs_f64()

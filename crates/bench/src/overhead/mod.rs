@@ -7,7 +7,7 @@
 //! config, round robin by default as nginx is), nginx (master and 2 workers), and this bench, the load
 //! generator. Phases, each with fresh proxies in front of a sim made for it:
 //! - **non-stream**: a 1 KB chat request, 16 output tokens, a sim with no latency, at each concurrency;
-//!   `--rounds` alternations of the peers, each measured for `--duration`.
+//!   `--rounds` alternations of the peers, each measured for `--duration` in `--slices` turns.
 //! - **stream**: `--streams` concurrent SSE streams of 64 events 5 ms apart: time to first byte.
 //! - **memory**: the gateway's RSS idle (after start) and with `--open-streams` streams held open at once
 //!   on a slow sim; the clients speak HTTP/2 (100 streams per connection), because this container's hard
@@ -39,6 +39,10 @@ pub struct Args {
     /// Measured runs per peer and level, the peers alternating.
     #[arg(long, default_value_t = 2)]
     rounds: usize,
+    /// Slices each non-streamed run is cut into, the peers taking turns slice by slice, so that a few
+    /// seconds of a slower machine (this 2-core VM has them) fall on every peer of the round alike.
+    #[arg(long, default_value_t = 5)]
+    slices: u32,
     /// Concurrent streams of the time-to-first-byte run (0: skip it).
     #[arg(long, default_value_t = 50)]
     streams: usize,
@@ -223,9 +227,21 @@ struct Measured {
     /// The peer's user and system CPU time during the run.
     peer_cpu: (Duration, Duration),
     bench_cpu: Duration,
+    /// What the sim behind the peer used meanwhile: a proxy can make its backend work harder.
+    sim_cpu: Duration,
 }
 
 impl Measured {
+    /// Two slices of one peer's run as one.
+    fn merge(self, other: Measured) -> Measured {
+        Measured {
+            report: self.report.merge(other.report),
+            peer_cpu: (self.peer_cpu.0 + other.peer_cpu.0, self.peer_cpu.1 + other.peer_cpu.1),
+            bench_cpu: self.bench_cpu + other.bench_cpu,
+            sim_cpu: self.sim_cpu + other.sim_cpu,
+        }
+    }
+
     fn cpu_per_request(&self) -> Duration {
         (self.peer_cpu.0 + self.peer_cpu.1).div_f64(self.report.ok.max(1) as f64)
     }
@@ -242,15 +258,15 @@ impl Measured {
     }
 }
 
-async fn measure(peer: &Peer, body: &Bytes, conc: usize, duration: Duration) -> anyhow::Result<Measured> {
+async fn measure(peer: &Peer, sim: u32, body: &Bytes, conc: usize, duration: Duration) -> anyhow::Result<Measured> {
     let url = format!("{}/v1/chat/completions", peer.url);
     load::run(&url, body.clone(), conc, Duration::from_millis(500)).await?;
     let me = std::process::id();
-    let (cpu0, own0) = (peer.cpu(), cpu_time(me).unwrap_or_default());
+    let (cpu0, own0, sim0) = (peer.cpu(), cpu_time(me).unwrap_or_default(), cpu_time(sim).unwrap_or_default());
     let report = load::run(&url, body.clone(), conc, duration).await?;
-    let (cpu1, own1) = (peer.cpu(), cpu_time(me).unwrap_or_default());
+    let (cpu1, own1, sim1) = (peer.cpu(), cpu_time(me).unwrap_or_default(), cpu_time(sim).unwrap_or_default());
     let peer_cpu = (cpu1.0.saturating_sub(cpu0.0), cpu1.1.saturating_sub(cpu0.1));
-    Ok(Measured { report, peer_cpu, bench_cpu: own1.saturating_sub(own0) })
+    Ok(Measured { report, peer_cpu, bench_cpu: own1.saturating_sub(own0), sim_cpu: sim1.saturating_sub(sim0) })
 }
 
 fn ms(d: Duration) -> String {
@@ -294,7 +310,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     );
 
     // Non-streamed: a sim with no latency and 16 output tokens.
-    let (_sim, sim_url) = setup
+    let (sim, sim_url) = setup
         .sim(
             "sim-fast",
             &[
@@ -319,16 +335,27 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let idle: Vec<(PeerKind, u64)> =
         peers.iter().filter(|p| p.kind != PeerKind::Direct).map(|p| (p.kind, p.rss_kb())).collect();
     println!("\nnon-streamed: 1 KB chat POST, 16 output tokens, sim with no latency; CPU per request from each peer's own processes");
-    println!("| round | conc | peer | rps | p50 | p99 | errors | CPU/req (user + sys) | CPU/req vs nginx | rps vs nginx | bench CPU/req |");
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("| round | conc | peer | rps | p50 | p99 | errors | CPU/req (user + sys) | CPU/req vs nginx | rps vs nginx | bench CPU/req | sim CPU/req |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     let body = chat_body(false, 16);
     // Per level and peer: each round's (CPU per request, rps) ratios to nginx's of the same round.
     let mut ratios: Vec<Ratios> = Vec::new();
     for &conc in &args.concurrency {
         for round in 1..=args.rounds {
+            let slices = args.slices.max(1);
+            let mut runs: Vec<Option<Measured>> = peers.iter().map(|_| None).collect();
+            for _ in 0..slices {
+                for (peer, run) in peers.iter().zip(runs.iter_mut()) {
+                    let m = measure(peer, sim.pid(), &body, conc, duration / slices).await?;
+                    *run = Some(match run.take() {
+                        Some(before) => before.merge(m),
+                        None => m,
+                    });
+                }
+            }
             let mut nginx: Option<(f64, f64)> = None;
-            for peer in &peers {
-                let m = measure(peer, &body, conc, duration).await?;
+            for (peer, m) in peers.iter().zip(runs) {
+                let Some(m) = m else { continue };
                 let cpu = m.cpu_per_request().as_secs_f64();
                 if peer.kind == PeerKind::Nginx {
                     nginx = Some((cpu, m.report.rps()));
@@ -346,7 +373,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 };
                 let direct = peer.kind == PeerKind::Direct;
                 println!(
-                    "| {round} | {conc} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} |",
+                    "| {round} | {conc} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} |",
                     peer.kind.name(),
                     m.report.rps(),
                     ms(m.report.quantile(0.5)),
@@ -356,6 +383,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                     vs(|n| n.0, cpu),
                     vs(|n| n.1, m.report.rps()),
                     us(m.bench_cpu.div_f64(m.report.ok.max(1) as f64)),
+                    us(m.sim_cpu.div_f64(m.report.ok.max(1) as f64)),
                 );
             }
         }
@@ -408,7 +436,7 @@ async fn stream_run(
     rounds: usize,
     duration: Duration,
 ) -> anyhow::Result<()> {
-    let (_sim, sim_url) = setup
+    let (sim, sim_url) = setup
         .sim(
             "sim-stream",
             &[
@@ -436,7 +464,7 @@ async fn stream_run(
     println!("|---|---|---|---|---|---|---|---|");
     for round in 1..=rounds {
         for peer in &peers {
-            let m = measure(peer, &body, streams, duration).await?;
+            let m = measure(peer, sim.pid(), &body, streams, duration).await?;
             let r = &m.report;
             println!(
                 "| {round} | {} | {:.0} | {} | {} | {} | {} | {} |",

@@ -469,8 +469,10 @@ mod tests {
         let conns = Arc::new(WorkerConnections::new(&padded.url));
         let err = conns.send(&small, get(&conns, "/")).await.expect_err("a 2 KB head does not fit in 1 KB");
         assert!(!err.is_connect(), "{err}");
-        let resp =
-            conns.send(&connector(&UpstreamConfig::default()), get(&conns, "/")).await.expect("the default 4 KB fits it");
+        let resp = conns
+            .send(&connector(&UpstreamConfig::default()), get(&conns, "/"))
+            .await
+            .expect("the default 4 KB fits it");
         assert_eq!(read(resp).await, "ok");
     }
 }
