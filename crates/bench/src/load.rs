@@ -126,3 +126,24 @@ async fn read_body(mut body: hyper::body::Incoming, t0: Instant) -> Option<Durat
     }
     Some(first.unwrap_or_else(|| t0.elapsed()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(ok: u64, errors: u64, secs: u64, latencies_ms: &[u64]) -> Report {
+        let latencies: Vec<Duration> = latencies_ms.iter().map(|&ms| Duration::from_millis(ms)).collect();
+        Report { ok, errors, elapsed: Duration::from_secs(secs), first_bytes: latencies.clone(), latencies }
+    }
+
+    #[test]
+    fn merged_slices_add_their_counts_and_pool_their_latencies_in_order() {
+        let merged = report(4, 1, 1, &[1, 5, 7, 9]).merge(report(2, 0, 1, &[2, 3]));
+        assert_eq!((merged.ok, merged.errors, merged.elapsed), (6, 1, Duration::from_secs(2)));
+        assert_eq!(merged.rps(), 3.0);
+        let ms: Vec<u64> = merged.latencies.iter().map(|d| d.as_millis() as u64).collect();
+        assert_eq!(ms, [1, 2, 3, 5, 7, 9]);
+        assert_eq!(merged.quantile(0.5), Duration::from_millis(5));
+        assert_eq!(merged.first_byte_quantile(0.0), Duration::from_millis(1));
+    }
+}
