@@ -4,7 +4,8 @@
 //! about 10,000 instructions of a parse of 12,000 (a third of the gateway's own work per request),
 //! going over the message text several times (serde_json's string scan, the raw value's UTF-8 check,
 //! the caller's escape check). Here the body's UTF-8 is checked once up front (`simdutf8`), a string's
-//! end is found with `memchr`, and its control characters are looked for in one vectorised pass. The
+//! first 16 bytes are looked at a word at a time for its end, an escape or a control character, and a
+//! longer string's rest with `memchr` and one vectorised pass for control characters. The
 //! caller walks objects member by member ([`Reader::object`]) and takes the values it wants; every
 //! other value is checked and skipped ([`Reader::skip`]) in a loop with a small fixed stack, never by
 //! recursion, however deep the client nests.
@@ -549,7 +550,7 @@ impl<'a> Reader<'a> {
 /// `0x0101..01`: a byte's worth of `1` in each lane of a word.
 const LANES: u64 = u64::from_le_bytes([1; 8]);
 
-/// The first byte a string stops at (`"`, `\\` or a control character) within `bytes`' first two
+/// The first byte a string stops at (`"`, `\` or a control character) within `bytes`' first two
 /// 8-byte words: `Ok(offset)`, else `Err(n)`, the `n` bytes looked at (0, 8 or 16) holding none. Most
 /// keys and short values end here in a few instructions a word, where `memchr2` and the control
 /// check each cost a call and a setup; a long string goes on with them after these 16 bytes.
