@@ -175,12 +175,15 @@ struct Wire<'a> {
     max_tokens: Option<u64>,
     max_completion_tokens: Option<u64>,
     max_output_tokens: Option<u64>,
-    messages: Option<Vec<Message<'a>>>,
+    messages: Option<Messages<'a>>,
     prompt: Option<Raw<'a>>,
     input: Option<Raw<'a>>,
     instructions: Option<Cow<'a, str>>,
     previous_response_id: Option<Cow<'a, str>>,
 }
+
+/// A request's messages, on the stack up to eight: their list was two of a request's allocations.
+type Messages<'a> = smallvec::SmallVec<[Message<'a>; 8]>;
 
 struct Message<'a> {
     role: Option<Cow<'a, str>>,
@@ -286,14 +289,14 @@ fn stream_options(r: &mut Reader<'_>) -> Result<Option<Option<bool>>, JsonError>
 
 /// `messages`: a list of objects whose `role` and `content` are kept (content as its raw text: the
 /// role decides what the content feeds, and may come after it).
-fn messages<'a>(r: &mut Reader<'a>) -> Result<Option<Vec<Message<'a>>>, JsonError> {
+fn messages<'a>(r: &mut Reader<'a>) -> Result<Option<Messages<'a>>, JsonError> {
     if r.null()? {
         return Ok(None);
     }
     if r.peek_kind() != Some(Kind::Array) {
         return Err(r.error("`messages` must be a list of message objects"));
     }
-    let mut list = Vec::new();
+    let mut list = Messages::new();
     r.array(|r| {
         if r.peek_kind() != Some(Kind::Object) {
             return Err(r.error("each of `messages` must be an object"));

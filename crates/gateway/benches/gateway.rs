@@ -128,8 +128,7 @@ fn request(c: &mut Criterion) {
     c.bench_function("request/parse_1kb_chat_without_prefix_hashes", |b| {
         b.iter(|| RequestFeatures::parse(std::hint::black_box(&body), none).unwrap())
     });
-    let headers = http::HeaderMap::new();
-    c.bench_function("request/new_request_id", |b| b.iter(|| llm_gateway::proxy::request::request_id(&headers)));
+    c.bench_function("request/new_request_id", |b| b.iter(|| llm_gateway::proxy::request::RequestId::new(None)));
 }
 
 /// `eligible` over the fleet and the policy's `select` among the eligible workers' views: the pick of

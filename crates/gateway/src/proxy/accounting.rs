@@ -17,7 +17,6 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 /// What every attempt of one request shares: who asked, for what, and the snapshot it is judged by.
-#[derive(Clone)]
 pub struct RequestInfo {
     /// Where outcomes are counted.
     pub metrics: Arc<Metrics>,
@@ -27,8 +26,8 @@ pub struct RequestInfo {
     pub model: Arc<str>,
     /// The model's per-request series.
     pub series: Arc<crate::metrics::ModelSeries>,
-    /// The request id, for the log line.
-    pub request_id: Arc<str>,
+    /// The request id, sent to the worker and logged.
+    pub request_id: crate::proxy::request::RequestId,
     /// The API key's tenant, for the log line.
     pub tenant: Option<Arc<str>>,
     /// When the client's request arrived.
@@ -131,7 +130,7 @@ impl RequestLine<'_> {
 
 /// One attempt at a worker, from dispatch until its answer ends.
 pub struct RequestRecord {
-    info: RequestInfo,
+    info: Arc<RequestInfo>,
     load: LoadGuard,
     status: u16,
     dispatched: Instant,
@@ -157,7 +156,7 @@ impl RequestRecord {
     /// A record for an attempt `load`'s worker answered with `status`. `retries` is the number of
     /// attempts before this one; `predicted_cached_tokens` what the policy predicted the worker holds.
     pub fn new(
-        info: RequestInfo,
+        info: Arc<RequestInfo>,
         load: LoadGuard,
         status: u16,
         dispatched: Instant,
@@ -253,7 +252,7 @@ impl RequestRecord {
         }
         if tracing::enabled!(tracing::Level::INFO) {
             RequestLine {
-                request_id: &self.info.request_id,
+                request_id: self.info.request_id.as_str(),
                 model,
                 worker: &worker.name,
                 status,

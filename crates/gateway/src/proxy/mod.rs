@@ -29,8 +29,8 @@ use crate::proxy::admission::Affinity;
 use crate::proxy::dispatch::{dispatch, Attempts, Failed, Outbound};
 use crate::proxy::endpoint::Endpoint;
 use crate::proxy::request::{
-    apply_headers, check_content_type, fairness_key, read_body, request_id, request_timeout, resolve_model,
-    X_ESTIMATED_WAIT, X_PRIORITY, X_QUEUE_POSITION, X_REQUEST_ID,
+    apply_headers, check_content_type, fairness_key, read_body, request_timeout, resolve_model, ClientHeaders,
+    RequestId, X_ESTIMATED_WAIT, X_QUEUE_POSITION, X_REQUEST_ID,
 };
 use crate::state::AppState;
 use axum::extract::{Request, State};
@@ -61,9 +61,10 @@ pub async fn forward_from<R>(
     wrap: impl FnOnce(Response) -> R,
 ) -> R {
     let received = Instant::now();
-    let request_id = request_id(req.headers());
-    let active = Active::new(&app.metrics.active_requests);
-    let mut resp = match handle(&app, req, client, &request_id, received, active).await {
+    let (parts, body) = req.into_parts();
+    let headers = ClientHeaders::read(&parts.headers);
+    let request_id = RequestId::new(headers.request_id);
+    let mut resp = match handle(&app, &parts, body, &headers, client, &request_id, received).await {
         Ok(resp) => resp,
         Err(Refusal { error, model }) => {
             let status = error.status();
@@ -75,9 +76,7 @@ pub async fn forward_from<R>(
             ApiError(error).into_response()
         }
     };
-    if let Ok(v) = HeaderValue::from_str(&request_id) {
-        resp.headers_mut().insert(X_REQUEST_ID.clone(), v);
-    }
+    resp.headers_mut().insert(X_REQUEST_ID.clone(), request_id.header());
     wrap(resp)
 }
 
@@ -97,14 +96,15 @@ impl From<GatewayError> for Refusal {
 /// dispatch until a worker answers (a request that finds no room after admission goes back to the queue).
 async fn handle(
     app: &Arc<AppState>,
-    req: Request,
+    parts: &http::request::Parts,
+    body: axum::body::Body,
+    headers: &ClientHeaders<'_>,
     client_addr: Option<std::net::IpAddr>,
-    request_id: &Arc<str>,
+    request_id: &RequestId,
     received: Instant,
-    active: Active,
 ) -> Result<Response, Refusal> {
+    let active = Active::new(&app.metrics.active_requests);
     let snap = app.snapshot.load_full();
-    let (parts, body) = req.into_parts();
     // Unknown callers are turned away before their body is read. A batch line carries its batch's
     // tenant in an extension only the in-process runner can set.
     let batch_line = parts.extensions.get::<crate::batch::BatchOrigin>().cloned();
@@ -114,13 +114,14 @@ async fn handle(
     };
     let endpoint = Endpoint::from_path(parts.uri.path());
     let boundary = if endpoint.multipart() {
-        Some(multipart_boundary(&parts.headers)?)
+        Some(multipart_boundary(headers.content_type)?)
     } else {
-        check_content_type(&parts.headers)?;
+        check_content_type(headers.content_type)?;
         None
     };
     // The body's bytes stay counted in `server.max_buffered_bytes` until this request is answered.
-    let (mut bytes, _buffered) = read_body(body, &parts.headers, &snap.config.server, &app.body_budget).await?;
+    let (mut bytes, _buffered) =
+        read_body(body, headers.declared_length(), &snap.config.server, &app.body_budget).await?;
     let mut features = match &boundary {
         Some(boundary) => multipart_features(&bytes, boundary)?,
         None => RequestFeatures::parse(&bytes, prefix_options(&*snap.policy)).map_err(|e| {
@@ -131,7 +132,7 @@ async fn handle(
     if let Some(t) = &tenant {
         features.priority = t.priority;
     }
-    apply_headers(&mut features, &parts.headers);
+    apply_headers(&mut features, headers);
     if batch_line.is_some() {
         features.priority = Priority::Batch;
     }
@@ -141,7 +142,7 @@ async fn handle(
     // The model's default class, below the API key's (when not the default) and `X-Priority`.
     if let Some(p) = model_cfg.and_then(|m| m.priority) {
         let key_set = tenant.as_ref().is_some_and(|t| t.priority != Priority::Normal);
-        if batch_line.is_none() && !key_set && !parts.headers.contains_key(&X_PRIORITY) {
+        if batch_line.is_none() && !key_set && headers.priority.is_none() {
             features.priority = p;
         }
     }
@@ -149,7 +150,7 @@ async fn handle(
     if boundary.is_none() && features.model.as_deref().is_some_and(|m| m != &*model) {
         bytes = crate::proxy::models::rewrite_model(&bytes, &model).map_err(fail)?;
     }
-    let cap = request_timeout(&parts.headers).map_err(fail)?;
+    let cap = request_timeout(headers.request_timeout).map_err(fail)?;
     let fairness = fairness_key(tenant.as_deref().map(|t| &*t.name).or(features.user.as_deref()), client_addr);
     let mut spec = app.admission.wait_spec(&snap.config, &model, features.priority, fairness, cap, Instant::now());
     let rl = &snap.config.rate_limit;
@@ -214,12 +215,12 @@ async fn handle(
     if strip_usage {
         bytes = crate::proxy::usage::with_include_usage(&bytes).map_err(fail)?;
     }
-    let info = RequestInfo {
+    let info = Arc::new(RequestInfo {
         metrics: Arc::clone(&app.metrics),
         snap: Arc::clone(&snap),
         series: app.metrics.model_series(&model),
         model: Arc::clone(&model),
-        request_id: Arc::clone(request_id),
+        request_id: request_id.clone(),
         tenant: tenant.as_ref().map(|t| Arc::clone(&t.name)),
         received,
         stream: features.stream,
@@ -228,7 +229,7 @@ async fn handle(
         response_homes: (endpoint == Endpoint::Responses && app.response_homes.enabled())
             .then(|| Arc::clone(&app.response_homes)),
         cluster: Arc::clone(&app.cluster),
-    };
+    });
     // A Responses follow-up goes to the worker holding the response it continues, while it is eligible.
     let pinned = (endpoint == Endpoint::Responses)
         .then_some(features.previous_response_id.as_deref())
@@ -236,7 +237,7 @@ async fn handle(
         .and_then(|id| app.response_homes.home_of(id))
         .and_then(|url| snap.fleet.workers.iter().find(|w| *w.base_url == *url).map(|w| w.id));
     let mut out = Outbound {
-        parts: &parts,
+        parts,
         bytes: &bytes,
         features: &features,
         info,
@@ -267,7 +268,7 @@ async fn handle(
         out.queue_wait += ticket.waited;
         // Straight through admission, the eligible list is still the one to pick from.
         let fresh = (reservation.is_none() && ticket.waited.is_zero()).then_some(eligible);
-        match dispatch(app, &mut out, reservation, &mut attempts, fresh).await {
+        match dispatch(app, &snap, &mut out, reservation, &mut attempts, fresh).await {
             Err(Failed::NoRoom) => {
                 spec.retries += 1;
                 continue;
@@ -322,8 +323,8 @@ fn estimated_wait_header(wait: Duration) -> HeaderValue {
 }
 
 /// The boundary of a multipart endpoint's body; any other `Content-Type` is refused.
-fn multipart_boundary(headers: &http::HeaderMap) -> Result<String, GatewayError> {
-    let ct = headers.get(http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+fn multipart_boundary(content_type: Option<&HeaderValue>) -> Result<String, GatewayError> {
+    let ct = content_type.and_then(|v| v.to_str().ok()).unwrap_or("");
     gateway_core::multipart::boundary(ct).map(str::to_owned).ok_or_else(|| {
         GatewayError::new(
             ErrorKind::UnsupportedContentType,
