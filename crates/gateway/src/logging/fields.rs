@@ -48,6 +48,11 @@ impl FieldText {
         &self.0
     }
 
+    /// Empties it, keeping its room.
+    pub fn clear(&mut self) {
+        self.0.clear();
+    }
+
     /// Starts a field: the separator, then `name=` (nothing for the message).
     #[inline]
     fn start(&mut self, name: &str) {

@@ -78,14 +78,20 @@ struct RequestLine<'a> {
 impl RequestLine<'_> {
     /// Logs the line (the caller checked that `info` is on for this module).
     fn write(&self) {
-        if !crate::logging::write_info(TARGET, &self.fields()) {
+        // The thread's buffer, reused: a new one per line was an allocation per request.
+        thread_local!(static TEXT: std::cell::RefCell<FieldText> = std::cell::RefCell::new(FieldText::default()));
+        let written = TEXT.with_borrow_mut(|text| {
+            text.clear();
+            self.fields(text);
+            crate::logging::write_info(TARGET, text)
+        });
+        if !written {
             self.trace();
         }
     }
 
-    /// The fields as the plain-text formatter writes them for [`RequestLine::trace`]'s event.
-    fn fields(&self) -> FieldText {
-        let mut f = FieldText::default();
+    /// Writes the fields to `f` as the plain-text formatter writes them for [`RequestLine::trace`]'s event.
+    fn fields(&self, f: &mut FieldText) {
         f.message("request")
             .display("request_id", self.request_id)
             .display("model", self.model)
@@ -102,7 +108,6 @@ impl RequestLine<'_> {
             .some_int("cached_tokens", self.cached_tokens)
             .some_int("completion_tokens", self.completion_tokens)
             .str("usage", self.usage);
-        f
     }
 
     /// The same line as a tracing event.
@@ -417,15 +422,20 @@ mod tests {
             usage: "estimated",
             ..full
         };
+        let fields = |line: &RequestLine<'_>| {
+            let mut f = FieldText::default();
+            line.fields(&mut f);
+            f
+        };
         for line in [&full, &sparse] {
             let traced = crate::logging::traced_plain(|| line.trace());
-            let direct = crate::logging::direct_line(TARGET, &line.fields());
+            let direct = crate::logging::direct_line(TARGET, &fields(line));
             assert_eq!(traced.get(TIME..), direct.get(TIME..), "{traced}{direct}");
             assert!(direct.contains(" INFO llm_gateway::proxy::accounting: request request_id=96401316"), "{direct}");
             assert_eq!((&traced[..4], &traced[TIME - 1..TIME]), (&direct[..4], "Z"));
         }
-        let sparse = crate::logging::direct_line(TARGET, &sparse.fields());
+        let sparse = crate::logging::direct_line(TARGET, &fields(&sparse));
         assert!(!sparse.contains("tenant") && !sparse.contains("ttft_ms"), "absent fields are not written: {sparse}");
-        assert!(crate::logging::direct_line(TARGET, &full.fields()).contains(r#"tenant="team \"a\"""#));
+        assert!(crate::logging::direct_line(TARGET, &fields(&full)).contains(r#"tenant="team \"a\"""#));
     }
 }

@@ -388,10 +388,10 @@ impl Admission {
         spec: &WaitSpec,
         affinity: impl FnOnce() -> Option<Affinity>,
     ) -> Result<(QueueTicket, Option<Reservation>), GatewayError> {
-        let cfg = self.cfg.load_full();
+        let enabled = self.cfg.load().enabled;
         let queue = self.queue_sized(model, spec.max_size);
         let now = Instant::now();
-        if !cfg.enabled || candidates.is_empty() {
+        if !enabled || candidates.is_empty() {
             return Ok((QueueTicket::default(), None));
         }
         if spec.class == Priority::Batch {
@@ -658,17 +658,20 @@ impl Admission {
     /// A slot freed on `worker`: the best live waiter of a model it serves gets it; when no live request
     /// waits for the worker, the oldest batch line gets it (within the batch share).
     pub fn slot_freed(&self, worker: &Arc<Worker>) {
-        // Each queue looked up per pass, not collected into a list: a worker serves a model or a few,
-        // and a lookup costs less than the list.
+        // The queues looked up once, under one lock, into a list on the stack (a worker serves a model
+        // or a few): live waiters first, then batch lines only when no live request waits.
         let models = worker.models.load();
-        let queue = |m: &String| self.queues.lock().get(m.as_str()).cloned();
+        let queues: smallvec::SmallVec<[Arc<ModelQueue>; 2]> = {
+            let all = self.queues.lock();
+            models.iter().filter_map(|m| all.get(m.as_str()).cloned()).collect()
+        };
         let mut slot_waiters = false;
-        for q in models.iter().filter_map(queue) {
-            slot_waiters |= self.dispatch_to(&q, worker);
+        for q in &queues {
+            slot_waiters |= self.dispatch_to(q, worker);
         }
         if !slot_waiters {
-            for q in models.iter().filter_map(queue) {
-                self.dispatch_batch_to(&q, worker);
+            for q in &queues {
+                self.dispatch_batch_to(q, worker);
             }
         }
     }
