@@ -12,7 +12,7 @@ use crate::metrics::Active;
 use crate::proxy::accounting::{report_transition, RequestInfo, RequestRecord};
 use crate::proxy::classify::{classify, AttemptEnd, Meaning};
 use crate::proxy::relay::relayed_response;
-use crate::proxy::request::{RequestId, X_REQUEST_ID};
+use crate::proxy::request::{content_length, RequestId, X_REQUEST_ID};
 use crate::proxy::usage::strip_usage_event;
 use crate::state::{AppState, Snapshot};
 use crate::upstream::{self, is_hop_by_hop};
@@ -414,7 +414,7 @@ fn build_upstream_request(
     headers.insert(X_REQUEST_ID.clone(), request_id.header());
     // The client's value when it still holds (the body was not rewritten): no number to format.
     let length = match length {
-        Some(v) if v.to_str().ok().and_then(|v| v.parse::<usize>().ok()) == Some(body.len()) => v.clone(),
+        Some(v) if content_length(v) == Some(body.len() as u64) => v.clone(),
         _ => HeaderValue::from(body.len()),
     };
     headers.insert(CONTENT_LENGTH, length);

@@ -74,8 +74,13 @@ impl<'a> ClientHeaders<'a> {
 
     /// The body's declared length, when it is a number.
     pub fn declared_length(&self) -> Option<u64> {
-        self.content_length.and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok())
+        self.content_length.and_then(content_length)
     }
+}
+
+/// A `Content-Length` value as a number, when it is one.
+pub fn content_length(value: &HeaderValue) -> Option<u64> {
+    value.to_str().ok()?.parse().ok()
 }
 
 /// A request's id, as it is sent both ways in `X-Request-Id` and logged: the client's when it is sane
