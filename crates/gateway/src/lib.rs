@@ -49,6 +49,7 @@ pub mod periodic;
 pub mod proxy;
 pub mod redis_conn;
 pub mod reload;
+pub mod runtimes;
 pub mod server;
 pub mod state;
 pub mod upstream;

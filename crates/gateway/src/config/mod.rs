@@ -611,6 +611,10 @@ pub struct ServerConfig {
     /// nginx does by default. On: such a client gets its answer, and one that really left is noticed only
     /// when its answer is written.
     pub half_close: bool,
+    /// Threads serving client connections, each a single-threaded runtime that keeps a connection, the
+    /// worker connections its requests use and its timers from accept to close (nginx's worker per
+    /// core); 0 = one per core. Read at start.
+    pub threads: usize,
 }
 
 impl Default for ServerConfig {
@@ -626,6 +630,7 @@ impl Default for ServerConfig {
             max_connections: 4096,
             max_buffered_bytes: 256 * 1024 * 1024,
             half_close: false,
+            threads: 0,
         }
     }
 }

@@ -23,6 +23,7 @@
 //! Deciding the deadline is the pure [`due`].
 
 use crate::config::ServerConfig;
+use crate::runtimes::Runtimes;
 use crate::state::AppState;
 use crate::wakes::SelfWakes;
 use axum::extract::ConnectInfo;
@@ -435,6 +436,13 @@ const DRAIN_GRACE: Duration = Duration::from_secs(1);
 /// Accepts connections on `listener` and serves `router` on each until `stop` is cancelled; then
 /// stops accepting, lets every connection finish what it has in flight, and returns.
 pub async fn serve(listener: TcpListener, router: Router, app: Arc<AppState>, stop: CancellationToken) {
+    let runtimes = match Runtimes::start(app.snapshot.load().config.server.threads) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the serving runtimes");
+            return;
+        }
+    };
     let conns = Arc::clone(&app.connections);
     // Every connection task holds a receiver: `closed()` resolves when the last one ended.
     let (alive_tx, alive_rx) = tokio::sync::watch::channel(());
@@ -489,14 +497,27 @@ pub async fn serve(listener: TcpListener, router: Router, app: Arc<AppState>, st
         };
         // Streamed chunks must leave at once, not wait for Nagle.
         let _ = tcp.set_nodelay(true);
+        // The socket moves to its serving runtime's reactor.
+        let tcp = match tcp.into_std() {
+            Ok(tcp) => tcp,
+            Err(e) => {
+                tracing::debug!(error = %e, "accepted connection lost");
+                continue;
+            }
+        };
         let conn = Arc::new(Conn::new(Instant::now()));
         let id = conns.next_id.fetch_add(1, Ordering::Relaxed);
         conns.live.lock().insert(id, Arc::clone(&conn));
-        let io = ConnIo { tcp, conn: Arc::clone(&conn), preface: Some(0), _slot: slot };
         let service = Service { router: router.clone(), app: Some(Arc::clone(&app)), remote, conn: Arc::clone(&conn) };
         let (conns, stop, alive) = (Arc::clone(&conns), stop.clone(), alive_rx.clone());
-        tokio::spawn(async move {
-            serve_connection(io, service, conn, limits, stop).await;
+        runtimes.pick().spawn(async move {
+            match TcpStream::from_std(tcp) {
+                Ok(tcp) => {
+                    let io = ConnIo { tcp, conn: Arc::clone(&conn), preface: Some(0), _slot: slot };
+                    serve_connection(io, service, conn, limits, stop).await;
+                }
+                Err(e) => tracing::debug!(error = %e, "accepted connection lost"),
+            }
             conns.live.lock().remove(&id);
             drop(alive);
         });
@@ -504,6 +525,7 @@ pub async fn serve(listener: TcpListener, router: Router, app: Arc<AppState>, st
     drop(listener);
     drop(alive_rx);
     alive_tx.closed().await;
+    drop(runtimes);
 }
 
 /// What woke a served connection's loop.

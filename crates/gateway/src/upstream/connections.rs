@@ -3,7 +3,9 @@
 //! hyper-util's pooled client costs, per request, a pool lookup keyed by origin, a race between the
 //! checkout and a lazy connect, and a task spawned to wait until the connection is idle again (about a
 //! tenth of the gateway's instructions per request, see BENCHMARKS.md). Here a worker keeps its idle
-//! connections in a short list: a request takes the most recently used one (or opens one), sends on it,
+//! connections in a short list per serving runtime ([`crate::runtimes`]; a socket is watched by the
+//! reactor of the runtime that opened it): a request takes its runtime's most recently used one (or
+//! opens one), sends on it,
 //! and its response body puts it back when the body has been read to its end. A body dropped earlier (the
 //! client went away, the relay gave up) drops the connection with it, so a half-read response never
 //! reaches the next request.
@@ -18,7 +20,7 @@
 //! ([`hyper::client::conn::TrySendError`]), and the request goes out on the next connection. A request
 //! that was written is never sent twice here: whether to retry it elsewhere is the dispatcher's decision.
 //! A worker that closes an idle connection leaves its socket open here until the next checkout or the
-//! idle timeout passes over it (at most [`MAX_IDLE`] per worker).
+//! idle timeout passes over it (at most [`MAX_IDLE`] per worker and serving runtime).
 
 use super::Connector;
 use crate::wakes::SelfWakes;
@@ -39,7 +41,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tower::Service as _;
 
-/// Idle connections kept per worker; a connection given back beyond it is closed.
+/// Idle connections kept per worker and serving runtime; a connection given back beyond it is closed.
 const MAX_IDLE: usize = 1024;
 /// An idle connection older than this is closed rather than reused (the worker may have forgotten it).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
@@ -57,6 +59,9 @@ struct Connection {
     /// The waker the connection and what it feeds are polled with: their hand-overs to each other do
     /// not make the task poll again.
     wakes: SelfWakes,
+    /// The serving runtime whose reactor its socket is registered with ([`crate::runtimes::shard`]):
+    /// the idle list it goes back to.
+    shard: usize,
 }
 
 /// Does the connection's pending IO; whether it is still open (not closed by the worker, not failed).
@@ -74,7 +79,7 @@ impl Connection {
     /// Whether the connection can take a request: it is driven until its sender is ready, and cannot if
     /// it ended instead.
     async fn ready(&mut self) -> bool {
-        let Self { sender, driver, wakes } = self;
+        let Self { sender, driver, wakes, .. } = self;
         // New to this request: polled whatever it was last (a connection is given back after a ready
         // poll, so this only guards against one that was not).
         wakes.arm();
@@ -114,11 +119,15 @@ struct Target {
     base_path: String,
 }
 
-/// One worker's idle connections, most recently used last.
+/// A list of idle connections, most recently used last.
+type IdleList = Mutex<Vec<(Box<Connection>, Instant)>>;
+
+/// One worker's idle connections, a list per serving runtime: a connection is used on the runtime
+/// whose reactor watches its socket, so its readiness wakes the thread that is already there.
 #[derive(Debug)]
 pub struct WorkerConnections {
     target: Option<Target>,
-    idle: Mutex<Vec<(Box<Connection>, Instant)>>,
+    idle: Box<[IdleList]>,
 }
 
 /// Why a request could not be sent to the worker.
@@ -158,7 +167,8 @@ impl WorkerConnections {
             let base_path = uri.path().trim_end_matches('/').to_string();
             Some(Target { connect_to: connect_to.build().ok()?, host, base_path })
         });
-        Self { target, idle: Mutex::new(Vec::new()) }
+        let idle = (0..crate::runtimes::shards()).map(|_| IdleList::default()).collect();
+        Self { target, idle }
     }
 
     /// The request target for the client's `path`: the worker's base path, then `path`.
@@ -213,7 +223,7 @@ impl WorkerConnections {
     /// Idle connections held now.
     #[cfg(test)]
     fn idle(&self) -> usize {
-        self.idle.lock().len()
+        self.idle.iter().map(|list| list.lock().len()).sum()
     }
 
     fn wrap(self: &Arc<Self>, resp: http::Response<Incoming>, conn: Box<Connection>) -> http::Response<WorkerBody> {
@@ -228,7 +238,7 @@ impl WorkerConnections {
     /// it is driven, [`Connection::ready`]).
     fn checkout(&self) -> Option<Box<Connection>> {
         let now = Instant::now();
-        let mut idle = self.idle.lock();
+        let mut idle = self.idle[crate::runtimes::shard()].lock();
         while let Some((conn, since)) = idle.pop() {
             if now.duration_since(since) < IDLE_TIMEOUT {
                 return Some(conn);
@@ -241,7 +251,7 @@ impl WorkerConnections {
     /// idle one when it is too old or the list is full).
     fn give_back(&self, conn: Box<Connection>) {
         let now = Instant::now();
-        let mut idle = self.idle.lock();
+        let mut idle = self.idle[conn.shard].lock();
         // The least recently used is at the front: close it when it has idled too long or there is no room.
         if idle.first().is_some_and(|(_, since)| now.duration_since(*since) >= IDLE_TIMEOUT) || idle.len() >= MAX_IDLE {
             idle.remove(0);
@@ -261,7 +271,12 @@ async fn connect(connector: &Connector, target: &Target) -> Result<Box<Connectio
     let (sender, driver) =
         connector.http1.handshake(io).await.map_err(|e| SendError { connect: true, source: e.into() })?;
     // Boxed: the driver holds its buffers inline, and the connection moves on every checkout and return.
-    Ok(Box::new(Connection { sender, driver: Some(driver), wakes: SelfWakes::default() }))
+    Ok(Box::new(Connection {
+        sender,
+        driver: Some(driver),
+        wakes: SelfWakes::default(),
+        shard: crate::runtimes::shard(),
+    }))
 }
 
 /// A worker's response body: drives its connection while it is read, and gives the connection back to
@@ -410,6 +425,29 @@ mod tests {
         let host = s.url.trim_start_matches("http://");
         assert!(heads[0].starts_with("GET /api/v1/models?x=1 HTTP/1.1\r\n"), "{}", heads[0]);
         assert!(heads[0].to_ascii_lowercase().contains(&format!("host: {host}\r\n")), "{}", heads[0]);
+    }
+
+    #[tokio::test]
+    async fn a_connection_is_reused_on_the_serving_runtime_that_made_it_only() {
+        let s = server("hello", usize::MAX).await;
+        let conns = Arc::new(WorkerConnections::new(&s.url));
+        let connector = Arc::new(connector(&UpstreamConfig::default()));
+        let runtimes = crate::runtimes::Runtimes::start(1).expect("started");
+        for _ in 0..2 {
+            let (conns, connector) = (Arc::clone(&conns), Arc::clone(&connector));
+            let sent = runtimes.pick().spawn(async move {
+                let resp = conns.send(&connector, get(&conns, "/")).await.expect("sent");
+                (read(resp).await, crate::runtimes::shard())
+            });
+            assert_eq!(sent.await.expect("ran"), ("hello".to_string(), 1));
+        }
+        assert_eq!(s.accepted.load(Ordering::SeqCst), 1, "the runtime's second request reused its connection");
+        // Its socket is watched by that runtime's reactor: this thread (no serving runtime) opens its own.
+        let resp = conns.send(&connector, get(&conns, "/")).await.expect("sent");
+        assert_eq!(read(resp).await, "hello");
+        assert_eq!(s.accepted.load(Ordering::SeqCst), 2);
+        assert_eq!(conns.idle(), 2, "each given back to its own runtime's list");
+        assert_eq!(conns.idle[1].lock().len(), 1);
     }
 
     #[tokio::test]
