@@ -6,13 +6,16 @@
 //! on a line the other core holds and often a futex to wake it. Here a connection, the worker
 //! connections its requests borrow ([`crate::upstream::connections`] keeps one idle list per runtime,
 //! [`shard`]) and its timers stay on one thread. The gateway's shared state (fleet, admission,
-//! metrics) is still shared; what is per core is the IO and the scheduling.
+//! metrics) is still shared; what is per core is the IO and the scheduling. An HTTP/2 connection's
+//! streams are the exception: each stream's task goes to the runtimes in turn ([`Streams`]), so one
+//! multiplexed connection does not confine its client to one core.
 //!
 //! Background work (probes, scrapes, reloads, the batch runner) stays on the process's main runtime.
 
 use std::cell::Cell;
+use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock, Weak};
 use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
 
@@ -69,6 +72,33 @@ impl Runtimes {
     pub fn pick(&self) -> &Handle {
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.handles.len();
         &self.handles[i]
+    }
+}
+
+/// hyper's executor for the tasks of a connection's HTTP/2 streams: each on the next serving runtime
+/// in turn, so the streams of one connection (a client multiplexing everything over one) use every core
+/// as they did on one work-stealing runtime; without runtimes (tests, or once they are ending), on the
+/// current one. It holds them weakly: the tasks it serves must not keep their own runtimes alive.
+#[derive(Clone, Default)]
+pub struct Streams(Weak<Runtimes>);
+
+impl Streams {
+    /// Spreads stream tasks over `runtimes`.
+    pub fn over(runtimes: &Arc<Runtimes>) -> Self {
+        Self(Arc::downgrade(runtimes))
+    }
+}
+
+impl<F> hyper::rt::Executor<F> for Streams
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        match self.0.upgrade() {
+            Some(runtimes) => drop(runtimes.pick().spawn(fut)),
+            None => drop(tokio::spawn(fut)),
+        }
     }
 }
 

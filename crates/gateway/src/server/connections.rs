@@ -23,14 +23,14 @@
 //! Deciding the deadline is the pure [`due`].
 
 use crate::config::ServerConfig;
-use crate::runtimes::Runtimes;
+use crate::runtimes::{Runtimes, Streams};
 use crate::state::AppState;
 use crate::wakes::SelfWakes;
 use axum::extract::ConnectInfo;
 use axum::Router;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use hyper_util::server::conn::auto;
 use parking_lot::Mutex;
 use std::collections::HashMap;
@@ -433,16 +433,17 @@ const FD_EPISODE: Duration = Duration::from_secs(1);
 /// How long a quiet connection asked to close may take to do so before it is dropped.
 const DRAIN_GRACE: Duration = Duration::from_secs(1);
 
-/// Accepts connections on `listener` and serves `router` on each until `stop` is cancelled; then
-/// stops accepting, lets every connection finish what it has in flight, and returns.
-pub async fn serve(listener: TcpListener, router: Router, app: Arc<AppState>, stop: CancellationToken) {
-    let runtimes = match Runtimes::start(app.snapshot.load().config.server.threads) {
-        Ok(r) => r,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot start the serving runtimes");
-            return;
-        }
-    };
+/// Accepts connections on `listener` and serves `router` on each, on `runtimes` in turn, until `stop`
+/// is cancelled; then stops accepting, lets every connection finish what it has in flight, and returns
+/// (the runtimes live on with the [`crate::server::Gateway`]: an upgraded connection's task, a
+/// WebSocket saying goodbye, may still be running on one).
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    app: Arc<AppState>,
+    stop: CancellationToken,
+    runtimes: Arc<Runtimes>,
+) {
     let conns = Arc::clone(&app.connections);
     // Every connection task holds a receiver: `closed()` resolves when the last one ended.
     let (alive_tx, alive_rx) = tokio::sync::watch::channel(());
@@ -510,11 +511,12 @@ pub async fn serve(listener: TcpListener, router: Router, app: Arc<AppState>, st
         conns.live.lock().insert(id, Arc::clone(&conn));
         let service = Service { router: router.clone(), app: Some(Arc::clone(&app)), remote, conn: Arc::clone(&conn) };
         let (conns, stop, alive) = (Arc::clone(&conns), stop.clone(), alive_rx.clone());
+        let streams = Streams::over(&runtimes);
         runtimes.pick().spawn(async move {
             match TcpStream::from_std(tcp) {
                 Ok(tcp) => {
                     let io = ConnIo { tcp, conn: Arc::clone(&conn), preface: Some(0), _slot: slot };
-                    serve_connection(io, service, conn, limits, stop).await;
+                    serve_connection(io, service, conn, limits, stop, streams).await;
                 }
                 Err(e) => tracing::debug!(error = %e, "accepted connection lost"),
             }
@@ -525,7 +527,6 @@ pub async fn serve(listener: TcpListener, router: Router, app: Arc<AppState>, st
     drop(listener);
     drop(alive_rx);
     alive_tx.closed().await;
-    drop(runtimes);
 }
 
 /// What woke a served connection's loop.
@@ -539,11 +540,17 @@ enum Event<E> {
 }
 
 /// Serves one connection, and closes it when its deadline passes or the accept loop reclaims it.
-async fn serve_connection<T>(io: ConnIo<T>, service: Service, conn: Arc<Conn>, limits: Limits, stop: CancellationToken)
-where
+async fn serve_connection<T>(
+    io: ConnIo<T>,
+    service: Service,
+    conn: Arc<Conn>,
+    limits: Limits,
+    stop: CancellationToken,
+    streams: Streams,
+) where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = auto::Builder::new(streams);
     // Half-close off by default: hyper cannot tell a client that only shut down its sending side from one
     // that went away, and a client that leaves should release its queue place and its worker's
     // generation at once (`server.half_close` trades that for answering half-closing clients).
@@ -665,23 +672,57 @@ mod tests {
         assert_eq!(due(0, s(5), Some(s(30)), true, &l), Some((s(65), Expiry::Idle)), "HTTP/2 frames are not heads");
     }
 
-    /// Serves `router` on one in-memory connection, as the accept loop would; returns the client's end.
+    /// Serves a router on one in-memory connection, as the accept loop would; returns the client's end.
     fn connect(limits: Limits) -> tokio::io::DuplexStream {
-        let router = Router::new().route("/", axum::routing::get(|| async { "ok" })).route(
-            "/slow",
-            axum::routing::get(|| async {
-                tokio::time::sleep(Duration::from_secs(120)).await;
-                "ok"
-            }),
-        );
+        serve_in_memory(limits, Streams::default())
+    }
+
+    /// [`connect`], with HTTP/2 streams run by `streams`.
+    fn serve_in_memory(limits: Limits, streams: Streams) -> tokio::io::DuplexStream {
+        let router = Router::new()
+            .route("/", axum::routing::get(|| async { "ok" }))
+            .route(
+                "/slow",
+                axum::routing::get(|| async {
+                    tokio::time::sleep(Duration::from_secs(120)).await;
+                    "ok"
+                }),
+            )
+            .route("/shard", axum::routing::get(|| async { crate::runtimes::shard().to_string() }));
         let (client, server) = tokio::io::duplex(64 * 1024);
         let conn = Arc::new(Conn::new(Instant::now()));
         let io =
             ConnIo { tcp: server, conn: Arc::clone(&conn), preface: Some(0), _slot: Connections::new().force_open() };
         let service =
             Service { router, app: None, remote: SocketAddr::from(([127, 0, 0, 1], 1)), conn: Arc::clone(&conn) };
-        tokio::spawn(serve_connection(io, service, conn, limits, CancellationToken::new()));
+        tokio::spawn(serve_connection(io, service, conn, limits, CancellationToken::new(), streams));
         client
+    }
+
+    #[tokio::test]
+    async fn one_http2_connections_streams_run_on_every_serving_runtime() {
+        use http_body_util::BodyExt;
+        let runtimes = Arc::new(Runtimes::start(0).expect("started"));
+        let client = serve_in_memory(limits(), Streams::over(&runtimes));
+        let (sender, h2) =
+            hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), TokioIo::new(client))
+                .await
+                .expect("HTTP/2 handshake");
+        tokio::spawn(h2);
+        let asks = (0..8).map(|_| {
+            let mut sender = sender.clone();
+            async move {
+                let req = http::Request::get("http://t/shard").body(http_body_util::Empty::<bytes::Bytes>::new());
+                let resp = sender.send_request(req.expect("request")).await.expect("answered");
+                let body = resp.into_body().collect().await.expect("body").to_bytes();
+                String::from_utf8_lossy(&body).parse::<usize>().expect("a shard")
+            }
+        });
+        let mut seen = futures_util::future::join_all(asks).await;
+        seen.sort_unstable();
+        seen.dedup();
+        let n = crate::runtimes::default_count().min(8);
+        assert_eq!(seen, (1..=n).collect::<Vec<_>>(), "the streams of one connection took every runtime in turn");
     }
 
     async fn get(client: &mut tokio::io::DuplexStream, path: &str) {

@@ -106,6 +106,8 @@ pub struct Gateway {
     pub state: Arc<AppState>,
     addr: SocketAddr,
     server: JoinHandle<()>,
+    /// The serving runtimes: they end when the gateway is dropped (and its accept loop has ended).
+    _runtimes: Arc<crate::runtimes::Runtimes>,
 }
 
 impl Gateway {
@@ -122,6 +124,9 @@ impl Gateway {
         if let Some(warning) = crate::admin::exposure_warning(&config, addr) {
             tracing::warn!("{warning}");
         }
+        let runtimes = crate::runtimes::Runtimes::start(config.server.threads)
+            .map(Arc::new)
+            .map_err(|e| anyhow::anyhow!("cannot start the serving threads: {e}"))?;
         let state = AppState::new(config)?;
         // `dns+http://` workers join the fleet before the first probe and the first request.
         crate::discovery::start(&state).await;
@@ -153,9 +158,15 @@ impl Gateway {
         // The dashboard's charts have history from the start, not from the first page view.
         crate::dashboard::ensure_sampler(&state);
         let stop = state.shutdown.clone();
-        let server = tokio::spawn(crate::server::connections::serve(listener, router, Arc::clone(&state), stop));
+        let server = tokio::spawn(crate::server::connections::serve(
+            listener,
+            router,
+            Arc::clone(&state),
+            stop,
+            Arc::clone(&runtimes),
+        ));
         tracing::info!(%addr, "llm-gateway listening");
-        Ok(Gateway { state, addr, server })
+        Ok(Gateway { state, addr, server, _runtimes: runtimes })
     }
 
     /// The address it listens on.
