@@ -141,6 +141,9 @@ fn warn_restart_only(old: &Config, new: &Config) {
             "server.host/server.port changed: takes effect after a restart"
         );
     }
+    if old.server.threads != new.server.threads {
+        tracing::warn!("server.threads changed: takes effect after a restart");
+    }
     if old.upstream.connect_timeout_ms != new.upstream.connect_timeout_ms {
         tracing::warn!("upstream.connect_timeout_ms changed: takes effect after a restart");
     }
