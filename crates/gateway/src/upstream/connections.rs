@@ -5,10 +5,9 @@
 //! tenth of the gateway's instructions per request, see BENCHMARKS.md). Here a worker keeps its idle
 //! connections in a short list per serving runtime ([`crate::runtimes`]; a socket is watched by the
 //! reactor of the runtime that opened it): a request takes its runtime's most recently used one (or
-//! opens one), sends on it,
-//! and its response body puts it back when the body has been read to its end. A body dropped earlier (the
-//! client went away, the relay gave up) drops the connection with it, so a half-read response never
-//! reaches the next request.
+//! opens one), sends on it, and its response body puts it back when the body has been read to its end.
+//! A body dropped earlier (the client went away, the relay gave up) drops the connection with it, so a
+//! half-read response never reaches the next request.
 //!
 //! No task runs a connection: the request's own task polls it (hyper's connection future) while it
 //! waits for the answer's head, and the response body polls it before each read. So a request's bytes
