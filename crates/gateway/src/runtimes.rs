@@ -54,18 +54,20 @@ impl Runtimes {
     /// cores (a thread more only takes turns with the others, and [`shards`] has room for no more).
     pub fn start(count: usize) -> std::io::Result<Self> {
         let count = if count == 0 { default_count() } else { count.min(default_count()) };
-        let stop = CancellationToken::new();
-        let mut handles = Vec::with_capacity(count);
+        // Built first, so a thread that cannot start ends the ones started before it (`Drop`).
+        let mut this =
+            Self { handles: Vec::with_capacity(count), next: AtomicUsize::new(0), stop: CancellationToken::new() };
         for i in 0..count {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            handles.push(rt.handle().clone());
-            let stop = stop.clone();
+            let handle = rt.handle().clone();
+            let stop = this.stop.clone();
             std::thread::Builder::new().name(format!("llm-gateway-serve-{i}")).spawn(move || {
                 SHARD.with(|s| s.set(i + 1));
                 rt.block_on(stop.cancelled());
             })?;
+            this.handles.push(handle);
         }
-        Ok(Self { handles, next: AtomicUsize::new(0), stop })
+        Ok(this)
     }
 
     /// The runtime the next connection goes to: each in turn.
