@@ -249,7 +249,14 @@ def main():
                 print(f"FAIL {name}: {detail}")
 
         check("no worker shown unhealthy during the run", not unhealthy and polls[0] > 0, unhealthy[:5])
-        metrics = get_text(gw_url + "/metrics")
+        # The gateway counts a request when its upstream body ends, which can be a moment after the SDK has
+        # read `[DONE]` and returned: wait (bounded) until every request is counted before reading the rest.
+        deadline = time.monotonic() + 10
+        while True:
+            metrics = get_text(gw_url + "/metrics")
+            if metric_sum(metrics, "llm_gateway_requests_total") >= CONCURRENCY or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
         answered_ok = metric_sum(metrics, "llm_gateway_requests_total", lambda l: 'status="200"' in l)
         answered_other = metric_sum(metrics, "llm_gateway_requests_total", lambda l: 'status="200"' not in l)
         check("/metrics: every request answered 200",
