@@ -462,10 +462,17 @@ async fn stream_run(
     println!("\nstreamed: {streams} concurrent SSE streams of 64 events 5 ms apart (sim: no time to first token)");
     println!("| round | peer | streams/s | TTFB p50 | TTFB p99 | stream p50 | errors | CPU/stream (user + sys) |");
     println!("|---|---|---|---|---|---|---|---|");
+    // Per peer, each round's TTFB p50 and nginx's of the same round.
+    let mut ttfb: Vec<Vec<(Duration, Option<Duration>)>> = peers.iter().map(|_| Vec::new()).collect();
     for round in 1..=rounds {
-        for peer in &peers {
+        let mut nginx = None;
+        for (peer, seen) in peers.iter().zip(ttfb.iter_mut()) {
             let m = measure(peer, sim.pid(), &body, streams, duration).await?;
             let r = &m.report;
+            if peer.kind == PeerKind::Nginx {
+                nginx = Some(r.first_byte_quantile(0.5));
+            }
+            seen.push((r.first_byte_quantile(0.5), nginx.filter(|_| peer.kind.beside_nginx())));
             println!(
                 "| {round} | {} | {:.0} | {} | {} | {} | {} | {} |",
                 peer.kind.name(),
@@ -477,6 +484,24 @@ async fn stream_run(
                 if peer.kind == PeerKind::Direct { "-".into() } else { m.cpu_split() },
             );
         }
+    }
+    println!("\nTTFB p50 over {rounds} rounds: median (min-max), and the rounds at or below nginx's of the same round");
+    println!("| peer | TTFB p50 | at or below nginx's |");
+    println!("|---|---|---|");
+    for (peer, seen) in peers.iter().zip(&ttfb) {
+        let mut p50s: Vec<Duration> = seen.iter().map(|s| s.0).collect();
+        p50s.sort_unstable();
+        let compared: Vec<bool> = seen.iter().filter_map(|&(p50, nginx)| nginx.map(|n| p50 <= n)).collect();
+        let below = if compared.is_empty() {
+            String::new()
+        } else {
+            format!("{} of {}", compared.iter().filter(|&&b| b).count(), compared.len())
+        };
+        let spread = match (p50s.first(), p50s.last()) {
+            (Some(lo), Some(hi)) => format!("{} ({}-{})", ms(p50s[p50s.len() / 2]), ms(*lo), ms(*hi)),
+            _ => "-".into(),
+        };
+        println!("| {} | {spread} | {below} |", peer.kind.name());
     }
     Ok(())
 }
