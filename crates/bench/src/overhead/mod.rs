@@ -269,6 +269,12 @@ async fn measure(peer: &Peer, sim: u32, body: &Bytes, conc: usize, duration: Dur
     Ok(Measured { report, peer_cpu, bench_cpu: own1.saturating_sub(own0), sim_cpu: sim1.saturating_sub(sim0) })
 }
 
+/// The median (the upper one of an even count), least and greatest of `values`: `None` when empty.
+fn median_range<T: Copy>(mut values: Vec<T>, cmp: impl Fn(&T, &T) -> std::cmp::Ordering) -> Option<(T, T, T)> {
+    values.sort_by(cmp);
+    Some((*values.get(values.len() / 2)?, *values.first()?, *values.last()?))
+}
+
 fn ms(d: Duration) -> String {
     format!("{:.2} ms", d.as_secs_f64() * 1000.0)
 }
@@ -393,10 +399,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         println!("| conc | peer | CPU/req vs nginx | rps vs nginx |");
         println!("|---|---|---|---|");
         for (conc, kind, rs) in &ratios {
-            let spread = |f: fn(&(f64, f64)) -> f64| {
-                let mut v: Vec<f64> = rs.iter().map(f).collect();
-                v.sort_by(f64::total_cmp);
-                format!("{:.2} ({:.2}-{:.2})", v[v.len() / 2], v[0], v[v.len() - 1])
+            let spread = |f: fn(&(f64, f64)) -> f64| match median_range(rs.iter().map(f).collect(), f64::total_cmp) {
+                Some((median, lo, hi)) => format!("{median:.2} ({lo:.2}-{hi:.2})"),
+                None => "-".into(),
             };
             println!("| {conc} | {} | {} | {} |", kind.name(), spread(|r| r.0), spread(|r| r.1));
         }
@@ -469,15 +474,16 @@ async fn stream_run(
         for (peer, seen) in peers.iter().zip(ttfb.iter_mut()) {
             let m = measure(peer, sim.pid(), &body, streams, duration).await?;
             let r = &m.report;
+            let first_byte = r.first_byte_quantile(0.5);
             if peer.kind == PeerKind::Nginx {
-                nginx = Some(r.first_byte_quantile(0.5));
+                nginx = Some(first_byte);
             }
-            seen.push((r.first_byte_quantile(0.5), nginx.filter(|_| peer.kind.beside_nginx())));
+            seen.push((first_byte, nginx.filter(|_| peer.kind.beside_nginx())));
             println!(
                 "| {round} | {} | {:.0} | {} | {} | {} | {} | {} |",
                 peer.kind.name(),
                 r.rps(),
-                ms(r.first_byte_quantile(0.5)),
+                ms(first_byte),
                 ms(r.first_byte_quantile(0.99)),
                 ms(r.quantile(0.5)),
                 r.errors,
@@ -489,17 +495,15 @@ async fn stream_run(
     println!("| peer | TTFB p50 | at or below nginx's |");
     println!("|---|---|---|");
     for (peer, seen) in peers.iter().zip(&ttfb) {
-        let mut p50s: Vec<Duration> = seen.iter().map(|s| s.0).collect();
-        p50s.sort_unstable();
         let compared: Vec<bool> = seen.iter().filter_map(|&(p50, nginx)| nginx.map(|n| p50 <= n)).collect();
         let below = if compared.is_empty() {
             String::new()
         } else {
             format!("{} of {}", compared.iter().filter(|&&b| b).count(), compared.len())
         };
-        let spread = match (p50s.first(), p50s.last()) {
-            (Some(lo), Some(hi)) => format!("{} ({}-{})", ms(p50s[p50s.len() / 2]), ms(*lo), ms(*hi)),
-            _ => "-".into(),
+        let spread = match median_range(seen.iter().map(|s| s.0).collect(), Duration::cmp) {
+            Some((median, lo, hi)) => format!("{} ({}-{})", ms(median), ms(lo), ms(hi)),
+            None => "-".into(),
         };
         println!("| {} | {spread} | {below} |", peer.kind.name());
     }
@@ -588,4 +592,16 @@ async fn open_streams(setup: &Setup, kind: PeerKind, n: usize) -> anyhow::Result
     while tasks.join_next().await.is_some() {}
     drop(peer);
     Ok((rss, open))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_range_sorts_first() {
+        assert_eq!(median_range(vec![3.0, 1.0, 2.0, 5.0, 4.0], f64::total_cmp), Some((3.0, 1.0, 5.0)));
+        assert_eq!(median_range(vec![4, 1, 3, 2], u32::cmp), Some((3, 1, 4)), "the upper median of an even count");
+        assert_eq!(median_range(Vec::<u32>::new(), u32::cmp), None);
+    }
 }
