@@ -1,6 +1,7 @@
 //! Criterion benches of the gateway's per-request work: the body parse and request id, the pick
 //! (eligibility over the fleet and the policy's choice), the admission queue's enqueue + dispatch
-//! hand-off, the local rate-limit check, and the Redis round trip of a shared check.
+//! hand-off, the local rate-limit check, the Redis round trip of a shared check, and the usage scan of
+//! a relayed stream.
 //!
 //! `cargo bench -p llm-gateway --bench gateway` (the Redis bench runs when `redis-server` is installed).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -170,5 +171,31 @@ fn pick(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, request, pick, admission, rate_limits);
+/// The usage scanner over a stream as `bench overhead` relays it: 64 chat-completion chunks, each read
+/// on its own, then the usage event and `[DONE]`.
+fn usage(c: &mut Criterion) {
+    use llm_gateway::proxy::usage::UsageScanner;
+    let chunk = |i: usize| {
+        format!(
+            "data: {{\"id\":\"chatcmpl-1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"m\",\
+             \"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"tok{i} \"}},\"finish_reason\":null}}]}}\n\n"
+        )
+    };
+    let mut chunks: Vec<Vec<u8>> = (0..64).map(|i| chunk(i).into_bytes()).collect();
+    chunks.push(
+        b"data: {\"id\":\"chatcmpl-1\",\"choices\":[],\"usage\":{\"prompt_tokens\":250,\"completion_tokens\":64,\"total_tokens\":314}}\n\ndata: [DONE]\n\n".to_vec(),
+    );
+    c.bench_function("usage/scan_stream_of_64_chunks", |b| {
+        b.iter(|| {
+            let mut s = UsageScanner::default();
+            for c in &chunks {
+                s.scan(std::hint::black_box(c), true);
+            }
+            assert_eq!((s.completion_tokens, s.events), (Some(64), 66));
+            s.prompt_tokens
+        })
+    });
+}
+
+criterion_group!(benches, request, pick, admission, rate_limits, usage);
 criterion_main!(benches);

@@ -64,7 +64,7 @@ fn events(text: &[u8]) -> Vec<Vec<&[u8]>> {
     lines.split(|l| l.is_empty()).filter(|e| !e.is_empty()).map(<[&[u8]]>::to_vec).collect()
 }
 
-/// The usage scanner: events counted exactly once however the stream is cut; on the whole stream
+/// The usage scanner: `data:` lines counted exactly once however the stream is cut; on the whole stream
 /// the number after the key's last occurrence; in chunks, a number that follows the key somewhere.
 pub fn usage(data: &[u8]) {
     let (stream, chunks) = chunked(data);
@@ -72,7 +72,7 @@ pub fn usage(data: &[u8]) {
     chunks.iter().for_each(|c| parts.scan(c, true));
     let mut whole = UsageScanner::default();
     whole.scan(stream, true);
-    let data_fields = stream.windows(5).filter(|w| w == b"data:").count() as u64;
+    let data_fields = stream.split(|&b| b == b'\n').filter(|line| line.starts_with(b"data:")).count() as u64;
     assert_eq!((parts.events, whole.events), (data_fields, data_fields));
     for (key, whole, parts) in [
         (&b"\"prompt_tokens\""[..], whole.prompt_tokens, parts.prompt_tokens),

@@ -220,7 +220,11 @@ impl Worker {
     /// Notes a sign of life at `now` (an answer, body bytes, generated tokens).
     pub fn mark_alive(&self, now: Instant) {
         let ms = now.saturating_duration_since(self.epoch).as_millis() as u64;
-        self.stats.last_alive_ms.fetch_max(ms, Ordering::Relaxed);
+        // Called per relayed chunk from every core: most chunks land in a millisecond already noted,
+        // and a read leaves the line shared where a read-modify-write would take it from the other core.
+        if ms > self.stats.last_alive_ms.load(Ordering::Relaxed) {
+            self.stats.last_alive_ms.fetch_max(ms, Ordering::Relaxed);
+        }
     }
 
     /// When it last showed a sign of life (its creation if never).

@@ -14,20 +14,26 @@ use std::pin::Pin;
 use std::sync::LazyLock;
 use std::task::{Context, Poll};
 
-/// Bytes kept across chunk boundaries so a key split between two chunks is still found.
+/// Most bytes of a key and its number cut by a chunk's end that are kept for the next chunk.
 const CARRY: usize = 48;
+/// Bytes of the next chunk read with the carried ones: the rest of a cut key and its number.
+const SEAM: usize = 64;
 
-/// The searchers, built once: building one per search cost more than the search itself (callgrind:
+/// The searcher, built once: building one per search cost more than the search itself (callgrind:
 /// about 5,000 instructions per request, 4% of the gateway's).
-static EVENT: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"data:"));
-/// The end all three keys share: one search finds every key.
 static TOKENS_KEY_END: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(KEY_END));
+/// The end all three keys share: one search finds every key.
 const KEY_END: &[u8] = b"_tokens\"";
 /// What comes before [`KEY_END`] in `"prompt_tokens"`, `"completion_tokens"` and `"cached_tokens"`.
 const KEY_STARTS: [&[u8]; 3] = [b"\"prompt", b"\"completion", b"\"cached"];
+const DATA: &[u8] = b"data:";
 
 /// Scans relayed chunks for usage numbers and counts SSE events.
-#[derive(Debug, Default)]
+///
+/// Each chunk is searched where it lies. What a chunk's end may cut, a key with its number or a
+/// `data:` field name, is carried over only when the chunk ends inside one: an event stream's chunks
+/// end with a blank line after a `}`, so nothing is copied for them.
+#[derive(Debug)]
 pub struct UsageScanner {
     /// Last `prompt_tokens` seen.
     pub prompt_tokens: Option<u64>,
@@ -35,57 +41,104 @@ pub struct UsageScanner {
     pub completion_tokens: Option<u64>,
     /// Last `cached_tokens` seen (prompt tokens the worker served from its prefix cache).
     pub cached_tokens: Option<u64>,
-    /// `data:` events seen in an event stream (an estimate of streamed chunks).
+    /// Lines starting with `data:` seen in an event stream (an estimate of streamed chunks).
     pub events: u64,
+    /// The stream's last bytes when they may end inside a key or its number (else empty).
     carry: Vec<u8>,
+    /// How much of `data:` the stream's last line holds when that line is no longer than it
+    /// (`None` once the line is longer, or is not a `data:` line).
+    line_start: Option<usize>,
+}
+
+impl Default for UsageScanner {
+    fn default() -> Self {
+        Self {
+            prompt_tokens: None,
+            completion_tokens: None,
+            cached_tokens: None,
+            events: 0,
+            carry: Vec::new(),
+            line_start: Some(0),
+        }
+    }
 }
 
 impl UsageScanner {
-    /// Scans one chunk; events are counted in an `event_stream` only (a JSON answer has none, and
-    /// looking for them cost a tenth of a whole answer's scan).
+    /// Scans one chunk; events are counted in an `event_stream` only (a JSON answer has none).
     pub fn scan(&mut self, chunk: &[u8], event_stream: bool) {
-        if self.carry.is_empty() {
-            // The first chunk (a whole non-streamed answer, often) is read where it lies.
-            self.read(chunk, 0, event_stream);
-            self.carry.extend_from_slice(&chunk[chunk.len() - chunk.len().min(CARRY)..]);
-            return;
+        if event_stream {
+            self.count_events(chunk);
         }
-        let mut buf = std::mem::take(&mut self.carry);
-        let scan_from = buf.len();
-        buf.extend_from_slice(chunk);
-        self.read(&buf, scan_from, event_stream);
-        let keep = buf.len().min(CARRY);
-        buf.drain(..buf.len() - keep);
-        self.carry = buf;
+        if !self.carry.is_empty() {
+            // A key (or its number) the last chunk's end cut: read it with the start of this one.
+            let carried = self.carry.len();
+            let mut seam = [0u8; CARRY + SEAM];
+            seam[..carried].copy_from_slice(&self.carry);
+            let next = chunk.len().min(SEAM);
+            seam[carried..carried + next].copy_from_slice(&chunk[..next]);
+            self.take(last_numbers(&seam[..carried + next], carried));
+        }
+        self.take(last_numbers(chunk, usize::MAX));
+        self.carry_end(chunk);
     }
 
-    /// Counts the events ending after `from` in `buf` and takes the numbers it holds.
-    fn read(&mut self, buf: &[u8], from: usize, event_stream: bool) {
-        if event_stream {
-            self.events += count(buf, &EVENT, from) as u64;
-        }
-        let [prompt, completion, cached] = last_numbers(buf);
+    fn take(&mut self, [prompt, completion, cached]: [Option<u64>; 3]) {
         self.prompt_tokens = prompt.or(self.prompt_tokens);
         self.completion_tokens = completion.or(self.completion_tokens);
         self.cached_tokens = cached.or(self.cached_tokens);
     }
+
+    /// Counts the lines of `chunk` (with the stream's line it continues) that start with `data:`.
+    fn count_events(&mut self, chunk: &[u8]) {
+        let mut line_start = self.line_start.take();
+        let mut from = 0;
+        for end in memchr::memchr_iter(b'\n', chunk).chain([chunk.len()]) {
+            let line = &chunk[from..end];
+            if let Some(had) = line_start {
+                let want = &DATA[had..];
+                if line.starts_with(want) {
+                    self.events += 1;
+                } else if end == chunk.len() && want.starts_with(line) {
+                    // The chunk ends within the line's first bytes: the next chunk tells.
+                    self.line_start = Some(had + line.len());
+                }
+            }
+            line_start = Some(0);
+            from = end + 1;
+        }
+    }
+
+    /// Keeps the stream's last bytes when they may end inside a key or its number.
+    fn carry_end(&mut self, chunk: &[u8]) {
+        let cut = match chunk.trim_ascii_end().last() {
+            Some(&b) => b.is_ascii_alphanumeric() || b"_\":".contains(&b),
+            // Only whitespace: the stream still ends as it did.
+            None => !self.carry.is_empty(),
+        };
+        if !cut {
+            self.carry.clear();
+        } else if chunk.len() >= CARRY {
+            self.carry.clear();
+            self.carry.extend_from_slice(&chunk[chunk.len() - CARRY..]);
+        } else {
+            self.carry.extend_from_slice(chunk);
+            self.carry.drain(..self.carry.len().saturating_sub(CARRY));
+        }
+    }
 }
 
-/// Occurrences of what `finder` looks for that end after `from` (so carried bytes are not counted twice).
-fn count(hay: &[u8], finder: &Finder<'_>, from: usize) -> usize {
-    let len = finder.needle().len();
-    finder.find_iter(hay).filter(|i| i + len > from).count()
-}
-
-/// For each of [`KEY_STARTS`], the number after the key's last occurrence in `hay`, when it is whole.
-/// One vectorised forward search for the keys' shared end, the last occurrence of each key winning (a
-/// byte-by-byte comparison at every offset cost about 2% of the gateway's CPU per request, a search
-/// per key about 2,600 instructions, a backwards search, which memchr does not vectorise, 1,500).
-fn last_numbers(hay: &[u8]) -> [Option<u64>; 3] {
+/// For each of [`KEY_STARTS`], the number after the key's last occurrence in `hay` that starts before
+/// `starts_before`, when it is whole. One vectorised forward search for the keys' shared end, the last
+/// occurrence of each key winning (a byte-by-byte comparison at every offset cost about 2% of the
+/// gateway's CPU per request, a search per key about 2,600 instructions, a backwards search, which
+/// memchr does not vectorise, 1,500).
+fn last_numbers(hay: &[u8], starts_before: usize) -> [Option<u64>; 3] {
     let mut found = [None; 3];
     for end in TOKENS_KEY_END.find_iter(hay) {
         if let Some(i) = (0..3).find(|&i| hay[..end].ends_with(KEY_STARTS[i])) {
-            found[i] = number_after(&hay[end + KEY_END.len()..]);
+            if end - KEY_STARTS[i].len() < starts_before {
+                found[i] = number_after(&hay[end + KEY_END.len()..]);
+            }
         }
     }
     found
@@ -195,6 +248,48 @@ data: [DONE]
         }
     }
 
+    /// However a stream is cut, its chunks give what the whole stream gives: every `data:` line
+    /// counted once (not a `data:` inside a line), and each key's last number.
+    #[test]
+    fn chunks_read_as_the_whole_stream() {
+        let parts: [&[u8]; 8] = [
+            b"data: {\"choices\":[{\"delta\":{\"content\":\"x\"},\"finish_reason\":null}]}\n\n",
+            b"data: {\"usage\":{\"prompt_tokens\": 12,\"completion_tokens\":345,\"prompt_tokens_details\":{\"cached_tokens\" : 7}}}\n\n",
+            b": ping\n\n",
+            b"event: x\ndata: {\"a\":\"data: in a string\"}\n\n",
+            b"data:[DONE]\r\n\r\n",
+            b"data: {\"completion_tokens\":98765}\n\n",
+            b"dat\n\n",
+            b"data: {\"prompt_tokens\":4,\"cached_tokens\":0}\n\n",
+        ];
+        let mut rng = 0x2545_f491_4f6c_dd1du64;
+        let mut next = |n: u64| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng % n
+        };
+        for _ in 0..3000 {
+            let mut stream = Vec::new();
+            for _ in 0..1 + next(8) {
+                stream.extend_from_slice(parts[next(parts.len() as u64) as usize]);
+            }
+            let mut whole = UsageScanner::default();
+            whole.scan(&stream, true);
+            let lines = stream.split(|&b| b == b'\n').filter(|l| l.starts_with(b"data:")).count() as u64;
+            assert_eq!(whole.events, lines);
+            let mut parts = UsageScanner::default();
+            let mut rest = &stream[..];
+            while !rest.is_empty() {
+                let (chunk, tail) = rest.split_at(rest.len().min(1 + next(80) as usize));
+                parts.scan(chunk, true);
+                rest = tail;
+            }
+            let read = |s: &UsageScanner| (s.events, s.prompt_tokens, s.completion_tokens, s.cached_tokens);
+            assert_eq!(read(&parts), read(&whole), "{}", String::from_utf8_lossy(&stream));
+        }
+    }
+
     /// The one search finds what a backwards search per key finds.
     #[test]
     fn one_search_finds_what_three_find() {
@@ -225,7 +320,7 @@ data: [DONE]
             }
             let want =
                 [old(&hay, b"\"prompt_tokens\""), old(&hay, b"\"completion_tokens\""), old(&hay, b"\"cached_tokens\"")];
-            assert_eq!(last_numbers(&hay), want, "{}", String::from_utf8_lossy(&hay));
+            assert_eq!(last_numbers(&hay, usize::MAX), want, "{}", String::from_utf8_lossy(&hay));
         }
     }
 
