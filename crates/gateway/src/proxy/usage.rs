@@ -26,6 +26,7 @@ static TOKENS_KEY_END: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(
 const KEY_END: &[u8] = b"_tokens\"";
 /// What comes before [`KEY_END`] in `"prompt_tokens"`, `"completion_tokens"` and `"cached_tokens"`.
 const KEY_STARTS: [&[u8]; 3] = [b"\"prompt", b"\"completion", b"\"cached"];
+/// The field name that starts an event's data line.
 const DATA: &[u8] = b"data:";
 
 /// Scans relayed chunks for usage numbers and counts SSE events.
@@ -82,6 +83,7 @@ impl UsageScanner {
         self.carry_end(chunk);
     }
 
+    /// Keeps the numbers found; a key not found (or cut) leaves the last one seen.
     fn take(&mut self, [prompt, completion, cached]: [Option<u64>; 3]) {
         self.prompt_tokens = prompt.or(self.prompt_tokens);
         self.completion_tokens = completion.or(self.completion_tokens);
@@ -278,15 +280,15 @@ data: [DONE]
             whole.scan(&stream, true);
             let lines = stream.split(|&b| b == b'\n').filter(|l| l.starts_with(b"data:")).count() as u64;
             assert_eq!(whole.events, lines);
-            let mut parts = UsageScanner::default();
+            let mut chunked = UsageScanner::default();
             let mut rest = &stream[..];
             while !rest.is_empty() {
                 let (chunk, tail) = rest.split_at(rest.len().min(1 + next(80) as usize));
-                parts.scan(chunk, true);
+                chunked.scan(chunk, true);
                 rest = tail;
             }
             let read = |s: &UsageScanner| (s.events, s.prompt_tokens, s.completion_tokens, s.cached_tokens);
-            assert_eq!(read(&parts), read(&whole), "{}", String::from_utf8_lossy(&stream));
+            assert_eq!(read(&chunked), read(&whole), "{}", String::from_utf8_lossy(&stream));
         }
     }
 
