@@ -73,7 +73,9 @@ async fn enqueue_in_order(
 
 #[tokio::test]
 async fn priority_classes_leave_in_order_with_headers() {
-    let (_sims, gw) = setup(1, 1, 150, |_| {}).await;
+    // The busy request must outlast queueing the others one by one, each checked over HTTP: a second
+    // is ample on a loaded CI machine, where 150 ms once was not.
+    let (_sims, gw) = setup(1, 1, 1000, |_| {}).await;
     let order = Arc::new(parking_lot::Mutex::new(Vec::new()));
     let busy = send(&gw.url(), "x", "normal", order.clone(), "busy");
     wait_for("the slot to be taken", Duration::from_secs(5), || async {
@@ -104,7 +106,8 @@ async fn priority_classes_leave_in_order_with_headers() {
 
 #[tokio::test]
 async fn positions_count_up_for_equal_requests() {
-    let (_sims, gw) = setup(1, 1, 100, |_| {}).await;
+    // As above: the busy request outlasts the five enqueued after it (100 ms once did not, in CI).
+    let (_sims, gw) = setup(1, 1, 1000, |_| {}).await;
     let order = Arc::new(parking_lot::Mutex::new(Vec::new()));
     let busy = send(&gw.url(), "x", "normal", order.clone(), "busy");
     wait_for("the slot to be taken", Duration::from_secs(5), || async {
