@@ -7,7 +7,8 @@
 //! config, round robin by default as nginx is), nginx (master and 2 workers), and this bench, the load
 //! generator. Phases, each with fresh proxies in front of a sim made for it:
 //! - **non-stream**: a 1 KB chat request, 16 output tokens, a sim with no latency, at each concurrency;
-//!   `--rounds` alternations of the peers, each measured for `--duration` in `--slices` turns.
+//!   `--rounds` alternations of the peers, each measured for `--duration` in `--slices` turns; each
+//!   round starts with the next peer (a peer's place in the order moved its figures by 2-3%).
 //! - **stream**: `--streams` concurrent SSE streams of 64 events 5 ms apart: time to first byte.
 //! - **memory**: the gateway's RSS idle (after start) and with `--open-streams` streams held open at once
 //!   on a slow sim; the clients speak HTTP/2 (100 streams per connection), because this container's hard
@@ -33,10 +34,10 @@ pub struct Args {
     /// Seconds per measured run.
     #[arg(long, default_value_t = 10)]
     duration: u64,
-    /// Concurrency levels of the non-streamed runs, comma-separated.
+    /// Concurrency levels of the non-streamed runs, comma-separated (`0`: none, only the other phases).
     #[arg(long, value_delimiter = ',', default_value = "16,64")]
     concurrency: Vec<usize>,
-    /// Measured runs per peer and level, the peers alternating.
+    /// Measured runs per peer and level, the peers alternating, each round starting one peer later.
     #[arg(long, default_value_t = 2)]
     rounds: usize,
     /// Slices each non-streamed run is cut into, the peers taking turns slice by slice, so that a few
@@ -269,6 +270,13 @@ async fn measure(peer: &Peer, sim: u32, body: &Bytes, conc: usize, duration: Dur
     Ok(Measured { report, peer_cpu, bench_cpu: own1.saturating_sub(own0), sim_cpu: sim1.saturating_sub(sim0) })
 }
 
+/// The order peers are measured in at `round`: each round starts one peer later, so no peer always
+/// runs right after another or last (an A/A run of one build as two peers found the second of them
+/// 2-3% slower in CPU and throughput in 6 of 7 rounds, always in the same place).
+fn turns(peers: usize, round: usize) -> impl Iterator<Item = usize> {
+    (0..peers).map(move |i| (i + round) % peers)
+}
+
 /// The median (the upper one of an even count), least and greatest of `values`: `None` when empty.
 fn median_range<T: Copy>(mut values: Vec<T>, cmp: impl Fn(&T, &T) -> std::cmp::Ordering) -> Option<(T, T, T)> {
     values.sort_by(cmp);
@@ -340,18 +348,22 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let idle: Vec<(PeerKind, u64)> =
         peers.iter().filter(|p| p.kind != PeerKind::Direct).map(|p| (p.kind, p.rss_kb())).collect();
-    println!("\nnon-streamed: 1 KB chat POST, 16 output tokens, sim with no latency; CPU per request from each peer's own processes");
-    println!("| round | conc | peer | rps | p50 | p99 | errors | CPU/req (user + sys) | CPU/req vs nginx | rps vs nginx | bench CPU/req | sim CPU/req |");
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let levels: Vec<usize> = args.concurrency.iter().copied().filter(|&c| c > 0).collect();
+    if !levels.is_empty() {
+        println!("\nnon-streamed: 1 KB chat POST, 16 output tokens, sim with no latency; CPU per request from each peer's own processes");
+        println!("| round | conc | peer | rps | p50 | p99 | errors | CPU/req (user + sys) | CPU/req vs nginx | rps vs nginx | bench CPU/req | sim CPU/req |");
+        println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    }
     let body = chat_body(false, 16);
     // Per level and peer: each round's (CPU per request, rps) ratios to nginx's of the same round.
     let mut ratios: Vec<Ratios> = Vec::new();
-    for &conc in &args.concurrency {
+    for &conc in &levels {
         for round in 1..=args.rounds {
             let slices = args.slices.max(1);
             let mut runs: Vec<Option<Measured>> = peers.iter().map(|_| None).collect();
             for _ in 0..slices {
-                for (peer, run) in peers.iter().zip(runs.iter_mut()) {
+                for i in turns(peers.len(), round) {
+                    let (peer, run) = (&peers[i], &mut runs[i]);
                     let m = measure(peer, sim.pid(), &body, conc, duration / slices).await?;
                     *run = Some(match run.take() {
                         Some(before) => before.merge(m),
@@ -469,15 +481,19 @@ async fn stream_run(
     println!("|---|---|---|---|---|---|---|---|");
     // Per peer, each round's TTFB p50 and nginx's of the same round.
     let mut ttfb: Vec<Vec<(Duration, Option<Duration>)>> = peers.iter().map(|_| Vec::new()).collect();
+    // Per peer, every round's streams as one report.
+    let mut pooled: Vec<Option<load::Report>> = peers.iter().map(|_| None).collect();
     for round in 1..=rounds {
-        let mut nginx = None;
-        for (peer, seen) in peers.iter().zip(ttfb.iter_mut()) {
-            let m = measure(peer, sim.pid(), &body, streams, duration).await?;
+        let mut runs: Vec<Option<Measured>> = peers.iter().map(|_| None).collect();
+        for i in turns(peers.len(), round) {
+            runs[i] = Some(measure(&peers[i], sim.pid(), &body, streams, duration).await?);
+        }
+        let nginx = peers.iter().zip(&runs).find(|(p, _)| p.kind == PeerKind::Nginx);
+        let nginx = nginx.and_then(|(_, m)| m.as_ref()).map(|m| m.report.first_byte_quantile(0.5));
+        for (((peer, seen), all), m) in peers.iter().zip(ttfb.iter_mut()).zip(pooled.iter_mut()).zip(runs) {
+            let Some(m) = m else { continue };
             let r = &m.report;
             let first_byte = r.first_byte_quantile(0.5);
-            if peer.kind == PeerKind::Nginx {
-                nginx = Some(first_byte);
-            }
             seen.push((first_byte, nginx.filter(|_| peer.kind.beside_nginx())));
             println!(
                 "| {round} | {} | {:.0} | {} | {} | {} | {} | {} |",
@@ -489,12 +505,19 @@ async fn stream_run(
                 r.errors,
                 if peer.kind == PeerKind::Direct { "-".into() } else { m.cpu_split() },
             );
+            *all = Some(match all.take() {
+                Some(before) => before.merge(m.report),
+                None => m.report,
+            });
         }
     }
-    println!("\nTTFB p50 over {rounds} rounds: median (min-max), and the rounds at or below nginx's of the same round");
-    println!("| peer | TTFB p50 | at or below nginx's |");
-    println!("|---|---|---|");
-    for (peer, seen) in peers.iter().zip(&ttfb) {
+    println!(
+        "\nTTFB p50 over {rounds} rounds: median (min-max), the rounds at or below nginx's of the same round, \
+         and the p50 and p99 of every round's streams together"
+    );
+    println!("| peer | TTFB p50 | at or below nginx's | all streams: p50 | p99 |");
+    println!("|---|---|---|---|---|");
+    for ((peer, seen), all) in peers.iter().zip(&ttfb).zip(&pooled) {
         let compared: Vec<bool> = seen.iter().filter_map(|&(p50, nginx)| nginx.map(|n| p50 <= n)).collect();
         let below = if compared.is_empty() {
             String::new()
@@ -505,7 +528,10 @@ async fn stream_run(
             Some((median, lo, hi)) => format!("{} ({}-{})", ms(median), ms(lo), ms(hi)),
             None => "-".into(),
         };
-        println!("| {} | {spread} | {below} |", peer.kind.name());
+        let (p50, p99) = all
+            .as_ref()
+            .map_or((Duration::ZERO, Duration::ZERO), |r| (r.first_byte_quantile(0.5), r.first_byte_quantile(0.99)));
+        println!("| {} | {spread} | {below} | {} | {} |", peer.kind.name(), ms(p50), ms(p99));
     }
     Ok(())
 }
@@ -597,6 +623,12 @@ async fn open_streams(setup: &Setup, kind: PeerKind, n: usize) -> anyhow::Result
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn turns_measure_every_peer_once_and_start_each_round_elsewhere() {
+        let orders: Vec<Vec<usize>> = (1..=3).map(|round| turns(3, round).collect()).collect();
+        assert_eq!(orders, [[1, 2, 0], [2, 0, 1], [0, 1, 2]]);
+    }
 
     #[test]
     fn median_range_sorts_first() {
