@@ -8,7 +8,7 @@
 //! generator. Phases, each with fresh proxies in front of a sim made for it:
 //! - **non-stream**: a 1 KB chat request, 16 output tokens, a sim with no latency, at each concurrency;
 //!   `--rounds` alternations of the peers, each measured for `--duration` in `--slices` turns; each
-//!   round starts with the next peer (a peer's place in the order moved its figures by 2-3%).
+//!   round starts with the next peer, so every peer takes every place in turn ([`turns`]).
 //! - **stream**: `--streams` concurrent SSE streams of 64 events 5 ms apart: time to first byte.
 //! - **memory**: the gateway's RSS idle (after start) and with `--open-streams` streams held open at once
 //!   on a slow sim; the clients speak HTTP/2 (100 streams per connection), because this container's hard
@@ -270,9 +270,9 @@ async fn measure(peer: &Peer, sim: u32, body: &Bytes, conc: usize, duration: Dur
     Ok(Measured { report, peer_cpu, bench_cpu: own1.saturating_sub(own0), sim_cpu: sim1.saturating_sub(sim0) })
 }
 
-/// The order peers are measured in at `round`: each round starts one peer later, so no peer always
-/// runs right after another or last (an A/A run of one build as two peers found the second of them
-/// 2-3% slower in CPU and throughput in 6 of 7 rounds, always in the same place).
+/// The order peers are measured in at `round`: each round starts one peer later, so every peer takes
+/// every place in the round in turn. In one fixed order, an A/A run (one build as two peers) found the
+/// copy measured later 2-3% behind in CPU and throughput, in 6 rounds of 7; in turns the copies agreed.
 fn turns(peers: usize, round: usize) -> impl Iterator<Item = usize> {
     (0..peers).map(move |i| (i + round) % peers)
 }
