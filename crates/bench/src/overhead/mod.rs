@@ -13,8 +13,12 @@
 //! - **memory**: the gateway's RSS idle (after start) and with `--open-streams` streams held open at once
 //!   on a slow sim; the clients speak HTTP/2 (100 streams per connection), because this container's hard
 //!   limit of open files per process (20000) cannot hold 10k client and 10k upstream sockets in one process.
+//!
+//! With nginx and the gateway among the peers, the run ends with the gateway's figures set against the
+//! overhead goal ([`goal`]).
 
 pub mod floor;
+mod goal;
 mod nginx;
 
 use crate::load;
@@ -32,13 +36,14 @@ use tokio::time::Instant;
 #[derive(clap::Args)]
 pub struct Args {
     /// Seconds per measured run.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 5)]
     duration: u64,
     /// Concurrency levels of the non-streamed runs, comma-separated (`0`: none, only the other phases).
     #[arg(long, value_delimiter = ',', default_value = "16,64")]
     concurrency: Vec<usize>,
-    /// Measured runs per peer and level, the peers alternating, each round starting one peer later.
-    #[arg(long, default_value_t = 2)]
+    /// Measured runs per peer and level, the peers alternating, each round starting one peer later
+    /// (with 2 or 3 a median is one round's luck: the rounds' spread is as wide as the goal's margins).
+    #[arg(long, default_value_t = 7)]
     rounds: usize,
     /// Slices each non-streamed run is cut into, the peers taking turns slice by slice, so that a few
     /// seconds of a slower machine (this 2-core VM has them) fall on every peer of the round alike.
@@ -355,6 +360,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     }
     let body = chat_body(false, 16);
+    let mut goal = goal::Goal::default();
     // Per level and peer: each round's (CPU per request, rps) ratios to nginx's of the same round.
     let mut ratios: Vec<Ratios> = Vec::new();
     for &conc in &levels {
@@ -390,6 +396,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                     None => "".into(),
                 };
                 let direct = peer.kind == PeerKind::Direct;
+                if peer.kind == PeerKind::Gateway {
+                    goal.errors += m.report.errors;
+                }
                 println!(
                     "| {round} | {conc} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} |",
                     peer.kind.name(),
@@ -411,6 +420,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         println!("| conc | peer | CPU/req vs nginx | rps vs nginx |");
         println!("|---|---|---|---|");
         for (conc, kind, rs) in &ratios {
+            if *kind == PeerKind::Gateway {
+                let median = |f: fn(&(f64, f64)) -> f64| {
+                    median_range(rs.iter().map(f).collect(), f64::total_cmp).map_or(f64::NAN, |m| m.0)
+                };
+                goal.levels.push((*conc, median(|r| r.0), median(|r| r.1)));
+            }
             let spread = |f: fn(&(f64, f64)) -> f64| match median_range(rs.iter().map(f).collect(), f64::total_cmp) {
                 Some((median, lo, hi)) => format!("{median:.2} ({lo:.2}-{hi:.2})"),
                 None => "-".into(),
@@ -427,7 +442,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     drop(peers);
 
     if args.streams > 0 {
-        stream_run(&setup, &kinds, args.streams, args.rounds, duration).await?;
+        stream_run(&setup, &kinds, args.streams, args.rounds, duration, &mut goal).await?;
     }
     println!("\nmemory: RSS (all of a peer's processes)");
     println!("| peer | idle | with {} open streams | streams open |", args.open_streams);
@@ -441,6 +456,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             idle_kb as f64 / 1024.0,
             open_kb as f64 / 1024.0
         );
+        if kind == PeerKind::Gateway {
+            goal.idle_mb = Some(idle_kb as f64 / 1024.0);
+            goal.open = (args.open_streams > 0).then(|| (open_kb as f64 / 1024.0, open, args.open_streams));
+        }
+    }
+    if kinds.contains(&PeerKind::Nginx) && kinds.contains(&PeerKind::Gateway) {
+        goal.print();
     }
     Ok(())
 }
@@ -452,6 +474,7 @@ async fn stream_run(
     streams: usize,
     rounds: usize,
     duration: Duration,
+    goal: &mut goal::Goal,
 ) -> anyhow::Result<()> {
     let (sim, sim_url) = setup
         .sim(
@@ -505,6 +528,9 @@ async fn stream_run(
                 r.errors,
                 if peer.kind == PeerKind::Direct { "-".into() } else { m.cpu_split() },
             );
+            if peer.kind == PeerKind::Gateway {
+                goal.errors += r.errors;
+            }
             *all = Some(match all.take() {
                 Some(before) => before.merge(m.report),
                 None => m.report,
@@ -517,6 +543,8 @@ async fn stream_run(
     );
     println!("| peer | TTFB p50 | at or below nginx's | all streams: p50 | p99 |");
     println!("|---|---|---|---|---|");
+    // (median of the rounds, all streams) of the gateway and of nginx, for the goal.
+    let (mut gateway, mut nginx) = (None, None);
     for ((peer, seen), all) in peers.iter().zip(&ttfb).zip(&pooled) {
         let compared: Vec<bool> = seen.iter().filter_map(|&(p50, nginx)| nginx.map(|n| p50 <= n)).collect();
         let below = if compared.is_empty() {
@@ -524,7 +552,8 @@ async fn stream_run(
         } else {
             format!("{} of {}", compared.iter().filter(|&&b| b).count(), compared.len())
         };
-        let spread = match median_range(seen.iter().map(|s| s.0).collect(), Duration::cmp) {
+        let rounds = median_range(seen.iter().map(|s| s.0).collect(), Duration::cmp);
+        let spread = match rounds {
             Some((median, lo, hi)) => format!("{} ({}-{})", ms(median), ms(lo), ms(hi)),
             None => "-".into(),
         };
@@ -532,6 +561,15 @@ async fn stream_run(
             .as_ref()
             .map_or((Duration::ZERO, Duration::ZERO), |r| (r.first_byte_quantile(0.5), r.first_byte_quantile(0.99)));
         println!("| {} | {spread} | {below} | {} | {} |", peer.kind.name(), ms(p50), ms(p99));
+        let figures = rounds.map(|r| (r.0, p50));
+        match peer.kind {
+            PeerKind::Gateway => gateway = figures,
+            PeerKind::Nginx => nginx = figures,
+            _ => {}
+        }
+    }
+    if let (Some(g), Some(n)) = (gateway, nginx) {
+        goal.ttfb = Some(goal::Ttfb { gateway_rounds: g.0, nginx_rounds: n.0, gateway_all: g.1, nginx_all: n.1 });
     }
     Ok(())
 }
