@@ -2,6 +2,7 @@
 //! request at most 1.3x nginx's and throughput at least 0.9x at each concurrency, no errors, stream time
 //! to first byte p50 at most nginx's, and RSS under 200 MB with the open streams.
 
+use super::ms;
 use std::time::Duration;
 
 /// Most CPU per request, as a multiple of nginx's of the same round.
@@ -107,10 +108,6 @@ impl Goal {
             println!("| {bar} | {goal} | {measured} | {met} |");
         }
     }
-}
-
-fn ms(d: Duration) -> String {
-    format!("{:.2} ms", d.as_secs_f64() * 1000.0)
 }
 
 #[cfg(test)]
