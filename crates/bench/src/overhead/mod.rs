@@ -420,17 +420,16 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         println!("| conc | peer | CPU/req vs nginx | rps vs nginx |");
         println!("|---|---|---|---|");
         for (conc, kind, rs) in &ratios {
-            if *kind == PeerKind::Gateway {
-                let median = |f: fn(&(f64, f64)) -> f64| {
-                    median_range(rs.iter().map(f).collect(), f64::total_cmp).map_or(f64::NAN, |m| m.0)
-                };
-                goal.levels.push((*conc, median(|r| r.0), median(|r| r.1)));
+            let column = |f: fn(&(f64, f64)) -> f64| median_range(rs.iter().map(f).collect(), f64::total_cmp);
+            let (cpu, rps) = (column(|r| r.0), column(|r| r.1));
+            if let (PeerKind::Gateway, Some(cpu), Some(rps)) = (kind, cpu, rps) {
+                goal.levels.push((*conc, cpu.0, rps.0));
             }
-            let spread = |f: fn(&(f64, f64)) -> f64| match median_range(rs.iter().map(f).collect(), f64::total_cmp) {
+            let spread = |m: Option<(f64, f64, f64)>| match m {
                 Some((median, lo, hi)) => format!("{median:.2} ({lo:.2}-{hi:.2})"),
                 None => "-".into(),
             };
-            println!("| {conc} | {} | {} | {} |", kind.name(), spread(|r| r.0), spread(|r| r.1));
+            println!("| {conc} | {} | {} | {} |", kind.name(), spread(cpu), spread(rps));
         }
     }
     if args.hold > 0 {
@@ -544,7 +543,7 @@ async fn stream_run(
     println!("| peer | TTFB p50 | at or below nginx's | all streams: p50 | p99 |");
     println!("|---|---|---|---|---|");
     // (median of the rounds, all streams) of the gateway and of nginx, for the goal.
-    let (mut gateway, mut nginx) = (None, None);
+    let (mut gateway_ttfb, mut nginx_ttfb) = (None, None);
     for ((peer, seen), all) in peers.iter().zip(&ttfb).zip(&pooled) {
         let compared: Vec<bool> = seen.iter().filter_map(|&(p50, nginx)| nginx.map(|n| p50 <= n)).collect();
         let below = if compared.is_empty() {
@@ -563,12 +562,12 @@ async fn stream_run(
         println!("| {} | {spread} | {below} | {} | {} |", peer.kind.name(), ms(p50), ms(p99));
         let figures = rounds.map(|r| (r.0, p50));
         match peer.kind {
-            PeerKind::Gateway => gateway = figures,
-            PeerKind::Nginx => nginx = figures,
+            PeerKind::Gateway => gateway_ttfb = figures,
+            PeerKind::Nginx => nginx_ttfb = figures,
             _ => {}
         }
     }
-    if let (Some(g), Some(n)) = (gateway, nginx) {
+    if let (Some(g), Some(n)) = (gateway_ttfb, nginx_ttfb) {
         goal.ttfb = Some(goal::Ttfb { gateway_rounds: g.0, nginx_rounds: n.0, gateway_all: g.1, nginx_all: n.1 });
     }
     Ok(())
