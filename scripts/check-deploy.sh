@@ -52,7 +52,7 @@ else
   echo "(no docker compose plugin here: structural checks only)"
 fi
 .venv/bin/python - <<'PY'
-import json, os, re, sys, yaml
+import fnmatch, json, os, re, sys, yaml
 
 errors = []
 def check(cond, msg):
@@ -127,14 +127,27 @@ for f in dashboards:
 
 # The Dockerfile's COPY sources exist and are inside the build context (.dockerignore).
 ignored = [l.strip() for l in open(".dockerignore") if l.strip() and not l.startswith("#")]
+
+
+def excluded(path):
+    """As Docker reads .dockerignore: the last pattern matching the path or a parent decides; `!` keeps."""
+    parts = path.rstrip("/").split("/")
+    prefixes = ["/".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    out = False
+    for pattern in ignored:
+        keep = pattern.startswith("!")
+        if any(fnmatch.fnmatch(p, pattern.lstrip("!")) for p in prefixes):
+            out = not keep
+    return out
+
+
 for line in open("Dockerfile"):
     m = re.match(r"COPY\s+(?!--from)(.+)\s+\S+\s*$", line)
     if not m:
         continue
     for src in m.group(1).split():
         check(os.path.exists(src), f"Dockerfile: COPY {src}: missing")
-        top = src.split("/")[0]
-        check(top not in ignored, f"Dockerfile: COPY {src}: excluded by .dockerignore")
+        check(not excluded(src), f"Dockerfile: COPY {src}: excluded by .dockerignore")
 
 # Kubernetes: kustomization references exist; the Deployment mounts the generated ConfigMap, listens on
 # 9000 and is selected by the Service.

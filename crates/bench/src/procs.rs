@@ -150,3 +150,20 @@ pub fn children_of(pid: u32) -> Vec<u32> {
         })
         .collect()
 }
+
+/// How long `pid`'s threads waited, runnable, for a CPU, and how many times they were put on one, so
+/// far (`/proc/<pid>/task/*/schedstat`: run time, run-queue wait, timeslices). The wait over the
+/// slices is the mean delay from being woken to running: what a busy machine adds to each event.
+pub fn sched_wait(pid: u32) -> Option<(Duration, u64)> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    let mut sum = (Duration::ZERO, 0);
+    for task in tasks.filter_map(Result::ok) {
+        let Ok(stat) = std::fs::read_to_string(task.path().join("schedstat")) else { continue };
+        let mut fields = stat.split_whitespace().skip(1).map(|f| f.parse::<u64>().ok());
+        if let (Some(Some(wait_ns)), Some(Some(slices))) = (fields.next(), fields.next()) {
+            sum.0 += Duration::from_nanos(wait_ns);
+            sum.1 += slices;
+        }
+    }
+    Some(sum)
+}

@@ -22,7 +22,7 @@ mod goal;
 mod nginx;
 
 use crate::load;
-use crate::procs::{binaries, cpu_time, cpu_times, rss_kb, Proc};
+use crate::procs::{binaries, cpu_time, cpu_times, rss_kb, sched_wait, Proc};
 use anyhow::Context;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -65,6 +65,10 @@ pub struct Args {
     /// Turn off the per-request log line of both proxies (the gateway's `request` line, nginx's access log).
     #[arg(long)]
     no_log: bool,
+    /// The `llm-gateway` binary measured as the peer `gateway` (default: the one beside this bench; the
+    /// shipped build is `scripts/build-pgo.sh`'s `target/pgo/llm-gateway`).
+    #[arg(long)]
+    gateway: Option<PathBuf>,
     /// Another `llm-gateway` binary (an older build, say) to run beside the gateway as the peer `baseline`.
     #[arg(long)]
     baseline: Option<PathBuf>,
@@ -129,6 +133,43 @@ impl Peer {
 
     fn rss_kb(&self) -> u64 {
         self.pids().into_iter().filter_map(rss_kb).sum()
+    }
+
+    /// The run-queue wait and timeslices of the peer's threads so far.
+    fn sched(&self) -> Sched {
+        self.pids().into_iter().filter_map(sched_wait).fold(Sched::default(), |a, b| a.plus(Sched::from(b)))
+    }
+}
+
+/// Time spent runnable but not running, over how many times a thread got a CPU (see `sched_wait`).
+#[derive(Clone, Copy, Default)]
+struct Sched {
+    wait: Duration,
+    slices: u64,
+}
+
+impl Sched {
+    fn of(pid: u32) -> Sched {
+        sched_wait(pid).map(Sched::from).unwrap_or_default()
+    }
+
+    fn plus(self, other: Sched) -> Sched {
+        Sched { wait: self.wait + other.wait, slices: self.slices + other.slices }
+    }
+
+    fn since(self, before: Sched) -> Sched {
+        Sched { wait: self.wait.saturating_sub(before.wait), slices: self.slices.saturating_sub(before.slices) }
+    }
+
+    /// The mean wait from being woken to running, `µs`.
+    fn per_slice(&self) -> String {
+        format!("{:.0} µs", self.wait.as_secs_f64() * 1e6 / self.slices.max(1) as f64)
+    }
+}
+
+impl From<(Duration, u64)> for Sched {
+    fn from((wait, slices): (Duration, u64)) -> Sched {
+        Sched { wait, slices }
     }
 }
 
@@ -235,6 +276,10 @@ struct Measured {
     bench_cpu: Duration,
     /// What the sim behind the peer used meanwhile: a proxy can make its backend work harder.
     sim_cpu: Duration,
+    /// How long the peer's threads, the sim's and this bench's waited for a CPU once woken.
+    peer_sched: Sched,
+    sim_sched: Sched,
+    bench_sched: Sched,
 }
 
 impl Measured {
@@ -245,6 +290,9 @@ impl Measured {
             peer_cpu: (self.peer_cpu.0 + other.peer_cpu.0, self.peer_cpu.1 + other.peer_cpu.1),
             bench_cpu: self.bench_cpu + other.bench_cpu,
             sim_cpu: self.sim_cpu + other.sim_cpu,
+            peer_sched: self.peer_sched.plus(other.peer_sched),
+            sim_sched: self.sim_sched.plus(other.sim_sched),
+            bench_sched: self.bench_sched.plus(other.bench_sched),
         }
     }
 
@@ -269,10 +317,20 @@ async fn measure(peer: &Peer, sim: u32, body: &Bytes, conc: usize, duration: Dur
     load::run(&url, body.clone(), conc, Duration::from_millis(500)).await?;
     let me = std::process::id();
     let (cpu0, own0, sim0) = (peer.cpu(), cpu_time(me).unwrap_or_default(), cpu_time(sim).unwrap_or_default());
+    let (sched0, sim_sched0, own_sched0) = (peer.sched(), Sched::of(sim), Sched::of(me));
     let report = load::run(&url, body.clone(), conc, duration).await?;
     let (cpu1, own1, sim1) = (peer.cpu(), cpu_time(me).unwrap_or_default(), cpu_time(sim).unwrap_or_default());
+    let (sched1, sim_sched1, own_sched1) = (peer.sched(), Sched::of(sim), Sched::of(me));
     let peer_cpu = (cpu1.0.saturating_sub(cpu0.0), cpu1.1.saturating_sub(cpu0.1));
-    Ok(Measured { report, peer_cpu, bench_cpu: own1.saturating_sub(own0), sim_cpu: sim1.saturating_sub(sim0) })
+    Ok(Measured {
+        report,
+        peer_cpu,
+        bench_cpu: own1.saturating_sub(own0),
+        sim_cpu: sim1.saturating_sub(sim0),
+        peer_sched: sched1.since(sched0),
+        sim_sched: sim_sched1.since(sim_sched0),
+        bench_sched: own_sched1.since(own_sched0),
+    })
 }
 
 /// The order peers are measured in at `round`: each round starts one peer later, so every peer takes
@@ -297,7 +355,8 @@ fn us(d: Duration) -> String {
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    let (gateway, sim) = binaries()?;
+    let (beside, sim) = binaries()?;
+    let gateway = args.gateway.clone().unwrap_or(beside);
     let kinds: Vec<PeerKind> =
         [PeerKind::Direct, PeerKind::Nginx, PeerKind::Hyper, PeerKind::Baseline, PeerKind::Gateway]
             .into_iter()
@@ -319,8 +378,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     };
     let duration = Duration::from_secs(args.duration);
     println!(
-        "overhead: {} vs llm-gateway ({}, request log {}), {} rounds of {}s, files in {}",
+        "overhead: {} vs llm-gateway ({}; {}, request log {}), {} rounds of {}s, files in {}",
         nginx::version(&setup.nginx),
+        setup.gateway.display(),
         args.strategy,
         if setup.log { "on, nginx access log on" } else { "off, nginx access log off" },
         args.rounds,
@@ -499,8 +559,11 @@ async fn stream_run(
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let body = chat_body(true, 64);
     println!("\nstreamed: {streams} concurrent SSE streams of 64 events 5 ms apart (sim: no time to first token)");
-    println!("| round | peer | streams/s | TTFB p50 | TTFB p99 | stream p50 | errors | CPU/stream (user + sys) |");
-    println!("|---|---|---|---|---|---|---|---|");
+    println!(
+        "| round | peer | streams/s | TTFB p50 | TTFB p99 | stream p50 | errors | CPU/stream (user + sys) | \
+         wait for a CPU once woken: peer / sim / bench |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
     // Per peer, each round's TTFB p50 and nginx's of the same round.
     let mut ttfb: Vec<Vec<(Duration, Option<Duration>)>> = peers.iter().map(|_| Vec::new()).collect();
     // Per peer, every round's streams as one report.
@@ -517,15 +580,19 @@ async fn stream_run(
             let r = &m.report;
             let first_byte = r.first_byte_quantile(0.5);
             seen.push((first_byte, nginx.filter(|_| peer.kind.beside_nginx())));
+            let direct = peer.kind == PeerKind::Direct;
             println!(
-                "| {round} | {} | {:.0} | {} | {} | {} | {} | {} |",
+                "| {round} | {} | {:.0} | {} | {} | {} | {} | {} | {} / {} / {} |",
                 peer.kind.name(),
                 r.rps(),
                 ms(first_byte),
                 ms(r.first_byte_quantile(0.99)),
                 ms(r.quantile(0.5)),
                 r.errors,
-                if peer.kind == PeerKind::Direct { "-".into() } else { m.cpu_split() },
+                if direct { "-".into() } else { m.cpu_split() },
+                if direct { "-".into() } else { m.peer_sched.per_slice() },
+                m.sim_sched.per_slice(),
+                m.bench_sched.per_slice(),
             );
             if peer.kind == PeerKind::Gateway {
                 goal.errors += r.errors;
@@ -538,10 +605,10 @@ async fn stream_run(
     }
     println!(
         "\nTTFB p50 over {rounds} rounds: median (min-max), the rounds at or below nginx's of the same round, \
-         and the p50 and p99 of every round's streams together"
+         and quantiles of every round's streams together"
     );
-    println!("| peer | TTFB p50 | at or below nginx's | all streams: p50 | p99 |");
-    println!("|---|---|---|---|---|");
+    println!("| peer | TTFB p50 | at or below nginx's | all streams: p10 | p25 | p50 | p90 | p99 |");
+    println!("|---|---|---|---|---|---|---|---|");
     // (median of the rounds, all streams) of the gateway and of nginx, for the goal.
     let (mut gateway_ttfb, mut nginx_ttfb) = (None, None);
     for ((peer, seen), all) in peers.iter().zip(&ttfb).zip(&pooled) {
@@ -559,7 +626,16 @@ async fn stream_run(
         let (p50, p99) = all
             .as_ref()
             .map_or((Duration::ZERO, Duration::ZERO), |r| (r.first_byte_quantile(0.5), r.first_byte_quantile(0.99)));
-        println!("| {} | {spread} | {below} | {} | {} |", peer.kind.name(), ms(p50), ms(p99));
+        let at = |q| all.as_ref().map_or(Duration::ZERO, |r| r.first_byte_quantile(q));
+        println!(
+            "| {} | {spread} | {below} | {} | {} | {} | {} | {} |",
+            peer.kind.name(),
+            ms(at(0.1)),
+            ms(at(0.25)),
+            ms(p50),
+            ms(at(0.9)),
+            ms(p99)
+        );
         let figures = rounds.map(|r| (r.0, p50));
         match peer.kind {
             PeerKind::Gateway => gateway_ttfb = figures,
