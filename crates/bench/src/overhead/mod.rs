@@ -623,10 +623,8 @@ async fn stream_run(
             Some((median, lo, hi)) => format!("{} ({}-{})", ms(median), ms(lo), ms(hi)),
             None => "-".into(),
         };
-        let (p50, p99) = all
-            .as_ref()
-            .map_or((Duration::ZERO, Duration::ZERO), |r| (r.first_byte_quantile(0.5), r.first_byte_quantile(0.99)));
         let at = |q| all.as_ref().map_or(Duration::ZERO, |r| r.first_byte_quantile(q));
+        let p50 = at(0.5);
         println!(
             "| {} | {spread} | {below} | {} | {} | {} | {} | {} |",
             peer.kind.name(),
@@ -634,7 +632,7 @@ async fn stream_run(
             ms(at(0.25)),
             ms(p50),
             ms(at(0.9)),
-            ms(p99)
+            ms(at(0.99))
         );
         let figures = rounds.map(|r| (r.0, p50));
         match peer.kind {
