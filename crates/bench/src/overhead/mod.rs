@@ -137,7 +137,7 @@ impl Peer {
 
     /// The run-queue wait and timeslices of the peer's threads so far.
     fn sched(&self) -> Sched {
-        self.pids().into_iter().filter_map(sched_wait).fold(Sched::default(), |a, b| a.plus(Sched::from(b)))
+        self.pids().into_iter().map(Sched::of).fold(Sched::default(), Sched::plus)
     }
 }
 
@@ -149,8 +149,9 @@ struct Sched {
 }
 
 impl Sched {
+    /// `pid`'s threads so far (nothing once it is gone).
     fn of(pid: u32) -> Sched {
-        sched_wait(pid).map(Sched::from).unwrap_or_default()
+        sched_wait(pid).map_or(Sched::default(), |(wait, slices)| Sched { wait, slices })
     }
 
     fn plus(self, other: Sched) -> Sched {
@@ -164,12 +165,6 @@ impl Sched {
     /// The mean wait from being woken to running, `µs`.
     fn per_slice(&self) -> String {
         format!("{:.0} µs", self.wait.as_secs_f64() * 1e6 / self.slices.max(1) as f64)
-    }
-}
-
-impl From<(Duration, u64)> for Sched {
-    fn from((wait, slices): (Duration, u64)) -> Sched {
-        Sched { wait, slices }
     }
 }
 
